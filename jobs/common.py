@@ -1,0 +1,41 @@
+"""What every job shares: joining or starting a Ray cluster, and writing its summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import ray
+
+from dermaray.config import RayConfig
+from dermaray.storage import write_bytes
+
+# Workers inherit these: no model hub, ever; vLLM's CPU settings where vLLM runs.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+log = logging.getLogger("dermaray")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Join `cfg.address` ("auto" inside `ray job submit`), or start a local cluster."""
+    os.environ.update(WORKER_ENV)
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        num_cpus=None if address else cfg.num_cpus,
+        runtime_env={"env_vars": WORKER_ENV},
+        log_to_driver=cfg.log_to_driver,
+        ignore_reinit_error=True,
+    )
+
+
+def write_summary(uri: str, summary: dict, storage_options: dict) -> None:
+    write_bytes(uri, json.dumps(summary, indent=2, sort_keys=True).encode(), storage_options)
+    log.info("summary %s", json.dumps(summary, sort_keys=True))

@@ -1,0 +1,53 @@
+"""`dermaray <stage> [--config FILE] [key=value ...]`: run a job from `jobs/` locally.
+
+The same modules run under `ray job submit -- python -m jobs.<stage> ...` on a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dermaray.config import DermarayConfig, dump_config, load_config
+
+STAGES = {
+    "synth": "render synthetic SLICE-3D-like lesions in the ISIC 2024 layout",
+    "ingest": "read a source into canonical Parquet shards plus a quarantine table",
+    "pipeline": "run every stage end to end",
+}
+
+
+def config_from_argv(argv: list[str], prog: str = "dermaray") -> DermarayConfig:
+    parser = argparse.ArgumentParser(prog=prog, description="Run with a YAML config and key=value overrides.")
+    parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. synth.n_lesions=500")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except Exception as exc:  # pydantic / YAML / key errors: one clear line, no traceback
+        parser.error(str(exc))
+    if args.print_config:
+        print(dump_config(cfg))
+        sys.exit(0)
+    return cfg
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        print("usage: dermaray <stage> [--config FILE] [key=value ...]\n\nstages:")
+        for name, text in STAGES.items():
+            print(f"  {name:10s} {text}")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    setup_logging()
+    job = importlib.import_module(f"jobs.{argv[0]}")
+    job.run(config_from_argv(argv[1:], prog=f"dermaray {argv[0]}"))
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Typed configuration: pydantic models, loaded from YAML, with `key=value` overrides.
+
+    cfg = load_config("configs/local.yaml", ["ingest.input=s3://bucket/isic", "synth.n_lesions=500"])
+
+An override's value is parsed as YAML (`3` is an int, `[a, b]` a list, `null` None), and
+unknown keys are errors, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start a local cluster; "auto": join the running one
+    num_cpus: int | None = None  # for a local cluster only
+    log_to_driver: bool = True
+
+
+class ModelsConfig(Section):
+    cache_dir: str = Field(default_factory=lambda: os.environ.get("DERMARAY_MODEL_CACHE", ".cache/models"))
+    note_writer: str = "tiny"
+    grounding_mllm: str = "tiny"
+    text_encoder: str = "minilm"
+    diffusion_base: str = "tiny"
+
+
+class CorruptionPlan(Section):
+    """Bad rows the synthetic generator plants, so ingest's quarantine can be checked."""
+
+    truncated_image: int = 0
+    not_an_image: int = 0
+    decompression_bomb: int = 0
+    empty_image: int = 0
+    image_missing: int = 0  # metadata row whose id is absent from the HDF5
+    nan_attribute: int = 0
+    negative_attribute: int = 0
+    wrong_dtype: int = 0
+    duplicate_id: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.model_dump().values())
+
+
+class SynthConfig(Section):
+    output: str = "out/synthetic/isic"
+    n_lesions: int = Field(default=2000, ge=1)
+    lesions_per_patient: float = Field(default=4.0, gt=0)
+    seed: int = 0
+    domain: Literal["clinic", "shifted"] = "clinic"  # "shifted": other skin tones, lighting, resolution
+    image_size: int | None = None  # pixels per side; None: the domain's default
+    jpeg_quality: int = Field(default=90, ge=10, le=100)
+    class_weights: dict[str, float] | None = None  # None: every class in equal share
+    shard_size: int = Field(default=256, ge=1)  # lesions rendered per Ray task
+    corrupt: CorruptionPlan = CorruptionPlan()
+
+
+class IngestConfig(Section):
+    source: Literal["isic2024", "ham10000", "pad_ufes_20", "parquet"] = "isic2024"
+    input: str = "out/synthetic/isic"
+    output: str = "out/ingest"  # writes <output>/lesions and <output>/quarantine
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    max_image_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test, by patient
+    batch_size: int = Field(default=512, ge=1)
+    rows_per_file: int = Field(default=20000, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> IngestConfig:
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError(f"split_fractions must be >= 0 and sum to 1, got {self.split_fractions}")
+        return self
+
+
+class DermarayConfig(Section):
+    # fsspec storage options for every URI (s3fs: endpoint_url, key, secret, client_kwargs, ...)
+    storage_options: dict[str, Any] = {}
+    ray: RayConfig = RayConfig()
+    models: ModelsConfig = ModelsConfig()
+    synth: SynthConfig = SynthConfig()
+    ingest: IngestConfig = IngestConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DermarayConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level of a config must be a mapping")
+    return DermarayConfig.model_validate(apply_overrides(data, list(overrides or [])))
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,357 @@
+"""Readers: one per source format, each mapping its rows onto the canonical lesion table.
+
+A reader is a pure description of a format: how to load the metadata (as strings, so a
+bad value is a quarantined row and not a failed file), where each row's image bytes
+are, and how a row's fields become canonical fields. `canonicalize` applies it to a
+batch; `jobs.ingest` spreads batches over a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dermaray.config import IngestConfig
+from dermaray.data.validate import RowRejected, inspect_image, parse_age, parse_attribute, parse_number, parse_text
+from dermaray.schema import ATTRIBUTES, DIAGNOSES, DIAGNOSES_BY_CODE, LESION_SCHEMA, QUARANTINE_SCHEMA, SEXES, SPLITS
+from dermaray.storage import filesystem, join
+
+ROW_INDEX = "_row_index"
+IMAGE_PATH = "_image_path"
+
+
+class MissingColumnsError(ValueError):
+    pass
+
+
+def read_csv_as_text(uri: str, storage_options: dict[str, Any]) -> pa.Table:
+    """Every column as text, blanks as "", so "NaN" or "forty" reach validation as written."""
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        frame = pd.read_csv(f, dtype=str, keep_default_na=False)
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def find_one(uri: str, storage_options: dict[str, Any], patterns: tuple[str, ...], what: str) -> str:
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri} does not exist or cannot be reached")
+    for pattern in patterns:
+        found = sorted(fs.glob(join(path, pattern)))
+        if found:
+            return join(uri, found[0][len(path.rstrip("/")) + 1 :])
+    raise FileNotFoundError(f"no {what} ({' or '.join(patterns)}) under {uri}")
+
+
+def _site(mapping: dict[str, str], value) -> str | None:
+    text = parse_text(value)
+    return None if text is None else mapping.get(text.lower().replace("_", " "), text.lower())
+
+
+def _sex(value) -> str | None:
+    text = parse_text(value)
+    if text is None:
+        return None
+    if text.lower() not in SEXES:
+        raise RowRejected("invalid_value", f"sex={text!r} is not one of {SEXES}")
+    return text.lower()
+
+
+def _diagnosis_fields(code: str | None, superclass: str | None = None, full: str | None = None) -> dict:
+    dx = DIAGNOSES_BY_CODE.get(code) if code else None
+    superclass = superclass or (dx.superclass if dx else None)
+    return {
+        "diagnosis": code,
+        "diagnosis_superclass": superclass,
+        "diagnosis_full": full or (dx.hierarchy if dx else superclass),
+        "malignant": None if superclass is None else superclass == "Malignant",
+    }
+
+
+class Reader:
+    name: ClassVar[str]
+    id_column: ClassVar[str]
+    required_columns: ClassVar[tuple[str, ...]]
+
+    def load_metadata(self, uri: str, storage_options: dict[str, Any]) -> pa.Table:
+        raise NotImplementedError
+
+    def fetch_images(self, uri: str, storage_options: dict[str, Any], rows: list[dict]) -> list[bytes | None]:
+        """Image bytes aligned with `rows`; None where the image does not exist."""
+        paths = [row.get(IMAGE_PATH) for row in rows]
+        wanted = [p for p in paths if p]
+        if not wanted:
+            return [None] * len(rows)
+        fs, _ = filesystem(uri, storage_options)
+        fetched = fs.cat(wanted, on_error="return") if len(wanted) > 1 else {wanted[0]: _cat_one(fs, wanted[0])}
+        return [fetched.get(p) if p and isinstance(fetched.get(p), bytes) else None for p in paths]
+
+    def to_canonical(self, row: dict) -> dict:
+        raise NotImplementedError
+
+    def check_columns(self, table: pa.Table, uri: str) -> None:
+        missing = [c for c in self.required_columns if c not in table.column_names]
+        if missing:
+            raise MissingColumnsError(f"{self.name} metadata at {uri} lacks required columns {missing}")
+
+
+def _cat_one(fs, path: str):
+    try:
+        return fs.cat_file(path)
+    except Exception as exc:  # reported as image_missing, like the batched fs.cat
+        return exc
+
+
+class ImageFolderReader(Reader):
+    """A metadata CSV plus image files found anywhere under the same folder."""
+
+    metadata_patterns: ClassVar[tuple[str, ...]]
+    image_suffixes: ClassVar[tuple[str, ...]]
+    image_key_column: ClassVar[str]
+
+    def load_metadata(self, uri: str, storage_options: dict[str, Any]) -> pa.Table:
+        csv_uri = find_one(uri, storage_options, self.metadata_patterns, "metadata CSV")
+        table = read_csv_as_text(csv_uri, storage_options)
+        self.check_columns(table, csv_uri)
+        fs, path = filesystem(uri, storage_options)
+        images = {}
+        for found in fs.find(path):
+            stem, dot, suffix = found.rsplit("/", 1)[-1].rpartition(".")
+            if dot and suffix.lower() in self.image_suffixes:
+                images.setdefault(stem, found)
+        keys = table.column(self.image_key_column).to_pylist()
+        paths = [images.get(str(k).rsplit(".", 1)[0] if "." in str(k) else str(k)) for k in keys]
+        return table.append_column(IMAGE_PATH, pa.array(paths, pa.string()))
+
+
+class Isic2024Reader(Reader):
+    """ISIC 2024 / SLICE-3D: `*-metadata.csv` plus `*-image.hdf5` (JPEG bytes keyed by isic_id)."""
+
+    name = "isic2024"
+    id_column = "isic_id"
+    required_columns = ("isic_id", *[a.isic_column for a in ATTRIBUTES])
+    _by_name = {d.name.lower(): d.code for d in DIAGNOSES}
+
+    def load_metadata(self, uri: str, storage_options: dict[str, Any]) -> pa.Table:
+        csv_uri = find_one(uri, storage_options, ("*metadata*.csv",), "metadata CSV")
+        find_one(uri, storage_options, ("*image*.hdf5", "*.hdf5", "*.h5"), "image HDF5")  # fail early, not per batch
+        table = read_csv_as_text(csv_uri, storage_options)
+        self.check_columns(table, csv_uri)
+        return table
+
+    def fetch_images(self, uri: str, storage_options: dict[str, Any], rows: list[dict]) -> list[bytes | None]:
+        import h5py
+
+        hdf5_uri = find_one(uri, storage_options, ("*image*.hdf5", "*.hdf5", "*.h5"), "image HDF5")
+        fs, path = filesystem(hdf5_uri, storage_options)
+        with fs.open(path, "rb") as raw, h5py.File(raw, "r") as store:
+            out = []
+            for row in rows:
+                key = row.get(self.id_column) or ""
+                out.append(_hdf5_bytes(store[key][()]) if key and key in store else None)
+            return out
+
+    def to_canonical(self, row: dict) -> dict:
+        iddx_3 = parse_text(row.get("iddx_3"))
+        target = parse_number("target", row.get("target"))
+        fields = _diagnosis_fields(
+            self._by_name.get(iddx_3.lower()) if iddx_3 else None,
+            parse_text(row.get("iddx_1")),
+            parse_text(row.get("iddx_full")),
+        )
+        if target is not None:
+            fields["malignant"] = bool(target)
+        return {
+            "domain": parse_text(row.get("attribution")),
+            "patient_id": parse_text(row.get("patient_id")),
+            "age_approx": parse_age(row.get("age_approx")),
+            "sex": _sex(row.get("sex")),
+            "anatom_site": parse_text(row.get("anatom_site_general")),
+            **fields,
+            **{a.name: parse_attribute(a.name, row.get(a.isic_column), required=True) for a in ATTRIBUTES},
+        }
+
+
+def _hdf5_bytes(value) -> bytes:
+    if isinstance(value, np.void):
+        return value.tobytes()
+    if isinstance(value, np.ndarray):
+        return value.tobytes()
+    return bytes(value)
+
+
+class Ham10000Reader(ImageFolderReader):
+    """HAM10000: `HAM10000_metadata.csv` and `<image_id>.jpg` in any subfolder.
+
+    HAM10000 has no patient id and several images per lesion: the lesion id stands in
+    for the patient when splitting, so images of one lesion never straddle splits.
+    """
+
+    name = "ham10000"
+    id_column = "image_id"
+    required_columns = ("lesion_id", "image_id", "dx")
+    metadata_patterns = ("*metadata*.csv", "*.csv")
+    image_suffixes = ("jpg", "jpeg", "png")
+    image_key_column = "image_id"
+    codes = {"akiec": "ACK", "bcc": "BCC", "bkl": "BKL", "df": "DF", "mel": "MEL", "nv": "NEV", "vasc": "VASC"}
+    sites = {
+        "scalp": "head/neck", "face": "head/neck", "ear": "head/neck", "neck": "head/neck",
+        "hand": "upper extremity", "foot": "lower extremity", "acral": "palms/soles",
+        "back": "posterior torso", "trunk": "anterior torso", "chest": "anterior torso",
+        "abdomen": "anterior torso", "genital": "oral/genital", "unknown": None,
+    }  # fmt: skip
+
+    def to_canonical(self, row: dict) -> dict:
+        dx = parse_text(row.get("dx"))
+        if dx is None:
+            raise RowRejected("missing_value", "dx is empty")
+        if dx.lower() not in self.codes:
+            raise RowRejected("invalid_value", f"dx={dx!r} is not one of {sorted(self.codes)}")
+        return {
+            "domain": "ham10000",
+            "patient_id": parse_text(row.get("lesion_id")),
+            "age_approx": parse_age(row.get("age")),
+            "sex": None if parse_text(row.get("sex")) in (None, "unknown") else _sex(row.get("sex")),
+            "anatom_site": _site(self.sites, row.get("localization")),
+            **_diagnosis_fields(self.codes[dx.lower()]),
+        }
+
+
+class PadUfes20Reader(ImageFolderReader):
+    """PAD-UFES-20: `metadata.csv` and `<img_id>` PNGs (smartphone photographs)."""
+
+    name = "pad_ufes_20"
+    id_column = "img_id"
+    required_columns = ("patient_id", "lesion_id", "img_id", "diagnostic")
+    metadata_patterns = ("metadata.csv", "*.csv")
+    image_suffixes = ("png", "jpg", "jpeg")
+    image_key_column = "img_id"
+    codes = ("ACK", "BCC", "MEL", "NEV", "SCC", "SEK")
+    sites = {
+        "arm": "upper extremity", "forearm": "upper extremity", "hand": "upper extremity",
+        "face": "head/neck", "nose": "head/neck", "neck": "head/neck", "scalp": "head/neck",
+        "ear": "head/neck", "lip": "head/neck", "back": "posterior torso", "chest": "anterior torso",
+        "abdomen": "anterior torso", "thigh": "lower extremity", "foot": "lower extremity",
+    }  # fmt: skip
+
+    def to_canonical(self, row: dict) -> dict:
+        code = parse_text(row.get("diagnostic"))
+        if code is None:
+            raise RowRejected("missing_value", "diagnostic is empty")
+        if code.upper() not in self.codes:
+            raise RowRejected("invalid_value", f"diagnostic={code!r} is not one of {self.codes}")
+        diameters = [parse_attribute("long_diam_mm", row.get(c), required=False) for c in ("diameter_1", "diameter_2")]
+        known = [d for d in diameters if d is not None]
+        return {
+            "domain": "pad_ufes_20",
+            "patient_id": parse_text(row.get("patient_id")),
+            "age_approx": parse_age(row.get("age")),
+            "sex": _sex(row.get("gender")),
+            "anatom_site": _site(self.sites, row.get("region")),
+            **_diagnosis_fields(code.upper()),
+            "long_diam_mm": max(known) if known else None,
+            "minor_axis_mm": min(known) if len(known) == 2 else None,
+        }
+
+
+class CanonicalParquetReader(Reader):
+    """Parquet already in the canonical schema (this project's own ingest output, or a partner's)."""
+
+    name = "parquet"
+    id_column = "lesion_id"
+    required_columns = ("lesion_id", "image_bytes")
+    passthrough = ("domain", "patient_id", "anatom_site", "diagnosis", "diagnosis_superclass", "diagnosis_full")
+
+    def load_metadata(self, uri: str, storage_options: dict[str, Any]) -> pa.Table:
+        fs, path = filesystem(uri, storage_options)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{uri} does not exist or cannot be reached")
+        files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+        if not files:
+            raise FileNotFoundError(f"no .parquet files under {uri}")
+        tables = [pq.read_table(io.BytesIO(fs.cat_file(f))) for f in files]
+        table = pa.concat_tables(tables, promote_options="permissive")
+        self.check_columns(table, uri)
+        return table
+
+    def fetch_images(self, uri: str, storage_options: dict[str, Any], rows: list[dict]) -> list[bytes | None]:
+        return [row.get("image_bytes") for row in rows]
+
+    def to_canonical(self, row: dict) -> dict:
+        fields = {name: parse_text(row.get(name)) for name in self.passthrough}
+        malignant = row.get("malignant")
+        return {
+            **fields,
+            "age_approx": parse_age(row.get("age_approx")),
+            "sex": _sex(row.get("sex")),
+            "malignant": None if malignant is None else bool(malignant),
+            **{a.name: parse_attribute(a.name, row.get(a.name), required=False) for a in ATTRIBUTES},
+        }
+
+
+READERS: dict[str, Reader] = {r.name: r for r in (Isic2024Reader(), Ham10000Reader(), PadUfes20Reader(), CanonicalParquetReader())}
+
+
+def assign_split(key: str, fractions: tuple[float, float, float]) -> str:
+    """Deterministic split by a stable hash of the patient (never by row)."""
+    u = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
+    edges = np.cumsum(fractions)
+    return SPLITS[min(int(np.searchsorted(edges, u, side="right")), len(SPLITS) - 1)]
+
+
+def mark_duplicates(table: pa.Table, id_column: str) -> pa.Table:
+    """Add the row index, and flag every repeat of an id after its first row."""
+    ids = pd.Series(table.column(id_column).to_pylist())
+    table = table.append_column(ROW_INDEX, pa.array(np.arange(table.num_rows), pa.int64()))
+    return table.append_column("_duplicate", pa.array(ids.duplicated(keep="first").to_numpy() & ids.notna().to_numpy()))
+
+
+# The ingest output before it is split: canonical columns plus the quarantine verdict.
+OUTCOME_SCHEMA = pa.schema(
+    [f.with_nullable(True) for f in LESION_SCHEMA]
+    + [pa.field("row_id", pa.string()), pa.field("reason", pa.string()), pa.field("detail", pa.string())]
+)
+
+
+def canonicalize(reader: Reader, source_uri: str, rows: list[dict], blobs: list[bytes | None], cfg: IngestConfig) -> pa.Table:
+    """Rows (with their image bytes) -> OUTCOME_SCHEMA table; `reason` is null for accepted rows."""
+    out = []
+    for row, blob in zip(rows, blobs, strict=True):
+        lesion_id = parse_text(row.get(reader.id_column))
+        record: dict[str, Any] = {"lesion_id": lesion_id, "source": reader.name, "row_id": f"{source_uri}#{row[ROW_INDEX]}"}
+        try:
+            if lesion_id is None:
+                raise RowRejected("missing_value", f"{reader.id_column} is empty")
+            if row.get("_duplicate"):
+                raise RowRejected("duplicate_id", f"{reader.id_column}={lesion_id} already seen in an earlier row")
+            fields = reader.to_canonical(row)
+            info = inspect_image(blob, cfg.max_image_pixels, cfg.max_image_bytes)
+        except RowRejected as rejected:
+            record.update(reason=rejected.reason, detail=rejected.detail[:500])
+        else:
+            record.update(fields)
+            record.update(
+                image_bytes=blob,
+                image_format=info.format,
+                image_width=info.width,
+                image_height=info.height,
+                split=assign_split(fields.get("patient_id") or lesion_id, cfg.split_fractions),
+            )
+        out.append(record)
+    return pa.Table.from_pylist(out, schema=OUTCOME_SCHEMA)
+
+
+def accepted(outcome: pa.Table) -> pa.Table:
+    rows = outcome.filter(outcome.column("reason").is_null())
+    return rows.select(LESION_SCHEMA.names).cast(LESION_SCHEMA)
+
+
+def quarantined(outcome: pa.Table) -> pa.Table:
+    rows = outcome.filter(outcome.column("reason").is_valid())
+    return rows.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)

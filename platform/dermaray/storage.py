@@ -1,0 +1,57 @@
+"""URIs everywhere: one place turns a URI plus fsspec storage options into a filesystem.
+
+Local paths, file://, s3:// (s3fs; `endpoint_url` for MinIO or a test server), gs:// and
+anything else fsspec knows. pyarrow and Ray Data get the same filesystem wrapped, so a
+test endpoint configured once reaches every reader and writer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+from fsspec.core import url_to_fs
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path inside it) for `uri`."""
+    return url_to_fs(uri, **(storage_options or {}))
+
+
+def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it), for pyarrow and Ray Data readers / writers."""
+    fs, path = filesystem(uri, storage_options)
+    if getattr(fs, "protocol", None) in ("file", ("file", "local")):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def remove_tree(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete a folder if it exists (outputs are rewritten whole, never appended to)."""
+    fs, path = filesystem(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(uri, storage_options)
+    parent = path.rsplit("/", 1)[0]
+    if parent and parent != path:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read()
