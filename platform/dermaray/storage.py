@@ -55,3 +55,15 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
     fs, path = filesystem(uri, storage_options)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def require(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) of an input that must exist; one clear error if it is absent or unreachable."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        found = fs.exists(path)
+    except Exception as exc:  # connection refused, bad credentials, unknown host, ...
+        raise FileNotFoundError(f"{uri} does not exist or cannot be reached: {type(exc).__name__}: {exc}") from exc
+    if not found:
+        raise FileNotFoundError(f"{uri} does not exist or cannot be reached")
+    return fs, path

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from dermaray.config import IngestConfig
 from dermaray.data.validate import RowRejected, inspect_image, parse_age, parse_attribute, parse_number, parse_text
 from dermaray.schema import ATTRIBUTES, DIAGNOSES, DIAGNOSES_BY_CODE, LESION_SCHEMA, QUARANTINE_SCHEMA, SEXES, SPLITS
-from dermaray.storage import filesystem, join
+from dermaray.storage import filesystem, join, require
 
 ROW_INDEX = "_row_index"
 IMAGE_PATH = "_image_path"
@@ -39,9 +39,7 @@ def read_csv_as_text(uri: str, storage_options: dict[str, Any]) -> pa.Table:
 
 
 def find_one(uri: str, storage_options: dict[str, Any], patterns: tuple[str, ...], what: str) -> str:
-    fs, path = filesystem(uri, storage_options)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{uri} does not exist or cannot be reached")
+    fs, path = require(uri, storage_options)
     for pattern in patterns:
         found = sorted(fs.glob(join(path, pattern)))
         if found:
@@ -269,9 +267,7 @@ class CanonicalParquetReader(Reader):
     passthrough = ("domain", "patient_id", "anatom_site", "diagnosis", "diagnosis_superclass", "diagnosis_full")
 
     def load_metadata(self, uri: str, storage_options: dict[str, Any]) -> pa.Table:
-        fs, path = filesystem(uri, storage_options)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"{uri} does not exist or cannot be reached")
+        fs, path = require(uri, storage_options)
         files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
         if not files:
             raise FileNotFoundError(f"no .parquet files under {uri}")

@@ -133,6 +133,8 @@ def _build_once(preset: ModelPreset, target: Path) -> Path:
         try:
             if (target / COMPLETE_MARKER).is_file():
                 return target  # another process built it while we waited
+            for stale in target.parent.glob(f".{target.name}.building-*"):  # a killed builder's
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
             try:
                 assert preset.builder is not None

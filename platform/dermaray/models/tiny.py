@@ -220,6 +220,7 @@ def _tiny_llama_config(tokenizer: Any) -> Any:
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        head_dim=32,  # not hidden/heads = 16: vLLM's CPU attention supports head sizes of 32 and up
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )

@@ -1,0 +1,114 @@
+"""Synth -> ingest on a real local Ray cluster, through a real S3 endpoint on 127.0.0.1."""
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from PIL import Image
+
+from dermaray.config import load_config
+from dermaray.data.readers import READERS, MissingColumnsError
+from dermaray.schema import LESION_SCHEMA, QUARANTINE_SCHEMA
+from jobs import ingest, synth
+
+DEFECTS = {
+    "truncated_image": 3, "not_an_image": 3, "decompression_bomb": 2, "empty_image": 2, "image_missing": 2,
+    "nan_attribute": 3, "negative_attribute": 2, "wrong_dtype": 2, "duplicate_id": 3,
+}  # fmt: skip
+
+
+def _read_table(fs, path):
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+    return pd.concat([pq.read_table(io.BytesIO(fs.cat_file(f))).to_pandas() for f in files], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def synthetic_on_s3(ray_cluster, s3_options):
+    overrides = ["synth.n_lesions=2000", "synth.output=s3://dermaray/synth/isic", "synth.shard_size=250"]
+    overrides += [f"synth.corrupt.{kind}={count}" for kind, count in DEFECTS.items()]
+    cfg = load_config(None, overrides)
+    cfg.storage_options = s3_options
+    return synth.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def ingested_on_s3(synthetic_on_s3, s3_options):
+    cfg = load_config(None, ["ingest.input=s3://dermaray/synth/isic", "ingest.output=s3://dermaray/ingest", "ingest.batch_size=128"])
+    cfg.storage_options = s3_options
+    return ingest.run(cfg)
+
+
+def test_counts_reconcile_and_every_planted_defect_is_quarantined_with_its_reason(synthetic_on_s3, ingested_on_s3, s3_options):
+    summary, manifest = ingested_on_s3, synthetic_on_s3
+    assert summary["rows_in"] == 2000 + DEFECTS["duplicate_id"] == manifest["metadata_rows"]
+    assert summary["rows_in"] == summary["rows_out"] + summary["rows_quarantined"]
+    assert summary["rows_quarantined"] == sum(DEFECTS.values())
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    quarantine = _read_table(fs, "dermaray/ingest/quarantine")
+    lesions = _read_table(fs, "dermaray/ingest/lesions")
+    assert len(quarantine) == summary["rows_quarantined"] and len(lesions) == summary["rows_out"]
+    found = {(r.lesion_id, r.reason) for r in quarantine.itertuples()}
+    expected = {(p["isic_id"], p["expected_reason"]) for p in manifest["planted"]}
+    assert found == expected
+    duplicate_rows = {p["row_index"] for p in manifest["planted"] if p["defect"] == "duplicate_id"}
+    quarantined_duplicates = {int(r.row_id.rsplit("#", 1)[1]) for r in quarantine.itertuples() if r.reason == "duplicate_id"}
+    assert quarantined_duplicates == duplicate_rows  # the later row is the one set aside
+    assert quarantine.detail.notna().all() and quarantine.row_id.str.startswith("s3://dermaray/synth/isic#").all()
+    assert lesions.lesion_id.is_unique
+
+
+def test_written_tables_have_the_canonical_schemas(ingested_on_s3, s3_options):
+    fs = s3fs.S3FileSystem(**s3_options)
+    lesion_file = next(f for f in fs.find("dermaray/ingest/lesions") if f.endswith(".parquet"))
+    quarantine_file = next(f for f in fs.find("dermaray/ingest/quarantine") if f.endswith(".parquet"))
+    assert pq.read_schema(io.BytesIO(fs.cat_file(lesion_file))).remove_metadata().equals(LESION_SCHEMA)
+    assert pq.read_schema(io.BytesIO(fs.cat_file(quarantine_file))).remove_metadata().equals(QUARANTINE_SCHEMA)
+
+
+def test_canonical_rows_keep_attributes_images_and_split_by_patient(ingested_on_s3, s3_options):
+    lesions = _read_table(s3fs.S3FileSystem(**s3_options), "dermaray/ingest/lesions")
+    assert set(lesions.split) == {"train", "val", "test"}
+    assert (lesions.groupby("patient_id").split.nunique() == 1).all()  # no patient straddles splits
+    assert 0.7 < (lesions.split == "train").mean() < 0.9
+    assert lesions.diagnosis.notna().all() and set(lesions.diagnosis) <= {"MEL", "NEV", "BCC", "SCC", "ACK", "SEK", "DF", "VASC"}
+    assert (lesions.malignant == lesions.diagnosis.isin(["MEL", "BCC", "SCC"])).all()
+    row = lesions.iloc[0]
+    image = Image.open(io.BytesIO(row.image_bytes))
+    assert image.size == (row.image_width, row.image_height) == (128, 128)
+    assert row.area_mm2 > 0 and np.isfinite(lesions.area_mm2).all()
+
+
+def test_ingest_writes_local_output_and_rereads_its_own_parquet(ingested_on_s3, s3_options, tmp_path):
+    cfg = load_config(None, ["ingest.source=parquet", "ingest.input=s3://dermaray/ingest/lesions", f"ingest.output={tmp_path}/again"])
+    cfg.storage_options = s3_options
+    summary = ingest.run(cfg)
+    assert summary["rows_in"] == summary["rows_out"] == ingested_on_s3["rows_out"]
+    assert json.loads((tmp_path / "again" / "ingest_summary.json").read_text())["rows_quarantined"] == 0
+    again = pd.read_parquet(tmp_path / "again" / "lesions")
+    original = _read_table(s3fs.S3FileSystem(**s3_options), "dermaray/ingest/lesions")
+    cols = ["lesion_id", "split", "area_mm2", "diagnosis"]
+    pd.testing.assert_frame_equal(
+        again[cols].sort_values("lesion_id").reset_index(drop=True), original[cols].sort_values("lesion_id").reset_index(drop=True)
+    )
+
+
+def test_missing_required_column_is_a_clear_error(tmp_path):
+    (tmp_path / "train-metadata.csv").write_text("isic_id,patient_id\nISIC_1,IP_1\n")
+    (tmp_path / "train-image.hdf5").write_bytes(b"")
+    with pytest.raises(MissingColumnsError, match="tbp_lv_areaMM2"):
+        READERS["isic2024"].load_metadata(str(tmp_path), {})
+
+
+def test_unreachable_or_missing_uri_is_a_clear_error(s3_options):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        READERS["isic2024"].load_metadata("s3://dermaray/no/such/folder", s3_options)
+    s3fs.S3FileSystem(**s3_options).pipe("dermaray/only-csv/train-metadata.csv", b"isic_id\nISIC_1\n")
+    with pytest.raises(FileNotFoundError, match="image HDF5"):
+        READERS["isic2024"].load_metadata("s3://dermaray/only-csv", s3_options)
+    with pytest.raises(FileNotFoundError, match="does not exist or cannot be reached"):
+        READERS["parquet"].load_metadata("s3://dermaray/x", {**s3_options, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}})

@@ -1,0 +1,88 @@
+"""HAM10000 and PAD-UFES-20 folder layouts, ingested on the local Ray cluster."""
+
+import pandas as pd
+import pytest
+
+from dermaray.config import load_config
+from dermaray.data.synthetic import synthesize_lesion
+from jobs import ingest
+
+
+def _save(path, index, fmt):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    Image.fromarray(synthesize_lesion(5, index)[2]).save(path, format=fmt)
+
+
+def _ingest(source, folder, out):
+    cfg = load_config(None, [f"ingest.source={source}", f"ingest.input={folder}", f"ingest.output={out}", "ingest.batch_size=3"])
+    summary = ingest.run(cfg)
+    lesions = pd.read_parquet(out / "lesions")
+    quarantine = pd.read_parquet(out / "quarantine")
+    assert summary["rows_in"] == len(lesions) + len(quarantine)
+    return lesions.set_index("lesion_id"), quarantine.set_index("lesion_id")
+
+
+def test_ham10000(ray_cluster, tmp_path):
+    root = tmp_path / "ham"
+    rows = [
+        ("HAM_0000118", "ISIC_0027419", "bkl", "histo", "80.0", "male", "scalp"),
+        ("HAM_0000118", "ISIC_0025030", "bkl", "histo", "80.0", "male", "scalp"),
+        ("HAM_0002730", "ISIC_0026769", "mel", "histo", "", "female", "back"),
+        ("HAM_0001466", "ISIC_0031633", "nv", "follow_up", "45.0", "unknown", "unknown"),
+        ("HAM_0002761", "ISIC_0029176", "xyz", "histo", "60.0", "male", "face"),  # unknown dx
+        ("HAM_0005132", "ISIC_0025837", "akiec", "histo", "sixty", "male", "face"),  # wrong dtype
+        ("HAM_0001396", "ISIC_0025276", "df", "consensus", "55.0", "female", "trunk"),  # image absent
+    ]
+    pd.DataFrame(rows, columns=["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]).to_csv(
+        _mkdir(root) / "HAM10000_metadata.csv", index=False
+    )
+    for i, (_, image_id, *_rest) in enumerate(rows[:-1]):
+        _save(root / f"HAM10000_images_part_{1 + i % 2}" / f"{image_id}.jpg", i, "JPEG")
+    lesions, quarantine = _ingest("ham10000", root, tmp_path / "out")
+    assert len(lesions) == 4 and len(quarantine) == 3
+    assert lesions.loc["ISIC_0026769", "diagnosis"] == "MEL" and lesions.loc["ISIC_0026769", "malignant"]
+    assert lesions.loc["ISIC_0027419", "anatom_site"] == "head/neck"
+    assert pd.isna(lesions.loc["ISIC_0031633", "sex"]) and pd.isna(lesions.loc["ISIC_0031633", "anatom_site"])
+    # Two images of one lesion share a split (the lesion stands in for the patient).
+    assert lesions.loc["ISIC_0027419", "split"] == lesions.loc["ISIC_0025030", "split"]
+    assert quarantine.reason.to_dict() == {"ISIC_0029176": "invalid_value", "ISIC_0025837": "invalid_value", "ISIC_0025276": "image_missing"}
+
+
+def test_pad_ufes_20(ray_cluster, tmp_path):
+    root = tmp_path / "pad"
+    (root / "images").mkdir(parents=True)
+    header = ["patient_id", "lesion_id", "smoke", "age", "gender", "region", "diameter_1", "diameter_2", "diagnostic", "img_id", "biopsed"]
+    rows = [
+        ["PAT_1516", "1765", "False", "8", "FEMALE", "ARM", "6.0", "5.0", "NEV", "PAT_1516_1765_530.png", "False"],
+        ["PAT_46", "881", "False", "55", "MALE", "NECK", "", "", "BCC", "PAT_46_881_939.png", "True"],
+        ["PAT_46", "882", "False", "55", "MALE", "NECK", "-4", "3", "BCC", "PAT_46_882_940.png", "True"],  # negative size
+        ["PAT_9", "12", "False", "70", "MALE", "FACE", "8", "6", "ACK", "PAT_9_12_50.png", "True"],  # not an image
+        ["PAT_9", "12", "False", "70", "MALE", "FACE", "8", "6", "ACK", "PAT_9_12_50.png", "True"],  # duplicate
+    ]
+    pd.DataFrame(rows, columns=header).to_csv(root / "metadata.csv", index=False)
+    for i, row in enumerate(rows[:3]):
+        _save(root / "images" / row[9], i, "PNG")
+    (root / "images" / "PAT_9_12_50.png").write_bytes(b"not a png")
+    lesions, quarantine = _ingest("pad_ufes_20", root, tmp_path / "out")
+    assert list(lesions.index) == ["PAT_1516_1765_530.png", "PAT_46_881_939.png"]
+    nev = lesions.loc["PAT_1516_1765_530.png"]
+    assert (nev.diagnosis, nev.sex, nev.anatom_site, nev.long_diam_mm, nev.minor_axis_mm, nev.image_format) == (
+        "NEV", "female", "upper extremity", 6.0, 5.0, "PNG"
+    )
+    assert sorted(quarantine.reason) == ["duplicate_id", "invalid_value", "not_an_image"]
+
+
+@pytest.mark.parametrize("source", ["ham10000", "pad_ufes_20"])
+def test_metadata_without_required_columns_fails_clearly(tmp_path, source):
+    (tmp_path / "metadata.csv").write_text("a,b\n1,2\n")
+    from dermaray.data.readers import READERS, MissingColumnsError
+
+    with pytest.raises(MissingColumnsError, match="lacks required columns"):
+        READERS[source].load_metadata(str(tmp_path), {})
+
+
+def _mkdir(path):
+    path.mkdir(parents=True)
+    return path
