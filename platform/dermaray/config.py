@@ -82,6 +82,14 @@ class IngestConfig(Section):
         return self
 
 
+class PipelineConfig(Section):
+    """The end-to-end job: every stage reads what the one before wrote under `workdir`."""
+
+    workdir: str = "out"
+    shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
+    stages: list[Literal["synth", "ingest"]] = ["synth", "ingest"]
+
+
 class DermarayConfig(Section):
     # fsspec storage options for every URI (s3fs: endpoint_url, key, secret, client_kwargs, ...)
     storage_options: dict[str, Any] = {}
@@ -89,6 +97,7 @@ class DermarayConfig(Section):
     models: ModelsConfig = ModelsConfig()
     synth: SynthConfig = SynthConfig()
     ingest: IngestConfig = IngestConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
