@@ -149,11 +149,7 @@ class Isic2024Reader(Reader):
         hdf5_uri = find_one(uri, storage_options, ("*image*.hdf5", "*.hdf5", "*.h5"), "image HDF5")
         fs, path = filesystem(hdf5_uri, storage_options)
         with fs.open(path, "rb") as raw, h5py.File(raw, "r") as store:
-            out = []
-            for row in rows:
-                key = row.get(self.id_column) or ""
-                out.append(_hdf5_bytes(store[key][()]) if key and key in store else None)
-            return out
+            return [_hdf5_bytes(store, row.get(self.id_column)) for row in rows]
 
     def to_canonical(self, row: dict) -> dict:
         iddx_3 = parse_text(row.get("iddx_3"))
@@ -176,12 +172,23 @@ class Isic2024Reader(Reader):
         }
 
 
-def _hdf5_bytes(value) -> bytes:
-    if isinstance(value, np.void):
-        return value.tobytes()
-    if isinstance(value, np.ndarray):
-        return value.tobytes()
-    return bytes(value)
+def _hdf5_bytes(store, key: str | None) -> bytes | None:
+    """The bytes of dataset `key` (ISIC stores one scalar per image), None if absent.
+
+    h5py's low-level calls are about twice as fast per dataset as `store[key][()]`, and with
+    one dataset per image that is most of the read cost.
+    """
+    if not key:
+        return None
+    import h5py
+
+    try:
+        dataset = h5py.h5d.open(store.id, key.encode())
+    except KeyError:
+        return None
+    buffer = np.empty(dataset.shape, dataset.dtype)
+    dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer)
+    return buffer.tobytes()
 
 
 class Ham10000Reader(ImageFolderReader):

@@ -1,0 +1,68 @@
+"""Ingest throughput as a ratio to single-process PIL decode x cores, measured in one run.
+
+    .venv/bin/python benchmarks/ingest_throughput.py --lesions 20000
+
+The baseline decodes every JPEG of the same HDF5 (bytes already in memory) in one process,
+before and after the job; ideal parallel ingest would run at that rate x the cluster's
+CPUs. The ingest job does strictly more per row: read the bytes, decode, validate the
+metadata, hash the split, write Parquet. Goal: ratio >= 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+
+import h5py
+import ray
+from PIL import Image
+
+from dermaray.config import load_config
+from dermaray.data.readers import _hdf5_bytes
+from jobs import ingest, synth
+from jobs.common import init_ray
+
+
+def decode_rate(blobs: list[bytes]) -> float:
+    start = time.perf_counter()
+    for blob in blobs:
+        Image.open(io.BytesIO(blob)).load()
+    return len(blobs) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lesions", type=int, default=20000)
+    parser.add_argument("--workdir", default="/tmp/dermaray-bench")
+    parser.add_argument("--batch-size", type=int, default=1000)
+    args = parser.parse_args()
+    source = f"{args.workdir}/synthetic-{args.lesions}"
+    cfg = load_config(None, [f"synth.n_lesions={args.lesions}", f"synth.output={source}", "synth.shard_size=1000"])
+    init_ray(cfg.ray)
+    if not os.path.exists(f"{source}/synth_manifest.json"):
+        synth.run(cfg)  # data preparation, not timed
+
+    with h5py.File(f"{source}/train-image.hdf5", "r") as store:
+        blobs = [_hdf5_bytes(store, key) for key in store.keys()]
+    before = decode_rate(blobs)
+    cfg = load_config(
+        None, [f"ingest.input={source}", f"ingest.output={args.workdir}/ingest", f"ingest.batch_size={args.batch_size}"]
+    )
+    start = time.perf_counter()
+    summary = ingest.run(cfg)
+    elapsed = time.perf_counter() - start
+    after = decode_rate(blobs)
+
+    cores = int(ray.cluster_resources().get("CPU", 1))
+    baseline = (before + after) / 2
+    rate = summary["rows_in"] / elapsed
+    print(f"rows: {summary['rows_in']} in, {summary['rows_out']} out, {summary['rows_quarantined']} quarantined")
+    print(f"single-process PIL decode: {before:,.0f} / {after:,.0f} images/s (before / after the job)")
+    print(f"ingest job: {rate:,.0f} rows/s over {elapsed:.2f} s on {cores} CPUs")
+    print(f"ratio ingest / (decode x {cores} cores) = {rate / (baseline * cores):.2f}  (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
