@@ -13,12 +13,15 @@ import sys
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, IngestConfig
 from dermaray.data.readers import READERS, accepted, canonicalize, mark_duplicates, quarantined
-from dermaray.storage import arrow_filesystem, join
+from dermaray.schema import LESION_SCHEMA, QUARANTINE_SCHEMA
+from dermaray.storage import arrow_filesystem, join, parquet_row_count, read_parquet
 from jobs.common import init_ray, log, write_summary
 
 
@@ -29,9 +32,12 @@ def canonicalize_batch(batch: pa.Table, cfg: IngestConfig, storage_options: dict
     return canonicalize(reader, cfg.input, rows, reader.fetch_images(cfg.input, storage_options, rows), cfg)
 
 
-def _write(ds: ray.data.Dataset, uri: str, storage_options: dict, rows_per_file: int) -> None:
+def _write(ds: ray.data.Dataset, uri: str, storage_options: dict, rows_per_file: int, schema: pa.Schema) -> None:
     fs, path = arrow_filesystem(uri, storage_options)
     ds.write_parquet(path, filesystem=fs, mode="overwrite", min_rows_per_file=rows_per_file)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:  # Ray writes no file for zero rows
+        fs.create_dir(path)
+        pq.write_table(schema.empty_table(), f"{path}/empty.parquet", filesystem=fs)
 
 
 def run(cfg: DermarayConfig) -> dict:
@@ -53,13 +59,15 @@ def run(cfg: DermarayConfig) -> dict:
         )
         .materialize()
     )
-    lesions = outcome.map_batches(accepted, batch_format="pyarrow", batch_size=None)
-    quarantine = outcome.map_batches(quarantined, batch_format="pyarrow", batch_size=None)
-    _write(lesions, join(c.output, "lesions"), cfg.storage_options, c.rows_per_file)
-    _write(quarantine, join(c.output, "quarantine"), cfg.storage_options, c.rows_per_file)
+    for name, select, schema in (("lesions", accepted, LESION_SCHEMA), ("quarantine", quarantined, QUARANTINE_SCHEMA)):
+        rows = outcome.map_batches(select, batch_format="pyarrow", batch_size=None)
+        _write(rows, join(c.output, name), cfg.storage_options, c.rows_per_file, schema)
 
-    reasons = Counter(row["reason"] for row in quarantine.select_columns(["reason"]).iter_rows())
-    rows_out, rows_quarantined = lesions.count(), sum(reasons.values())
+    # Reconcile against what is on storage (Parquet footers), not against the plan.
+    rows_out = parquet_row_count(join(c.output, "lesions"), cfg.storage_options)
+    written_quarantine = read_parquet(join(c.output, "quarantine"), cfg.storage_options, columns=["reason"])
+    reasons = Counter(written_quarantine.column("reason").to_pylist())
+    rows_quarantined = written_quarantine.num_rows
     summary = {
         "source": c.source,
         "input": c.input,

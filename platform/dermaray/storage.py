@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 
@@ -67,3 +69,31 @@ def require(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     if not found:
         raise FileNotFoundError(f"{uri} does not exist or cannot be reached")
     return fs, path
+
+
+def parquet_files(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    fs, path = require(uri, storage_options)
+    files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {uri}")
+    return fs, files
+
+
+def read_parquet(uri: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None) -> pa.Table:
+    """A file or a folder of Parquet files as one table (for tables that fit in memory)."""
+    fs, files = parquet_files(uri, storage_options)
+    tables = []
+    for name in files:
+        with fs.open(name, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def parquet_row_count(uri: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Rows in a folder of Parquet files, from their footers alone."""
+    fs, files = parquet_files(uri, storage_options)
+    total = 0
+    for name in files:
+        with fs.open(name, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total

@@ -9,18 +9,16 @@ batch; `jobs.ingest` spreads batches over a Ray cluster.
 from __future__ import annotations
 
 import hashlib
-import io
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dermaray.config import IngestConfig
 from dermaray.data.validate import RowRejected, inspect_image, parse_age, parse_attribute, parse_number, parse_text
 from dermaray.schema import ATTRIBUTES, DIAGNOSES, DIAGNOSES_BY_CODE, LESION_SCHEMA, QUARANTINE_SCHEMA, SEXES, SPLITS
-from dermaray.storage import filesystem, join, require
+from dermaray.storage import filesystem, join, read_parquet, require
 
 ROW_INDEX = "_row_index"
 IMAGE_PATH = "_image_path"
@@ -274,12 +272,7 @@ class CanonicalParquetReader(Reader):
     passthrough = ("domain", "patient_id", "anatom_site", "diagnosis", "diagnosis_superclass", "diagnosis_full")
 
     def load_metadata(self, uri: str, storage_options: dict[str, Any]) -> pa.Table:
-        fs, path = require(uri, storage_options)
-        files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-        if not files:
-            raise FileNotFoundError(f"no .parquet files under {uri}")
-        tables = [pq.read_table(io.BytesIO(fs.cat_file(f))) for f in files]
-        table = pa.concat_tables(tables, promote_options="permissive")
+        table = read_parquet(uri, storage_options)
         self.check_columns(table, uri)
         return table
 
