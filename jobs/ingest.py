@@ -35,7 +35,8 @@ def canonicalize_batch(batch: pa.Table, cfg: IngestConfig, storage_options: dict
 def _write(ds: ray.data.Dataset, uri: str, storage_options: dict, rows_per_file: int, schema: pa.Schema) -> None:
     fs, path = arrow_filesystem(uri, storage_options)
     ds.write_parquet(path, filesystem=fs, mode="overwrite", min_rows_per_file=rows_per_file)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:  # Ray writes no file for zero rows
+    written = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    if not any(info.path.endswith(".parquet") for info in written):  # Ray writes no file for zero rows
         fs.create_dir(path)
         pq.write_table(schema.empty_table(), f"{path}/empty.parquet", filesystem=fs)
 
