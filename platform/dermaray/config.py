@@ -82,12 +82,45 @@ class IngestConfig(Section):
         return self
 
 
+class SamplingConfig(Section):
+    """vLLM SamplingParams for note writing (the method: temperature 0.1-0.2, ~200 tokens)."""
+
+    temperature: float = Field(default=0.2, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=200, ge=1)
+    seed: int | None = 0  # the engine's seed: a re-run of the same shard writes the same notes
+
+
+class NotesConfig(Section):
+    input: str = "out/ingest/clinic/lesions"
+    output: str = "out/notes/clinic"
+    strategy: Literal["M", "P1", "P2", "P3"] = "P2"
+    # Which metadata goes into the prompt (P3 takes none by definition).
+    label_hierarchy: bool = True
+    demographics_site: bool = True
+    attributes: bool = True
+    with_image: bool = False  # image in the prompt: needs an image-capable preset (GPU vLLM)
+    sampling: SamplingConfig = SamplingConfig()
+    max_model_len: int = Field(default=2048, ge=64)
+    dtype: str = "float32"  # float32 on AVX2 CPUs; bfloat16 on GPUs
+    enforce_eager: bool = True
+    engine_kwargs: dict[str, Any] = {}  # more vllm.LLM arguments (tensor_parallel_size, gpu_memory_utilization, ...)
+    # Environment for the engine process; the defaults make vLLM run on a small CPU.
+    engine_env: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    concurrency: int = Field(default=1, ge=1)  # engine actors
+    num_gpus: float = Field(default=0, ge=0)  # per engine actor
+    num_cpus: float = Field(default=1, ge=0)  # per engine actor
+    batch_size: int = Field(default=64, ge=1)  # prompts per generate call
+    shard_size: int = Field(default=256, ge=1)  # lesions per output file: the unit of resume
+    limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id), for trials
+
+
 class PipelineConfig(Section):
     """The end-to-end job: every stage reads what the one before wrote under `workdir`."""
 
     workdir: str = "out"
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
-    stages: list[Literal["synth", "ingest"]] = ["synth", "ingest"]
+    stages: list[Literal["synth", "ingest", "notes"]] = ["synth", "ingest", "notes"]
 
 
 class DermarayConfig(Section):
@@ -97,6 +130,7 @@ class DermarayConfig(Section):
     models: ModelsConfig = ModelsConfig()
     synth: SynthConfig = SynthConfig()
     ingest: IngestConfig = IngestConfig()
+    notes: NotesConfig = NotesConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
 

@@ -138,3 +138,21 @@ QUARANTINE_REASONS = {
     "invalid_value": "a field has the wrong type or an impossible value (NaN, negative, out of range)",
     "duplicate_id": "the lesion id appeared earlier in the same source",
 }
+
+NOTES_SCHEMA = pa.schema(
+    [
+        pa.field("lesion_id", pa.string(), nullable=False),
+        pa.field("strategy", pa.string(), nullable=False),  # M, P1, P2, P3
+        pa.field("prompt_id", pa.string(), nullable=False),  # strategy + metadata switches
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("sampling_params", pa.string()),  # JSON
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("note", pa.string()),  # null when the row failed
+        pa.field("error", pa.string()),  # why no note was written; null on success
+        pa.field("audit_flags", pa.list_(pa.string())),
+        pa.field("hallucinated", pa.bool_()),
+        pa.field("shard", pa.int32(), nullable=False),
+    ]
+)

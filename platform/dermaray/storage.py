@@ -7,6 +7,7 @@ test endpoint configured once reaches every reader and writer.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import fsspec
@@ -73,7 +74,7 @@ def require(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
 
 def parquet_files(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     fs, path = require(uri, storage_options)
-    files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/_temporary/" not in p)
     if not files:
         raise FileNotFoundError(f"no .parquet files under {uri}")
     return fs, files
@@ -97,3 +98,17 @@ def parquet_row_count(uri: str, storage_options: dict[str, Any] | None = None) -
         with fs.open(name, "rb") as f:
             total += pq.ParquetFile(f).metadata.num_rows
     return total
+
+
+def write_parquet_atomic(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write `uri` whole or not at all: a temp object, then a rename (local) or copy (object stores).
+
+    A reader never sees a half-written file, so "the file exists" can mean "the work is done".
+    """
+    fs, path = filesystem(uri, storage_options)
+    folder, name = path.rsplit("/", 1)
+    temp = f"{folder}/_temporary/{name}.{uuid.uuid4().hex}"
+    fs.makedirs(f"{folder}/_temporary", exist_ok=True)
+    with fs.open(temp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(temp, path)

@@ -1,0 +1,164 @@
+"""Bulk clinical-note synthesis: vLLM engine actors inside Ray Data, resumable, exactly once.
+
+    python -m jobs.notes notes.input=s3://bucket/ingest/lesions notes.output=s3://bucket/notes notes.strategy=P2
+
+Lesions are sorted by id and cut into shards of `notes.shard_size`; an engine actor writes
+each shard's notes as one Parquet file, atomically. A shard whose file exists is done, so
+a re-run after a killed driver or engine actor writes only the missing shards: every
+lesion ends up in exactly one note row. `_plan.json` pins the input ids and settings, and
+a re-run with other ones is refused instead of mixing two runs in one output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from dermaray.cli import config_from_argv, setup_logging
+from dermaray.config import DermarayConfig, NotesConfig
+from dermaray.models import PRESETS, resolve_model
+from dermaray.notes.engine import NoteWriter, switches_of
+from dermaray.notes.prompts import prompt_id
+from dermaray.schema import LESION_SCHEMA, NOTES_SCHEMA
+from dermaray.storage import filesystem, join, read_bytes, read_parquet, write_bytes, write_parquet_atomic
+from jobs.common import init_ray, log, write_summary
+
+SHARD = "_shard"
+
+
+def shard_uri(output: str, shard: int) -> str:
+    return join(output, f"notes-{shard:06d}.parquet")
+
+
+class ShardWriter:
+    """A Ray Data actor: one engine, many shards; each shard's file written whole."""
+
+    def __init__(self, cfg: NotesConfig, model_role: str, model_preset: str, cache_dir: str, storage_options: dict):
+        model_path = None if cfg.strategy == "M" else resolve_model(model_role, model_preset, cache_dir)
+        self.writer = NoteWriter(cfg, model_path, model_id_of(model_preset))
+        self.output, self.storage_options = cfg.output, storage_options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        done = []
+        for shard in sorted(set(batch.column(SHARD).to_pylist())):
+            rows = batch.filter(pc.equal(batch.column(SHARD), shard)).drop_columns([SHARD]).to_pylist()
+            notes = [{**n, "shard": shard} for n in self.writer.write(rows)]
+            write_parquet_atomic(pa.Table.from_pylist(notes, schema=NOTES_SCHEMA), shard_uri(self.output, shard), self.storage_options)
+            done.append({"shard": shard, "notes": len(notes), "errors": sum(n["error"] is not None for n in notes)})
+        return pa.Table.from_pylist(done)
+
+
+def model_id_of(preset: str) -> str:
+    hub_id = PRESETS["note_writer"][preset].hub_id
+    return hub_id or f"dermaray/note_writer-{preset}"
+
+
+def input_columns(cfg: NotesConfig) -> list[str]:
+    # Image bytes travel only when the prompt shows the image.
+    return [name for name in LESION_SCHEMA.names if name != "image_bytes" or cfg.with_image]
+
+
+def make_plan(cfg: NotesConfig, preset: str, lesion_ids: list[str]) -> dict:
+    return {
+        "input": cfg.input,
+        "lesions": len(lesion_ids),
+        "lesion_ids_sha1": hashlib.sha1("\n".join(lesion_ids).encode()).hexdigest(),
+        "shard_size": cfg.shard_size,
+        "prompt_id": prompt_id(cfg.strategy, switches_of(cfg)),
+        "model_id": model_id_of(preset) if cfg.strategy != "M" else "template",
+        "sampling": cfg.sampling.model_dump(mode="json"),
+        "with_image": cfg.with_image,
+    }
+
+
+def claim_output(cfg: NotesConfig, plan: dict, storage_options: dict) -> None:
+    """Record the plan, or check that the output already holds this same plan."""
+    plan_uri = join(cfg.output, "_plan.json")
+    fs, path = filesystem(plan_uri, storage_options)
+    if fs.exists(path):
+        existing = json.loads(read_bytes(plan_uri, storage_options))
+        if existing != plan:
+            changed = sorted(k for k in plan if existing.get(k) != plan[k])
+            raise ValueError(f"{cfg.output} holds notes of another plan (differs in {changed}); use a new notes.output or delete it")
+    else:
+        write_bytes(plan_uri, json.dumps(plan, indent=2).encode(), storage_options)
+
+
+def finished_shards(output: str, storage_options: dict) -> set[int]:
+    fs, path = filesystem(output, storage_options)
+    if not fs.exists(path):
+        return set()
+    names = (p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return {int(n[len("notes-") : -len(".parquet")]) for n in names if n.startswith("notes-") and n.endswith(".parquet")}
+
+
+def run(cfg: DermarayConfig) -> dict:
+    n, options = cfg.notes, cfg.storage_options
+    if n.strategy == "P3" and not n.with_image:
+        raise ValueError("strategy P3 gives the model no metadata: it needs notes.with_image=true and an image-capable note_writer")
+    lesions = read_parquet(n.input, options, columns=input_columns(n)).sort_by("lesion_id")
+    if n.limit:
+        lesions = lesions.slice(0, n.limit)
+    ids = lesions.column("lesion_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{n.input} has duplicate lesion ids; ingest it first")
+    claim_output(n, make_plan(n, cfg.models.note_writer, ids), options)
+    n_shards = -(-len(ids) // n.shard_size)
+    done = finished_shards(n.output, options)
+    pending = [s for s in range(n_shards) if s not in done]
+    log.info("notes: %d lesions in %d shards, %d already done, %d to write (%s)", len(ids), n_shards, len(done), len(pending), n.strategy)
+
+    start = time.perf_counter()
+    if pending:
+        init_ray(cfg.ray)
+        blocks = []
+        for s in pending:
+            part = lesions.slice(s * n.shard_size, n.shard_size)
+            blocks.append(part.append_column(SHARD, pa.array([s] * part.num_rows, pa.int32())))
+        results = ray.data.from_arrow(blocks).map_batches(
+            ShardWriter,
+            fn_constructor_args=(n, "note_writer", cfg.models.note_writer, cfg.models.cache_dir, options),
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=n.concurrency),
+            num_cpus=n.num_cpus,
+            num_gpus=n.num_gpus,
+        )
+        for row in results.iter_rows():
+            log.info("notes: shard %d written (%d notes, %d errors)", row["shard"], row["notes"], row["errors"])
+    elapsed = time.perf_counter() - start
+
+    notes = read_parquet(n.output, options, columns=["lesion_id", "error", "hallucinated", "audit_flags", "output_tokens", "prompt_tokens"])
+    written = notes.column("lesion_id").to_pylist()
+    if sorted(written) != ids:
+        raise RuntimeError(f"notes output does not hold each lesion exactly once ({len(written)} rows for {len(ids)} lesions)")
+    frame = notes.to_pandas()
+    audited = frame[frame.error.isna()]
+    flags = audited.audit_flags.explode().dropna().str.split(":").str[0].value_counts()
+    summary = {
+        "input": n.input,
+        "output": n.output,
+        "strategy": n.strategy,
+        "prompt_id": prompt_id(n.strategy, switches_of(n)),
+        "lesions": len(ids),
+        "notes": int(frame.error.isna().sum()),
+        "errors": int(frame.error.notna().sum()),
+        "shards_written_now": len(pending),
+        "hallucination_rate": float(audited.hallucinated.mean()) if len(audited) else None,
+        "audit_flag_counts": {k: int(v) for k, v in flags.items()},
+        "output_tokens": int(frame.output_tokens.fillna(0).sum()),
+        "seconds_this_run": round(elapsed, 2),
+    }
+    write_summary(join(n.output, "notes_summary.json"), summary, options)
+    return summary
+
+
+if __name__ == "__main__":
+    setup_logging()
+    run(config_from_argv(sys.argv[1:], prog="python -m jobs.notes"))
