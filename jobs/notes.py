@@ -92,6 +92,7 @@ def claim_output(cfg: NotesConfig, plan: dict, storage_options: dict) -> None:
 
 def finished_shards(output: str, storage_options: dict) -> set[int]:
     fs, path = filesystem(output, storage_options)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return set()
     names = (p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))

@@ -11,6 +11,8 @@ import urllib.request
 
 import pytest
 
+from tests.helpers import PLANTED_DEFECTS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -67,3 +69,27 @@ def s3_options(s3_endpoint):
     options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
     s3fs.S3FileSystem(**options).mkdir("dermaray")
     return options
+
+
+@pytest.fixture(scope="session")
+def synthetic_on_s3(ray_cluster, s3_options):
+    """2,000 synthetic lesions with planted defects, in the ISIC 2024 layout on S3."""
+    from dermaray.config import load_config
+    from jobs import synth
+
+    overrides = ["synth.n_lesions=2000", "synth.output=s3://dermaray/synth/isic", "synth.shard_size=250"]
+    overrides += [f"synth.corrupt.{kind}={count}" for kind, count in PLANTED_DEFECTS.items()]
+    cfg = load_config(None, overrides)
+    cfg.storage_options = s3_options
+    return synth.run(cfg)
+
+
+@pytest.fixture(scope="session")
+def ingested_on_s3(synthetic_on_s3, s3_options):
+    """Their canonical lesion table at s3://dermaray/ingest/lesions."""
+    from dermaray.config import load_config
+    from jobs import ingest
+
+    cfg = load_config(None, ["ingest.input=s3://dermaray/synth/isic", "ingest.output=s3://dermaray/ingest", "ingest.batch_size=128"])
+    cfg.storage_options = s3_options
+    return ingest.run(cfg)

@@ -13,33 +13,9 @@ from PIL import Image
 from dermaray.config import load_config
 from dermaray.data.readers import READERS, MissingColumnsError
 from dermaray.schema import LESION_SCHEMA, QUARANTINE_SCHEMA
-from jobs import ingest, synth
-
-DEFECTS = {
-    "truncated_image": 3, "not_an_image": 3, "decompression_bomb": 2, "empty_image": 2, "image_missing": 2,
-    "nan_attribute": 3, "negative_attribute": 2, "wrong_dtype": 2, "duplicate_id": 3,
-}  # fmt: skip
-
-
-def _read_table(fs, path):
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
-    return pd.concat([pq.read_table(io.BytesIO(fs.cat_file(f))).to_pandas() for f in files], ignore_index=True)
-
-
-@pytest.fixture(scope="module")
-def synthetic_on_s3(ray_cluster, s3_options):
-    overrides = ["synth.n_lesions=2000", "synth.output=s3://dermaray/synth/isic", "synth.shard_size=250"]
-    overrides += [f"synth.corrupt.{kind}={count}" for kind, count in DEFECTS.items()]
-    cfg = load_config(None, overrides)
-    cfg.storage_options = s3_options
-    return synth.run(cfg)
-
-
-@pytest.fixture(scope="module")
-def ingested_on_s3(synthetic_on_s3, s3_options):
-    cfg = load_config(None, ["ingest.input=s3://dermaray/synth/isic", "ingest.output=s3://dermaray/ingest", "ingest.batch_size=128"])
-    cfg.storage_options = s3_options
-    return ingest.run(cfg)
+from jobs import ingest
+from tests.helpers import PLANTED_DEFECTS as DEFECTS  # noqa: N811
+from tests.helpers import read_table as _read_table
 
 
 def test_counts_reconcile_and_every_planted_defect_is_quarantined_with_its_reason(synthetic_on_s3, ingested_on_s3, s3_options):

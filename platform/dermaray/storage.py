@@ -63,6 +63,7 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
 def require(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) of an input that must exist; one clear error if it is absent or unreachable."""
     fs, path = filesystem(uri, storage_options)
+    fs.invalidate_cache(path)  # other processes (Ray workers) may have written here since our last listing
     try:
         found = fs.exists(path)
     except Exception as exc:  # connection refused, bad credentials, unknown host, ...

@@ -1,0 +1,126 @@
+"""The notes job on a real local Ray cluster with real vLLM (CPU) and a real S3 endpoint."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import s3fs
+
+from dermaray.config import load_config
+from dermaray.models import resolve_model
+from dermaray.notes.engine import NoteWriter
+from dermaray.storage import read_parquet
+from jobs import notes
+from tests.helpers import read_table
+
+LESIONS = "s3://dermaray/ingest/lesions"
+FAST = ["notes.sampling.max_tokens=16", "notes.max_model_len=1024"]
+
+
+def _config(s3_options, *overrides):
+    cfg = load_config(None, [*FAST, *overrides])
+    cfg.storage_options = s3_options
+    return cfg
+
+
+def _lesion_ids(s3_options, limit=None):
+    ids = sorted(read_parquet(LESIONS, s3_options, columns=["lesion_id"]).column("lesion_id").to_pylist())
+    return ids[:limit] if limit else ids
+
+
+def test_template_notes_for_every_lesion_audit_clean(ingested_on_s3, s3_options, tmp_path):
+    summary = notes.run(_config(s3_options, "notes.strategy=M", f"notes.input={LESIONS}", f"notes.output={tmp_path}/m"))
+    assert summary["lesions"] == ingested_on_s3["rows_out"] == summary["notes"]
+    assert summary["hallucination_rate"] == 0.0 and summary["errors"] == 0
+    written = read_parquet(str(tmp_path / "m")).to_pandas()
+    assert sorted(written.lesion_id) == _lesion_ids(s3_options)
+    assert (written.model_id == "template").all() and written.note.str.len().gt(50).all()
+
+
+def test_vllm_notes_for_2000_lesions_written_to_s3(ingested_on_s3, s3_options):
+    summary = notes.run(_config(s3_options, "notes.strategy=P2", f"notes.input={LESIONS}", "notes.output=s3://dermaray/notes/p2"))
+    assert summary["lesions"] == ingested_on_s3["rows_out"] >= 1950
+    assert summary["notes"] == summary["lesions"] and summary["errors"] == 0
+    written = read_table(s3fs.S3FileSystem(**s3_options), "dermaray/notes/p2")
+    assert sorted(written.lesion_id) == _lesion_ids(s3_options)
+    assert (written.prompt_id == "P2+label+demo+attr").all() and (written.model_id == "dermaray/note_writer-tiny").all()
+    assert written.prompt_tokens.min() > 100 and written.output_tokens.between(1, 16).all()
+    assert written.note.notna().all() and written.audit_flags.notna().all()  # a random tiny model may stop at once
+    assert '"max_tokens":16' in written.sampling_params.iloc[0]
+    # A re-run finds every shard done and writes nothing.
+    again = notes.run(_config(s3_options, "notes.strategy=P2", f"notes.input={LESIONS}", "notes.output=s3://dermaray/notes/p2"))
+    assert again["shards_written_now"] == 0 and again["notes"] == summary["notes"]
+
+
+def test_rerun_with_another_plan_is_refused(ingested_on_s3, s3_options, tmp_path):
+    notes.run(_config(s3_options, "notes.strategy=M", f"notes.input={LESIONS}", f"notes.output={tmp_path}/x", "notes.limit=10"))
+    with pytest.raises(ValueError, match="another plan"):
+        notes.run(_config(s3_options, "notes.strategy=M", f"notes.input={LESIONS}", f"notes.output={tmp_path}/x", "notes.limit=20"))
+
+
+def test_one_bad_row_does_not_fail_the_batch(ingested_on_s3, s3_options):
+    cfg = _config(s3_options, "notes.strategy=P1", "notes.max_model_len=768", "notes.batch_size=8")
+    rows = read_parquet(LESIONS, s3_options, columns=notes.input_columns(cfg.notes)).slice(0, 6).to_pylist()
+    rows[2]["anatom_site"] = ", ".join(["posterior torso near the left scapula"] * 200)  # far past the window
+    writer = NoteWriter(cfg.notes, resolve_model("note_writer", "tiny", cfg.models.cache_dir), "tiny")
+    records = writer.write(rows)
+    assert [r["lesion_id"] for r in records] == [r["lesion_id"] for r in rows]
+    assert records[2]["note"] is None and records[2]["error"].startswith("ValueError: prompt_too_long")
+    assert all(r["error"] is None and r["note"] and r["output_tokens"] > 0 for i, r in enumerate(records) if i != 2)
+
+
+def _shards(folder: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("notes-*.parquet")} if folder.exists() else {}
+
+
+def test_killed_driver_resumes_exactly_once(ingested_on_s3, s3_options, ray_cluster, tmp_path):
+    """SIGKILL the job's driver mid-run; the re-run writes only the missing shards."""
+    out = tmp_path / "resume"
+    args = [*FAST, "notes.strategy=P2", f"notes.input={LESIONS}", f"notes.output={out}", "notes.limit=600", "notes.shard_size=40"]
+    args += [f"storage_options.{k}={v}" for k, v in s3_options.items()]
+    args += [f"ray.address={ray_cluster.get_runtime_context().gcs_address}"]
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.notes", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(_shards(out)) < 3 and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    before = _shards(out)
+    assert 3 <= len(before) < 15, "the kill must land mid-run"
+
+    summary = notes.run(_config(s3_options, "notes.strategy=P2", f"notes.input={LESIONS}", f"notes.output={out}", "notes.limit=600", "notes.shard_size=40"))
+    after = _shards(out)
+    assert len(after) == 15 and summary["shards_written_now"] == 15 - len(before)
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished work was not redone
+    written = read_parquet(str(out)).to_pandas()
+    assert sorted(written.lesion_id) == _lesion_ids(s3_options, 600)  # none missing, none twice
+
+
+def test_killed_engine_actor_loses_nothing(ingested_on_s3, s3_options, ray_cluster, tmp_path):
+    """SIGKILL the engine actor's process mid-run: Ray Data restarts it and retries its shard."""
+    from ray.util.state import list_actors
+
+    out = tmp_path / "actor"
+    killed = []
+
+    def kill_engine_after_first_shard():
+        deadline = time.time() + 240
+        while not _shards(out) and time.time() < deadline:
+            time.sleep(0.1)
+        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+            if "ShardWriter" in actor.class_name and actor.pid:
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.append(actor.pid)
+
+    killer = threading.Thread(target=kill_engine_after_first_shard, daemon=True)
+    killer.start()
+    summary = notes.run(_config(s3_options, "notes.strategy=P2", f"notes.input={LESIONS}", f"notes.output={out}", "notes.limit=400", "notes.shard_size=40"))
+    killer.join(timeout=10)
+    assert killed, "no engine actor was found to kill"
+    assert summary["notes"] == 400 and summary["errors"] == 0
+    assert sorted(read_parquet(str(out)).column("lesion_id").to_pylist()) == _lesion_ids(s3_options, 400)
