@@ -1,4 +1,4 @@
-"""The end-to-end job: synthetic (or real) lesions -> canonical table -> ... -> report.
+"""The end-to-end job: synthetic lesions -> canonical table -> audited notes -> ... -> report.
 
     python -m jobs.pipeline --config configs/local.yaml
 
@@ -13,7 +13,7 @@ import sys
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.storage import join
-from jobs import ingest, synth
+from jobs import ingest, notes, synth
 from jobs.common import init_ray, log, write_summary
 
 
@@ -35,6 +35,10 @@ def run(cfg: DermarayConfig) -> dict:
         if "ingest" in cfg.pipeline.stages:
             stage = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"source": "isic2024", "input": synthetic, "output": canonical})})
             results[f"ingest/{domain}"] = ingest.run(stage)
+        if "notes" in cfg.pipeline.stages:
+            written = join(root, "notes", domain)
+            stage = cfg.model_copy(update={"notes": cfg.notes.model_copy(update={"input": join(canonical, "lesions"), "output": written})})
+            results[f"notes/{domain}"] = notes.run(stage)
     write_summary(join(root, "pipeline_summary.json"), results, cfg.storage_options)
     log.info("pipeline: done, outputs under %s", root)
     return results

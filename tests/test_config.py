@@ -46,3 +46,10 @@ def test_cli_prints_resolved_config():
     )
     assert result.returncode == 0, result.stderr
     assert "seed: 7" in result.stdout
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+        load_config(path)

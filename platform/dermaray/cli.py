@@ -15,6 +15,7 @@ from dermaray.config import DermarayConfig, dump_config, load_config
 STAGES = {
     "synth": "render synthetic SLICE-3D-like lesions in the ISIC 2024 layout",
     "ingest": "read a source into canonical Parquet shards plus a quarantine table",
+    "notes": "write and audit a clinical note per lesion with vLLM (resumable)",
     "pipeline": "run every stage end to end",
 }
 

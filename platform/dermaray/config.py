@@ -88,6 +88,7 @@ class SamplingConfig(Section):
     temperature: float = Field(default=0.2, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(default=200, ge=1)
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     seed: int | None = 0  # the engine's seed: a re-run of the same shard writes the same notes
 
 
@@ -110,7 +111,7 @@ class NotesConfig(Section):
     concurrency: int = Field(default=1, ge=1)  # engine actors
     num_gpus: float = Field(default=0, ge=0)  # per engine actor
     num_cpus: float = Field(default=1, ge=0)  # per engine actor
-    batch_size: int = Field(default=64, ge=1)  # prompts per generate call
+    batch_size: int = Field(default=256, ge=1)  # prompts per generate call (vLLM batches within it)
     shard_size: int = Field(default=256, ge=1)  # lesions per output file: the unit of resume
     limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id), for trials
 

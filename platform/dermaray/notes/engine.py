@@ -43,7 +43,7 @@ class NoteWriter:
             s = cfg.sampling
             # The seed goes to the engine, not to each request: per-request seeds fail on
             # vLLM's CPU backend ("CPU Generator does not use offset") once requests batch.
-            self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+            self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, ignore_eos=s.ignore_eos)
 
     def engine_input(self, row: dict[str, Any]) -> tuple[Any, int]:
         """(vLLM prompt, prompt length in tokens) for one lesion; raises on a bad row."""

@@ -1,0 +1,94 @@
+"""Notes job throughput as ratios to (a) bare in-process `LLM.generate` and (b) Hugging Face
+`generate` one prompt at a time, on the same tiny model and prompts, measured in one run.
+
+    .venv/bin/python benchmarks/notes_throughput.py --lesions 2000 --max-tokens 64
+
+Every path writes exactly --max-tokens tokens per prompt (EOS ignored), so prompts/s
+compare like for like. The job is timed end to end (engine actor start, reading the
+lesions, writing and re-reading the notes Parquet, the audit); the bare engine only for
+its generate call. Hugging Face is timed on --hf-prompts prompts and scaled. Goals:
+job / bare >= 0.8, job / HF >= 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lesions", type=int, default=2000)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--hf-prompts", type=int, default=40)
+    parser.add_argument("--workdir", default="/tmp/dermaray-notes-bench")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dermaray.config import load_config
+    from dermaray.models import resolve_model
+    from dermaray.notes.engine import NoteWriter
+    from dermaray.storage import read_parquet
+    from jobs import ingest, notes, synth
+    from jobs.common import init_ray
+
+    source, canonical, out = (f"{args.workdir}/{name}" for name in ("synthetic", "ingest", "notes"))
+    cfg = load_config(
+        "configs/local.yaml",
+        [
+            f"synth.n_lesions={args.lesions}", f"synth.output={source}", f"ingest.input={source}", f"ingest.output={canonical}",
+            f"notes.input={canonical}/lesions", f"notes.output={out}", "notes.strategy=P2",
+            f"notes.sampling.max_tokens={args.max_tokens}", "notes.sampling.ignore_eos=true", "notes.shard_size=500",
+        ],
+    )  # fmt: skip
+    init_ray(cfg.ray)
+    if not os.path.exists(f"{canonical}/ingest_summary.json"):
+        synth.run(cfg)
+        ingest.run(cfg)
+    model_path = resolve_model("note_writer", cfg.models.note_writer, cfg.models.cache_dir)
+    rows = read_parquet(cfg.notes.input, columns=notes.input_columns(cfg.notes)).sort_by("lesion_id").to_pylist()
+
+    # (b) Hugging Face generate, one prompt at a time, on the same chat-templated prompts.
+    writer = NoteWriter(cfg.notes, model_path, "bench")
+    prompts = [writer.engine_input(row)[0] for row in rows]
+    tokenizer, model = AutoTokenizer.from_pretrained(model_path), AutoModelForCausalLM.from_pretrained(model_path).eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for prompt in prompts[: args.hf_prompts]:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            model.generate(**ids, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False)
+    hf_rate = args.hf_prompts / (time.perf_counter() - start)
+
+    # (a) bare vLLM in this process.
+    start = time.perf_counter()
+    outputs = writer.llm.generate(prompts, writer.params, use_tqdm=False)
+    bare_rate = len(prompts) / (time.perf_counter() - start)
+    assert all(len(o.outputs[0].token_ids) == args.max_tokens for o in outputs)
+    del writer, outputs
+
+    # The job: engine actor(s) in Ray Data, sharded Parquet output, audit.
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    summary = notes.run(cfg)
+    job_seconds = time.perf_counter() - start
+    job_rate = summary["lesions"] / job_seconds
+    warm_rate = summary["lesions"] / (job_seconds - summary["engine_start_seconds"])
+    assert summary["output_tokens"] == summary["lesions"] * args.max_tokens
+
+    print(f"prompts: {len(prompts)}, {args.max_tokens} new tokens each, tiny note_writer, strategy P2")
+    print(f"hugging face generate, one at a time: {hf_rate:8.2f} prompts/s ({args.hf_prompts} prompts)")
+    print(f"bare LLM.generate in-process:         {bare_rate:8.2f} prompts/s")
+    print(f"notes job (Ray Data + vLLM actor):    {job_rate:8.2f} prompts/s end to end, {job_seconds:.1f} s")
+    print(f"  of which engine start in the actor: {summary['engine_start_seconds']:.1f} s (paid once per actor)")
+    print(f"ratio job / bare vLLM = {job_rate / bare_rate:.2f} end to end, {warm_rate / bare_rate:.2f} without the engine start  (goal >= 0.8)")
+    print(f"ratio job / HF one-at-a-time = {job_rate / hf_rate:.1f}  (goal >= 20)")
+
+
+if __name__ == "__main__":
+    main()
