@@ -37,9 +37,13 @@ def main() -> None:
     parser.add_argument("--lesions", type=int, default=20000)
     parser.add_argument("--workdir", default="/tmp/dermaray-bench")
     parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=128, help="tile side in pixels (SLICE-3D tiles are ~133)")
     args = parser.parse_args()
-    source = f"{args.workdir}/synthetic-{args.lesions}"
-    cfg = load_config(None, [f"synth.n_lesions={args.lesions}", f"synth.output={source}", "synth.shard_size=1000"])
+    source = f"{args.workdir}/synthetic-{args.lesions}-{args.image_size}px"
+    cfg = load_config(
+        None,
+        [f"synth.n_lesions={args.lesions}", f"synth.output={source}", "synth.shard_size=250", f"synth.image_size={args.image_size}"],
+    )
     init_ray(cfg.ray)
     if not os.path.exists(f"{source}/synth_manifest.json"):
         synth.run(cfg)  # data preparation, not timed
@@ -58,6 +62,7 @@ def main() -> None:
     cores = int(ray.cluster_resources().get("CPU", 1))
     baseline = (before + after) / 2
     rate = summary["rows_in"] / elapsed
+    print(f"tiles: {args.image_size} px, {sum(map(len, blobs)) / len(blobs) / 1024:.1f} kB JPEG on average")
     print(f"rows: {summary['rows_in']} in, {summary['rows_out']} out, {summary['rows_quarantined']} quarantined")
     print(f"single-process PIL decode: {before:,.0f} / {after:,.0f} images/s (before / after the job)")
     print(f"ingest job: {rate:,.0f} rows/s over {elapsed:.2f} s on {cores} CPUs")
