@@ -116,6 +116,43 @@ class NotesConfig(Section):
     limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id), for trials
 
 
+class TrainConfig(Section):
+    """Ray Train settings shared by the training jobs."""
+
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1, gt=0)
+    batch_size: int = Field(default=64, ge=1)  # per worker
+    epochs: int = Field(default=10, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    seed: int = 0
+    max_failures: int = Field(default=2, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    materialize: bool = True  # keep the decoded pixels in the object store across epochs (small datasets)
+
+
+GROUNDED_ATTRIBUTES = [
+    "area_mm2", "perimeter_mm", "minor_axis_mm", "eccentricity", "area_perim_ratio",
+    "color_std_mean", "delta_lb_norm", "symm_2axis", "norm_border", "norm_color",
+]
+
+
+class GroundingConfig(Section):
+    input: str = "out/ingest/clinic/lesions"
+    output: str = "out/grounding"  # Ray Train runs under <output>/runs; the final model in <output>/model
+    run_name: str = "grounding"  # re-running with the same name resumes from its last checkpoint
+    attributes: list[str] = Field(default_factory=lambda: list(GROUNDED_ATTRIBUTES))
+    attribute_weights: dict[str, float] = {}  # loss weight per attribute (default 1)
+    log_sizes: bool = True  # learn lengths and areas on a log scale
+    tune: Literal["frozen", "projector", "lora", "full"] = "lora"  # what trains besides the heads
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_targets: list[str] = ["q_proj", "v_proj"]
+    train: TrainConfig = TrainConfig()
+
+
 class PipelineConfig(Section):
     """The end-to-end job: every stage reads what the one before wrote under `workdir`."""
 
@@ -132,6 +169,7 @@ class DermarayConfig(Section):
     synth: SynthConfig = SynthConfig()
     ingest: IngestConfig = IngestConfig()
     notes: NotesConfig = NotesConfig()
+    grounding: GroundingConfig = GroundingConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
 

@@ -1,0 +1,1 @@
+"""Grounded image-text embeddings: models, training and evaluation."""

@@ -1,0 +1,237 @@
+"""The grounded image embedding: an MLLM's vision tower + projector, with attribute heads.
+
+The embedding is what the language model sees of an image: the projector's output tokens,
+mean-pooled. Linear regression heads (one per attribute, on z-scored targets) sit on that
+embedding, so grounding has to make the attributes linearly readable from the embedding
+itself, which is what attribute-specific retrieval then searches.
+
+    model = GroundingModel.from_pretrained(resolve_model("grounding_mllm", "tiny", cache), ["area_mm2"], tune="full")
+    z = model.embed(pixel_values)                   # [B, D]
+    predictions = model(pixel_values)["attributes"]  # [B, n_attributes], z-scored
+
+A checkpoint holds only what training changed (the trainable weights), the attribute
+scaler and the settings; the base weights are re-read from the model path, so a LoRA
+checkpoint of a 7B model stays small.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from dermaray.schema import ATTRIBUTES_BY_NAME
+
+Tune = Literal["frozen", "projector", "lora", "full"]
+TUNE_MODES: tuple[str, ...] = ("frozen", "projector", "lora", "full")
+
+
+def is_size(name: str) -> bool:
+    """Lengths and areas: log-normal-like, so they are learned on a log scale."""
+    return ATTRIBUTES_BY_NAME[name].unit in ("mm", "mm²")
+
+
+@dataclass
+class AttributeScaler:
+    """z = (f(value) - mean) / std per attribute, fitted on the training split; f = log for sizes.
+
+    On a log scale a 1 mm² error on a 2 mm² lesion weighs what a 10 mm² error on a 20 mm² one
+    does, so small lesions are ranked as well as large ones.
+    """
+
+    names: list[str]
+    mean: list[float]
+    std: list[float]
+    log: list[bool]
+
+    @classmethod
+    def fit(cls, names: Sequence[str], values: np.ndarray, log_sizes: bool = True) -> AttributeScaler:
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 2 or values.shape[1] != len(names) or len(values) < 2:
+            raise ValueError(f"need [rows >= 2, {len(names)}] attribute values to fit a scaler, got {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError("attribute values to fit a scaler must be finite (ingest quarantines NaN rows)")
+        log = [log_sizes and is_size(n) and bool((values[:, i] > 0).all()) for i, n in enumerate(names)]
+        scaled = np.where(log, np.log(np.maximum(values, 1e-12)), values)
+        std = scaled.std(axis=0)
+        flat = [n for n, s in zip(names, std) if s == 0]
+        if flat:
+            raise ValueError(f"attributes {flat} are constant in the training split: nothing to ground")
+        return cls(list(names), scaled.mean(axis=0).tolist(), std.tolist(), log)
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, np.float64)
+        scaled = np.where(self.log, np.log(np.maximum(values, 1e-12)), values)
+        return ((scaled - self.mean) / self.std).astype(np.float32)
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        scaled = np.asarray(z, np.float64) * self.std + self.mean
+        return np.where(self.log, np.exp(scaled), scaled)
+
+
+@dataclass
+class GroundingSettings:
+    """What defines a grounding model apart from its weights; saved with every checkpoint."""
+
+    model: str  # a grounding_mllm preset name, or a path / hub id for from_pretrained
+    attributes: list[str]
+    tune: Tune = "lora"
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.attributes if a not in ATTRIBUTES_BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown attributes {unknown}; valid: {', '.join(ATTRIBUTES_BY_NAME)}")
+        if not self.attributes:
+            raise ValueError("ground at least one attribute")
+        if self.tune not in TUNE_MODES:
+            raise ValueError(f"tune must be one of {TUNE_MODES}, got {self.tune!r}")
+
+
+def model_path(model: str, cache_dir: str | Path) -> str:
+    """A preset name resolves through the registry (tiny presets build on first use); anything else is a path or hub id."""
+    from dermaray.models.registry import PRESETS, resolve_model
+
+    return resolve_model("grounding_mllm", model, cache_dir) if model in PRESETS["grounding_mllm"] else model
+
+
+class ImageEmbedder(nn.Module):
+    """Vision tower + projector of a LLaVA-family model; embedding = mean over image tokens."""
+
+    def __init__(self, vision_tower: nn.Module, projector: nn.Module, feature_layer: int, drop_cls: bool):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.feature_layer = feature_layer
+        self.drop_cls = drop_cls
+
+    @classmethod
+    def from_pretrained(cls, model_path: str) -> ImageEmbedder:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        config = AutoConfig.from_pretrained(model_path)
+        if not hasattr(config, "vision_feature_layer"):
+            raise NotImplementedError(
+                f"{model_path}: {config.model_type} is not a LLaVA-family model; the grounding embedder reads "
+                "vision_tower + multi_modal_projector (llava, llava_next and kin)"
+            )
+        if not isinstance(config.vision_feature_layer, int):
+            raise NotImplementedError(f"{model_path}: several vision feature layers are not supported")
+        full = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+        inner = full.model
+        embedder = cls(inner.vision_tower, inner.multi_modal_projector, config.vision_feature_layer,
+                       config.vision_feature_select_strategy == "default")
+        del full, inner  # the language model is not needed
+        return embedder
+
+    @property
+    def dim(self) -> int:
+        return int(self.projector.linear_2.out_features)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        tokens = hidden[self.feature_layer]
+        if self.drop_cls:
+            tokens = tokens[:, 1:]
+        return self.projector(tokens).mean(dim=1)
+
+
+class GroundingModel(nn.Module):
+    def __init__(self, embedder: ImageEmbedder, settings: GroundingSettings):
+        super().__init__()
+        self.settings = settings
+        self.embedder = embedder
+        self.heads = nn.Linear(embedder.dim, len(settings.attributes))  # one linear head per attribute, as rows
+        self._set_trainable()
+
+    @classmethod
+    def from_settings(cls, settings: GroundingSettings, cache_dir: str | Path = ".cache/models") -> GroundingModel:
+        embedder = ImageEmbedder.from_pretrained(model_path(settings.model, cache_dir))
+        if settings.tune == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lora = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=settings.lora_targets)
+            inject_adapter_in_model(lora, embedder.vision_tower)
+        return cls(embedder, settings)
+
+    def _set_trainable(self) -> None:
+        tune = self.settings.tune
+        for name, p in self.embedder.named_parameters():
+            p.requires_grad = (
+                tune == "full"
+                or (tune in ("projector", "lora") and name.startswith("projector."))
+                or (tune == "lora" and "lora_" in name)
+            )
+        for p in self.heads.parameters():
+            p.requires_grad = True
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.embedder(pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.embedder(pixel_values)
+        return {"embedding": z, "attributes": self.heads(z)}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights training changes; the rest is re-read from the base model."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {n: t.detach().cpu() for n, t in self.state_dict().items() if n in names}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        self.load_state_dict(state, strict=False)
+
+
+def loss_fn(predicted: torch.Tensor, target_z: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Huber on z-scored attributes: robust to the odd extreme lesion, averaged over attributes."""
+    per_attribute = nn.functional.huber_loss(predicted, target_z, reduction="none", delta=1.0).mean(dim=0)
+    if weights is not None:
+        return (per_attribute * weights).sum() / weights.sum()
+    return per_attribute.mean()
+
+
+def augment(pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random flips and quarter turns per batch: every grounded attribute is invariant to them."""
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    out = torch.rot90(pixel_values, k, dims=(-2, -1))
+    if int(torch.randint(0, 2, (1,), generator=generator)):
+        out = out.flip(-1)
+    return out
+
+
+# --- Checkpoint files -------------------------------------------------------------------------
+
+WEIGHTS_FILE = "trainable.pt"
+SETTINGS_FILE = "grounding.json"
+
+
+def save_model(folder: str | Path, model: GroundingModel, scaler: AttributeScaler, extra: dict[str, Any] | None = None) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.trainable_state(), folder / WEIGHTS_FILE)
+    payload = {"settings": asdict(model.settings), "scaler": asdict(scaler), **(extra or {})}
+    (folder / SETTINGS_FILE).write_text(json.dumps(payload, indent=2))
+
+
+def load_model(folder: str | Path, cache_dir: str | Path = ".cache/models") -> tuple[GroundingModel, AttributeScaler, dict[str, Any]]:
+    """(model in eval mode, scaler, the rest of grounding.json) from a folder `save_model` wrote."""
+    folder = Path(folder)
+    if not (folder / SETTINGS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a grounding checkpoint (no {SETTINGS_FILE})")
+    payload = json.loads((folder / SETTINGS_FILE).read_text())
+    settings = GroundingSettings(**payload.pop("settings"))
+    scaler = AttributeScaler(**payload.pop("scaler"))
+    model = GroundingModel.from_settings(settings, cache_dir)
+    model.load_trainable_state(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return model.eval(), scaler, payload
