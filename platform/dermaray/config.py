@@ -153,6 +153,49 @@ class GroundingConfig(Section):
     train: TrainConfig = TrainConfig()
 
 
+class IndexConfig(Section):
+    kind: Literal["exact", "ivf", "hnsw"] = "exact"  # exact up to ~1e5 lesions; ivf beyond
+    nlist: int | None = None  # ivf lists; None: about 4 sqrt(n)
+    nprobe: int = Field(default=16, ge=1)
+
+
+class EmbeddingsConfig(Section):
+    input: str = "out/ingest/clinic/lesions"
+    output: str = "out/embeddings/clinic"  # <output>/embeddings (Parquet) and <output>/index
+    model: str = "out/grounding/model"  # a grounding model folder (any URI), or "frozen": the untuned base
+    batch_size: int = Field(default=256, ge=1)
+    concurrency: int = Field(default=1, ge=1)  # embedding actors
+    num_cpus: float = Field(default=1, ge=0)
+    num_gpus: float = Field(default=0, ge=0)
+    index: IndexConfig | None = IndexConfig()  # None: embeddings only
+
+
+class GroundingEvalConfig(Section):
+    """Frozen vs grounded: both embeddings tables per domain, as jobs.embeddings wrote them."""
+
+    frozen: str = "out/embeddings/frozen"  # <frozen>/<domain>/embeddings
+    grounded: str = "out/embeddings/grounded"
+    domains: list[str] = ["clinic", "shifted"]  # the first: its test split; the others: every lesion (domain shift)
+    output: str = "out/reports/grounding"
+    tau_std: float = Field(default=0.1, gt=0)  # relevance: |delta attribute| <= tau_std x its spread
+
+
+class ClassifierConfig(Section):
+    """Image + note classifier. Notes must be written without the label, or the note gives the class away."""
+
+    input: str = "out/ingest/clinic/lesions"
+    notes: str = "out/notes_blind/clinic"
+    shifted_input: str | None = "out/ingest/shifted/lesions"  # evaluated too, when given
+    shifted_notes: str | None = "out/notes_blind/shifted"
+    output: str = "out/classifier"
+    run_name: str = "classifier"
+    init_from: str | None = "out/grounding/model"  # start the image tower from a grounded model; None: the base
+    projection_dim: int = Field(default=128, ge=8)
+    tune_image: bool = True
+    allow_labelled_notes: bool = False  # only for ablations: notes that state the diagnosis leak the label
+    train: TrainConfig = TrainConfig()
+
+
 class PipelineConfig(Section):
     """The end-to-end job: every stage reads what the one before wrote under `workdir`."""
 
@@ -170,6 +213,9 @@ class DermarayConfig(Section):
     ingest: IngestConfig = IngestConfig()
     notes: NotesConfig = NotesConfig()
     grounding: GroundingConfig = GroundingConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
+    grounding_eval: GroundingEvalConfig = GroundingEvalConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
 

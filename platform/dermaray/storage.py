@@ -73,6 +73,16 @@ def require(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     return fs, path
 
 
+def download_folder(uri: str, target: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Copy a folder at `uri` into the local folder `target` (a local `uri` is returned as is)."""
+    if not is_remote(uri):
+        require(uri, storage_options)
+        return uri.removeprefix("file://")
+    fs, path = require(uri, storage_options)
+    fs.get(path.rstrip("/") + "/", target.rstrip("/") + "/", recursive=True)
+    return target
+
+
 def parquet_files(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     fs, path = require(uri, storage_options)
     files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/_temporary/" not in p)

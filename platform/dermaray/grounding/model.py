@@ -193,6 +193,16 @@ class GroundingModel(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
+def merge_lora(module: nn.Module) -> nn.Module:
+    """Fold injected LoRA adapters into their base layers, leaving the plain architecture."""
+    for name, child in list(module.named_modules()):
+        if hasattr(child, "merge") and hasattr(child, "get_base_layer"):
+            child.merge()
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, child.get_base_layer())
+    return module
+
+
 def loss_fn(predicted: torch.Tensor, target_z: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Huber on z-scored attributes: robust to the odd extreme lesion, averaged over attributes."""
     per_attribute = nn.functional.huber_loss(predicted, target_z, reduction="none", delta=1.0).mean(dim=0)

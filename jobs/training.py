@@ -1,0 +1,153 @@
+"""What the Ray Train jobs share: the epoch loop with checkpoints and resume, and the trainer.
+
+A training job describes itself as a `Task` (build the model, the loss of a batch, validation
+metrics, how to save the model folder); `train_loop` runs it on every Ray Train worker:
+
+- restores model, optimizer, schedule, RNG and history from `ray.train.get_checkpoint()`,
+  so a re-run with the same run name (or a restarted worker group) continues where the last
+  checkpoint left off and ends at the same step count;
+- reports metrics and a checkpoint (`model/` + `train_state.pt`) every epoch from rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dermaray.config import TrainConfig
+from dermaray.storage import arrow_filesystem, join, write_bytes
+
+MODEL_DIR = "model"
+TRAIN_STATE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class Task:
+    """The parts of a training job that differ; module-level functions, so Ray can ship them."""
+
+    build: Callable[[dict], torch.nn.Module]  # (config) -> model, weights as at step 0
+    loss: Callable[[torch.nn.Module, dict, dict], torch.Tensor]  # (model, batch, config) -> scalar
+    evaluate: Callable[[torch.nn.Module, Any, dict, torch.device], dict]  # (model, val shard, config, device)
+    save: Callable[[Path, torch.nn.Module, dict], None]  # (folder, model, config): the model folder
+    load: Callable[[Path, torch.nn.Module], None]  # (folder, model): restore what `save` wrote
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """LR factor: linear warm-up, then cosine to zero; flat at zero past the end (never an error)."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model  # DDP wraps it on several workers
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    task: Task = config["task"]
+    tc = TrainConfig(**config["train"])
+    context = ray.train.get_context()
+    torch.manual_seed(tc.seed + context.get_world_rank())
+    model = task.build(config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config["total_steps"], tc.warmup_fraction))
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            task.load(Path(folder) / MODEL_DIR, model)
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        torch.set_rng_state(saved["rng"])
+        state = {k: saved[k] for k in ("epoch", "step", "history")}
+
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    started_at_epoch = state["epoch"]
+    for epoch in range(state["epoch"], tc.epochs):
+        model.train()
+        started, losses = time.perf_counter(), []
+        for batch in train_shard.iter_torch_batches(
+            batch_size=tc.batch_size, device=device, local_shuffle_buffer_size=4 * tc.batch_size,
+            local_shuffle_seed=tc.seed + epoch,
+        ):
+            loss = task.loss(model, batch, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            state["step"] += 1
+            losses.append(float(loss.detach()))
+        metrics = {
+            "epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_seconds": time.perf_counter() - started, "lr": schedule.get_last_lr()[0],
+            "started_at_epoch": started_at_epoch, **task.evaluate(unwrap(model), val_shard, config, device),
+        }
+        state["epoch"] = epoch + 1
+        state["history"].append(metrics)
+        if context.get_world_rank() == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                task.save(Path(folder) / MODEL_DIR, unwrap(model), config)
+                torch.save({**state, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "rng": torch.get_rng_state()}, Path(folder) / TRAIN_STATE)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+
+
+def fit(
+    task: Task, config: dict[str, Any], tc: TrainConfig, datasets: dict[str, ray.data.Dataset], n_train: int,
+    output: str, run_name: str, storage_options: dict,
+) -> tuple[Checkpoint, list[dict]]:
+    """Train under `<output>/runs/<run_name>` (resuming a run of that name); (last checkpoint, history)."""
+    steps_per_epoch = math.ceil(math.ceil(n_train / tc.num_workers) / tc.batch_size)
+    storage_fs, storage_path = arrow_filesystem(join(output, "runs"), storage_options)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**config, "task": task, "train": tc.model_dump(), "total_steps": steps_per_epoch * tc.epochs},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training run {run_name} failed: {result.error}") from result.error
+    with result.checkpoint.as_directory() as folder:
+        history = torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=False)["history"]
+    return result.checkpoint, history
+
+
+def export_model(checkpoint: Checkpoint, output: str, storage_options: dict) -> str:
+    """Copy the checkpoint's model folder to `<output>/model` (any URI)."""
+    target = join(output, MODEL_DIR)
+    with checkpoint.as_directory() as folder:
+        for file in sorted((Path(folder) / MODEL_DIR).iterdir()):
+            write_bytes(join(target, file.name), file.read_bytes(), storage_options)
+    return target

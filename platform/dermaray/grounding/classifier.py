@@ -1,0 +1,106 @@
+"""Image + note classifier (method C): both projected to a shared space, contrastive + classification.
+
+The image branch is the grounding embedder (optionally starting from a grounded model); the
+note branch is a projection of frozen text-encoder embeddings. One model carries two heads,
+so one run answers "does the note help?": `image` classifies from the image projection alone,
+`fused` from image and note projections together.
+
+    loss = CLIP(image, note) + CE(image head) + CE(fused head)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dermaray.grounding.model import ImageEmbedder, load_model, merge_lora, model_path
+
+WEIGHTS_FILE = "classifier.pt"
+SETTINGS_FILE = "classifier.json"
+
+
+@dataclass
+class ClassifierSettings:
+    model: str  # grounding_mllm preset name or path: the image tower's architecture and base weights
+    classes: list[str]
+    text_encoder: str
+    text_dim: int
+    projection_dim: int = 128
+    tune_image: bool = True  # train the tower and projector (else only the projections and heads)
+
+
+class MultimodalClassifier(nn.Module):
+    def __init__(self, embedder: ImageEmbedder, settings: ClassifierSettings):
+        super().__init__()
+        self.settings = settings
+        self.image = embedder
+        d = settings.projection_dim
+        self.image_projection = nn.Sequential(nn.Linear(embedder.dim, d), nn.GELU(), nn.Linear(d, d))
+        self.text_projection = nn.Sequential(nn.Linear(settings.text_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.image_head = nn.Linear(d, len(settings.classes))
+        self.fused_head = nn.Linear(2 * d, len(settings.classes))
+        for p in self.image.parameters():
+            p.requires_grad = settings.tune_image
+
+    @classmethod
+    def build(cls, settings: ClassifierSettings, cache_dir: str | Path, init_from: str | None = None) -> MultimodalClassifier:
+        """`init_from`: a local grounding model folder whose (grounded) tower starts the image branch."""
+        if init_from:
+            embedder = merge_lora(load_model(init_from, cache_dir)[0].embedder)
+        else:
+            embedder = ImageEmbedder.from_pretrained(model_path(settings.model, cache_dir))
+        return cls(embedder, settings)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.image_projection(self.image(pixel_values)), dim=-1)
+
+    def encode_text(self, text_embedding: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.text_projection(text_embedding), dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor, text_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        image, text = self.encode_image(pixel_values), self.encode_text(text_embedding)
+        return {
+            "image": image, "text": text,
+            "image_logits": self.image_head(image),
+            "fused_logits": self.fused_head(torch.cat([image, text], dim=-1)),
+        }
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch: lesion i's image and note are the positive pair."""
+    logits = logit_scale.exp().clamp(max=100) * image @ text.T
+    target = torch.arange(len(image), device=image.device)
+    return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+
+
+def classifier_loss(model: MultimodalClassifier, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    return (
+        clip_loss(out["image"], out["text"], model.logit_scale)
+        + nn.functional.cross_entropy(out["image_logits"], labels)
+        + nn.functional.cross_entropy(out["fused_logits"], labels)
+    )
+
+
+def save_classifier(folder: str | Path, model: MultimodalClassifier, extra: dict[str, Any] | None = None) -> None:
+    """The whole state (the tower may have been fine-tuned from a grounded start)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
+    (folder / SETTINGS_FILE).write_text(json.dumps({"settings": asdict(model.settings), **(extra or {})}, indent=2))
+
+
+def load_classifier(folder: str | Path, cache_dir: str | Path) -> MultimodalClassifier:
+    folder = Path(folder)
+    if not (folder / SETTINGS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a classifier checkpoint (no {SETTINGS_FILE})")
+    settings = ClassifierSettings(**json.loads((folder / SETTINGS_FILE).read_text())["settings"])
+    model = MultimodalClassifier.build(settings, cache_dir)
+    model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return model.eval()

@@ -1,0 +1,113 @@
+"""Frozen vs grounded embeddings, side by side: attribute prediction and attribute-specific retrieval.
+
+Inputs are embeddings tables (jobs.embeddings) as pandas frames; the output is plain dicts and
+a Markdown table. Retrieval is leave-one-out within the evaluation set (held-out lesions, or the
+shifted domain): every lesion queries all the others.
+
+Three ways to retrieve, per attribute:
+- frozen:            cosine over the untuned model's embedding;
+- grounded:          cosine over the grounded embedding (one index serves every attribute);
+- grounded, by head: neighbours by the attribute head's prediction (attribute-conditioned search).
+The frozen model's attribute predictions come from a ridge probe fitted on its training-split
+embeddings, so both columns of the prediction table are read out the same way (linearly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dermaray.grounding.embed import PREDICTED_PREFIX
+from dermaray.grounding.metrics import cosine_knn, regression_metrics, retrieval_metrics
+from dermaray.grounding.model import AttributeScaler
+from dermaray.schema import ATTRIBUTES_BY_NAME
+
+K = 10
+
+
+def matrix(frame: pd.DataFrame, column: str = "embedding") -> np.ndarray:
+    return np.stack(frame[column].to_numpy()).astype(np.float32)
+
+
+def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Closed-form ridge on centred features: (weights [D, A], intercept [A])."""
+    mean_x, mean_y = train_x.mean(axis=0), train_y.mean(axis=0)
+    x = train_x - mean_x
+    weights = np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T @ (train_y - mean_y))
+    return weights, mean_y - mean_x @ weights
+
+
+def probe_predictions(train: pd.DataFrame, evaluated: pd.DataFrame, attributes: Sequence[str]) -> np.ndarray:
+    """Frozen-embedding attribute predictions (native units), probed on the same scale the heads learn."""
+    scaler = AttributeScaler.fit(attributes, train[list(attributes)].to_numpy())
+    weights, intercept = ridge_probe(matrix(train), scaler.transform(train[list(attributes)].to_numpy()))
+    return scaler.inverse(matrix(evaluated) @ weights + intercept)
+
+
+def value_knn(values: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Leave-one-out neighbours by |v_i - v_j| (ties by lower index)."""
+    values = np.asarray(values, np.float64)
+    out = np.empty((len(values), k), np.int64)
+    for start in range(0, len(values), chunk):
+        gap = np.abs(values[start : start + chunk, None] - values[None, :])
+        gap[np.arange(gap.shape[0]), np.arange(start, start + gap.shape[0])] = np.inf
+        out[start : start + chunk] = np.argsort(gap, axis=1, kind="stable")[:, :k]
+    return out
+
+
+def tau_of(values: np.ndarray, tau_std: float) -> float:
+    """Relevance tolerance in native units: a fixed fraction of the attribute's spread."""
+    return float(tau_std * np.std(values))
+
+
+def evaluate_set(
+    frozen: pd.DataFrame, grounded: pd.DataFrame, frozen_train: pd.DataFrame, attributes: Sequence[str],
+    tau_std: float = 0.1,
+) -> dict[str, Any]:
+    """Metrics on one evaluation set; `frozen` and `grounded` hold the same lesions."""
+    frozen = frozen.set_index("lesion_id").loc[grounded.lesion_id].reset_index()
+    if len(grounded) <= K:
+        raise ValueError(f"an evaluation set needs more than {K} lesions, got {len(grounded)}")
+    probe = probe_predictions(frozen_train, frozen, attributes)
+    neighbours = {"frozen": cosine_knn(matrix(frozen), matrix(frozen), K, exclude_self=True),
+                  "grounded": cosine_knn(matrix(grounded), matrix(grounded), K, exclude_self=True)}
+    result: dict[str, Any] = {"lesions": len(grounded), "tau_std": tau_std, "attributes": {}}
+    for i, name in enumerate(attributes):
+        truth = grounded[name].to_numpy(np.float64)
+        tau = tau_of(truth, tau_std)
+        by_head = value_knn(grounded[PREDICTED_PREFIX + name].to_numpy(), K)
+        retrieval = {
+            kind: retrieval_metrics(truth, truth, found, tau=tau, exclude_self=True)
+            for kind, found in (*neighbours.items(), ("grounded_head", by_head))
+        }
+        result["attributes"][name] = {
+            "unit": ATTRIBUTES_BY_NAME[name].unit, "tau": tau,
+            "prediction": {"frozen_probe": regression_metrics(truth, probe[:, i]),
+                           "grounded": regression_metrics(truth, grounded[PREDICTED_PREFIX + name].to_numpy(np.float64))},
+            "retrieval": retrieval,
+        }
+    return result
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    """One table per evaluation set: prediction then retrieval, frozen and grounded side by side."""
+    lines = []
+    for set_name, res in results.items():
+        lines += [f"### {set_name}: {res['lesions']} lesions (relevance: |Δ| ≤ {res['tau_std']} sd)", "",
+                  "| attribute | MAE frozen probe | MAE grounded | Spearman frozen | Spearman grounded | R² grounded "
+                  "| R@1 frozen | R@1 grounded | R@1 by head | mAP@10 frozen | mAP@10 grounded | mean abs Δ@10 frozen | mean abs Δ@10 grounded |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, a in res["attributes"].items():
+            p, r, unit = a["prediction"], a["retrieval"], f" {a['unit']}" if a["unit"] else ""
+            lines.append(
+                f"| {name} | {p['frozen_probe']['mae']:.3g}{unit} | {p['grounded']['mae']:.3g}{unit} "
+                f"| {p['frozen_probe']['spearman']:.3f} | {p['grounded']['spearman']:.3f} | {p['grounded']['r2']:.3f} "
+                f"| {r['frozen']['R@1']:.3f} | {r['grounded']['R@1']:.3f} | {r['grounded_head']['R@1']:.3f} "
+                f"| {r['frozen']['mAP@10']:.3f} | {r['grounded']['mAP@10']:.3f} "
+                f"| {r['frozen']['mean_abs_delta@10']:.3g} | {r['grounded']['mean_abs_delta@10']:.3g} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
