@@ -66,7 +66,7 @@ class ClassifierInputs:
     """Lesion rows -> pixels, class label and the frozen text embedding of the lesion's note."""
 
     def __init__(self, path: str, text_encoder: str, cache_dir: str, notes: pa.Table):
-        self.pixels = Preprocessor(path, keep=("lesion_id",))
+        self.pixels = Preprocessor(path, keep=())
         self.text = TextEncoder(text_encoder, cache_dir)
         self.notes = dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist()))
 

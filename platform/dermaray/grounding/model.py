@@ -60,7 +60,7 @@ class AttributeScaler:
         log = [log_sizes and is_size(n) and bool((values[:, i] > 0).all()) for i, n in enumerate(names)]
         scaled = np.where(log, np.log(np.maximum(values, 1e-12)), values)
         std = scaled.std(axis=0)
-        flat = [n for n, s in zip(names, std) if s == 0]
+        flat = [n for n, s in zip(names, std) if s < 1e-9]
         if flat:
             raise ValueError(f"attributes {flat} are constant in the training split: nothing to ground")
         return cls(list(names), scaled.mean(axis=0).tolist(), std.tolist(), log)

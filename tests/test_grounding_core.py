@@ -1,0 +1,160 @@
+"""Grounding cores without a cluster: scaler, model modes, checkpoint files, text encoder, evaluation."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dermaray.grounding.embed import PREDICTED_PREFIX
+from dermaray.grounding.evaluate import evaluate_set, markdown, ridge_probe, value_knn
+from dermaray.grounding.model import (
+    AttributeScaler,
+    GroundingModel,
+    GroundingSettings,
+    augment,
+    load_model,
+    merge_lora,
+    save_model,
+)
+from dermaray.grounding.text import TextEncoder
+from jobs.classifier import labelled
+from jobs.training import warmup_cosine
+
+ATTRS = ["area_mm2", "eccentricity"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def test_scaler_learns_sizes_on_a_log_scale_and_inverts_exactly() -> None:
+    rng = np.random.default_rng(0)
+    values = np.stack([rng.lognormal(2, 0.6, 500), rng.uniform(0, 1, 500)], axis=1)
+    scaler = AttributeScaler.fit(ATTRS, values)
+    assert scaler.log == [True, False]  # area is a size, eccentricity is not
+    z = scaler.transform(values)
+    assert np.allclose(z.mean(0), 0, atol=1e-5) and np.allclose(z.std(0), 1, atol=1e-4)
+    assert np.allclose(scaler.inverse(z), values, rtol=1e-5)
+    assert AttributeScaler.fit(ATTRS, values, log_sizes=False).log == [False, False]
+
+
+def test_scaler_refuses_what_it_cannot_scale() -> None:
+    with pytest.raises(ValueError, match="constant"):
+        AttributeScaler.fit(ATTRS, np.array([[1.0, 0.2], [2.0, 0.2], [3.0, 0.2]]))
+    with pytest.raises(ValueError, match="finite"):
+        AttributeScaler.fit(ATTRS, np.array([[1.0, np.nan], [2.0, 0.2]]))
+    with pytest.raises(ValueError, match="unknown attributes"):
+        GroundingSettings("tiny", ["area", "eccentricity"])
+
+
+@pytest.mark.parametrize(
+    ("tune", "trains"),
+    [("frozen", {"heads"}), ("projector", {"heads", "projector"}), ("lora", {"heads", "projector", "lora"}), ("full", {"heads", "projector", "tower"})],
+)
+def test_tune_mode_decides_what_trains(cache_dir: Path, tune: str, trains: set[str]) -> None:
+    model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune=tune), cache_dir)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    kinds = {"heads" if n.startswith("heads.") else "projector" if ".projector." in n else "lora" if "lora_" in n else "tower"
+             for n in trainable}
+    assert kinds == trains
+    out = model(torch.randn(3, 3, 64, 64))
+    assert out["embedding"].shape == (3, model.embedder.dim) and out["attributes"].shape == (3, 2)
+
+
+def test_checkpoint_files_restore_the_same_predictions(cache_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="lora"), cache_dir)
+    with torch.no_grad():  # move every trainable weight away from its initial value
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    scaler = AttributeScaler(ATTRS, [1.0, 0.5], [0.3, 0.1], [True, False])
+    save_model(tmp_path / "m", model.eval(), scaler, {"epoch": 3})
+    loaded, loaded_scaler, extra = load_model(tmp_path / "m", cache_dir)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x)["attributes"], loaded(x)["attributes"], atol=1e-6)
+    assert loaded_scaler == scaler and extra == {"epoch": 3}
+    # Only the trained weights are stored: LoRA, projector and heads, not the frozen tower.
+    stored = torch.load(tmp_path / "m" / "trainable.pt", weights_only=True)
+    assert stored and all(".projector." in n or "lora_" in n or n.startswith("heads.") for n in stored)
+    # Folding the adapters into the tower leaves the embedding unchanged.
+    with torch.no_grad():
+        before = loaded.embed(x)
+        merged = merge_lora(loaded.embedder)
+        assert not any("lora_" in n for n, _ in merged.named_parameters())
+        assert torch.allclose(before, merged(x), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="not a grounding checkpoint"):
+        load_model(tmp_path, cache_dir)
+
+
+def test_augment_is_a_flip_or_quarter_turn_of_the_batch() -> None:
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    symmetries = [torch.rot90(x, k, dims=(-2, -1)).flip(-1) if f else torch.rot90(x, k, dims=(-2, -1)) for k in range(4) for f in (0, 1)]
+    seen = set()
+    for seed in range(40):
+        y = augment(x, torch.Generator().manual_seed(seed))
+        matches = [i for i, s in enumerate(symmetries) if torch.equal(y, s)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) == 8
+
+
+def test_schedule_warms_up_then_decays_to_zero_and_stays() -> None:
+    f = warmup_cosine(100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(50) < f(20) < 1.0 and f(100) == pytest.approx(0.0) and f(150) == pytest.approx(0.0)
+
+
+def test_text_encoder_embeds_notes_as_unit_vectors(cache_dir: Path) -> None:
+    encoder = TextEncoder("tiny", cache_dir)
+    z = encoder.encode(["A 5 mm brown macule on the back.", "An asymmetric lesion.", ""] * 30, batch_size=16)
+    assert z.shape == (90, encoder.dim) and np.allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
+    assert np.allclose(z[0], z[3], atol=1e-5) and not np.allclose(z[0], z[1])
+    assert encoder.encode([]).shape == (0, encoder.dim)
+
+
+def test_notes_stating_the_label_are_recognised() -> None:
+    assert labelled("P2+label+demo+attr") and labelled("P1+demo") and labelled("M+label+attr")
+    assert not labelled("M+demo+attr") and not labelled("P3") and not labelled("M")
+
+
+def test_ridge_probe_recovers_a_linear_map() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8))
+    w = rng.normal(size=(8, 2))
+    weights, intercept = ridge_probe(x, x @ w + 3.0, alpha=1e-6)
+    assert np.allclose(weights, w, atol=1e-4) and np.allclose(intercept, 3.0, atol=1e-4)
+
+
+def test_value_knn_is_leave_one_out_by_value() -> None:
+    found = value_knn(np.array([0.0, 10.0, 1.0, 11.0, 2.5]), 2, chunk=2)
+    assert found.tolist() == [[2, 4], [3, 4], [0, 4], [1, 4], [2, 0]]
+
+
+def _frames(n: int = 300, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A 'grounded' embedding that encodes the attributes and a 'frozen' one that is noise."""
+    rng = np.random.default_rng(seed)
+    area, ecc = rng.lognormal(2, 0.5, n), rng.uniform(0.1, 0.9, n)
+    base = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(n)], "area_mm2": area, "eccentricity": ecc})
+    grounded_vectors = np.stack([np.log(area), ecc * 3, np.ones(n)], axis=1) + rng.normal(0, 0.01, (n, 3))
+    grounded = base.assign(embedding=list(grounded_vectors.astype(np.float32)),
+                           **{PREDICTED_PREFIX + "area_mm2": area * 1.02, PREDICTED_PREFIX + "eccentricity": ecc})
+    frozen = base.assign(embedding=list(rng.normal(size=(n, 3)).astype(np.float32)))
+    return frozen, grounded
+
+
+def test_evaluation_separates_an_informative_embedding_from_noise() -> None:
+    frozen, grounded = _frames()
+    train_frozen, _ = _frames(seed=1)
+    result = evaluate_set(frozen.sample(frac=1, random_state=0), grounded, train_frozen, ATTRS)  # order must not matter
+    area = result["attributes"]["area_mm2"]
+    assert area["prediction"]["grounded"]["spearman"] == pytest.approx(1.0)
+    assert area["prediction"]["frozen_probe"]["spearman"] < 0.3
+    assert area["retrieval"]["grounded"]["R@1"] > area["retrieval"]["frozen"]["R@1"] + 0.3
+    assert area["retrieval"]["grounded_head"]["R@1"] > 0.9
+    table = markdown({"held-out": result})
+    assert "| area_mm2 |" in table and "| eccentricity |" in table

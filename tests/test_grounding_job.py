@@ -1,0 +1,130 @@
+"""Grounding, embeddings, evaluation and the classifier as Ray jobs: real local cluster, real S3 endpoint."""
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from dermaray.config import load_config
+from dermaray.retrieval import VectorIndex
+from dermaray.storage import read_parquet
+from jobs import classifier, embeddings, grounding, grounding_eval, notes
+
+LESIONS = "s3://dermaray/ingest/lesions"
+FAST = ["grounding.train.batch_size=64", "grounding.attributes=[area_mm2, eccentricity, delta_lb_norm]"]
+
+
+def _config(s3_options, *overrides):
+    cfg = load_config(None, list(overrides))
+    cfg.storage_options = s3_options
+    return cfg
+
+
+def _train_count(s3_options) -> int:
+    splits = read_parquet(LESIONS, s3_options, columns=["split"]).column("split").to_pylist()
+    return splits.count("train")
+
+
+@pytest.fixture(scope="module")
+def grounded(ingested_on_s3, s3_options):
+    """Two epochs of LoRA grounding on the 2,000 lesions on S3, checkpoints and model on S3."""
+    cfg = _config(s3_options, *FAST, f"grounding.input={LESIONS}", "grounding.output=s3://dermaray/grounding",
+                  "grounding.tune=lora", "grounding.train.epochs=2")
+    return grounding.run(cfg)
+
+
+def test_grounding_trains_checkpoints_and_exports_to_s3(grounded, s3_options):
+    steps_per_epoch = math.ceil(_train_count(s3_options) / 64)
+    assert grounded["epochs"] == 2 and grounded["steps"] == 2 * steps_per_epoch and grounded["resumed_from_epoch"] == 0
+    assert [h["epoch"] for h in grounded["history"]] == [1, 2]
+    assert all(np.isfinite(h["val_loss"]) and h["val_mae_area_mm2"] > 0 for h in grounded["history"])
+    fs = s3fs.S3FileSystem(**s3_options)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("dermaray/grounding/model")) == ["grounding.json", "trainable.pt"]
+    checkpoints = [p for p in fs.ls("dermaray/grounding/runs/grounding") if "/checkpoint_" in p and not p.endswith(".json")]
+    assert 1 <= len(checkpoints) <= 2  # num_to_keep
+
+
+def test_embeddings_index_and_evaluation(grounded, s3_options, tmp_path):
+    out = {}
+    for name, model in (("grounded", "s3://dermaray/grounding/model"), ("frozen", "frozen")):
+        out[name] = embeddings.run(_config(s3_options, f"embeddings.input={LESIONS}", f"embeddings.output=s3://dermaray/emb/{name}/clinic",
+                                           f"embeddings.model={model}", "embeddings.index.kind=ivf"))
+    lesions = read_parquet(LESIONS, s3_options, columns=["lesion_id"]).num_rows
+    assert out["grounded"]["lesions"] == out["frozen"]["lesions"] == lesions
+    table = read_parquet("s3://dermaray/emb/grounded/clinic/embeddings", s3_options)
+    assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)  # plain Parquet, not a Ray tensor type
+    assert {"predicted_area_mm2", "predicted_eccentricity", "area_mm2", "split", "diagnosis"} <= set(table.column_names)
+    vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    index = VectorIndex.load("s3://dermaray/emb/grounded/clinic/index", s3_options)
+    assert len(index) == lesions and index.kind == "ivf"
+    hits = index.search_ids(vectors[:5], k=3)
+    assert [h[0][0] for h in hits] == table["lesion_id"].to_pylist()[:5]  # each finds itself first
+
+    results = grounding_eval.run(_config(s3_options, "grounding_eval.frozen=s3://dermaray/emb/frozen",
+                                         "grounding_eval.grounded=s3://dermaray/emb/grounded",
+                                         "grounding_eval.domains=[clinic]", f"grounding_eval.output={tmp_path}/report"))
+    (held_out,) = results.values()
+    area = held_out["attributes"]["area_mm2"]
+    assert set(area["retrieval"]) == {"frozen", "grounded", "grounded_head"}
+    assert 0 <= area["retrieval"]["grounded"]["R@1"] <= 1 and np.isfinite(area["prediction"]["grounded"]["mae"])
+    assert "| area_mm2 |" in (tmp_path / "report" / "grounding_eval.md").read_text()
+
+
+def test_killed_driver_resumes_from_the_last_checkpoint(ingested_on_s3, s3_options, ray_cluster, tmp_path):
+    """SIGKILL the training driver after its first checkpoint; the re-run continues to the same final step."""
+    out, epochs = tmp_path / "g", 6
+    args = [*FAST, f"grounding.input={LESIONS}", f"grounding.output={out}", "grounding.tune=full", f"grounding.train.epochs={epochs}"]
+    options = [f"storage_options.{k}={v}" for k, v in s3_options.items()]
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.grounding", *args, *options,
+                               f"ray.address={ray_cluster.get_runtime_context().gcs_address}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    snapshot = out / "runs" / "grounding" / "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+    deadline = time.time() + 300
+    while not snapshot.exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert snapshot.exists(), "the driver died before its first checkpoint"
+    time.sleep(3)  # Ray stops the dead driver's trainer and workers
+
+    summary = grounding.run(_config(s3_options, *args))
+    assert 1 <= summary["resumed_from_epoch"] < epochs, "the kill must land mid-run"
+    steps_per_epoch = math.ceil(_train_count(s3_options) / 64)
+    assert summary["epochs"] == epochs and summary["steps"] == epochs * steps_per_epoch
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, epochs + 1))  # no epoch lost or repeated
+    assert [h["step"] for h in summary["history"]] == [steps_per_epoch * e for e in range(1, epochs + 1)]
+
+
+def test_classifier_image_vs_image_and_note(grounded, s3_options, tmp_path):
+    for domain in ("clinic",):
+        notes.run(_config(s3_options, "notes.strategy=M", "notes.label_hierarchy=false", f"notes.input={LESIONS}",
+                          f"notes.output={tmp_path}/notes/{domain}"))
+    summary = classifier.run(_config(
+        s3_options, "models.text_encoder=tiny", f"classifier.input={LESIONS}", f"classifier.notes={tmp_path}/notes/clinic",
+        "classifier.shifted_input=null", f"classifier.output={tmp_path}/clf", "classifier.init_from=s3://dermaray/grounding/model",
+        "classifier.train.epochs=2", "classifier.train.batch_size=64",
+    ))
+    assert summary["lesions_without_note"] == 0 and summary["epochs"] == 2
+    (result,) = summary["eval"].values()
+    assert result["lesions"] == summary["lesions_with_note"]["test"] > 0
+    for head in ("image", "fused"):
+        assert 0 <= result[head]["accuracy"] <= 1 and len(result[head]["confusion"]) == 9
+    assert set(result["image_to_note"]) >= {"P@1", "P@5", "P@10", "mAP"}
+    assert "| image + note |" in (tmp_path / "clf" / "classifier_eval.md").read_text()
+
+
+def test_classifier_refuses_notes_that_state_the_label(tmp_path):
+    pq.write_table(pa.table({"lesion_id": ["a"], "prompt_id": ["P2+label+demo+attr"], "note": ["Melanoma."], "error": [None]}),
+                   tmp_path / "notes.parquet")
+    with pytest.raises(ValueError, match="make the classification trivial"):
+        classifier.usable_notes(str(tmp_path / "notes.parquet"), False, {})
+    assert classifier.usable_notes(str(tmp_path / "notes.parquet"), True, {}).num_rows == 1
