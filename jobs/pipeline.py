@@ -1,9 +1,16 @@
-"""The end-to-end job: synthetic lesions -> canonical table -> audited notes -> ... -> report.
+"""The end-to-end job: synthetic lesions -> canonical table -> audited notes -> grounding -> ... -> report.
 
     python -m jobs.pipeline --config configs/local.yaml
 
 Each stage writes under `pipeline.workdir` (local or s3://) and the next reads it from
-there, exactly as when the stages run alone.
+there, exactly as when the stages run alone:
+
+    synthetic/<domain>, ingest/<domain>   lesions in the ISIC 2024 layout, canonical table + quarantine
+    notes/<domain>                        notes as configured (notes.strategy)
+    grounding/                            Ray Train runs and the grounded model
+    embeddings/{frozen,grounded}/<domain> per-lesion embeddings and vector indexes
+    reports/grounding                     frozen vs grounded tables
+    notes_blind/<domain>, classifier/     label-free notes and the image + note classifier
 """
 
 from __future__ import annotations
@@ -12,8 +19,9 @@ import sys
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
+from dermaray.grounding.embed import FROZEN
 from dermaray.storage import join
-from jobs import ingest, notes, synth
+from jobs import classifier, embeddings, grounding, grounding_eval, ingest, notes, synth
 from jobs.common import init_ray, log, write_summary
 
 
@@ -23,22 +31,47 @@ def domains(cfg: DermarayConfig) -> dict[str, int]:
     return {"clinic": cfg.synth.n_lesions, **shifted}
 
 
+def _with(cfg: DermarayConfig, section: str, **values) -> DermarayConfig:
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+
+
 def run(cfg: DermarayConfig) -> dict:
     init_ray(cfg.ray)
-    root, results = cfg.pipeline.workdir, {}
+    root, stages, results = cfg.pipeline.workdir, cfg.pipeline.stages, {}
+    lesions = {d: join(root, "ingest", d, "lesions") for d in domains(cfg)}
     for domain, n in domains(cfg).items():
         synthetic, canonical = join(root, "synthetic", domain), join(root, "ingest", domain)
-        if "synth" in cfg.pipeline.stages:
-            stage = cfg.model_copy(update={"synth": cfg.synth.model_copy(update={"output": synthetic, "domain": domain, "n_lesions": n})})
-            manifest = synth.run(stage)
+        if "synth" in stages:
+            manifest = synth.run(_with(cfg, "synth", output=synthetic, domain=domain, n_lesions=n))
             results[f"synth/{domain}"] = {"lesions": manifest["n_lesions"], "planted_defects": len(manifest["planted"])}
-        if "ingest" in cfg.pipeline.stages:
-            stage = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"source": "isic2024", "input": synthetic, "output": canonical})})
-            results[f"ingest/{domain}"] = ingest.run(stage)
-        if "notes" in cfg.pipeline.stages:
-            written = join(root, "notes", domain)
-            stage = cfg.model_copy(update={"notes": cfg.notes.model_copy(update={"input": join(canonical, "lesions"), "output": written})})
-            results[f"notes/{domain}"] = notes.run(stage)
+        if "ingest" in stages:
+            results[f"ingest/{domain}"] = ingest.run(_with(cfg, "ingest", source="isic2024", input=synthetic, output=canonical))
+        if "notes" in stages:
+            results[f"notes/{domain}"] = notes.run(_with(cfg, "notes", input=lesions[domain], output=join(root, "notes", domain)))
+
+    grounded_model = join(root, "grounding", "model")
+    if "grounding" in stages:
+        summary = grounding.run(_with(cfg, "grounding", input=lesions["clinic"], output=join(root, "grounding")))
+        results["grounding"] = {k: v for k, v in summary.items() if k != "history"}
+    if "embeddings" in stages:
+        for name, model in (("frozen", FROZEN), ("grounded", grounded_model)):
+            for domain in domains(cfg):
+                results[f"embeddings/{name}/{domain}"] = embeddings.run(
+                    _with(cfg, "embeddings", input=lesions[domain], output=join(root, "embeddings", name, domain), model=model))
+    if "grounding_eval" in stages:
+        grounding_eval.run(_with(cfg, "grounding_eval", frozen=join(root, "embeddings", "frozen"), domains=list(domains(cfg)),
+                                 grounded=join(root, "embeddings", "grounded"), output=join(root, "reports", "grounding")))
+        results["grounding_eval"] = join(root, "reports", "grounding", "grounding_eval.md")
+    if "classifier" in stages:
+        blind = {d: join(root, "notes_blind", d) for d in domains(cfg)}
+        for domain in domains(cfg):  # label-free template notes: the classifier must not read the answer
+            notes.run(_with(cfg, "notes", input=lesions[domain], output=blind[domain], strategy="M", label_hierarchy=False))
+        summary = classifier.run(_with(
+            cfg, "classifier", input=lesions["clinic"], notes=blind["clinic"], output=join(root, "classifier"),
+            shifted_input=lesions.get("shifted"), shifted_notes=blind.get("shifted"),
+            init_from=grounded_model if "grounding" in stages else cfg.classifier.init_from,
+        ))
+        results["classifier"] = {k: v for k, v in summary.items() if k != "history"}
     write_summary(join(root, "pipeline_summary.json"), results, cfg.storage_options)
     log.info("pipeline: done, outputs under %s", root)
     return results

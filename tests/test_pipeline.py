@@ -6,16 +6,25 @@ from dermaray.config import load_config
 from jobs import pipeline
 
 
-def test_pipeline_chains_synth_ingest_notes(ray_cluster, tmp_path):
+def test_pipeline_chains_every_stage(ray_cluster, tmp_path):
     cfg = load_config(
         "configs/local.yaml",
-        [f"pipeline.workdir={tmp_path}", "synth.n_lesions=120", "pipeline.shifted_lesions=40", "notes.strategy=M"],
+        [f"pipeline.workdir={tmp_path}", "synth.n_lesions=240", "pipeline.shifted_lesions=40", "notes.strategy=M",
+         "grounding.train.epochs=2", "classifier.train.epochs=1", "models.text_encoder=tiny",
+         "grounding.train.cpus_per_worker=1", "classifier.train.cpus_per_worker=1"],
     )
     results = pipeline.run(cfg)
     assert json.loads((tmp_path / "pipeline_summary.json").read_text()) == json.loads(json.dumps(results))
-    for domain, n in (("clinic", 120), ("shifted", 40)):
+    for domain, n in (("clinic", 240), ("shifted", 40)):
         ingest = results[f"ingest/{domain}"]
         assert ingest["rows_in"] == n + cfg.synth.corrupt.duplicate_id
         assert ingest["rows_in"] == ingest["rows_out"] + ingest["rows_quarantined"]
         assert results[f"notes/{domain}"]["notes"] == ingest["rows_out"]
         assert results[f"notes/{domain}"]["hallucination_rate"] == 0.0
+        for model in ("frozen", "grounded"):
+            assert results[f"embeddings/{model}/{domain}"]["lesions"] == ingest["rows_out"]
+    assert results["grounding"]["epochs"] == 2 and (tmp_path / "grounding" / "model" / "trainable.pt").is_file()
+    report = (tmp_path / "reports" / "grounding" / "grounding_eval.md").read_text()
+    assert "clinic held-out" in report and "shifted (domain shift" in report
+    assert set(results["classifier"]["eval"]) == {"in-domain (test split)", "shifted domain"}
+    assert results["classifier"]["lesions_without_note"] == 0

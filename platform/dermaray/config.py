@@ -201,7 +201,9 @@ class PipelineConfig(Section):
 
     workdir: str = "out"
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
-    stages: list[Literal["synth", "ingest", "notes"]] = ["synth", "ingest", "notes"]
+    stages: list[Literal["synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier"]] = [
+        "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier",
+    ]
 
 
 class DermarayConfig(Section):
