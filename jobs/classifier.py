@@ -38,7 +38,7 @@ from dermaray.grounding.data import CLASS_CODES, LABEL, PIXELS, Preprocessor
 from dermaray.grounding.metrics import class_retrieval_metrics, classification_metrics
 from dermaray.grounding.model import augment, model_path
 from dermaray.grounding.text import TextEncoder
-from dermaray.storage import arrow_filesystem, download_folder, join, read_parquet, write_bytes
+from dermaray.storage import absolute, arrow_filesystem, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
 from jobs.training import Task, export_model, fit
 
@@ -181,7 +181,7 @@ def run(cfg: DermarayConfig) -> dict:
     text_dim = TextEncoder(cfg.models.text_encoder, cfg.models.cache_dir).dim
     settings = ClassifierSettings(model=cfg.models.grounding_mllm, classes=list(CLASS_CODES), text_encoder=cfg.models.text_encoder,
                                   text_dim=text_dim, projection_dim=c.projection_dim, tune_image=c.tune_image)
-    config = {"settings": asdict(settings), "init_from": c.init_from, "storage_options": options,
+    config = {"settings": asdict(settings), "init_from": absolute(c.init_from) if c.init_from else None, "storage_options": options,
               "cache_dir": str(Path(cfg.models.cache_dir).expanduser().resolve())}
     started = time.perf_counter()
     checkpoint, history = fit(CLASSIFIER, config, tc, datasets, counts["train"], c.output, c.run_name, options)

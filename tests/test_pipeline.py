@@ -1,19 +1,24 @@
 """The main job, small: every stage that exists, chained through its outputs on a local Ray cluster."""
 
 import json
+from pathlib import Path
 
 from dermaray.config import load_config
 from jobs import pipeline
 
 
-def test_pipeline_chains_every_stage(ray_cluster, tmp_path):
+def test_pipeline_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
+    cache = Path(".cache/models").resolve()
+    config = Path("configs/local.yaml").resolve()
+    monkeypatch.chdir(tmp_path)  # relative paths, as in `make run`: workers must not depend on the directory
     cfg = load_config(
-        "configs/local.yaml",
-        [f"pipeline.workdir={tmp_path}", "synth.n_lesions=240", "pipeline.shifted_lesions=40", "notes.strategy=M",
+        config,
+        ["pipeline.workdir=out", f"models.cache_dir={cache}", "synth.n_lesions=240", "pipeline.shifted_lesions=40", "notes.strategy=M",
          "grounding.train.epochs=2", "classifier.train.epochs=1", "models.text_encoder=tiny",
          "grounding.train.cpus_per_worker=1", "classifier.train.cpus_per_worker=1"],
     )
     results = pipeline.run(cfg)
+    tmp_path = tmp_path / "out"
     assert json.loads((tmp_path / "pipeline_summary.json").read_text()) == json.loads(json.dumps(results))
     for domain, n in (("clinic", 240), ("shifted", 40)):
         ingest = results[f"ingest/{domain}"]

@@ -16,6 +16,10 @@ STAGES = {
     "synth": "render synthetic SLICE-3D-like lesions in the ISIC 2024 layout",
     "ingest": "read a source into canonical Parquet shards plus a quarantine table",
     "notes": "write and audit a clinical note per lesion with vLLM (resumable)",
+    "grounding": "ground the MLLM image embedding in lesion attributes with Ray Train (resumable)",
+    "embeddings": "embed every lesion (grounded or frozen) and build a vector index",
+    "grounding_eval": "frozen vs grounded: attribute prediction and retrieval tables",
+    "classifier": "train and evaluate the image + note classifier with Ray Train",
     "pipeline": "run every stage end to end",
 }
 
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         print("usage: dermaray <stage> [--config FILE] [key=value ...]\n\nstages:")
         for name, text in STAGES.items():
-            print(f"  {name:10s} {text}")
+            print(f"  {name:15s} {text}")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     setup_logging()
     job = importlib.import_module(f"jobs.{argv[0]}")

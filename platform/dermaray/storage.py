@@ -7,6 +7,7 @@ test endpoint configured once reaches every reader and writer.
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -36,6 +37,11 @@ def join(uri: str, *parts: str) -> str:
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute, for processes that run elsewhere (Ray Train workers change directory)."""
+    return uri if is_remote(uri) else os.path.abspath(uri.removeprefix("file://"))
 
 
 def remove_tree(uri: str, storage_options: dict[str, Any] | None = None) -> None:

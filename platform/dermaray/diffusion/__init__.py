@@ -1,0 +1,1 @@
+"""Diagnosis-conditioned Stable Diffusion: captions, base pre-training, LoRA adapters and sampling."""

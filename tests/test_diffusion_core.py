@@ -1,0 +1,275 @@
+"""Diffusion core on the tiny base: captions, pixels, base pre-training, LoRA files and sampling.
+
+Training steps run on 32 px images (16 px latents; the UNet takes any size its downsampling
+divides) so the file stays fast on a CPU; sampling runs at the native 64 px.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers/transformers import: never reach a hub
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dermaray.data.synthetic import synthesize_lesion
+from dermaray.diffusion.captions import caption, size_word
+from dermaray.diffusion.pipeline import (
+    LORA_WEIGHT_NAME,
+    DiffusionObjective,
+    add_lora,
+    encode_prompts,
+    generate,
+    image_tensor,
+    load_lora_state,
+    load_pipeline,
+    lora_parameters,
+    lora_state,
+    lora_step_loss,
+    pretrain_base,
+    pretrain_base_step,
+    read_lora,
+    save_lora,
+)
+from dermaray.grounding.data import decode_rgb
+from dermaray.models import resolve_model
+from dermaray.schema import DIAGNOSES
+
+CODE_OF_NAME = {d.name: d.code for d in DIAGNOSES}
+TRAIN_PX = 32
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return resolve_model("diffusion_base", "tiny", tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="module")
+def lesions() -> tuple[list[Image.Image], list[str]]:
+    images, prompts = [], []
+    for index in range(4):
+        row, jpeg, _, _ = synthesize_lesion(0, index, image_size=64)
+        images.append(decode_rgb(jpeg))
+        prompts.append(caption(CODE_OF_NAME[row["iddx_3"]], size_word(row["tbp_lv_areaMM2"])))
+    return images, prompts
+
+
+@pytest.fixture(scope="module")
+def pretrained(base: str, lesions, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The tiny base after two pre-training steps: the base every LoRA test adapts."""
+    out = tmp_path_factory.mktemp("pretrained") / "base"
+    images, prompts = lesions
+    losses = pretrain_base(base, out, images, prompts, steps=2, batch_size=2, lr=1e-3, seed=0, log_every=1)
+    return out, losses
+
+
+@pytest.fixture(scope="module")
+def lora(pretrained, lesions, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A pipeline with a LoRA adapter (alpha != rank) after two steps, its snapshots and saved folder."""
+    pipe = load_pipeline(pretrained[0])
+    add_lora(pipe.unet, rank=4, alpha=8, seed=0)
+    base_before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if ".lora_" not in n}
+    lora_before = [p.detach().clone() for p in lora_parameters(pipe.unet)]
+    trainable = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora_parameters(pipe.unet), lr=1e-2)
+    pixels = image_tensor(lesions[0][:2], TRAIN_PX)
+    for step in range(2):
+        loss = lora_step_loss(pipe, pixels, lesions[1][:2], torch.Generator().manual_seed(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("adapter") / "lora"
+    save_lora(pipe, folder)
+    return {"pipe": pipe, "base_before": base_before, "lora_before": lora_before, "trainable": trainable,
+            "folder": folder, "loss": float(loss.detach())}
+
+
+def unet_probe(pipe) -> torch.Tensor:
+    """UNet output on a fixed latent, timestep and prompt."""
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        text = encode_prompts(pipe, [caption("MEL", "large")])
+        return pipe.unet(latents, torch.tensor([500]), encoder_hidden_states=text).sample
+
+
+# --- captions and pixels ----------------------------------------------------------------------
+
+
+def test_captions_name_the_diagnosis_and_size() -> None:
+    assert caption("MEL") == "a dermoscopic photo of melanoma, skin lesion"
+    assert caption("MEL", "large") == "a dermoscopic photo of large melanoma, skin lesion"
+    assert caption("SCC", "small", ["irregular border", "blue-white veil"]) == (
+        "a dermoscopic photo of small squamous cell carcinoma, skin lesion, irregular border, blue-white veil"
+    )
+    assert caption("BCC", extra="ulcerated").endswith("skin lesion, ulcerated")
+    assert len({caption(d.code) for d in DIAGNOSES}) == len(DIAGNOSES)
+    assert [size_word(a) for a in (0.0, 5.99, 6.0, 9.0, 13.99, 14.0, 40.0)] == (
+        ["small", "small", "medium", "medium", "medium", "large", "large"]
+    )
+    with pytest.raises(ValueError, match="MEL"):
+        caption("melanoma")
+    with pytest.raises(ValueError, match="size_word"):
+        caption("MEL", "huge")
+    with pytest.raises(ValueError, match="extra"):
+        caption("MEL", extra=["", "x"])
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="area_mm2"):
+            size_word(bad)
+
+
+def test_image_tensor_crops_resizes_and_scales() -> None:
+    wide = Image.new("RGB", (120, 40), (255, 255, 255))
+    wide.paste((0, 0, 0), (40, 0, 80, 40))  # the centre square is black, the sides white
+    gray = Image.new("L", (50, 50), 128)  # not RGB: converted
+    pixels = image_tensor([wide, gray], 16)
+    assert pixels.shape == (2, 3, 16, 16) and pixels.dtype == torch.float32
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    assert torch.equal(pixels[0], torch.full((3, 16, 16), -1.0))  # the white sides were cropped away
+    assert torch.allclose(pixels[1], torch.full((3, 16, 16), 128 / 127.5 - 1))
+    with pytest.raises(ValueError, match="empty"):
+        image_tensor([], 16)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        image_tensor([gray], 30)
+
+
+# --- base pre-training ------------------------------------------------------------------------
+
+
+def test_pretrain_step_trains_vae_and_unet_and_lowers_the_loss(base: str, lesions) -> None:
+    pipe = load_pipeline(base)
+    model = DiffusionObjective(pipe, "pretrain")
+    pixels, prompts = image_tensor(lesions[0][:2], TRAIN_PX), lesions[1][:2]
+    losses = pretrain_base_step(pipe, pixels, prompts, torch.Generator().manual_seed(0))
+    assert set(losses) == {"vae", "unet", "loss"}
+    assert all(math.isfinite(float(v)) for v in losses.values())
+    assert torch.equal(losses["loss"], losses["vae"] + losses["unet"])
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in pipe.unet.parameters())
+    assert pipe.vae.encoder.conv_in.weight.grad is not None and pipe.vae.decoder.conv_out.weight.grad is not None
+    assert all(p.grad is None for p in pipe.text_encoder.parameters())  # frozen
+
+    # The module forward is the same loss, so DDP can wrap it; on a fixed batch, noise and
+    # timesteps, a few AdamW steps lower it.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    first = None
+    for _ in range(3):
+        loss = model(pixels, prompts, generator=torch.Generator().manual_seed(0))["loss"]
+        first = float(loss.detach()) if first is None else first
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert first == pytest.approx(float(losses["loss"]), rel=1e-6)
+    with torch.no_grad():
+        after = float(model(pixels, prompts, generator=torch.Generator().manual_seed(0))["loss"])
+    assert after < first
+
+    with pytest.raises(ValueError, match="prompts"):
+        pretrain_base_step(pipe, pixels, prompts[:1])
+    with pytest.raises(ValueError, match="non-empty"):
+        pretrain_base_step(pipe, pixels, [])
+    with pytest.raises(ValueError, match="objective"):
+        DiffusionObjective(pipe, "dreambooth")
+
+
+def test_pretrain_base_saves_a_plain_diffusers_base(base: str, pretrained) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    out, losses = pretrained
+    assert set(losses) == {"vae", "unet", "loss"} and all(math.isfinite(v) for v in losses.values())
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (out / part).is_dir()
+    assert (out / "tokenizer" / "vocab.json").is_file()  # kept from the tiny base
+    trained = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    original = load_pipeline(base)
+    assert not torch.equal(trained.unet.conv_in.weight, original.unet.conv_in.weight)
+    assert not torch.equal(trained.vae.decoder.conv_out.weight, original.vae.decoder.conv_out.weight)
+    assert torch.equal(  # frozen
+        trained.text_encoder.text_model.embeddings.token_embedding.weight,
+        original.text_encoder.text_model.embeddings.token_embedding.weight,
+    )
+
+
+# --- LoRA -------------------------------------------------------------------------------------
+
+
+def test_add_lora_trains_only_the_adapter(lora: dict) -> None:
+    pipe = lora["pipe"]
+    assert lora["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in lora["trainable"])
+    assert len(lora["trainable"]) == len(lora_parameters(pipe.unet))
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora["trainable"]}
+    assert targets == {"to_q", "to_k", "to_v", "0"}  # to_out.0
+    assert math.isfinite(lora["loss"])
+    after = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(after[n], before) for n, before in lora["base_before"].items())
+    changed = [not torch.equal(p, before) for p, before in zip(lora_parameters(pipe.unet), lora["lora_before"])]
+    assert all(changed)
+    with pytest.raises(ValueError, match="already has adapters"):
+        add_lora(pipe.unet)
+
+
+def test_saved_adapter_loads_in_plain_diffusers_with_the_same_output(pretrained, lora: dict) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    assert (lora["folder"] / LORA_WEIGHT_NAME).is_file()
+    fresh = StableDiffusionPipeline.from_pretrained(pretrained[0], safety_checker=None, requires_safety_checker=False)
+    adapted, plain = unet_probe(lora["pipe"]), unet_probe(fresh)
+    assert (adapted - plain).abs().max() > 1e-3  # the adapter changes the UNet
+    fresh.load_lora_weights(lora["folder"])
+    # Equal only if alpha (8, not the rank 4) came back from the file's metadata.
+    torch.testing.assert_close(unet_probe(fresh), adapted, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_state_restores_the_adapter_exactly(pretrained, lora: dict) -> None:
+    state = lora_state(lora["pipe"].unet)
+    assert state and all(t.device.type == "cpu" for t in state.values())
+    from_file = read_lora(lora["folder"])
+    assert set(from_file) == set(state) and all(torch.equal(from_file[k], state[k]) for k in state)
+
+    resumed = load_pipeline(pretrained[0])
+    add_lora(resumed.unet, rank=4, alpha=8, seed=1)  # different initial weights
+    assert not all(torch.equal(v, state[k]) for k, v in lora_state(resumed.unet).items())
+    load_lora_state(resumed.unet, from_file)
+    restored = lora_state(resumed.unet)
+    assert set(restored) == set(state) and all(torch.equal(restored[k], state[k]) for k in state)
+    assert torch.equal(unet_probe(resumed), unet_probe(lora["pipe"]))
+
+    with pytest.raises(ValueError, match="missing"):
+        load_lora_state(resumed.unet, dict(list(state.items())[1:]))
+    other_rank = load_pipeline(pretrained[0])
+    add_lora(other_rank.unet, rank=2)
+    with pytest.raises(ValueError, match="shapes"):
+        load_lora_state(other_rank.unet, state)
+    with pytest.raises(ValueError, match="add_lora"):
+        lora_state(load_pipeline(pretrained[0]).unet)
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+def test_generate_is_seeded_and_loads_and_unloads_adapters(pretrained, lora: dict) -> None:
+    pipe = load_pipeline(pretrained[0])
+    prompts = [caption("MEL", "large"), caption("NEV", "small")]
+    images = generate(pipe, prompts, n_per_prompt=2, seed=0, steps=2)
+    assert len(images) == 4 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
+    again = generate(pipe, prompts, n_per_prompt=2, seed=0, steps=2)
+    assert [im.tobytes() for im in images] == [im.tobytes() for im in again]
+    assert images[0].tobytes() != images[1].tobytes()  # same prompt, seeds 0 and 1
+
+    plain = generate(pipe, prompts[:1], n_per_prompt=1, seed=0, steps=2)
+    adapted = generate(pipe, prompts[:1], n_per_prompt=1, seed=0, steps=2, adapter_folder=lora["folder"])
+    assert len(adapted) == 1 and adapted[0].tobytes() != plain[0].tobytes()
+    assert not getattr(pipe.unet, "peft_config", None)  # unloaded again: the base as it was
+    assert generate(pipe, prompts[:1], n_per_prompt=1, seed=0, steps=2)[0].tobytes() == plain[0].tobytes()
+
+    with pytest.raises(ValueError, match="already has an adapter"):
+        generate(lora["pipe"], prompts, 1, seed=0, adapter_folder=lora["folder"])
+    with pytest.raises(ValueError, match="n_per_prompt"):
+        generate(pipe, prompts, 0, seed=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(pipe, "a prompt", 1, seed=0)
