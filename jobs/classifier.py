@@ -78,14 +78,14 @@ class ClassifierInputs:
         return out
 
 
-def inputs(uri: str, notes: pa.Table, split: str | None, cfg: DermarayConfig, materialize: bool) -> ray.data.Dataset:
+def inputs(uri: str, notes: pa.Table, split: str | None, cfg: DermarayConfig, materialize: bool, max_actors: int = 2) -> ray.data.Dataset:
     fs, root = arrow_filesystem(uri, cfg.storage_options)
     ds = ray.data.read_parquet(root, filesystem=fs, columns=["lesion_id", "split", "image_bytes", "diagnosis"])
     if split is not None:
         ds = ds.filter(expr=f"split == '{split}'")
     path = model_path(cfg.models.grounding_mllm, cfg.models.cache_dir)
     ds = ds.map_batches(ClassifierInputs, fn_constructor_args=(path, cfg.models.text_encoder, cfg.models.cache_dir, notes),
-                        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
+                        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors))
     return ds.materialize() if materialize else ds
 
 
@@ -177,7 +177,7 @@ def run(cfg: DermarayConfig) -> dict:
     counts = {s: int(pc.sum(pc.and_(pc.equal(lesions["split"], s), with_note)).as_py() or 0) for s in ("train", "val", "test")}
     without_note = lesions.num_rows - int(pc.sum(with_note).as_py() or 0)
     log.info("classifier: %s lesions with a note by split, %d without a note (left out)", counts, without_note)
-    datasets = {s: inputs(c.input, notes, s, cfg, tc.materialize) for s in ("train", "val")}
+    datasets = {s: inputs(c.input, notes, s, cfg, tc.materialize, max_actors=2 * tc.num_workers) for s in ("train", "val")}
     text_dim = TextEncoder(cfg.models.text_encoder, cfg.models.cache_dir).dim
     settings = ClassifierSettings(model=cfg.models.grounding_mllm, classes=list(CLASS_CODES), text_encoder=cfg.models.text_encoder,
                                   text_dim=text_dim, projection_dim=c.projection_dim, tune_image=c.tune_image)

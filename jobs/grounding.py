@@ -103,7 +103,7 @@ def fit_scaler(g: GroundingConfig, storage_options: dict) -> tuple[AttributeScal
 
 
 def split_dataset(uri: str, split: str, path: str, scaler: AttributeScaler | None, storage_options: dict,
-                  materialize: bool, extra_columns: tuple[str, ...] = ()) -> ray.data.Dataset:
+                  materialize: bool, extra_columns: tuple[str, ...] = (), max_actors: int = 2) -> ray.data.Dataset:
     """One split of the lesion table as model inputs (pixels, z-scored targets, class label)."""
     fs, root = arrow_filesystem(uri, storage_options)
     attributes = list(scaler.names) if scaler else []
@@ -111,7 +111,7 @@ def split_dataset(uri: str, split: str, path: str, scaler: AttributeScaler | Non
         ray.data.read_parquet(root, filesystem=fs, columns=["lesion_id", "split", "image_bytes", "diagnosis", *attributes, *extra_columns])
         .filter(expr=f"split == '{split}'")
         .map_batches(Preprocessor, fn_constructor_args=(path, scaler, extra_columns), batch_size=256, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
+                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors))
     )
     return ds.materialize() if materialize else ds
 
@@ -123,7 +123,8 @@ def run(cfg: DermarayConfig) -> dict:
     scaler, counts = fit_scaler(g, options)
     path = model_path(settings.model, cfg.models.cache_dir)
     log.info("grounding: %s on %d train / %d val lesions, attributes %s, tune=%s", settings.model, counts["train"], counts["val"], g.attributes, g.tune)
-    datasets = {s: split_dataset(g.input, s, path, scaler, options, tc.materialize) for s in ("train", "val")}
+    datasets = {s: split_dataset(g.input, s, path, scaler, options, tc.materialize, max_actors=2 * tc.num_workers)
+                for s in ("train", "val")}
     config = {
         "settings": asdict(settings), "scaler": asdict(scaler), "weights": [float(g.attribute_weights.get(a, 1.0)) for a in g.attributes],
         "cache_dir": str(Path(cfg.models.cache_dir).expanduser().resolve()),
