@@ -20,7 +20,7 @@ import sys
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.grounding.embed import FROZEN
-from dermaray.storage import join
+from dermaray.storage import absolute, join
 from jobs import classifier, embeddings, grounding, grounding_eval, ingest, notes, synth
 from jobs.common import init_ray, log, write_summary
 
@@ -37,7 +37,8 @@ def _with(cfg: DermarayConfig, section: str, **values) -> DermarayConfig:
 
 def run(cfg: DermarayConfig) -> dict:
     init_ray(cfg.ray)
-    root, stages, results = cfg.pipeline.workdir, cfg.pipeline.stages, {}
+    # Absolute: Ray workers of a cluster started elsewhere do not share the driver's directory.
+    root, stages, results = absolute(cfg.pipeline.workdir), cfg.pipeline.stages, {}
     lesions = {d: join(root, "ingest", d, "lesions") for d in domains(cfg)}
     for domain, n in domains(cfg).items():
         synthetic, canonical = join(root, "synthetic", domain), join(root, "ingest", domain)

@@ -144,9 +144,9 @@ def fit(
     return result.checkpoint, history
 
 
-def export_model(checkpoint: Checkpoint, output: str, storage_options: dict) -> str:
-    """Copy the checkpoint's model folder to `<output>/model` (any URI)."""
-    target = join(output, MODEL_DIR)
+def export_model(checkpoint: Checkpoint, output: str, storage_options: dict, name: str = MODEL_DIR) -> str:
+    """Copy the checkpoint's model folder to `<output>/<name>` (any URI)."""
+    target = join(output, name)
     with checkpoint.as_directory() as folder:
         for file in sorted((Path(folder) / MODEL_DIR).iterdir()):
             write_bytes(join(target, file.name), file.read_bytes(), storage_options)

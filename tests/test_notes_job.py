@@ -119,13 +119,16 @@ def test_killed_engine_actor_loses_nothing(ingested_on_s3, s3_options, ray_clust
     killed = []
 
     def kill_engine_after_first_shard():
-        deadline = time.time() + 240
+        # Find the engine actor first (the state API is slow), then kill it the moment a shard lands.
+        deadline, pids = time.time() + 240, []
+        while not pids and time.time() < deadline:
+            pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True) if "ShardWriter" in a.class_name and a.pid]
+            time.sleep(0.2)
         while not _shards(out) and time.time() < deadline:
-            time.sleep(0.1)
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-            if "ShardWriter" in actor.class_name and actor.pid:
-                os.kill(actor.pid, signal.SIGKILL)
-                killed.append(actor.pid)
+            time.sleep(0.05)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
     killer = threading.Thread(target=kill_engine_after_first_shard, daemon=True)
     killer.start()

@@ -196,6 +196,28 @@ class ClassifierConfig(Section):
     train: TrainConfig = TrainConfig()
 
 
+class BasePretrainConfig(Section):
+    """Brief pre-training of a random tiny base (VAE + UNet) so LoRA adapts something that makes images."""
+
+    steps: int = Field(default=300, ge=0)  # 0: use the base as it is
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    max_images: int = Field(default=2000, ge=1)  # training-split images it sees
+
+
+class DiffusionConfig(Section):
+    input: str = "out/ingest/clinic/lesions"
+    output: str = "out/diffusion"  # <output>/base (pre-trained tiny base), <output>/runs, <output>/adapter
+    resolution: int | None = None  # training / generation size; None: the base's native size
+    size_words: bool = True  # captions say small / medium / large from the lesion's area
+    pretrain: BasePretrainConfig = BasePretrainConfig()  # only for `tiny` (random) bases
+    run_name: str = "lora"
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=8, ge=1)
+    lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    train: TrainConfig = TrainConfig(lr=1e-4, epochs=5, batch_size=16)
+
+
 class PipelineConfig(Section):
     """The end-to-end job: every stage reads what the one before wrote under `workdir`."""
 
@@ -218,6 +240,7 @@ class DermarayConfig(Section):
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
     grounding_eval: GroundingEvalConfig = GroundingEvalConfig()
     classifier: ClassifierConfig = ClassifierConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
 

@@ -38,19 +38,20 @@ ADAPTER_NAME = "default"  # what diffusers' add_adapter and peft's state-dict he
 
 # The KL weight of the Stable Diffusion / LDM autoencoder (kl_weight=1e-6 against a per-sample
 # *sum* of reconstruction errors). Our reconstruction term is a per-element mean, so the KL sum
-# is divided by the number of pixel values to keep LDM's balance: the KL only stops the
-# posterior variance from collapsing and the latents from drifting, it does not pull the
-# latent space towards N(0, 1) at the cost of reconstruction.
+# is divided by the number of pixel values to keep LDM's balance. That KL is deliberately weak:
+# it keeps the posterior a distribution over long training but never trades reconstruction for
+# N(0, 1) latents; the latent scale is set by `calibrate_latent_scale` instead.
 KL_WEIGHT = 1e-6
+CALIBRATION_IMAGES = 64  # images whose latents set the tiny base's scaling factor
 
 
-def load_pipeline(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
+def load_pipeline(
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Any:
     """A `StableDiffusionPipeline` from a local folder or hub id, without safety checker or progress bars."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
 
@@ -71,29 +72,45 @@ def image_tensor(images: Sequence[Image.Image], resolution: int) -> torch.Tensor
         image = image.convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.Resampling.BICUBIC)
+        image = image.crop((left, top, left + side, top + side))
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
         arrays.append(np.asarray(image))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """The text encoder's last hidden state, [B, max_length, hidden]; the text encoder is always frozen."""
+def tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids [B, max_length] (padded to the tokenizer's max length, truncated), as SD reads prompts.
+
+    Ray Train batches hold tensors only, so a training job tokenizes captions in its Ray Data
+    preprocessing and passes these ids wherever a step function takes `prompts`.
+    """
     _check_prompts(prompts)
-    tokens = pipe.tokenizer(
-        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
         return_tensors="pt",
-    )
+    ).input_ids
+
+
+def encode_prompts(pipe: Any, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+    """The text encoder's last hidden state, [B, max_length, hidden], for prompts or `tokenize` ids.
+
+    Always without gradients: the text encoder is frozen in both training stages.
+    """
+    _check_text(prompts)
+    ids = prompts if isinstance(prompts, torch.Tensor) else tokenize(pipe.tokenizer, prompts)
     with torch.no_grad():
-        return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
+        return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 def pretrain_base_step(
-    pipe: Any, pixels: torch.Tensor, prompts: Sequence[str], generator: torch.Generator | None = None
+    pipe: Any, pixels: torch.Tensor, prompts: Sequence[str] | torch.Tensor, generator: torch.Generator | None = None
 ) -> dict[str, torch.Tensor]:
     """Losses of one batch for base pre-training: {"vae", "unet", "loss" = vae + unet}.
 
     VAE: MSE of decode(sample of encode(x)) against x, plus KL_WEIGHT x KL. UNet: epsilon MSE
-    on the scaled latents. Both models get gradients from `loss`; the text encoder does not.
+    on the latents x `vae.config.scaling_factor`. Both models get gradients from `loss`; the
+    text encoder does not. `prompts` are strings or `tokenize` ids; `generator` draws the latent
+    sample, the noise and the timesteps.
     """
     _check_batch(pixels, prompts)
     vae = pipe.vae
@@ -113,23 +130,31 @@ def pretrain_base_step(
 def pretrain_base(
     path_in: str | Path, path_out: str | Path, images: Sequence[Image.Image], prompts: Sequence[str], steps: int,
     batch_size: int, lr: float, seed: int, log_every: int = 50, device: str | torch.device | None = None,
+    resolution: int | None = None,
 ) -> dict[str, float]:
     """Pre-train a base pipeline's VAE and UNet on (image, caption) pairs and save it to `path_out`.
 
     A single-process loop (AdamW, shuffled epochs) for the tiny preset; a distributed job
     would wrap `DiffusionObjective(pipe, "pretrain")` in a `Task` instead. Images are resized to
-    the pipeline's native resolution. Returns the mean losses over the last `log_every` steps.
+    `resolution` (default: the pipeline's native one). The VAE's scaling factor is first
+    calibrated on up to CALIBRATION_IMAGES random images (`calibrate_latent_scale`) and saved
+    with the model. Returns the mean losses over the last `log_every` steps.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     if steps < 1 or batch_size < 1 or log_every < 1:
         raise ValueError(f"steps, batch_size and log_every must be >= 1, got {steps}, {batch_size}, {log_every}")
+    if batch_size > len(images):
+        raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} images")
     pipe = load_pipeline(path_in, device=device)
-    pixels = image_tensor(images, native_resolution(pipe))
+    pixels = image_tensor(images, resolution or native_resolution(pipe))
     model = DiffusionObjective(pipe, "pretrain")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)  # batch order, latent samples, noise, timesteps
+    generator = torch.Generator().manual_seed(seed)  # calibration, batch order, latents, noise, timesteps
+    calibration = torch.randperm(len(images), generator=generator)[:CALIBRATION_IMAGES]
+    scale = calibrate_latent_scale(pipe, pixels[calibration], generator=generator, batch_size=batch_size)
+    logger.info("pretrain: VAE scaling factor set to %.4f", scale)
     order: list[int] = []
     window: list[dict[str, float]] = []
     model.train()
@@ -143,10 +168,34 @@ def pretrain_base(
         optimizer.step()
         window = (window + [{k: float(v.detach()) for k, v in losses.items()}])[-log_every:]
         if step % log_every == 0 or step == steps:
-            logger.info("pretrain step %d/%d: %s", step, steps, ", ".join(f"{k} {v:.4f}" for k, v in _mean(window).items()))
+            means = ", ".join(f"{k} {v:.4f}" for k, v in _mean(window).items())
+            logger.info("pretrain step %d/%d: %s", step, steps, means)
     pipe.save_pretrained(str(path_out), safe_serialization=True)
     _copy_missing_tokenizer_files(Path(path_in), Path(path_out))
     return _mean(window)
+
+
+def calibrate_latent_scale(
+    pipe: Any, pixels: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 16
+) -> float:
+    """Set the VAE's `scaling_factor` to 1 / std of its latents on `pixels` (LDM's scale_by_std); returns it.
+
+    The UNet is trained on latents x scaling_factor and the noise schedule assumes those have
+    unit variance. Stable Diffusion's 0.18215 fits only its own VAE; the tiny VAE's latents have
+    a std near 1, so with 0.18215 the UNet would see a signal ~5x too weak (every timestep almost
+    pure noise). Call it once, before the UNet trains: the factor is part of the base from then on.
+    """
+    if pixels.ndim != 4 or pixels.shape[0] < 2:
+        raise ValueError(f"pixels must be [B >= 2, 3, H, W] to measure a spread, got {tuple(pixels.shape)}")
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = torch.cat([
+            vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
+            for chunk in pixels.split(batch_size)
+        ])
+    scale = 1.0 / float(latents.float().std())
+    vae.register_to_config(scaling_factor=scale)
+    return scale
 
 
 def add_lora(
@@ -184,7 +233,7 @@ def lora_parameters(unet: Any) -> list[torch.nn.Parameter]:
 
 
 def lora_step_loss(
-    pipe: Any, pixels: torch.Tensor, prompts: Sequence[str], generator: torch.Generator | None = None
+    pipe: Any, pixels: torch.Tensor, prompts: Sequence[str] | torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Epsilon MSE of one batch through the adapted UNet; VAE and text encoder run without gradients."""
     _check_batch(pixels, prompts)
@@ -215,7 +264,9 @@ def load_lora_state(unet: Any, state: dict[str, torch.Tensor]) -> None:
     current = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
     if missing or unexpected:
-        raise ValueError(f"adapter state does not match the UNet's adapter: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"adapter state does not match the UNet's adapter: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     wrong = [k for k in current if current[k].shape != state[k].shape]
     if wrong:
         raise ValueError(f"adapter state has the wrong shapes for {wrong[:5]} (a different rank?)")
@@ -225,7 +276,7 @@ def load_lora_state(unet: Any, state: dict[str, torch.Tensor]) -> None:
 def save_lora(pipe_or_unet: Any, folder: str | Path) -> Path:
     """Write the adapter as `<folder>/pytorch_lora_weights.safetensors` in the diffusers format.
 
-    Done as diffusers' train_text_to_image_lora.py does (peft state dict -> diffusers keys ->
+    Done as diffusers' text-to-image LoRA example does (peft state dict -> diffusers keys ->
     `save_lora_weights`), plus the LoRA config as metadata: without it, `load_lora_weights`
     assumes alpha == rank and an adapter trained with another alpha loads at the wrong scale.
     """
@@ -253,7 +304,8 @@ def read_lora(folder: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} in {folder}")
     state, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
     prefix = StableDiffusionPipeline.unet_name + "."
-    return convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    unet_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return convert_unet_state_dict_to_peft(unet_state)
 
 
 def generate(
@@ -262,11 +314,10 @@ def generate(
 ) -> list[Image.Image]:
     """`n_per_prompt` images per prompt at the native resolution, prompt-major.
 
-    Image i (prompts[i // n_per_prompt]) uses its own generator seeded `seed + i`, so the same
-    seed gives the same images, and an image does not change when other prompts are added after
-    it. With `adapter_folder`, that adapter is loaded for this call and unloaded afterwards (the
-    pipeline must then have no adapter of its own); without it, the pipeline runs as it is,
-    including an adapter being trained in memory.
+    Image i (of prompts[i // n_per_prompt]) starts from its own generator seeded `seed + i`, so
+    the same call with the same seed gives the same images. With `adapter_folder`, that adapter
+    is loaded for this call and unloaded afterwards (the pipeline must then have no adapter of
+    its own); without it, the pipeline runs as it is, e.g. with an adapter being trained.
     """
     _check_prompts(prompts)
     if n_per_prompt < 1 or steps < 1:
@@ -307,14 +358,18 @@ class DiffusionObjective(torch.nn.Module):
         if objective == "lora":
             self.vae.requires_grad_(False)
 
-    def forward(self, pixels: torch.Tensor, prompts: Sequence[str], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, pixels: torch.Tensor, prompts: Sequence[str] | torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         if self.objective == "pretrain":
             return pretrain_base_step(self.pipe, pixels, prompts, generator)
         loss = lora_step_loss(self.pipe, pixels, prompts, generator)
         return {"unet": loss, "loss": loss}
 
 
-def _denoising_loss(pipe: Any, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _denoising_loss(
+    pipe: Any, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     """DDPM epsilon MSE: noise the scaled latents at random timesteps, predict the noise."""
     from diffusers import DDPMScheduler
     from diffusers.utils.torch_utils import randn_tensor
@@ -349,6 +404,14 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
+def _check_text(prompts: Sequence[str] | torch.Tensor) -> None:
+    """Prompt strings, or `tokenize` ids."""
+    if not isinstance(prompts, torch.Tensor):
+        _check_prompts(prompts)
+    elif prompts.ndim != 2 or prompts.numel() == 0 or prompts.is_floating_point():
+        raise ValueError(f"token ids must be a non-empty integer tensor [B, L], got {prompts.dtype} {tuple(prompts.shape)}")
+
+
 def _check_prompts(prompts: Sequence[str]) -> None:
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
@@ -356,8 +419,8 @@ def _check_prompts(prompts: Sequence[str]) -> None:
         raise ValueError("every prompt must be a non-empty string")
 
 
-def _check_batch(pixels: torch.Tensor, prompts: Sequence[str]) -> None:
-    _check_prompts(prompts)
+def _check_batch(pixels: torch.Tensor, prompts: Sequence[str] | torch.Tensor) -> None:
+    _check_text(prompts)
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
     if pixels.shape[0] != len(prompts):

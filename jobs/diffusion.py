@@ -1,0 +1,187 @@
+"""LoRA adapters on Stable Diffusion that turn a diagnosis into reference images, trained with Ray Train.
+
+    python -m jobs.diffusion --config configs/local.yaml diffusion.input=s3://bucket/ingest/clinic/lesions
+
+1. A random `tiny` base would only make noise, so it is first pre-trained briefly (VAE and UNet)
+   on the training-split lesions in one Ray task and saved with `save_pretrained` to
+   `<output>/base`; hub bases (SD 1.5, SDXL) skip this.
+2. One shared LoRA adapter on the UNet's attention learns every diagnosis from class captions
+   ("a dermoscopic photo of large melanoma, skin lesion"): a `TorchTrainer` over Ray Data shards,
+   a checkpoint per epoch holding the adapter file, optimizer and schedule; a re-run with the
+   same run name resumes with the adapter weights restored exactly.
+3. The adapter is exported in the diffusers format to `<output>/adapter`
+   (`pytorch_lora_weights.safetensors`), loadable with `pipe.load_lora_weights(folder)`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import ray
+import torch
+
+from dermaray.cli import config_from_argv, setup_logging
+from dermaray.config import DermarayConfig, DiffusionConfig
+from dermaray.diffusion.captions import caption, size_word
+from dermaray.diffusion.pipeline import (
+    DiffusionObjective,
+    add_lora,
+    image_tensor,
+    load_lora_state,
+    load_pipeline,
+    native_resolution,
+    pretrain_base,
+    read_lora,
+    save_lora,
+    tokenize,
+)
+from dermaray.grounding.data import decode_rgb
+from dermaray.models.registry import PRESETS, resolve_model
+from dermaray.storage import absolute, arrow_filesystem, is_remote, join, read_parquet, require
+from jobs.common import init_ray, log, write_summary
+from jobs.training import Task, export_model, fit
+
+PIXELS, IDS = "pixel_values", "input_ids"
+SETTINGS_FILE = "adapter.json"
+
+
+def lesion_caption(diagnosis: str, area_mm2: float | None, size_words: bool) -> str:
+    use_size = size_words and area_mm2 is not None and np.isfinite(area_mm2)
+    return caption(diagnosis, size_word(float(area_mm2)) if use_size else None)
+
+
+class DiffusionInputs:
+    """Lesion rows -> pixels in [-1, 1] at the training resolution and caption token ids."""
+
+    def __init__(self, base: str, resolution: int, size_words: bool):
+        from transformers import CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        self.resolution, self.size_words = resolution, size_words
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [decode_rgb(b) for b in batch["image_bytes"]]
+        captions = [lesion_caption(d, a, self.size_words) for d, a in zip(batch["diagnosis"], batch["area_mm2"])]
+        return {PIXELS: image_tensor(images, self.resolution).numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}
+
+
+# --- Base pre-training (tiny presets only) ------------------------------------------------------
+
+
+@ray.remote
+def pretrain_task(base: str, target: str, rows: list[dict], p: dict, size_words: bool, resolution: int | None, seed: int) -> dict:
+    images = [decode_rgb(r["image_bytes"]) for r in rows]
+    captions = [lesion_caption(r["diagnosis"], r["area_mm2"], size_words) for r in rows]
+    return pretrain_base(base, target, images, captions, steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
+                         seed=seed, log_every=max(1, min(50, p["steps"])), resolution=resolution)
+
+
+def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
+    """(local folder of the base to adapt, pre-training losses or None)."""
+    d, preset = cfg.diffusion, cfg.models.diffusion_base
+    base = resolve_model("diffusion_base", preset, cfg.models.cache_dir) if preset in PRESETS["diffusion_base"] else preset
+    if preset != "tiny" or d.pretrain.steps == 0:
+        return base, None
+    target = join(d.output, "base")
+    if is_remote(target):
+        raise ValueError("diffusion.output must be a local or shared path while the tiny base is pre-trained here")
+    if Path(target, "model_index.json").is_file():
+        log.info("diffusion: reusing the pre-trained base at %s", target)
+        return absolute(target), json.loads(Path(target, "pretrain.json").read_text())
+    table = read_parquet(d.input, cfg.storage_options, columns=["split", "image_bytes", "diagnosis", "area_mm2"])
+    rows = table.filter(pc.equal(table["split"], "train")).to_pylist()
+    rows = random.Random(d.train.seed).sample(rows, min(len(rows), d.pretrain.max_images))
+    log.info("diffusion: pre-training the tiny base on %d lesions for %d steps", len(rows), d.pretrain.steps)
+    with tempfile.TemporaryDirectory(dir=Path(target).parent if Path(target).parent.exists() else None) as staging:
+        losses = ray.get(pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
+            base, staging, rows, d.pretrain.model_dump(), d.size_words, d.resolution, d.train.seed))
+        Path(staging, "pretrain.json").write_text(json.dumps(losses))
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(staging).rename(target)  # whole or absent: a folder with model_index.json is complete
+    return absolute(target), losses
+
+
+# --- The LoRA task, run on the Ray Train workers --------------------------------------------------
+
+
+def build(config: dict) -> DiffusionObjective:
+    pipe = load_pipeline(config["base"])
+    add_lora(pipe.unet, rank=config["rank"], alpha=config["alpha"], targets=tuple(config["targets"]), seed=config["seed"])
+    return DiffusionObjective(pipe, "lora")
+
+
+def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
+    return model(batch[PIXELS], batch[IDS])["loss"]
+
+
+@torch.no_grad()
+def evaluate(model: DiffusionObjective, shard: Any, config: dict, device: torch.device) -> dict[str, float]:
+    """Validation denoising loss with fixed noise, so epochs compare like with like."""
+    generator, losses = torch.Generator(device="cpu").manual_seed(1234), []
+    for batch in shard.iter_torch_batches(batch_size=64, device=device):
+        losses.append(float(model(batch[PIXELS], batch[IDS], generator=generator)["loss"]))
+    return {"val_loss": float(np.mean(losses))} if losses else {}
+
+
+def save(folder: Path, model: DiffusionObjective, config: dict) -> None:
+    save_lora(model.unet, folder)
+    settings = {k: config[k] for k in ("base_name", "rank", "alpha", "targets", "resolution", "size_words")}
+    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+
+
+def load(folder: Path, model: DiffusionObjective) -> None:
+    load_lora_state(model.unet, read_lora(folder))
+
+
+LORA = Task(build=build, loss=batch_loss, evaluate=evaluate, save=save, load=load)
+
+
+# --- On the driver ----------------------------------------------------------------------------
+
+
+def split_dataset(d: DiffusionConfig, split: str, base: str, resolution: int, storage_options: dict) -> ray.data.Dataset:
+    fs, root = arrow_filesystem(d.input, storage_options)
+    ds = (
+        ray.data.read_parquet(root, filesystem=fs, columns=["split", "image_bytes", "diagnosis", "area_mm2"])
+        .filter(expr=f"split == '{split}'")
+        .map_batches(DiffusionInputs, fn_constructor_args=(base, resolution, d.size_words), batch_size=256,
+                     batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(2, 2 * d.train.num_workers)))
+    )
+    return ds.materialize() if d.train.materialize else ds
+
+
+def run(cfg: DermarayConfig) -> dict:
+    d, options = cfg.diffusion, cfg.storage_options
+    require(d.input, options)
+    init_ray(cfg.ray)
+    started = time.perf_counter()
+    base, pretrain_losses = prepared_base(cfg)
+    resolution = d.resolution or native_resolution(load_pipeline(base))
+    splits = read_parquet(d.input, options, columns=["split"])["split"]
+    n_train = int(pc.sum(pc.equal(splits, "train")).as_py() or 0)
+    if n_train == 0:
+        raise ValueError(f"{d.input} has no training-split lesions")
+    datasets = {s: split_dataset(d, s, base, resolution, options) for s in ("train", "val")}
+    config = {"base": base, "base_name": cfg.models.diffusion_base, "rank": d.lora_rank, "alpha": d.lora_alpha,
+              "targets": list(d.lora_targets), "seed": d.train.seed, "resolution": resolution, "size_words": d.size_words}
+    checkpoint, history = fit(LORA, config, d.train, datasets, n_train, d.output, d.run_name, options)
+    adapter = export_model(checkpoint, d.output, options, name="adapter")
+    summary = {"base": base, "pretrain": pretrain_losses, "adapter": adapter, "resolution": resolution,
+               "lesions_train": n_train, "epochs": history[-1]["epoch"], "steps": history[-1]["step"],
+               "resumed_from_epoch": history[-1]["started_at_epoch"], "final": history[-1], "history": history,
+               "seconds_this_run": round(time.perf_counter() - started, 2)}
+    write_summary(join(d.output, "diffusion_summary.json"), summary, options)
+    return summary
+
+
+if __name__ == "__main__":
+    setup_logging()
+    run(config_from_argv(sys.argv[1:], prog="python -m jobs.diffusion"))
