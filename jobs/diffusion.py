@@ -61,13 +61,19 @@ def lesion_caption(diagnosis: str, area_mm2: float | None, size_words: bool) -> 
 class DiffusionInputs:
     """Lesion rows -> pixels in [-1, 1] at the training resolution and caption token ids."""
 
-    def __init__(self, base: str, resolution: int, size_words: bool):
+    def __init__(self, base: str, resolution: int, size_words: bool, only: set[str] | None = None):
         from transformers import CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-        self.resolution, self.size_words = resolution, size_words
+        self.resolution, self.size_words, self.only = resolution, size_words, only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.only is not None:
+            keep = np.array([i in self.only for i in batch["lesion_id"]], dtype=bool)
+            batch = {k: v[keep] for k, v in batch.items()}
+            if not keep.any():
+                empty = (0, 3, self.resolution, self.resolution)
+                return {PIXELS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}
         images = [decode_rgb(b) for b in batch["image_bytes"]]
         captions = [lesion_caption(d, a, self.size_words) for d, a in zip(batch["diagnosis"], batch["area_mm2"])]
         return {PIXELS: image_tensor(images, self.resolution).numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}
@@ -147,12 +153,20 @@ LORA = Task(build=build, loss=batch_loss, evaluate=evaluate, save=save, load=loa
 # --- On the driver ----------------------------------------------------------------------------
 
 
-def split_dataset(d: DiffusionConfig, split: str, base: str, resolution: int, storage_options: dict) -> ray.data.Dataset:
+def split_ids(d: DiffusionConfig, storage_options: dict) -> dict[str, list[str]]:
+    """Lesion ids per split, sorted; the first `limit` of each when set."""
+    table = read_parquet(d.input, storage_options, columns=["lesion_id", "split"])
+    ids = {s: sorted(table.filter(pc.equal(table["split"], s))["lesion_id"].to_pylist()) for s in ("train", "val")}
+    return {s: v[: d.limit] if d.limit else v for s, v in ids.items()}
+
+
+def split_dataset(d: DiffusionConfig, split: str, ids: list[str], base: str, resolution: int, storage_options: dict) -> ray.data.Dataset:
     fs, root = arrow_filesystem(d.input, storage_options)
+    only = set(ids) if d.limit else None
     ds = (
-        ray.data.read_parquet(root, filesystem=fs, columns=["split", "image_bytes", "diagnosis", "area_mm2"])
+        ray.data.read_parquet(root, filesystem=fs, columns=["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2"])
         .filter(expr=f"split == '{split}'")
-        .map_batches(DiffusionInputs, fn_constructor_args=(base, resolution, d.size_words), batch_size=256,
+        .map_batches(DiffusionInputs, fn_constructor_args=(base, resolution, d.size_words, only), batch_size=256,
                      batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(2, 2 * d.train.num_workers)))
     )
     return ds.materialize() if d.train.materialize else ds
@@ -165,11 +179,11 @@ def run(cfg: DermarayConfig) -> dict:
     started = time.perf_counter()
     base, pretrain_losses = prepared_base(cfg)
     resolution = d.resolution or native_resolution(load_pipeline(base))
-    splits = read_parquet(d.input, options, columns=["split"])["split"]
-    n_train = int(pc.sum(pc.equal(splits, "train")).as_py() or 0)
+    ids = split_ids(d, options)
+    n_train = len(ids["train"])
     if n_train == 0:
         raise ValueError(f"{d.input} has no training-split lesions")
-    datasets = {s: split_dataset(d, s, base, resolution, options) for s in ("train", "val")}
+    datasets = {s: split_dataset(d, s, ids[s], base, resolution, options) for s in ("train", "val")}
     config = {"base": base, "base_name": cfg.models.diffusion_base, "rank": d.lora_rank, "alpha": d.lora_alpha,
               "targets": list(d.lora_targets), "seed": d.train.seed, "resolution": resolution, "size_words": d.size_words}
     checkpoint, history = fit(LORA, config, d.train, datasets, n_train, d.output, d.run_name, options)

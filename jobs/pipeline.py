@@ -11,6 +11,7 @@ there, exactly as when the stages run alone:
     embeddings/{frozen,grounded}/<domain> per-lesion embeddings and vector indexes
     reports/grounding                     frozen vs grounded tables
     notes_blind/<domain>, classifier/     label-free notes and the image + note classifier
+    diffusion/                            pre-trained tiny base, LoRA runs and the adapter
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.grounding.embed import FROZEN
 from dermaray.storage import absolute, join
-from jobs import classifier, embeddings, grounding, grounding_eval, ingest, notes, synth
+from jobs import classifier, diffusion, embeddings, grounding, grounding_eval, ingest, notes, synth
 from jobs.common import init_ray, log, write_summary
 
 
@@ -73,6 +74,9 @@ def run(cfg: DermarayConfig) -> dict:
             init_from=grounded_model if "grounding" in stages else cfg.classifier.init_from,
         ))
         results["classifier"] = {k: v for k, v in summary.items() if k != "history"}
+    if "diffusion" in stages:
+        summary = diffusion.run(_with(cfg, "diffusion", input=lesions["clinic"], output=join(root, "diffusion")))
+        results["diffusion"] = {k: v for k, v in summary.items() if k != "history"}
     write_summary(join(root, "pipeline_summary.json"), results, cfg.storage_options)
     log.info("pipeline: done, outputs under %s", root)
     return results

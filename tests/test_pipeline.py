@@ -15,7 +15,8 @@ def test_pipeline_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
         config,
         ["pipeline.workdir=out", f"models.cache_dir={cache}", "synth.n_lesions=240", "pipeline.shifted_lesions=40", "notes.strategy=M",
          "grounding.train.epochs=2", "classifier.train.epochs=1", "models.text_encoder=tiny",
-         "grounding.train.cpus_per_worker=1", "classifier.train.cpus_per_worker=1"],
+         "grounding.train.cpus_per_worker=1", "classifier.train.cpus_per_worker=1",
+         "diffusion.pretrain.steps=2", "diffusion.limit=64", "diffusion.train.epochs=1", "diffusion.train.cpus_per_worker=1"],
     )
     results = pipeline.run(cfg)
     tmp_path = tmp_path / "out"
@@ -33,3 +34,4 @@ def test_pipeline_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
     assert "clinic held-out" in report and "shifted (domain shift" in report
     assert set(results["classifier"]["eval"]) == {"in-domain (test split)", "shifted domain"}
     assert results["classifier"]["lesions_without_note"] == 0
+    assert (tmp_path / "diffusion" / "adapter" / "pytorch_lora_weights.safetensors").is_file()

@@ -20,6 +20,7 @@ STAGES = {
     "embeddings": "embed every lesion (grounded or frozen) and build a vector index",
     "grounding_eval": "frozen vs grounded: attribute prediction and retrieval tables",
     "classifier": "train and evaluate the image + note classifier with Ray Train",
+    "diffusion": "train a diagnosis-conditioned LoRA adapter on Stable Diffusion with Ray Train (resumable)",
     "pipeline": "run every stage end to end",
 }
 

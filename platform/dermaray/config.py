@@ -212,6 +212,7 @@ class DiffusionConfig(Section):
     size_words: bool = True  # captions say small / medium / large from the lesion's area
     pretrain: BasePretrainConfig = BasePretrainConfig()  # only for `tiny` (random) bases
     run_name: str = "lora"
+    limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id) of each split, for trials
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=8, ge=1)
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -223,8 +224,8 @@ class PipelineConfig(Section):
 
     workdir: str = "out"
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
-    stages: list[Literal["synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier"]] = [
-        "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier",
+    stages: list[Literal["synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion"]] = [
+        "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion",
     ]
 
 

@@ -42,7 +42,12 @@ class Preprocessor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         images = [decode_rgb(b) for b in batch["image_bytes"]]
         out: dict[str, Any] = {k: batch[k] for k in self.keep if k in batch}
-        out[PIXELS] = self.processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
+        if images:
+            out[PIXELS] = self.processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
+        else:  # a batch a filter emptied
+            size = self.processor.crop_size if getattr(self.processor, "do_center_crop", False) else self.processor.size
+            side = size.get("height") or size.get("shortest_edge")
+            out[PIXELS] = np.zeros((0, 3, side, side), np.float32)
         if self.scaler is not None:
             out[TARGETS] = self.scaler.transform(np.stack([batch[a] for a in self.scaler.names], axis=1))
         if "diagnosis" in batch:
