@@ -12,6 +12,7 @@ there, exactly as when the stages run alone:
     reports/grounding                     frozen vs grounded tables
     notes_blind/<domain>, classifier/     label-free notes and the image + note classifier
     diffusion/                            pre-trained tiny base, LoRA runs and the adapter
+    reports/diffusion                     base vs LoRA: class relevance, KID, size faithfulness, grids
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.grounding.embed import FROZEN
 from dermaray.storage import absolute, join
-from jobs import classifier, diffusion, embeddings, grounding, grounding_eval, ingest, notes, synth
+from jobs import classifier, diffusion, diffusion_eval, embeddings, grounding, grounding_eval, ingest, notes, synth
 from jobs.common import init_ray, log, write_summary
 
 
@@ -77,6 +78,11 @@ def run(cfg: DermarayConfig) -> dict:
     if "diffusion" in stages:
         summary = diffusion.run(_with(cfg, "diffusion", input=lesions["clinic"], output=join(root, "diffusion")))
         results["diffusion"] = {k: v for k, v in summary.items() if k != "history"}
+    if "diffusion_eval" in stages:
+        evaluated = diffusion_eval.run(_with(
+            _with(cfg, "diffusion", output=join(root, "diffusion")), "diffusion_eval",
+            classifier=join(root, "classifier", "model"), real=lesions["clinic"], output=join(root, "reports", "diffusion")))
+        results["diffusion_eval"] = {name: evaluated[name]["class_relevance"]["relevance"] for name in ("base", "lora")}
     write_summary(join(root, "pipeline_summary.json"), results, cfg.storage_options)
     log.info("pipeline: done, outputs under %s", root)
     return results

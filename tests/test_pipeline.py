@@ -16,7 +16,8 @@ def test_pipeline_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
         ["pipeline.workdir=out", f"models.cache_dir={cache}", "synth.n_lesions=240", "pipeline.shifted_lesions=40", "notes.strategy=M",
          "grounding.train.epochs=2", "classifier.train.epochs=1", "models.text_encoder=tiny",
          "grounding.train.cpus_per_worker=1", "classifier.train.cpus_per_worker=1",
-         "diffusion.pretrain.steps=2", "diffusion.limit=64", "diffusion.train.epochs=1", "diffusion.train.cpus_per_worker=1"],
+         "diffusion.pretrain.steps=2", "diffusion.limit=64", "diffusion.train.epochs=1", "diffusion.train.cpus_per_worker=1",
+         "diffusion_eval.images_per_class=2", "diffusion_eval.steps=2"],
     )
     results = pipeline.run(cfg)
     tmp_path = tmp_path / "out"
@@ -35,3 +36,5 @@ def test_pipeline_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
     assert set(results["classifier"]["eval"]) == {"in-domain (test split)", "shifted domain"}
     assert results["classifier"]["lesions_without_note"] == 0
     assert (tmp_path / "diffusion" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert set(results["diffusion_eval"]) == {"base", "lora"} and all(0 <= v <= 1 for v in results["diffusion_eval"].values())
+    assert (tmp_path / "reports" / "diffusion" / "grid_lora.png").is_file()

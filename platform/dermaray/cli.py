@@ -21,6 +21,7 @@ STAGES = {
     "grounding_eval": "frozen vs grounded: attribute prediction and retrieval tables",
     "classifier": "train and evaluate the image + note classifier with Ray Train",
     "diffusion": "train a diagnosis-conditioned LoRA adapter on Stable Diffusion with Ray Train (resumable)",
+    "diffusion_eval": "base vs LoRA generation: class relevance, KID, size faithfulness, sample grids",
     "pipeline": "run every stage end to end",
 }
 

@@ -219,13 +219,31 @@ class DiffusionConfig(Section):
     train: TrainConfig = TrainConfig(lr=1e-4, epochs=5, batch_size=16)
 
 
+class DiffusionEvalConfig(Section):
+    """Base vs LoRA generation, judged by the image head of the classifier trained on real lesions."""
+
+    base: str | None = None  # None: <diffusion.output>/base
+    adapter: str | None = None  # None: <diffusion.output>/adapter
+    classifier: str = "out/classifier/model"
+    real: str = "out/ingest/clinic/lesions"  # its test split: the held-out real images for KID
+    real_images: int = Field(default=500, ge=2)
+    output: str = "out/reports/diffusion"
+    images_per_class: int = Field(default=16, ge=2)
+    steps: int = Field(default=20, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=1)
+    seed: int = 0
+    num_cpus: float = Field(default=1, ge=0)
+    num_gpus: float = Field(default=0, ge=0)
+
+
 class PipelineConfig(Section):
     """The end-to-end job: every stage reads what the one before wrote under `workdir`."""
 
     workdir: str = "out"
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
-    stages: list[Literal["synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion"]] = [
-        "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion",
+    stages: list[Literal["synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion",
+                         "diffusion_eval"]] = [
+        "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion", "diffusion_eval",
     ]
 
 
@@ -242,6 +260,7 @@ class DermarayConfig(Section):
     grounding_eval: GroundingEvalConfig = GroundingEvalConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    diffusion_eval: DiffusionEvalConfig = DiffusionEvalConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
 

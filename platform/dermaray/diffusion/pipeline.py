@@ -310,9 +310,9 @@ def read_lora(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def generate(
     pipe: Any, prompts: Sequence[str], n_per_prompt: int, seed: int, steps: int = 20, guidance_scale: float = 7.5,
-    adapter_folder: str | Path | None = None,
+    adapter_folder: str | Path | None = None, resolution: int | None = None,
 ) -> list[Image.Image]:
-    """`n_per_prompt` images per prompt at the native resolution, prompt-major.
+    """`n_per_prompt` images per prompt at `resolution` (default: the native one), prompt-major.
 
     Image i (of prompts[i // n_per_prompt]) starts from its own generator seeded `seed + i`, so
     the same call with the same seed gives the same images. With `adapter_folder`, that adapter
@@ -330,7 +330,7 @@ def generate(
         pipe.load_lora_weights(str(adapter_folder), weight_name=LORA_WEIGHT_NAME)
     try:
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * n_per_prompt)]
-        size = native_resolution(pipe)
+        size = resolution or native_resolution(pipe)
         return pipe(
             prompt=list(prompts), num_images_per_prompt=n_per_prompt, generator=generators, height=size, width=size,
             num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pil",

@@ -1,0 +1,138 @@
+"""Evaluate diagnosis -> image generation: base vs LoRA, judged by an independent classifier.
+
+    python -m jobs.diffusion_eval --config configs/local.yaml
+
+For every diagnosis, the base and the adapted pipeline generate the same number of images from
+the same seeds and prompts. The image head of the classifier trained on real lesions
+(jobs.classifier) judges them:
+
+- class relevance: share of generated images classified as the prompted diagnosis;
+- KID between generated and held-out real images, on that classifier's image features
+  (real images resized to the generation size first, so size alone does not separate them);
+- size faithfulness: "large" vs "small" prompts, lesion area measured on the generated pixels;
+- sample grids (one row per diagnosis) as PNG for the report.
+
+Generation runs in one Ray task (`diffusion_eval.num_gpus` on clusters).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import ray
+import torch
+
+from dermaray.cli import config_from_argv, setup_logging
+from dermaray.config import DermarayConfig
+from dermaray.diffusion.captions import caption
+from dermaray.diffusion.evaluate import class_relevance, image_grid, kid, lesion_area_mm2, size_faithfulness
+from dermaray.diffusion.pipeline import generate, load_pipeline
+from dermaray.grounding.classifier import load_classifier
+from dermaray.grounding.data import CLASS_CODES, decode_rgb
+from dermaray.grounding.model import model_path
+from dermaray.storage import download_folder, join, read_parquet, write_bytes
+from jobs.common import init_ray, log, write_summary
+
+
+class ImageJudge:
+    """The classifier's image branch: predicted class and image features for PIL images."""
+
+    def __init__(self, folder: str, cache_dir: str):
+        from transformers import AutoImageProcessor
+
+        self.model = load_classifier(folder, cache_dir)
+        self.processor = AutoImageProcessor.from_pretrained(model_path(self.model.settings.model, cache_dir))
+        self.classes = list(self.model.settings.classes)
+
+    @torch.no_grad()
+    def __call__(self, images: list) -> tuple[list[str], np.ndarray]:
+        pixels = torch.as_tensor(self.processor(images=images, return_tensors="np")["pixel_values"])
+        features = self.model.encode_image(pixels)
+        predicted = self.model.image_head(features).argmax(1).tolist()
+        return [self.classes[i] for i in predicted], features.numpy()
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@ray.remote
+def evaluate_generation(base: str, adapter: str, judge_folder: str, real_images: list[bytes], settings: dict) -> dict[str, Any]:
+    judge = ImageJudge(judge_folder, settings["cache_dir"])
+    size, n, codes = settings["resolution"], settings["images_per_class"], settings["classes"]
+    real = [decode_rgb(b).resize((size, size)) for b in real_images]
+    _, real_features = judge(real)
+    pipe = load_pipeline(base)
+    prompts = [caption(code) for code in codes]
+    prompted = [code for code in codes for _ in range(n)]
+    results: dict[str, Any] = {"grids": {}}
+    for name, folder in (("base", None), ("lora", adapter)):
+        images = generate(pipe, prompts, n, seed=settings["seed"], steps=settings["steps"],
+                          guidance_scale=settings["guidance_scale"], adapter_folder=folder, resolution=size)
+        predicted, features = judge(images)
+        results[name] = {"class_relevance": class_relevance(prompted, predicted),
+                         "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(images), len(real)))))}
+        columns = min(n, 8)
+        rows = [img for i in range(len(codes)) for img in images[i * n : i * n + columns]]
+        results["grids"][name] = png(image_grid(rows, columns, labels=list(codes), cell=max(64, size)))
+    sizes = {}
+    for word in ("large", "small"):
+        images = generate(pipe, [caption(code, word) for code in codes], max(1, n // 2), seed=settings["seed"],
+                          steps=settings["steps"], guidance_scale=settings["guidance_scale"], adapter_folder=adapter, resolution=size)
+        sizes[word] = [lesion_area_mm2(img) for img in images]
+    results["lora"]["size_faithfulness"] = size_faithfulness(sizes["large"], sizes["small"])
+    results["chance"] = 1 / len(judge.classes)
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = ["| pipeline | class relevance | KID (mean ± sd) |", "|---|---|---|"]
+    for name in ("base", "lora"):
+        m = r[name]
+        lines.append(f"| {name} | {m['class_relevance']['relevance']:.3f} | {m['kid']['mean']:.4f} ± {m['kid']['std']:.4f} |")
+    lines += ["", f"Chance level for the classifier: {r['chance']:.3f}.", "",
+              "| diagnosis | base | LoRA |", "|---|---|---|"]
+    for code in r["lora"]["class_relevance"]["per_class"]:
+        lines.append(f"| {code} | {r['base']['class_relevance']['per_class'].get(code, 0):.2f} | {r['lora']['class_relevance']['per_class'][code]:.2f} |")
+    s = r["lora"]["size_faithfulness"]
+    lines += ["", f"Size faithfulness (LoRA): 'large' prompts {s['mean_large_mm2']:.1f} mm² vs 'small' {s['mean_small_mm2']:.1f} mm² "
+              f"(ratio {s['ratio']:.2f}, AUC {s['auc']:.2f}, one-sided Mann-Whitney p = {s['p_value']:.3g})."]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: DermarayConfig) -> dict:
+    d, ev, options = cfg.diffusion, cfg.diffusion_eval, cfg.storage_options
+    init_ray(cfg.ray)
+    lesions = read_parquet(ev.real, options, columns=["split", "image_bytes", "diagnosis"])
+    held_out = lesions.filter(pc.equal(lesions["split"], "test"))
+    if held_out.num_rows < 2:
+        raise ValueError(f"{ev.real} has {held_out.num_rows} test-split lesions; KID needs held-out real images")
+    with tempfile.TemporaryDirectory() as folder:
+        local = {name: download_folder(uri, str(Path(folder) / name), options)
+                 for name, uri in (("base", ev.base or join(d.output, "base")), ("adapter", ev.adapter or join(d.output, "adapter")),
+                                   ("judge", ev.classifier))}
+        settings = {"resolution": d.resolution or 64, "images_per_class": ev.images_per_class, "seed": ev.seed, "steps": ev.steps,
+                    "guidance_scale": ev.guidance_scale, "classes": [c for c in CLASS_CODES if c in set(held_out["diagnosis"].to_pylist())],
+                    "cache_dir": str(Path(cfg.models.cache_dir).expanduser().resolve())}
+        log.info("diffusion_eval: %d images per class for %s, base vs LoRA", ev.images_per_class, settings["classes"])
+        results = ray.get(evaluate_generation.options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus).remote(
+            local["base"], local["adapter"], local["judge"], held_out["image_bytes"].to_pylist()[: ev.real_images], settings))
+    for name, data in results.pop("grids").items():
+        write_bytes(join(ev.output, f"grid_{name}.png"), data, options)
+    write_bytes(join(ev.output, "diffusion_eval.md"), markdown(results).encode(), options)
+    write_summary(join(ev.output, "diffusion_eval.json"), json.loads(json.dumps(results, default=float)), options)
+    return results
+
+
+if __name__ == "__main__":
+    setup_logging()
+    print(markdown(run(config_from_argv(sys.argv[1:], prog="python -m jobs.diffusion_eval"))))
