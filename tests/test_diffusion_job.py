@@ -1,10 +1,6 @@
 """The LoRA diffusion job on a real local Ray cluster: pre-trained tiny base, adapter training, resume, diffusers loading."""
 
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +10,7 @@ from dermaray.config import load_config
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, add_lora, generate, load_pipeline, lora_state, read_lora
 from dermaray.storage import read_parquet
 from jobs import diffusion
+from tests.helpers import kill_driver_after_first_checkpoint
 
 LESIONS = "s3://dermaray/ingest/lesions"
 FAST = ["diffusion.resolution=32", "diffusion.pretrain.steps=6", "diffusion.pretrain.batch_size=8",
@@ -68,17 +65,7 @@ def test_killed_driver_resumes_with_the_adapter_weights_restored(trained, s3_opt
     reference = diffusion.run(_config(s3_options, f"diffusion.output={reference_out}", f"diffusion.train.epochs={epochs}"))
 
     args = [*FAST, f"diffusion.input={LESIONS}", f"diffusion.output={resumed_out}", f"diffusion.train.epochs={epochs}"]
-    args += [f"storage_options.{k}={v}" for k, v in s3_options.items()]
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.diffusion", *args, f"ray.address={ray_cluster.get_runtime_context().gcs_address}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    snapshot = resumed_out / "runs" / "lora" / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 300
-    while not snapshot.exists() and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=30)
-    assert snapshot.exists(), "the driver died before its first checkpoint"
-    time.sleep(3)
+    kill_driver_after_first_checkpoint("diffusion", args, resumed_out / "runs" / "lora", s3_options, ray_cluster)
     resumed = diffusion.run(_config(s3_options, f"diffusion.output={resumed_out}", f"diffusion.train.epochs={epochs}"))
 
     assert 1 <= resumed["resumed_from_epoch"] < epochs, "the kill must land mid-run"

@@ -1,11 +1,6 @@
 """Grounding, embeddings, evaluation and the classifier as Ray jobs: real local cluster, real S3 endpoint."""
 
 import math
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +12,7 @@ from dermaray.config import load_config
 from dermaray.retrieval import VectorIndex
 from dermaray.storage import read_parquet
 from jobs import classifier, embeddings, grounding, grounding_eval, notes
+from tests.helpers import kill_driver_after_first_checkpoint
 
 LESIONS = "s3://dermaray/ingest/lesions"
 FAST = ["grounding.train.batch_size=64", "grounding.attributes=[area_mm2, eccentricity, delta_lb_norm]"]
@@ -83,18 +79,7 @@ def test_killed_driver_resumes_from_the_last_checkpoint(ingested_on_s3, s3_optio
     """SIGKILL the training driver after its first checkpoint; the re-run continues to the same final step."""
     out, epochs = tmp_path / "g", 6
     args = [*FAST, f"grounding.input={LESIONS}", f"grounding.output={out}", "grounding.tune=full", f"grounding.train.epochs={epochs}"]
-    options = [f"storage_options.{k}={v}" for k, v in s3_options.items()]
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.grounding", *args, *options,
-                               f"ray.address={ray_cluster.get_runtime_context().gcs_address}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    snapshot = out / "runs" / "grounding" / "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
-    deadline = time.time() + 300
-    while not snapshot.exists() and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=30)
-    assert snapshot.exists(), "the driver died before its first checkpoint"
-    time.sleep(3)  # Ray stops the dead driver's trainer and workers
+    kill_driver_after_first_checkpoint("grounding", args, out / "runs" / "grounding", s3_options, ray_cluster)
 
     summary = grounding.run(_config(s3_options, *args))
     assert 1 <= summary["resumed_from_epoch"] < epochs, "the kill must land mid-run"
