@@ -84,6 +84,7 @@ class DiffusionInputs:
 
 @ray.remote
 def pretrain_task(base: str, target: str, rows: list[dict], p: dict, size_words: bool, resolution: int | None, seed: int) -> dict:
+    setup_logging()  # the step losses, every 50 steps, in the worker's log (and the driver's, with log_to_driver)
     images = [decode_rgb(r["image_bytes"]) for r in rows]
     captions = [lesion_caption(r["diagnosis"], r["area_mm2"], size_words) for r in rows]
     return pretrain_base(base, target, images, captions, steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
