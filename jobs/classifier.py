@@ -38,9 +38,9 @@ from dermaray.grounding.data import CLASS_CODES, LABEL, PIXELS, Preprocessor
 from dermaray.grounding.metrics import class_retrieval_metrics, classification_metrics
 from dermaray.grounding.model import augment, model_path
 from dermaray.grounding.text import TextEncoder
-from dermaray.storage import absolute, arrow_filesystem, download_folder, join, read_parquet, write_bytes
+from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
-from jobs.training import Task, export_model, fit
+from jobs.training import Task, export_model, fit, split_inputs
 
 TEXT = "text_embedding"
 
@@ -79,14 +79,9 @@ class ClassifierInputs:
 
 
 def inputs(uri: str, notes: pa.Table, split: str | None, cfg: DermarayConfig, materialize: bool, max_actors: int = 2) -> ray.data.Dataset:
-    fs, root = arrow_filesystem(uri, cfg.storage_options)
-    ds = ray.data.read_parquet(root, filesystem=fs, columns=["lesion_id", "split", "image_bytes", "diagnosis"])
-    if split is not None:
-        ds = ds.filter(expr=f"split == '{split}'")
     path = model_path(cfg.models.grounding_mllm, cfg.models.cache_dir)
-    ds = ds.map_batches(ClassifierInputs, fn_constructor_args=(path, cfg.models.text_encoder, cfg.models.cache_dir, notes),
-                        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors))
-    return ds.materialize() if materialize else ds
+    return split_inputs(uri, ["lesion_id", "split", "image_bytes", "diagnosis"], split, ClassifierInputs,
+                        (path, cfg.models.text_encoder, cfg.models.cache_dir, notes), cfg.storage_options, materialize, max_actors)
 
 
 # --- The task, run on the Ray Train workers ---------------------------------------------------

@@ -45,9 +45,9 @@ from dermaray.diffusion.pipeline import (
 )
 from dermaray.grounding.data import decode_rgb
 from dermaray.models.registry import PRESETS, resolve_model
-from dermaray.storage import absolute, arrow_filesystem, is_remote, join, read_parquet, require
+from dermaray.storage import absolute, is_remote, join, read_parquet, require
 from jobs.common import init_ray, log, write_summary
-from jobs.training import Task, export_model, fit
+from jobs.training import Task, export_model, fit, split_inputs
 
 PIXELS, IDS = "pixel_values", "input_ids"
 SETTINGS_FILE = "adapter.json"
@@ -162,15 +162,10 @@ def split_ids(d: DiffusionConfig, storage_options: dict) -> dict[str, list[str]]
 
 
 def split_dataset(d: DiffusionConfig, split: str, ids: list[str], base: str, resolution: int, storage_options: dict) -> ray.data.Dataset:
-    fs, root = arrow_filesystem(d.input, storage_options)
+    columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2"]
     only = set(ids) if d.limit else None
-    ds = (
-        ray.data.read_parquet(root, filesystem=fs, columns=["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2"])
-        .filter(expr=f"split == '{split}'")
-        .map_batches(DiffusionInputs, fn_constructor_args=(base, resolution, d.size_words, only), batch_size=256,
-                     batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(2, 2 * d.train.num_workers)))
-    )
-    return ds.materialize() if d.train.materialize else ds
+    return split_inputs(d.input, columns, split, DiffusionInputs, (base, resolution, d.size_words, only), storage_options,
+                        d.train.materialize, max(2, 2 * d.train.num_workers))
 
 
 def run(cfg: DermarayConfig) -> dict:

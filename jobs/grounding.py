@@ -36,9 +36,9 @@ from dermaray.grounding.model import (
     model_path,
     save_model,
 )
-from dermaray.storage import arrow_filesystem, join, read_parquet
+from dermaray.storage import join, read_parquet
 from jobs.common import init_ray, log, write_summary
-from jobs.training import Task, export_model, fit
+from jobs.training import Task, export_model, fit, split_inputs
 
 
 def settings_of(cfg: DermarayConfig) -> GroundingSettings:
@@ -102,18 +102,11 @@ def fit_scaler(g: GroundingConfig, storage_options: dict) -> tuple[AttributeScal
     return AttributeScaler.fit(g.attributes, values, log_sizes=g.log_sizes), counts
 
 
-def split_dataset(uri: str, split: str, path: str, scaler: AttributeScaler | None, storage_options: dict,
-                  materialize: bool, extra_columns: tuple[str, ...] = (), max_actors: int = 2) -> ray.data.Dataset:
+def split_dataset(uri: str, split: str, path: str, scaler: AttributeScaler, storage_options: dict,
+                  materialize: bool, max_actors: int = 2) -> ray.data.Dataset:
     """One split of the lesion table as model inputs (pixels, z-scored targets, class label)."""
-    fs, root = arrow_filesystem(uri, storage_options)
-    attributes = list(scaler.names) if scaler else []
-    ds = (
-        ray.data.read_parquet(root, filesystem=fs, columns=["lesion_id", "split", "image_bytes", "diagnosis", *attributes, *extra_columns])
-        .filter(expr=f"split == '{split}'")
-        .map_batches(Preprocessor, fn_constructor_args=(path, scaler, extra_columns), batch_size=256, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors))
-    )
-    return ds.materialize() if materialize else ds
+    columns = ["lesion_id", "split", "image_bytes", "diagnosis", *scaler.names]
+    return split_inputs(uri, columns, split, Preprocessor, (path, scaler, ()), storage_options, materialize, max_actors)
 
 
 def run(cfg: DermarayConfig) -> dict:

@@ -144,6 +144,20 @@ def fit(
     return result.checkpoint, history
 
 
+def split_inputs(
+    uri: str, columns: list[str], split: str | None, prepare: type, args: tuple, storage_options: dict,
+    materialize: bool, max_actors: int = 2,
+) -> ray.data.Dataset:
+    """One split of the lesion table (every row when `split` is None) mapped to model inputs by an actor pool of `prepare`."""
+    fs, root = arrow_filesystem(uri, storage_options)
+    ds = ray.data.read_parquet(root, filesystem=fs, columns=columns)
+    if split is not None:
+        ds = ds.filter(expr=f"split == '{split}'")
+    ds = ds.map_batches(prepare, fn_constructor_args=args, batch_size=256, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors))
+    return ds.materialize() if materialize else ds
+
+
 def export_model(checkpoint: Checkpoint, output: str, storage_options: dict, name: str = MODEL_DIR) -> str:
     """Copy the checkpoint's model folder to `<output>/<name>` (any URI)."""
     target = join(output, name)
