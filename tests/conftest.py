@@ -93,3 +93,15 @@ def ingested_on_s3(synthetic_on_s3, s3_options):
     cfg = load_config(None, ["ingest.input=s3://dermaray/synth/isic", "ingest.output=s3://dermaray/ingest", "ingest.batch_size=128"])
     cfg.storage_options = s3_options
     return ingest.run(cfg)
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_cluster, tmp_path_factory):
+    """The Serve app (retrieval, generation, ingress) over tiny real artifacts, with an API key set."""
+    from pathlib import Path
+
+    from tests import serve_fixtures
+
+    app = serve_fixtures.start(tmp_path_factory.mktemp("serve"), Path(".cache/models").resolve())
+    yield app
+    serve_fixtures.stop()

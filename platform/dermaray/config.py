@@ -247,6 +247,32 @@ class PipelineConfig(Section):
     ]
 
 
+class ServeConfig(Section):
+    """The Ray Serve apps (serve/app.py): the artifacts they load (any URI) and the limits they enforce."""
+
+    grounding_model: str = "out/grounding/model"  # image -> embedding + predicted attributes
+    index: str = "out/embeddings/clinic/index"  # the vector index over that model's embeddings
+    embeddings: str = "out/embeddings/clinic/embeddings"  # gallery's predicted attributes (attribute search)
+    lesions: str = "out/ingest/clinic/lesions"  # gallery metadata and thumbnails
+    classifier: str | None = "out/classifier/model"  # diagnosis prediction and text search; None: neither
+    diffusion: str | None = "out/diffusion"  # <diffusion>/base, /adapter, /adapters/<code>; None: no generation
+    thumbnail_px: int = Field(default=96, ge=16, le=512)
+    max_upload_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)  # larger uploads: 413
+    max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)  # more decoded pixels (a decompression bomb): 422
+    max_k: int = Field(default=50, ge=1, le=100)  # similar lesions per request
+    max_text_chars: int = Field(default=4000, ge=1)
+    max_images: int = Field(default=4, ge=1, le=16)  # generated references per request
+    steps: int = Field(default=20, ge=1)  # denoising steps per generated image
+    max_steps: int = Field(default=50, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=1)
+    resolution: int | None = Field(default=None, ge=8)  # None: diffusion.resolution, else the base's native size
+    max_adapters_per_replica: int = Field(default=4, ge=1)  # LoRA adapters a generation replica keeps loaded
+    api_key: str | None = None  # when set (or the env var below is), requests need header X-API-Key
+    api_key_env: str = "DERMARAY_API_KEY"  # read in the ingress replica; keeps the key out of config files
+    call_timeout_s: float = Field(default=30.0, gt=0)  # ingress -> retrieval calls; 504 past it
+    generation_timeout_s: float = Field(default=120.0, gt=0)  # ingress -> generation (a cold replica loads first)
+
+
 class DermarayConfig(Section):
     # fsspec storage options for every URI (s3fs: endpoint_url, key, secret, client_kwargs, ...)
     storage_options: dict[str, Any] = {}
@@ -262,6 +288,7 @@ class DermarayConfig(Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     diffusion_eval: DiffusionEvalConfig = DiffusionEvalConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

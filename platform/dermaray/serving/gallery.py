@@ -1,0 +1,127 @@
+"""The searchable lesions as the service shows them: metadata, attributes, thumbnails, by row.
+
+Rows follow the vector index's row order, so a search hit's row is a gallery row. Built from
+the canonical lesion table (diagnosis, true attributes, image) and the embeddings table
+(the grounded heads' predicted attributes, which attribute-conditioned search ranks by).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from dermaray.grounding.data import decode_rgb
+from dermaray.grounding.embed import PREDICTED_PREFIX
+from dermaray.schema import ATTRIBUTE_NAMES, ATTRIBUTES_BY_NAME, DIAGNOSES_BY_CODE
+
+LESION_COLUMNS = ["lesion_id", "diagnosis", *ATTRIBUTE_NAMES, "image_bytes"]
+
+
+def thumbnail_jpeg(image_bytes: bytes, size: int) -> bytes:
+    image = decode_rgb(image_bytes)
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def diagnosis_name(code: str | None) -> str | None:
+    return DIAGNOSES_BY_CODE[code].name if code in DIAGNOSES_BY_CODE else None
+
+
+def attribute_dict(names: Sequence[str], values: Sequence[float]) -> dict[str, float | None]:
+    return {n: (round(float(v), 4) if np.isfinite(v) else None) for n, v in zip(names, values)}
+
+
+@dataclass
+class Gallery:
+    ids: list[str]
+    diagnoses: list[str | None]
+    attributes: np.ndarray  # [n, len(ATTRIBUTE_NAMES)] true values, NaN where unknown
+    predicted_names: list[str]
+    predicted: np.ndarray  # [n, len(predicted_names)] the grounded heads' predictions
+    thumbnails: list[bytes]
+    images: list[bytes]  # the original encoded images (for embedding the gallery with other towers)
+
+    @classmethod
+    def build(cls, ids: Sequence[str], lesions: pa.Table, embeddings: pa.Table, predicted_names: Sequence[str],
+              thumbnail_px: int) -> Gallery:
+        """Rows in the order of `ids` (the index's); every id must be in both tables."""
+        ids = list(ids)
+        lesion_row = _rows_by_id(lesions, "lesion table")
+        embedding_row = _rows_by_id(embeddings, "embeddings table")
+        missing = [i for i in ids if i not in lesion_row or i not in embedding_row]
+        if missing:
+            raise ValueError(f"{len(missing)} indexed lesions are missing from the lesion or embeddings table, e.g. {missing[:3]}")
+        take_lesions = pa.array([lesion_row[i] for i in ids], pa.int64())
+        lesions = lesions.take(take_lesions)
+        embeddings = embeddings.take(pa.array([embedding_row[i] for i in ids], pa.int64()))
+        attributes = np.stack([_floats(lesions, name) for name in ATTRIBUTE_NAMES], axis=1) if ids else np.zeros((0, len(ATTRIBUTE_NAMES)))
+        names = [n for n in predicted_names if PREDICTED_PREFIX + n in embeddings.column_names]
+        predicted = (np.stack([_floats(embeddings, PREDICTED_PREFIX + n) for n in names], axis=1)
+                     if names and ids else np.zeros((len(ids), len(names))))
+        images = lesions["image_bytes"].to_pylist()
+        return cls(ids, lesions["diagnosis"].to_pylist(), attributes, names, predicted,
+                   [thumbnail_jpeg(b, thumbnail_px) for b in images], images)
+
+    def __post_init__(self) -> None:
+        self._row = {i: r for r, i in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row_of(self, lesion_id: str) -> int | None:
+        return self._row.get(lesion_id)
+
+    def record(self, row: int, score: float | None = None, inline_thumbnail: bool = False) -> dict[str, Any]:
+        """What a client sees of one lesion."""
+        code = self.diagnoses[row]
+        out: dict[str, Any] = {
+            "lesion_id": self.ids[row],
+            "diagnosis": code,
+            "diagnosis_name": diagnosis_name(code),
+            "attributes": attribute_dict(ATTRIBUTE_NAMES, self.attributes[row]),
+            "thumbnail_url": f"/lesions/{self.ids[row]}/thumbnail",
+        }
+        if score is not None:
+            out["score"] = round(float(score), 6)
+        if inline_thumbnail:
+            out["thumbnail"] = data_url(self.thumbnails[row], "image/jpeg")
+        return out
+
+    def nearest_by_value(self, attribute: str, value: float, k: int) -> list[tuple[int, float]]:
+        """Rows whose predicted `attribute` is closest to `value` (the grounding evaluation's
+        "by head" retrieval), as (row, |difference|), closest first, ties by row."""
+        column = self.predicted[:, self.predicted_names.index(attribute)]
+        gap = np.abs(column - value)
+        order = np.argsort(gap, kind="stable")[:k]
+        return [(int(r), float(gap[r])) for r in order]
+
+
+def attribute_units() -> dict[str, str]:
+    return {name: ATTRIBUTES_BY_NAME[name].unit for name in ATTRIBUTE_NAMES}
+
+
+def _rows_by_id(table: pa.Table, what: str) -> dict[str, int]:
+    ids = table["lesion_id"].to_pylist()
+    rows = {i: r for r, i in enumerate(ids)}
+    if len(rows) != len(ids):
+        raise ValueError(f"the {what} has duplicate lesion ids")
+    return rows
+
+
+def _floats(table: pa.Table, column: str) -> np.ndarray:
+    if column not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return np.array([np.nan if v is None else v for v in table[column].to_pylist()], dtype=np.float64)

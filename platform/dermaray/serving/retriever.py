@@ -1,0 +1,183 @@
+"""Retrieval over the lesion gallery, without Serve: what the Retrieval deployment runs per request.
+
+    retriever = Retriever(cfg.serve, cfg.models, cfg.storage_options)
+    retriever.search_image(jpeg_bytes, k=10)       # grounded embedding -> vector index
+    retriever.search_attribute(jpeg_bytes, "area_mm2", k=10)
+    retriever.search_text("raised pink nodule ...", k=10)
+    retriever.predict(jpeg_bytes)                  # attributes (grounded heads) + diagnosis (classifier)
+
+Search by image and by attribute use the grounded model and the index jobs.embeddings built
+with it. Search by note text cannot use that index: the grounded embedding has never seen
+text. The image + note classifier (jobs.classifier) was trained with a CLIP loss that puts
+its image projection and its note projection in one 128-d space, so text search embeds the
+note with the frozen text encoder, projects it with the classifier's text projection, and
+searches the gallery's classifier image projections (computed once when the retriever
+loads). The same classifier's image head predicts the diagnosis.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from dermaray.config import ModelsConfig, ServeConfig
+from dermaray.grounding.data import decode_rgb
+from dermaray.grounding.embed import PREDICTED_PREFIX, LesionEmbedder
+from dermaray.retrieval import VectorIndex
+from dermaray.schema import DIAGNOSES_BY_CODE
+from dermaray.serving.checks import RequestError, check_k, check_text, decode_upload
+from dermaray.serving.gallery import LESION_COLUMNS, Gallery, attribute_dict, diagnosis_name
+from dermaray.storage import download_folder, read_parquet
+
+GALLERY_BATCH = 64  # images per forward pass when the gallery is embedded for text search
+
+
+class Retriever:
+    def __init__(self, settings: ServeConfig, models: ModelsConfig, storage_options: dict | None = None):
+        options = storage_options or {}
+        self.settings = settings
+        self.embedder = LesionEmbedder(settings.grounding_model, models.grounding_mllm, models.cache_dir, options)
+        self.processor = self.embedder.preprocess.processor
+        self.index = VectorIndex.load(settings.index, options)
+        lesions = read_parquet(settings.lesions, options, columns=LESION_COLUMNS)
+        predicted = [PREDICTED_PREFIX + n for n in self.embedder.attributes]
+        embeddings = read_parquet(settings.embeddings, options, columns=["lesion_id", *predicted])
+        self.gallery = Gallery.build(self.index.ids, lesions, embeddings, self.embedder.attributes, settings.thumbnail_px)
+        self.classifier = self.text_encoder = self.text_index = None
+        if settings.classifier:
+            self._load_classifier(settings.classifier, models.cache_dir, options)
+
+    def _load_classifier(self, uri: str, cache_dir: str, options: dict) -> None:
+        from transformers import AutoImageProcessor
+
+        from dermaray.grounding.classifier import load_classifier
+        from dermaray.grounding.model import model_path
+        from dermaray.grounding.text import TextEncoder
+
+        self._classifier_folder = tempfile.TemporaryDirectory(prefix="classifier-")
+        local = download_folder(uri, self._classifier_folder.name, options)
+        self.classifier = load_classifier(local, cache_dir)
+        self.classifier_processor = AutoImageProcessor.from_pretrained(model_path(self.classifier.settings.model, cache_dir))
+        self.text_encoder = TextEncoder(self.classifier.settings.text_encoder, cache_dir)
+        vectors = [self._classifier_image(list(map(decode_rgb, self.gallery.images[s : s + GALLERY_BATCH])))
+                   for s in range(0, len(self.gallery), GALLERY_BATCH)]
+        self.text_index = VectorIndex.build(np.concatenate(vectors), self.gallery.ids, kind="exact",
+                                            model=f"{uri}:image_projection")
+
+    # -- model calls -------------------------------------------------------------------
+
+    def decode(self, data: bytes):
+        return decode_upload(data, self.settings.max_upload_bytes, self.settings.max_image_pixels)
+
+    def embed(self, images: list) -> tuple[np.ndarray, np.ndarray]:
+        """Grounded unit embeddings [B, D] and predicted attributes [B, A] (native units)."""
+        pixels = self.processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
+        z, predicted = self.embedder.embed_pixels(pixels)
+        return z, predicted if predicted is not None else np.zeros((len(images), 0))
+
+    @torch.no_grad()
+    def _classifier_image(self, images: list) -> np.ndarray:
+        pixels = torch.as_tensor(self.classifier_processor(images=images, return_tensors="np")["pixel_values"])
+        return self.classifier.encode_image(pixels).numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def _diagnoses(self, images: list) -> list[dict[str, Any]]:
+        if self.classifier is None:
+            return [None] * len(images)
+        features = torch.as_tensor(self._classifier_image(images))
+        probabilities = torch.softmax(self.classifier.image_head(features), dim=-1).numpy()
+        classes = self.classifier.settings.classes
+        out = []
+        for p in probabilities:
+            best = int(p.argmax())
+            out.append({"code": classes[best], "name": diagnosis_name(classes[best]), "probability": round(float(p[best]), 4),
+                        "probabilities": {c: round(float(v), 4) for c, v in zip(classes, p)}})
+        return out
+
+    # -- requests ------------------------------------------------------------------------
+
+    def query_summary(self, images: list) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """(embeddings, per image: predicted attributes and diagnosis)."""
+        z, predicted = self.embed(images)
+        diagnoses = self._diagnoses(images)
+        return z, [{"attributes": attribute_dict(self.embedder.attributes, p), "diagnosis": d}
+                   for p, d in zip(predicted, diagnoses)]
+
+    def search_batch(self, uploads: list[bytes], ks: list[int], thumbnails: list[bool]) -> list[dict[str, Any] | RequestError]:
+        """Per upload: its predicted attributes and diagnosis and its k most similar gallery lesions,
+        or the RequestError that refused it (one bad upload does not fail the others).
+
+        The accepted uploads go through the model as one batch (the deployment batches requests).
+        """
+        out: list[Any] = [None] * len(uploads)
+        images, accepted = [], []
+        for i, (upload, k) in enumerate(zip(uploads, ks)):
+            try:
+                check_k(k, self.settings.max_k)
+                images.append(self.decode(upload))
+                accepted.append(i)
+            except RequestError as refused:
+                out[i] = refused
+        if images:
+            z, queries = self.query_summary(images)
+            scores, rows = self.index.search(z, max(ks[i] for i in accepted))
+            for j, i in enumerate(accepted):
+                hits = [(r, s) for r, s in zip(rows[j, : ks[i]].tolist(), scores[j, : ks[i]].tolist()) if r >= 0]
+                out[i] = {"query": queries[j], "results": [self.gallery.record(r, s, thumbnails[i]) for r, s in hits]}
+        return out
+
+    def search_image(self, upload: bytes, k: int, thumbnails: bool = False) -> dict[str, Any]:
+        [result] = self.search_batch([upload], [k], [thumbnails])
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    def search_attribute(self, upload: bytes, attribute: str, k: int, thumbnails: bool = False) -> dict[str, Any]:
+        """The k gallery lesions whose predicted `attribute` is closest to the upload's."""
+        check_k(k, self.settings.max_k)
+        if attribute not in self.gallery.predicted_names:
+            raise RequestError(422, f"attribute must be one of the grounded attributes: {', '.join(self.gallery.predicted_names)}")
+        _, [query] = self.query_summary([self.decode(upload)])
+        value = query["attributes"][attribute]
+        results = []
+        for row, gap in self.gallery.nearest_by_value(attribute, value, k):
+            record = self.gallery.record(row, None, thumbnails)
+            record["predicted_" + attribute] = round(float(self.gallery.predicted[row, self.gallery.predicted_names.index(attribute)]), 4)
+            record["difference"] = round(gap, 6)
+            results.append(record)
+        return {"query": query, "attribute": attribute, "results": results}
+
+    def search_text(self, text: str, k: int, thumbnails: bool = False) -> dict[str, Any]:
+        check_k(k, self.settings.max_k)
+        text = check_text(text, self.settings.max_text_chars)
+        if self.text_index is None:
+            raise RequestError(503, "text search needs the classifier checkpoint, which this deployment was not given")
+        with torch.no_grad():
+            note = torch.as_tensor(self.text_encoder.encode([text]))
+            query = self.classifier.encode_text(note).numpy()
+        [hits] = self.text_index.search_ids(query, k)
+        return {"results": [self.gallery.record(self.gallery.row_of(i), s, thumbnails) for i, s in hits]}
+
+    def predict(self, upload: bytes) -> dict[str, Any]:
+        _, [query] = self.query_summary([self.decode(upload)])
+        return query
+
+    def lesion(self, lesion_id: str, thumbnails: bool = False) -> dict[str, Any]:
+        row = self.gallery.row_of(lesion_id)
+        if row is None:
+            raise RequestError(404, "no lesion with that id in the gallery")
+        return self.gallery.record(row, None, thumbnails)
+
+    def thumbnail(self, lesion_id: str) -> bytes:
+        row = self.gallery.row_of(lesion_id)
+        if row is None:
+            raise RequestError(404, "no lesion with that id in the gallery")
+        return self.gallery.thumbnails[row]
+
+    def info(self) -> dict[str, Any]:
+        return {"lesions": len(self.gallery), "index": self.index.meta, "grounded_attributes": self.gallery.predicted_names,
+                "diagnoses": {c: d.name for c, d in DIAGNOSES_BY_CODE.items()}, "text_search": self.text_index is not None,
+                "max_k": self.settings.max_k}

@@ -1,0 +1,361 @@
+"""Ray Serve: retrieval and generation deployments behind one FastAPI ingress with a web page.
+
+    serve run serve.app:build_app config=configs/local.yaml          # local, http://127.0.0.1:8000
+    serve deploy serve/config.yaml                                   # a running cluster, autoscaled
+
+Deployments:
+- Retrieval: grounded encoder + vector index + gallery (dermaray.serving.retriever); image
+  searches from concurrent requests are batched into one forward pass (`serve.batch`).
+- Generation: one diffusion pipeline per replica; per-diagnosis LoRA adapters swapped on it,
+  at most `serve.max_adapters_per_replica` loaded (`serve.multiplexed`, keyed by diagnosis code,
+  so requests for a diagnosis go to a replica that already holds its adapter).
+- Ingress: the HTTP API (OpenAPI at /docs) and the clinician page at /; it enforces the body
+  limit and the optional API key, and times out calls to the other two.
+
+`build_app(args)` takes `config` (a dermaray YAML config) and `key=value` overrides, e.g.
+`serve.max_k=20`; everything served is read from the `serve` section of that config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Query, Request, Security, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from dermaray.config import DermarayConfig, load_config
+from dermaray.schema import ATTRIBUTE_NAMES, DIAGNOSES_BY_CODE
+from dermaray.serving.checks import MULTIPART_OVERHEAD, BodyLimit, RequestError, check_api_key, check_count, check_upload_size
+from dermaray.storage import absolute, is_remote
+
+log = logging.getLogger("ray.serve")
+PAGE = Path(__file__).parent / "static" / "index.html"
+HARD_MAX_K = 100  # the OpenAPI bound; the configured serve.max_k (<= 100) is enforced at run time
+HARD_MAX_IMAGES = 16
+SEARCH_BATCH = 16  # image searches per forward pass
+
+
+# --- Retrieval ----------------------------------------------------------------------------
+
+@serve.deployment(name="Retrieval", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class Retrieval:
+    def __init__(self, config: dict):
+        from dermaray.serving.retriever import Retriever
+
+        cfg = DermarayConfig.model_validate(config)
+        self.core = Retriever(cfg.serve, cfg.models, cfg.storage_options)
+
+    async def search_image(self, upload: bytes, k: int, thumbnails: bool) -> dict[str, Any]:
+        result = await self._search_batch(upload, k, thumbnails)
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=SEARCH_BATCH, batch_wait_timeout_s=0.002)
+    async def _search_batch(self, uploads: list[bytes], ks: list[int], thumbnails: list[bool]) -> list[Any]:
+        # In a thread, so the replica keeps taking requests (the next batch) while the model runs.
+        return await asyncio.to_thread(self.core.search_batch, uploads, ks, thumbnails)
+
+    async def search_attribute(self, upload: bytes, attribute: str, k: int, thumbnails: bool) -> dict[str, Any]:
+        return await asyncio.to_thread(self.core.search_attribute, upload, attribute, k, thumbnails)
+
+    async def search_text(self, text: str, k: int, thumbnails: bool) -> dict[str, Any]:
+        return await asyncio.to_thread(self.core.search_text, text, k, thumbnails)
+
+    async def predict(self, upload: bytes) -> dict[str, Any]:
+        return await asyncio.to_thread(self.core.predict, upload)
+
+    def lesion(self, lesion_id: str, thumbnails: bool) -> dict[str, Any]:
+        return self.core.lesion(lesion_id, thumbnails)
+
+    def thumbnail(self, lesion_id: str) -> bytes:
+        return self.core.thumbnail(lesion_id)
+
+    def info(self) -> dict[str, Any]:
+        return self.core.info()
+
+
+# --- Generation ---------------------------------------------------------------------------
+
+class LoadedAdapter:
+    """What the multiplexer caches per diagnosis; Serve calls __del__ when it evicts it."""
+
+    def __init__(self, bank: Any, code: str):
+        self.bank, self.code, self.released = bank, code, False
+        bank.load(code)
+
+    def __del__(self) -> None:
+        if not self.released:  # Serve calls it on eviction, Python again at garbage collection
+            self.released = True
+            self.bank.release(self.code)
+
+
+def generation_class(max_adapters: int) -> type:
+    """The Generation deployment class; the adapter bound is fixed when `serve.multiplexed` decorates."""
+
+    class Generation:
+        def __init__(self, config: dict):
+            from dermaray.serving.adapters import AdapterBank
+            from dermaray.storage import download_folder
+
+            cfg = DermarayConfig.model_validate(config)
+            self.settings = cfg.serve
+            self._folder = tempfile.TemporaryDirectory(prefix="diffusion-")
+            local = download_folder(cfg.serve.diffusion, self._folder.name, cfg.storage_options)
+            self.bank = AdapterBank(local, resolution=cfg.serve.resolution or cfg.diffusion.resolution)
+
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def adapter(self, code: str) -> LoadedAdapter:
+            return await asyncio.to_thread(LoadedAdapter, self.bank, code)
+
+        async def generate(self, code: str, count: int, seed: int, steps: int) -> dict[str, Any]:
+            await self.adapter(code)  # the request's multiplexed model id is `code` (set by the ingress)
+            pngs, info = await asyncio.to_thread(self.bank.generate, code, count, seed, steps, self.settings.guidance_scale)
+            return {**info, "pngs": pngs}
+
+        def loaded_adapters(self) -> list[str]:
+            return self.bank.loaded
+
+    return Generation
+
+
+# --- Ingress ------------------------------------------------------------------------------
+
+class TextQuery(BaseModel):
+    text: str = Field(min_length=1, max_length=20000, description="note text; never logged")
+    k: int = Field(default=10, ge=1, le=HARD_MAX_K)
+    thumbnails: bool = False
+
+
+class GenerateRequest(BaseModel):
+    diagnosis: str = Field(description="diagnosis code, e.g. MEL", examples=["MEL"])
+    count: int = Field(default=2, ge=1, le=HARD_MAX_IMAGES)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    steps: int | None = Field(default=None, ge=1, le=1000)
+
+
+api = FastAPI(
+    title="dermaray",
+    version="0.1.0",
+    description="Skin-lesion retrieval (by image, attribute, note text), diagnosis prediction and "
+    "diagnosis-to-image generation. Send `X-API-Key` when the service has a key configured.",
+)
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the service has a key")
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+
+def _data_url(png: bytes) -> str:
+    from dermaray.serving.gallery import data_url
+
+    return data_url(png, "image/png")
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, retrieval: DeploymentHandle, generation: DeploymentHandle | None, config: dict):
+        cfg = DermarayConfig.model_validate(config)
+        self.settings = s = cfg.serve
+        self.retrieval, self.generation = retrieval, generation
+        self.api_key = s.api_key or os.environ.get(s.api_key_env) or None
+        self.default_steps = min(s.steps, s.max_steps)
+        api.add_middleware(BodyLimit, max_bytes=s.max_upload_bytes + MULTIPART_OVERHEAD)
+        self.page = PAGE.read_text()
+
+    # -- plumbing --
+
+    async def _call(self, response: Any, timeout: float) -> Any:
+        try:
+            return await asyncio.wait_for(response, timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise RequestError(504, f"the request took longer than {timeout:g} s") from None
+        except RayTaskError as exc:
+            if isinstance(exc.cause, RequestError):
+                raise exc.cause from None
+            raise
+
+    async def _read(self, file: UploadFile) -> bytes:
+        data = await file.read(self.settings.max_upload_bytes + 1)
+        check_upload_size(len(data), self.settings.max_upload_bytes)
+        return data
+
+    def _k(self, k: int) -> int:
+        if k > self.settings.max_k:
+            raise RequestError(422, f"k must be between 1 and {self.settings.max_k}, got {k}")
+        return k
+
+    async def _generate(self, code: str, count: int, seed: int, steps: int | None) -> dict[str, Any]:
+        if self.generation is None:
+            raise RequestError(503, "generation is not deployed (serve.diffusion is not set)")
+        if code not in DIAGNOSES_BY_CODE:
+            raise RequestError(422, f"unknown diagnosis code; valid codes: {', '.join(DIAGNOSES_BY_CODE)}")
+        check_count(count, self.settings.max_images)
+        steps = steps or self.default_steps
+        if steps > self.settings.max_steps:
+            raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
+        handle = self.generation.options(multiplexed_model_id=code)
+        return await self._call(handle.generate.remote(code, count, seed, steps), self.settings.generation_timeout_s)
+
+    # -- page and metadata --
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @api.get("/healthz", summary="Liveness")
+    def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/info", summary="Gallery size, index, grounded attributes, diagnoses and limits")
+    async def info(self, api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+        check_api_key(self.api_key, api_key)
+        info = await self._call(self.retrieval.info.remote(), self.settings.call_timeout_s)
+        s = self.settings
+        return {**info, "generation": self.generation is not None, "max_images": s.max_images,
+                "max_upload_bytes": s.max_upload_bytes, "api_key_required": bool(self.api_key)}
+
+    # -- retrieval --
+
+    @api.post("/search", summary="Similar lesions to an uploaded image (grounded embedding, vector index)")
+    async def search(self, file: UploadFile = File(..., description="JPEG, PNG or WebP"),
+                     k: int = Query(10, ge=1, le=HARD_MAX_K), thumbnails: bool = Query(False, description="inline JPEG data URLs"),
+                     api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+        check_api_key(self.api_key, api_key)
+        upload = await self._read(file)
+        return await self._call(self.retrieval.search_image.remote(upload, self._k(k), thumbnails), self.settings.call_timeout_s)
+
+    @api.post("/search/attribute", summary="Lesions whose predicted attribute is closest to the upload's")
+    async def search_attribute(self, file: UploadFile = File(...), attribute: str = Query(..., examples=["area_mm2"]),
+                               k: int = Query(10, ge=1, le=HARD_MAX_K), thumbnails: bool = Query(False),
+                               api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+        check_api_key(self.api_key, api_key)
+        upload = await self._read(file)
+        return await self._call(self.retrieval.search_attribute.remote(upload, attribute, self._k(k), thumbnails),
+                                self.settings.call_timeout_s)
+
+    @api.post("/search/text", summary="Lesions matching a clinical note (classifier's shared image-text space)")
+    async def search_text(self, query: TextQuery, api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+        check_api_key(self.api_key, api_key)
+        return await self._call(self.retrieval.search_text.remote(query.text, self._k(query.k), query.thumbnails),
+                                self.settings.call_timeout_s)
+
+    @api.post("/predict", summary="Predicted attributes (grounded heads) and diagnosis (classifier) of an image")
+    async def predict(self, file: UploadFile = File(...), api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+        check_api_key(self.api_key, api_key)
+        return await self._call(self.retrieval.predict.remote(await self._read(file)), self.settings.call_timeout_s)
+
+    @api.get("/lesions/{lesion_id}", summary="One gallery lesion: diagnosis and attributes")
+    async def lesion(self, lesion_id: str, thumbnails: bool = Query(False),
+                     api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+        check_api_key(self.api_key, api_key)
+        return await self._call(self.retrieval.lesion.remote(lesion_id, thumbnails), self.settings.call_timeout_s)
+
+    @api.get("/lesions/{lesion_id}/thumbnail", summary="A gallery lesion's thumbnail (JPEG)",
+             responses={200: {"content": {"image/jpeg": {}}}}, response_class=Response)
+    async def thumbnail(self, lesion_id: str, api_key: str | None = Security(api_key_header)) -> Response:
+        check_api_key(self.api_key, api_key)
+        data = await self._call(self.retrieval.thumbnail.remote(lesion_id), self.settings.call_timeout_s)
+        return Response(data, media_type="image/jpeg")
+
+    # -- generation --
+
+    @api.post("/generate", summary="Reference images of a diagnosis (PNG data URLs)")
+    async def generate(self, request: GenerateRequest, api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+        check_api_key(self.api_key, api_key)
+        out = await self._generate(request.diagnosis, request.count, request.seed, request.steps)
+        return {**{k: v for k, v in out.items() if k != "pngs"}, "images": [_data_url(p) for p in out["pngs"]]}
+
+    @api.get("/generate/{diagnosis}.png", summary="One reference image of a diagnosis",
+             responses={200: {"content": {"image/png": {}}}}, response_class=Response)
+    async def generate_png(self, diagnosis: str, seed: int = Query(0, ge=0, le=2**31 - 1),
+                           steps: int | None = Query(None, ge=1, le=1000),
+                           api_key: str | None = Security(api_key_header)) -> Response:
+        check_api_key(self.api_key, api_key)
+        out = await self._generate(diagnosis, 1, seed, steps)
+        return Response(out["pngs"][0], media_type="image/png", headers={"X-Adapter": out["adapter"]})
+
+    # -- the chain --
+
+    @api.post("/chain", summary="Upload -> predicted diagnosis and attributes -> similar cases -> generated references")
+    async def chain(self, file: UploadFile = File(...), k: int = Query(8, ge=1, le=HARD_MAX_K),
+                    count: int = Query(2, ge=1, le=HARD_MAX_IMAGES), seed: int = Query(0, ge=0, le=2**31 - 1),
+                    steps: int | None = Query(None, ge=1, le=1000),
+                    api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+        check_api_key(self.api_key, api_key)
+        check_count(count, self.settings.max_images)
+        upload = await self._read(file)
+        started = time.perf_counter()
+        found = await self._call(self.retrieval.search_image.remote(upload, self._k(k), True), self.settings.call_timeout_s)
+        searched = time.perf_counter()
+        predicted = found["query"]["diagnosis"]
+        if predicted is not None:
+            code, source = predicted["code"], "classifier"
+        else:  # no classifier deployed: the diagnosis most similar cases share
+            code = Counter(r["diagnosis"] for r in found["results"] if r["diagnosis"]).most_common(1)[0][0]
+            source = "similar cases"
+        generated = None
+        if self.generation is not None:
+            out = await self._generate(code, count, seed, steps)
+            generated = {**{k: v for k, v in out.items() if k != "pngs"}, "images": [_data_url(p) for p in out["pngs"]]}
+        done = time.perf_counter()
+        return {"query": found["query"], "diagnosis": {"code": code, "name": DIAGNOSES_BY_CODE[code].name, "source": source},
+                "similar": found["results"], "generated": generated,
+                "timings_ms": {"search": round(1000 * (searched - started), 1), "generate": round(1000 * (done - searched), 1)}}
+
+
+# --- Building the application ---------------------------------------------------------------
+
+def _absolute_local(cfg: DermarayConfig) -> DermarayConfig:
+    """Local paths made absolute: replicas do not run in the directory `serve run` was started from."""
+    s = cfg.serve
+    for name in ("grounding_model", "index", "embeddings", "lesions", "classifier", "diffusion"):
+        value = getattr(s, name)
+        if value and not is_remote(value):
+            setattr(s, name, absolute(value))
+    if not is_remote(cfg.models.cache_dir):
+        cfg.models.cache_dir = absolute(cfg.models.cache_dir)
+    return cfg
+
+
+def app_from_config(cfg: DermarayConfig) -> Any:
+    cfg = _absolute_local(cfg.model_copy(deep=True))
+    config = cfg.model_dump(mode="json")
+    retrieval = Retrieval.bind(config)
+    generation = None
+    if cfg.serve.diffusion:
+        generation_deployment = serve.deployment(
+            generation_class(cfg.serve.max_adapters_per_replica), name="Generation",
+            ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8,
+            autoscaling_config={"min_replicas": 0, "max_replicas": 1, "initial_replicas": 1, "target_ongoing_requests": 2},
+        )
+        generation = generation_deployment.bind(config)
+    return Ingress.bind(retrieval, generation, config)
+
+
+def build_app(args: dict[str, str]) -> Any:
+    """Serve's application builder: `config=<yaml>` plus `section.key=value` overrides (or `overrides: [...]`)."""
+    args = dict(args or {})
+    path = args.pop("config", None)
+    overrides = list(args.pop("overrides", None) or [])
+    overrides += [f"{key}={value}" for key, value in args.items()]
+    return app_from_config(load_config(path, overrides))
+
+
+__all__ = ["ATTRIBUTE_NAMES", "Ingress", "Retrieval", "app_from_config", "build_app", "generation_class"]

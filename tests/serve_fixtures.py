@@ -1,0 +1,63 @@
+"""The dermaray Serve app on the test Ray cluster, over real HTTP on 127.0.0.1 (one per test session)."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+API_KEY = "test-clinic-key"
+APP_NAME = "dermaray"
+
+
+@dataclass
+class ServedApp:
+    url: str
+    api_key: str
+    root: Path  # the artifacts: lesions/, grounding/, index/, ...
+    overrides: list[str]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.api_key}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(root: Path, cache_dir: Path, extra_overrides: list[str] | None = None) -> ServedApp:
+    from ray import serve
+
+    from dermaray.config import load_config
+    from serve.app import app_from_config
+    from tests import serve_artifacts
+
+    overrides = serve_artifacts.build(root, cache_dir) + [
+        f"serve.api_key={API_KEY}", "serve.max_k=20", "serve.max_upload_bytes=1048576",
+        "serve.max_adapters_per_replica=1", "serve.max_images=3", *(extra_overrides or [])]
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+    serve.run(app_from_config(load_config(None, overrides)), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:  # serve.run returns once deployments are healthy; the proxy may need a moment more
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError("the Serve app did not answer /healthz within 180 s")
+            time.sleep(0.5)
+    return ServedApp(url, API_KEY, root, overrides)
+
+
+def stop() -> None:
+    from ray import serve
+
+    serve.shutdown()

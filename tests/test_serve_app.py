@@ -1,0 +1,181 @@
+"""The Serve app on the real local Ray cluster, over real HTTP: retrieval, generation, the chain, hardening."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.serve_artifacts import GROUNDED, PER_DIAGNOSIS
+
+
+@pytest.fixture(scope="module")
+def client(served_app):
+    with httpx.Client(base_url=served_app.url, headers=served_app.headers, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def gallery(served_app):
+    return pq.read_table(served_app.root / "lesions", columns=["lesion_id", "diagnosis", "area_mm2", "image_bytes"]).to_pylist()
+
+
+def upload(data: bytes, name: str = "lesion.jpg", mime: str = "image/jpeg") -> dict:
+    return {"file": (name, data, mime)}
+
+
+def png_of(data_url: str) -> Image.Image:
+    assert data_url.startswith("data:image/png;base64,")
+    image = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+    assert image.format == "PNG"
+    return image
+
+
+def test_search_by_image_finds_the_same_lesion_first(client, gallery) -> None:
+    lesion = gallery[5]
+    response = client.post("/search", params={"k": 4, "thumbnails": True}, files=upload(lesion["image_bytes"]))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    results = body["results"]
+    assert len(results) == 4 and results[0]["lesion_id"] == lesion["lesion_id"] and results[0]["score"] > 0.999
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert results[0]["diagnosis"] == lesion["diagnosis"] and results[0]["attributes"]["area_mm2"] == pytest.approx(lesion["area_mm2"], rel=1e-3)
+    thumbnail = Image.open(io.BytesIO(base64.b64decode(results[0]["thumbnail"].split(",", 1)[1])))
+    assert thumbnail.format == "JPEG" and max(thumbnail.size) <= 96
+    assert set(body["query"]["attributes"]) == set(GROUNDED)
+    probabilities = body["query"]["diagnosis"]["probabilities"]
+    assert sum(probabilities.values()) == pytest.approx(1, abs=1e-3) and body["query"]["diagnosis"]["code"] in probabilities
+
+
+def test_concurrent_searches_are_batched_and_each_gets_its_own_answer(client, gallery, served_app) -> None:
+    import concurrent.futures
+
+    def search(i: int) -> str:
+        with httpx.Client(base_url=served_app.url, headers=served_app.headers, timeout=60) as c:
+            return c.post("/search", params={"k": 1}, files=upload(gallery[i]["image_bytes"])).json()["results"][0]["lesion_id"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(search, range(8)))
+    assert found == [gallery[i]["lesion_id"] for i in range(8)]
+
+
+def test_attribute_conditioned_search_ranks_by_the_predicted_attribute(client, gallery) -> None:
+    response = client.post("/search/attribute", params={"attribute": "area_mm2", "k": 5}, files=upload(gallery[2]["image_bytes"]))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    differences = [r["difference"] for r in body["results"]]
+    assert body["attribute"] == "area_mm2" and len(differences) == 5 and differences == sorted(differences)
+    assert differences[0] < 1e-3  # the upload is a gallery image: its own predicted value is in the gallery
+    query_value = body["query"]["attributes"]["area_mm2"]
+    assert all(abs(r["predicted_area_mm2"] - query_value) == pytest.approx(r["difference"], abs=1e-3) for r in body["results"])
+    wrong = client.post("/search/attribute", params={"attribute": "patient_age", "k": 5}, files=upload(gallery[2]["image_bytes"]))
+    assert wrong.status_code == 422 and "grounded attributes" in wrong.json()["detail"]
+
+
+def test_search_by_note_text(client) -> None:
+    response = client.post("/search/text", json={"text": "large asymmetric dark brown lesion with an irregular border", "k": 6})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 6 and len({r["lesion_id"] for r in results}) == 6
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert client.post("/search/text", json={"text": "   ", "k": 3}).status_code == 422
+
+
+def test_predict_and_lesion_lookup(client, gallery) -> None:
+    predicted = client.post("/predict", files=upload(gallery[0]["image_bytes"])).json()
+    assert set(predicted["attributes"]) == set(GROUNDED) and all(v > 0 for v in predicted["attributes"].values())
+    lesion_id = gallery[1]["lesion_id"]
+    lesion = client.get(f"/lesions/{lesion_id}").json()
+    assert lesion["lesion_id"] == lesion_id and lesion["diagnosis"] == gallery[1]["diagnosis"]
+    thumbnail = client.get(f"/lesions/{lesion_id}/thumbnail")
+    assert thumbnail.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(thumbnail.content)).format == "JPEG"
+    missing = client.get("/lesions/ISIC_9999999999")
+    assert missing.status_code == 404 and "no lesion" in missing.json()["detail"]
+
+
+def test_generation_uses_the_diagnosis_adapter_or_the_shared_one(client, served_app) -> None:
+    first = client.post("/generate", json={"diagnosis": PER_DIAGNOSIS, "count": 2, "seed": 7})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["adapter"] == "per_diagnosis" and body["diagnosis"] == PER_DIAGNOSIS and "melanoma" in body["prompt"]
+    images = [png_of(u) for u in body["images"]]
+    assert len(images) == 2 and images[0].size == (32, 32)
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # seeds 7 and 8
+    again = client.post("/generate", json={"diagnosis": PER_DIAGNOSIS, "count": 1, "seed": 7}).json()
+    assert again["images"][0] == body["images"][0]  # seeded: same request, same image
+
+    shared = client.post("/generate", json={"diagnosis": "NEV", "count": 1, "seed": 7}).json()
+    assert shared["adapter"] == "shared" and "nevus" in shared["prompt"]
+    assert not np.array_equal(np.asarray(png_of(shared["images"][0])), np.asarray(images[0]))
+
+    from ray import serve
+
+    generation = serve.get_deployment_handle("Generation", app_name="dermaray")
+    assert generation.loaded_adapters.remote().result() == ["shared"]  # bound of 1: MEL's adapter was evicted
+    png = client.get(f"/generate/{PER_DIAGNOSIS}.png", params={"seed": 7})
+    assert png.headers["content-type"] == "image/png" and png.headers["x-adapter"] == "per_diagnosis"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.content))), np.asarray(images[0]))  # reloaded, same image
+    assert generation.loaded_adapters.remote().result() == [PER_DIAGNOSIS]
+
+
+def test_generation_limits(client) -> None:
+    assert client.post("/generate", json={"diagnosis": "MEL", "count": 4}).status_code == 422  # serve.max_images=3
+    assert client.post("/generate", json={"diagnosis": "MEL", "count": 17}).status_code == 422
+    unknown = client.post("/generate", json={"diagnosis": "XYZ", "count": 1})
+    assert unknown.status_code == 422 and "MEL" in unknown.json()["detail"]
+    assert client.post("/generate", json={"diagnosis": "MEL", "steps": 51}).status_code == 422
+
+
+def test_chain_goes_from_upload_to_references_in_one_request(client, gallery) -> None:
+    response = client.post("/chain", params={"k": 3, "count": 2, "seed": 1}, files=upload(gallery[4]["image_bytes"]))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    code = body["query"]["diagnosis"]["code"]
+    assert body["diagnosis"] == {"code": code, "name": body["query"]["diagnosis"]["name"], "source": "classifier"}
+    assert [r["lesion_id"] for r in body["similar"]][0] == gallery[4]["lesion_id"] and all("thumbnail" in r for r in body["similar"])
+    assert body["generated"]["diagnosis"] == code and len(body["generated"]["images"]) == 2
+    assert body["generated"]["adapter"] == ("per_diagnosis" if code == PER_DIAGNOSIS else "shared")
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""))
+
+
+def test_bad_uploads_and_limits_get_clear_4xx(client, gallery) -> None:
+    not_image = client.post("/search", files=upload(b"lesion_id,diagnosis\nISIC_1,MEL\n", "notes.csv", "text/csv"))
+    assert not_image.status_code == 415 and "not an image" in not_image.json()["detail"]
+    bomb = client.post("/search", files=upload(_png_declaring(40000, 40000), "bomb.png", "image/png"))
+    assert bomb.status_code == 422 and "pixels" in bomb.json()["detail"]
+    too_big = client.post("/search", files=upload(b"\xff" * (2 * 1024 * 1024)))
+    assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
+    assert client.post("/search", params={"k": 21}, files=upload(gallery[0]["image_bytes"])).status_code == 422  # serve.max_k
+    assert client.post("/search", params={"k": 0}, files=upload(gallery[0]["image_bytes"])).status_code == 422
+    assert client.post("/search").status_code == 422  # no file
+
+
+def test_api_key_is_required_when_configured(served_app, gallery) -> None:
+    with httpx.Client(base_url=served_app.url, timeout=30) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/").status_code == 200  # page is public
+        assert anonymous.get("/openapi.json").status_code == 200
+        refused = anonymous.post("/search", files=upload(gallery[0]["image_bytes"]))
+        assert refused.status_code == 401 and "X-API-Key" in refused.json()["detail"]
+        wrong = anonymous.get(f"/lesions/{gallery[0]['lesion_id']}", headers={"X-API-Key": "guess"})
+        assert wrong.status_code == 401
+
+
+def test_openapi_documents_every_endpoint(client) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/search/attribute", "/search/text", "/predict", "/lesions/{lesion_id}", "/generate", "/chain"} <= set(spec["paths"])
+    assert "APIKeyHeader" in spec["components"]["securitySchemes"]
+    assert client.get("/docs").status_code == 200
