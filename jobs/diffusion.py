@@ -5,12 +5,17 @@
 1. A random `tiny` base would only make noise, so it is first pre-trained briefly (VAE and UNet)
    on the training-split lesions in one Ray task and saved with `save_pretrained` to
    `<output>/base`; hub bases (SD 1.5, SDXL) skip this.
-2. One shared LoRA adapter on the UNet's attention learns every diagnosis from class captions
-   ("a dermoscopic photo of large melanoma, skin lesion"): a `TorchTrainer` over Ray Data shards,
-   a checkpoint per epoch holding the adapter file, optimizer and schedule; a re-run with the
-   same run name resumes with the adapter weights restored exactly.
-3. The adapter is exported in the diffusers format to `<output>/adapter`
-   (`pytorch_lora_weights.safetensors`), loadable with `pipe.load_lora_weights(folder)`.
+   Its captions leave the diagnosis out by default ("a dermoscopic photo of large lesion"): the
+   base knows what a lesion looks like, not which diagnosis it is, like a general-purpose base.
+2. LoRA adapters on the UNet's attention learn the diagnoses from class captions ("a dermoscopic
+   photo of large melanoma, skin lesion"): one shared adapter for every diagnosis, or one per
+   diagnosis (`diffusion.adapters`). Each is a `TorchTrainer` run over Ray Data shards with a
+   checkpoint per epoch (and every `train.checkpoint_every_steps` steps) holding the adapter file,
+   optimizer and schedule; a re-run with the same run name resumes with the adapter weights
+   restored exactly.
+3. Adapters are exported in the diffusers format to `<output>/adapter` or
+   `<output>/adapters/<code>` (`pytorch_lora_weights.safetensors`), loadable with
+   `pipe.load_lora_weights(folder)`.
 """
 
 from __future__ import annotations
@@ -51,9 +56,12 @@ from jobs.training import Task, export_model, fit, split_inputs
 
 PIXELS, IDS = "pixel_values", "input_ids"
 SETTINGS_FILE = "adapter.json"
+SHARED_ADAPTER = "adapter"  # <output>/adapter: one adapter, every diagnosis, class captions
+PER_DIAGNOSIS_ADAPTERS = "adapters"  # <output>/adapters/<code>: one adapter per diagnosis
 
 
-def lesion_caption(diagnosis: str, area_mm2: float | None, size_words: bool) -> str:
+def lesion_caption(diagnosis: str | None, area_mm2: float | None, size_words: bool) -> str:
+    """The lesion's training caption; `diagnosis` None leaves the diagnosis out (base pre-training)."""
     use_size = size_words and area_mm2 is not None and np.isfinite(area_mm2)
     return caption(diagnosis, size_word(float(area_mm2)) if use_size else None)
 
@@ -62,6 +70,7 @@ class DiffusionInputs:
     """Lesion rows -> pixels in [-1, 1] at the training resolution and caption token ids."""
 
     def __init__(self, base: str, resolution: int, size_words: bool, only: set[str] | None = None):
+        # `only`: the lesion ids to keep (a split's first `limit`, or one diagnosis' lesions)
         from transformers import CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
@@ -86,7 +95,8 @@ class DiffusionInputs:
 def pretrain_task(base: str, target: str, rows: list[dict], p: dict, size_words: bool, resolution: int | None, seed: int) -> dict:
     setup_logging()  # the step losses, every 50 steps, in the worker's log (and the driver's, with log_to_driver)
     images = [decode_rgb(r["image_bytes"]) for r in rows]
-    captions = [lesion_caption(r["diagnosis"], r["area_mm2"], size_words) for r in rows]
+    with_diagnosis = p["captions"] == "diagnosis"
+    captions = [lesion_caption(r["diagnosis"] if with_diagnosis else None, r["area_mm2"], size_words) for r in rows]
     return pretrain_base(base, target, images, captions, steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
                          seed=seed, log_every=max(1, min(50, p["steps"])), resolution=resolution)
 
@@ -154,18 +164,39 @@ LORA = Task(build=build, loss=batch_loss, evaluate=evaluate, save=save, load=loa
 # --- On the driver ----------------------------------------------------------------------------
 
 
-def split_ids(d: DiffusionConfig, storage_options: dict) -> dict[str, list[str]]:
-    """Lesion ids per split, sorted; the first `limit` of each when set."""
-    table = read_parquet(d.input, storage_options, columns=["lesion_id", "split"])
-    ids = {s: sorted(table.filter(pc.equal(table["split"], s))["lesion_id"].to_pylist()) for s in ("train", "val")}
-    return {s: v[: d.limit] if d.limit else v for s, v in ids.items()}
+def split_ids(d: DiffusionConfig, storage_options: dict) -> dict[str, dict[str, list[str]]]:
+    """{diagnosis: {split: lesion ids, sorted}} for train and val; the first `limit` of each split when set."""
+    table = read_parquet(d.input, storage_options, columns=["lesion_id", "split", "diagnosis"])
+    rows = sorted(zip(table["lesion_id"].to_pylist(), table["split"].to_pylist(), table["diagnosis"].to_pylist()))
+    ids: dict[str, dict[str, list[str]]] = {}
+    for split in ("train", "val"):
+        chosen = [(i, code) for i, s, code in rows if s == split][: d.limit]
+        for i, code in chosen:
+            ids.setdefault(code, {"train": [], "val": []})[split].append(i)
+    return ids
 
 
 def split_dataset(d: DiffusionConfig, split: str, ids: list[str], base: str, resolution: int, storage_options: dict) -> ray.data.Dataset:
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2"]
-    only = set(ids) if d.limit else None
+    every_row = d.adapters == "shared" and d.limit is None  # no id set to ship to the actors
+    only = None if every_row else set(ids)
     return split_inputs(d.input, columns, split, DiffusionInputs, (base, resolution, d.size_words, only), storage_options,
                         d.train.materialize, max(2, 2 * d.train.num_workers))
+
+
+def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str, list[str]], run_name: str, name: str) -> dict:
+    """One adapter on these lesions (Ray Train run `run_name`), exported to `<output>/<name>`; its summary."""
+    d, options = cfg.diffusion, cfg.storage_options
+    if not ids["train"]:
+        raise ValueError(f"{d.input} has no training-split lesions for adapter {name}")
+    datasets = {s: split_dataset(d, s, ids[s], base, resolution, options) for s in ("train", "val")}
+    config = {"base": base, "base_name": cfg.models.diffusion_base, "rank": d.lora_rank, "alpha": d.lora_alpha,
+              "targets": list(d.lora_targets), "seed": d.train.seed, "resolution": resolution, "size_words": d.size_words}
+    checkpoint, history = fit(LORA, config, d.train, datasets, len(ids["train"]), d.output, run_name, options)
+    return {"adapter": export_model(checkpoint, d.output, options, name=name), "lesions_train": len(ids["train"]),
+            "epochs": history[-1]["epoch"], "steps": history[-1]["step"],
+            "resumed_from_epoch": history[-1]["started_at_epoch"], "resumed_from_step": history[-1]["started_at_step"],
+            "final": history[-1], "history": history}
 
 
 def run(cfg: DermarayConfig) -> dict:
@@ -175,19 +206,22 @@ def run(cfg: DermarayConfig) -> dict:
     started = time.perf_counter()
     base, pretrain_losses = prepared_base(cfg)
     resolution = d.resolution or native_resolution(load_pipeline(base))
-    ids = split_ids(d, options)
-    n_train = len(ids["train"])
-    if n_train == 0:
-        raise ValueError(f"{d.input} has no training-split lesions")
-    datasets = {s: split_dataset(d, s, ids[s], base, resolution, options) for s in ("train", "val")}
-    config = {"base": base, "base_name": cfg.models.diffusion_base, "rank": d.lora_rank, "alpha": d.lora_alpha,
-              "targets": list(d.lora_targets), "seed": d.train.seed, "resolution": resolution, "size_words": d.size_words}
-    checkpoint, history = fit(LORA, config, d.train, datasets, n_train, d.output, d.run_name, options)
-    adapter = export_model(checkpoint, d.output, options, name="adapter")
-    summary = {"base": base, "pretrain": pretrain_losses, "adapter": adapter, "resolution": resolution,
-               "lesions_train": n_train, "epochs": history[-1]["epoch"], "steps": history[-1]["step"],
-               "resumed_from_epoch": history[-1]["started_at_epoch"], "final": history[-1], "history": history,
-               "seconds_this_run": round(time.perf_counter() - started, 2)}
+    by_class = split_ids(d, options)
+    summary: dict[str, Any] = {"base": base, "pretrain": pretrain_losses, "resolution": resolution, "adapters": d.adapters}
+    if d.adapters == "shared":
+        ids = {s: sorted(i for split in by_class.values() for i in split[s]) for s in ("train", "val")}
+        summary.update(train_adapter(cfg, base, resolution, ids, d.run_name, SHARED_ADAPTER))
+    else:
+        unknown = sorted(set(d.diagnoses or ()) - set(by_class))
+        if unknown:
+            raise ValueError(f"diffusion.diagnoses {unknown} have no lesions in {d.input}; it has {sorted(by_class)}")
+        summary["per_diagnosis"] = {}
+        for code, ids in sorted(by_class.items()):
+            if d.diagnoses is not None and code not in d.diagnoses:
+                continue
+            log.info("diffusion: adapter for %s on %d training lesions", code, len(ids["train"]))
+            summary["per_diagnosis"][code] = train_adapter(cfg, base, resolution, ids, f"{d.run_name}-{code}", f"{PER_DIAGNOSIS_ADAPTERS}/{code}")
+    summary["seconds_this_run"] = round(time.perf_counter() - started, 2)
     write_summary(join(d.output, "diffusion_summary.json"), summary, options)
     return summary
 

@@ -33,12 +33,13 @@ from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.diffusion.captions import caption
 from dermaray.diffusion.evaluate import class_relevance, image_grid, kid, lesion_area_mm2, size_faithfulness
-from dermaray.diffusion.pipeline import generate, load_pipeline
+from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
 from dermaray.grounding.classifier import load_classifier
 from dermaray.grounding.data import CLASS_CODES, decode_rgb
 from dermaray.grounding.model import model_path
 from dermaray.storage import download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
+from jobs.diffusion import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 
 
 class ImageJudge:
@@ -65,44 +66,72 @@ def png(image) -> bytes:
     return buffer.getvalue()
 
 
+def adapters_by_class(folder: str | None, codes: list[str]) -> dict[str, str | None]:
+    """Each diagnosis' adapter folder: the shared adapter, `<folder>/<code>` per diagnosis, or None (the base)."""
+    if folder is None:
+        return dict.fromkeys(codes)
+    if (Path(folder) / LORA_WEIGHT_NAME).is_file():
+        return dict.fromkeys(codes, folder)
+    missing = [c for c in codes if not (Path(folder) / c / LORA_WEIGHT_NAME).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} holds neither a shared adapter nor per-diagnosis adapters for {missing}")
+    return {c: str(Path(folder) / c) for c in codes}
+
+
+def generate_by_class(pipe: Any, adapters: dict[str, str | None], n: int, settings: dict, size: str | None = None) -> list:
+    """`n` images per diagnosis (class-major), each diagnosis with its adapter; image i is seeded `seed + i`."""
+    images = []
+    for index, (code, adapter) in enumerate(adapters.items()):
+        images += generate(pipe, [caption(code, size)], n, seed=settings["seed"] + index * n, steps=settings["steps"],
+                           guidance_scale=settings["guidance_scale"], adapter_folder=adapter, resolution=settings["resolution"])
+    return images
+
+
 @ray.remote
-def evaluate_generation(base: str, adapter: str, judge_folder: str, real_images: list[bytes], settings: dict) -> dict[str, Any]:
+def evaluate_generation(base: str, adapter: str, judge_folder: str, real_images: list[bytes], real_labels: list[str],
+                        settings: dict) -> dict[str, Any]:
     judge = ImageJudge(judge_folder, settings["cache_dir"])
     size, n, codes = settings["resolution"], settings["images_per_class"], settings["classes"]
     real = [decode_rgb(b).resize((size, size)) for b in real_images]
-    _, real_features = judge(real)
+    real_predicted, real_features = judge(real)
     pipe = load_pipeline(base)
-    prompts = [caption(code) for code in codes]
     prompted = [code for code in codes for _ in range(n)]
-    results: dict[str, Any] = {"grids": {}}
-    for name, folder in (("base", None), ("lora", adapter)):
-        images = generate(pipe, prompts, n, seed=settings["seed"], steps=settings["steps"],
-                          guidance_scale=settings["guidance_scale"], adapter_folder=folder, resolution=size)
+    # The judge's accuracy on held-out real images at the generation size: what a perfect
+    # generator would score, so class relevance is read against it as well as against chance.
+    results: dict[str, Any] = {"grids": {}, "real": {"class_relevance": class_relevance(real_labels, real_predicted)}}
+    lora = adapters_by_class(adapter, codes)
+    for name, adapters in (("base", dict.fromkeys(codes)), ("lora", lora)):
+        images = generate_by_class(pipe, adapters, n, settings)
         predicted, features = judge(images)
         results[name] = {"class_relevance": class_relevance(prompted, predicted),
                          "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(images), len(real)))))}
         columns = min(n, 8)
         rows = [img for i in range(len(codes)) for img in images[i * n : i * n + columns]]
         results["grids"][name] = png(image_grid(rows, columns, labels=list(codes), cell=max(64, size)))
-    sizes = {}
-    for word in ("large", "small"):
-        images = generate(pipe, [caption(code, word) for code in codes], max(1, n // 2), seed=settings["seed"],
-                          steps=settings["steps"], guidance_scale=settings["guidance_scale"], adapter_folder=adapter, resolution=size)
-        sizes[word] = [lesion_area_mm2(img) for img in images]
+    sizes = {word: [lesion_area_mm2(img) for img in generate_by_class(pipe, lora, max(1, n // 2), settings, word)]
+             for word in ("large", "small")}
     results["lora"]["size_faithfulness"] = size_faithfulness(sizes["large"], sizes["small"])
+    results["adapters"] = "shared" if len(set(lora.values())) == 1 else "per_diagnosis"
     results["chance"] = 1 / len(judge.classes)
     return results
 
 
 def markdown(r: dict[str, Any]) -> str:
-    lines = ["| pipeline | class relevance | KID (mean ± sd) |", "|---|---|---|"]
-    for name in ("base", "lora"):
+    real = r["real"]["class_relevance"]
+    lora = "LoRA (shared adapter)" if r["adapters"] == "shared" else "LoRA (one adapter per diagnosis)"
+    lines = ["| images | class relevance | of the real images' | KID (mean ± sd) |", "|---|---|---|---|"]
+    for name, label in (("base", "base"), ("lora", lora)):
         m = r[name]
-        lines.append(f"| {name} | {m['class_relevance']['relevance']:.3f} | {m['kid']['mean']:.4f} ± {m['kid']['std']:.4f} |")
-    lines += ["", f"Chance level for the classifier: {r['chance']:.3f}.", "",
-              "| diagnosis | base | LoRA |", "|---|---|---|"]
-    for code in r["lora"]["class_relevance"]["per_class"]:
-        lines.append(f"| {code} | {r['base']['class_relevance']['per_class'].get(code, 0):.2f} | {r['lora']['class_relevance']['per_class'][code]:.2f} |")
+        relevance = m["class_relevance"]["relevance"]
+        of_real = f"{relevance / real['relevance']:.2f}" if real["relevance"] else "-"
+        lines.append(f"| {label} | {relevance:.3f} | {of_real} | {m['kid']['mean']:.4f} ± {m['kid']['std']:.4f} |")
+    lines.append(f"| held-out real images | {real['relevance']:.3f} | 1.00 | - |")
+    lines += ["", f"Chance level for the classifier: {r['chance']:.3f}. The judge is the image head of the classifier "
+              "trained on real lesions; its accuracy on held-out real images at the generation size bounds what a "
+              "generator can score.", "", "| diagnosis | base | LoRA | real images |", "|---|---|---|---|"]
+    for code, share in r["lora"]["class_relevance"]["per_class"].items():
+        lines.append(f"| {code} | {r['base']['class_relevance']['per_class'].get(code, 0):.2f} | {share:.2f} | "
+                     f"{real['per_class'].get(code, float('nan')):.2f} |")
     s = r["lora"]["size_faithfulness"]
     lines += ["", f"Size faithfulness (LoRA): 'large' prompts {s['mean_large_mm2']:.1f} mm² vs 'small' {s['mean_small_mm2']:.1f} mm² "
               f"(ratio {s['ratio']:.2f}, AUC {s['auc']:.2f}, one-sided Mann-Whitney p = {s['p_value']:.3g})."]
@@ -113,19 +142,21 @@ def run(cfg: DermarayConfig) -> dict:
     d, ev, options = cfg.diffusion, cfg.diffusion_eval, cfg.storage_options
     init_ray(cfg.ray)
     lesions = read_parquet(ev.real, options, columns=["split", "image_bytes", "diagnosis"])
+    adapter = ev.adapter or join(d.output, SHARED_ADAPTER if d.adapters == "shared" else PER_DIAGNOSIS_ADAPTERS)
     held_out = lesions.filter(pc.equal(lesions["split"], "test"))
     if held_out.num_rows < 2:
         raise ValueError(f"{ev.real} has {held_out.num_rows} test-split lesions; KID needs held-out real images")
     with tempfile.TemporaryDirectory() as folder:
         local = {name: download_folder(uri, str(Path(folder) / name), options)
-                 for name, uri in (("base", ev.base or join(d.output, "base")), ("adapter", ev.adapter or join(d.output, "adapter")),
+                 for name, uri in (("base", ev.base or join(d.output, "base")), ("adapter", adapter),
                                    ("judge", ev.classifier))}
         settings = {"resolution": d.resolution or 64, "images_per_class": ev.images_per_class, "seed": ev.seed, "steps": ev.steps,
                     "guidance_scale": ev.guidance_scale, "classes": [c for c in CLASS_CODES if c in set(held_out["diagnosis"].to_pylist())],
                     "cache_dir": str(Path(cfg.models.cache_dir).expanduser().resolve())}
         log.info("diffusion_eval: %d images per class for %s, base vs LoRA", ev.images_per_class, settings["classes"])
         results = ray.get(evaluate_generation.options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus).remote(
-            local["base"], local["adapter"], local["judge"], held_out["image_bytes"].to_pylist()[: ev.real_images], settings))
+            local["base"], local["adapter"], local["judge"], held_out["image_bytes"].to_pylist()[: ev.real_images],
+            held_out["diagnosis"].to_pylist()[: ev.real_images], settings))
     for name, data in results.pop("grids").items():
         write_bytes(join(ev.output, f"grid_{name}.png"), data, options)
     write_bytes(join(ev.output, "diffusion_eval.md"), markdown(results).encode(), options)

@@ -6,7 +6,8 @@ metrics, how to save the model folder); `train_loop` runs it on every Ray Train 
 - restores model, optimizer, schedule, RNG and history from `ray.train.get_checkpoint()`,
   so a re-run with the same run name (or a restarted worker group) continues where the last
   checkpoint left off and ends at the same step count;
-- reports metrics and a checkpoint (`model/` + `train_state.pt`) every epoch from rank 0.
+- reports metrics and a checkpoint (`model/` + `train_state.pt`) every epoch from rank 0, and
+  every `checkpoint_every_steps` optimizer steps when set (long epochs: diffusion on big sets).
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def train_loop(config: dict[str, Any]) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config["total_steps"], tc.warmup_fraction))
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+    # `batch` counts the batches of the current epoch already trained on (non-zero only in a
+    # checkpoint taken inside an epoch, see TrainConfig.checkpoint_every_steps).
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -81,41 +84,53 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         torch.set_rng_state(saved["rng"])
-        state = {k: saved[k] for k in ("epoch", "step", "history")}
+        state = {"batch": saved.get("batch", 0), **{k: saved[k] for k in ("epoch", "step", "history")}}
 
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    started_at_epoch = state["epoch"]
+    started_at = {"started_at_epoch": state["epoch"], "started_at_step": state["step"]}
+
+    def report(metrics: dict[str, Any]) -> None:
+        """Metrics from every rank; the checkpoint (model folder + train state) from rank 0."""
+        if context.get_world_rank() != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            task.save(Path(folder) / MODEL_DIR, unwrap(model), config)
+            torch.save({**state, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "rng": torch.get_rng_state()}, Path(folder) / TRAIN_STATE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
     for epoch in range(state["epoch"], tc.epochs):
         model.train()
         started, losses = time.perf_counter(), []
-        for batch in train_shard.iter_torch_batches(
+        batches = train_shard.iter_torch_batches(
             batch_size=tc.batch_size, device=device, local_shuffle_buffer_size=4 * tc.batch_size,
             local_shuffle_seed=tc.seed + epoch,
-        ):
+        )
+        for index, batch in enumerate(batches):
+            if index < state["batch"]:
+                continue  # trained on before the checkpoint this run resumed from
             loss = task.loss(model, batch, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             state["step"] += 1
+            state["batch"] = index + 1
             losses.append(float(loss.detach()))
+            if tc.checkpoint_every_steps and state["step"] % tc.checkpoint_every_steps == 0:
+                report({"epoch": epoch, "step": state["step"], "train_loss": float(np.mean(losses[-tc.checkpoint_every_steps:])),
+                        **started_at})
         metrics = {
             "epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "train_seconds": time.perf_counter() - started, "lr": schedule.get_last_lr()[0],
-            "started_at_epoch": started_at_epoch, **task.evaluate(unwrap(model), val_shard, config, device),
+            **started_at, **task.evaluate(unwrap(model), val_shard, config, device),
         }
-        state["epoch"] = epoch + 1
+        state.update(epoch=epoch + 1, batch=0)
         state["history"].append(metrics)
-        if context.get_world_rank() == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                task.save(Path(folder) / MODEL_DIR, unwrap(model), config)
-                torch.save({**state, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                            "rng": torch.get_rng_state()}, Path(folder) / TRAIN_STATE)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(metrics)
+        report(metrics)
 
 
 def fit(

@@ -118,6 +118,7 @@ def unet_probe(pipe) -> torch.Tensor:
 def test_captions_name_the_diagnosis_and_size() -> None:
     assert caption("MEL") == "a dermoscopic photo of melanoma, skin lesion"
     assert caption("MEL", "large") == "a dermoscopic photo of large melanoma, skin lesion"
+    assert caption(None, "large") == "a dermoscopic photo of large lesion, skin lesion"  # the base's, diagnosis-free
     assert caption("SCC", "small", ["irregular border", "blue-white veil"]) == (
         "a dermoscopic photo of small squamous cell carcinoma, skin lesion, irregular border, blue-white veil"
     )

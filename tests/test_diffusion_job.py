@@ -10,6 +10,7 @@ from dermaray.config import load_config
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, add_lora, generate, load_pipeline, lora_state, read_lora
 from dermaray.storage import read_parquet
 from jobs import diffusion
+from jobs.diffusion_eval import adapters_by_class
 from tests.helpers import kill_driver_after_first_checkpoint
 
 LESIONS = "s3://dermaray/ingest/lesions"
@@ -55,21 +56,23 @@ def test_adapter_trains_and_loads_in_a_plain_diffusers_pipeline(trained, s3_opti
 
 
 def test_killed_driver_resumes_with_the_adapter_weights_restored(trained, s3_options, ray_cluster, tmp_path):
-    """Kill after the first checkpoint; the resumed run ends where an uninterrupted one does, adapter included."""
+    """Kill after the first checkpoint (every 2 steps, so inside an epoch); the resumed run ends where an
+    uninterrupted one does, adapter included."""
     base_out, _ = trained
-    epochs = 3
+    epochs, total = 3, 3 * _steps_per_epoch(s3_options)
     reference_out, resumed_out = tmp_path / "reference", tmp_path / "resumed"
     for out in (reference_out, resumed_out):  # share the pre-trained base: only the adapter stage differs
         (out).mkdir()
         (out / "base").symlink_to(base_out / "base", target_is_directory=True)
-    reference = diffusion.run(_config(s3_options, f"diffusion.output={reference_out}", f"diffusion.train.epochs={epochs}"))
+    every = ["diffusion.train.checkpoint_every_steps=2", f"diffusion.train.epochs={epochs}"]
+    reference = diffusion.run(_config(s3_options, f"diffusion.output={reference_out}", *every))
 
-    args = [*FAST, f"diffusion.input={LESIONS}", f"diffusion.output={resumed_out}", f"diffusion.train.epochs={epochs}"]
+    args = [*FAST, f"diffusion.input={LESIONS}", f"diffusion.output={resumed_out}", *every]
     kill_driver_after_first_checkpoint("diffusion", args, resumed_out / "runs" / "lora", s3_options, ray_cluster)
-    resumed = diffusion.run(_config(s3_options, f"diffusion.output={resumed_out}", f"diffusion.train.epochs={epochs}"))
+    resumed = diffusion.run(_config(s3_options, f"diffusion.output={resumed_out}", *every))
 
-    assert 1 <= resumed["resumed_from_epoch"] < epochs, "the kill must land mid-run"
-    assert resumed["steps"] == reference["steps"] == epochs * _steps_per_epoch(s3_options)
+    assert 2 <= resumed["resumed_from_step"] < total, "the kill must land mid-run"
+    assert resumed["steps"] == reference["steps"] == total
     # Restarting the adapter from its initial weights (the failure this guards against) would leave
     # the resumed adapter a third of the training movement away from the uninterrupted one.
     ref, got = read_lora(reference_out / "adapter"), read_lora(resumed_out / "adapter")
@@ -80,3 +83,30 @@ def test_killed_driver_resumes_with_the_adapter_weights_restored(trained, s3_opt
     moved = max(float((ref[k] - start[k]).abs().max()) for k in ref)
     gap = max(float((ref[k] - got[k]).abs().max()) for k in ref)
     assert moved > 0 and gap < 0.1 * moved, f"resumed adapter is {gap} from the uninterrupted one, which moved {moved}"
+
+
+def test_per_diagnosis_adapters_each_load_and_serve_their_diagnosis(trained, s3_options, tmp_path):
+    base_out, _ = trained
+    out = tmp_path / "per_diagnosis"
+    out.mkdir()
+    (out / "base").symlink_to(base_out / "base", target_is_directory=True)
+    summary = diffusion.run(_config(s3_options, f"diffusion.output={out}", "diffusion.adapters=per_diagnosis",
+                                    "diffusion.diagnoses=[MEL,NEV]", "diffusion.train.epochs=1"))
+    table = read_parquet(LESIONS, s3_options, columns=["lesion_id", "split", "diagnosis"]).to_pylist()
+    first = sorted(r["lesion_id"] for r in table if r["split"] == "train")[:320]  # diffusion.limit
+    of_class = {c: sum(r["diagnosis"] == c for r in table if r["lesion_id"] in set(first)) for c in ("MEL", "NEV")}
+    assert sorted(summary["per_diagnosis"]) == ["MEL", "NEV"] and not (out / "adapter").exists()
+    for code, run in summary["per_diagnosis"].items():
+        assert run["lesions_train"] == of_class[code] > 0  # each adapter saw its own diagnosis only
+        assert run["steps"] == math.ceil(of_class[code] / 64)
+    assert adapters_by_class(str(out / "adapters"), ["MEL", "NEV"]) == {c: str(out / "adapters" / c) for c in ("MEL", "NEV")}
+    with pytest.raises(FileNotFoundError, match="BCC"):
+        adapters_by_class(str(out / "adapters"), ["MEL", "BCC"])
+    assert adapters_by_class(str(base_out / "adapter"), ["MEL", "BCC"]) == dict.fromkeys(["MEL", "BCC"], str(base_out / "adapter"))
+
+    pipe = load_pipeline(out / "base")
+    images = {c: generate(pipe, ["a dermoscopic photo of melanoma, skin lesion"], 1, seed=3, steps=2, adapter_folder=out / "adapters" / c)
+              for c in ("MEL", "NEV")}
+    assert not np.array_equal(np.asarray(images["MEL"][0]), np.asarray(images["NEV"][0]))  # two different adapters
+    with pytest.raises(ValueError, match="XYZ"):
+        diffusion.run(_config(s3_options, f"diffusion.output={out}", "diffusion.adapters=per_diagnosis", "diffusion.diagnoses=[XYZ]"))

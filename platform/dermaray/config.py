@@ -130,6 +130,9 @@ class TrainConfig(Section):
     seed: int = 0
     max_failures: int = Field(default=2, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
     checkpoints_to_keep: int = Field(default=2, ge=1)
+    # Also checkpoint every N optimizer steps inside an epoch (None: at epoch ends only); a resume
+    # from such a checkpoint skips the batches of the epoch already trained on.
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
     materialize: bool = True  # keep the decoded pixels in the object store across epochs (small datasets)
 
 
@@ -203,6 +206,10 @@ class BasePretrainConfig(Section):
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     max_images: int = Field(default=2000, ge=1)  # training-split images it sees
+    # "generic": captions without the diagnosis ("a dermoscopic photo of large lesion"), so the base
+    # knows lesions but not diagnoses, like a general-purpose base; "diagnosis": the class captions
+    # the adapters use (the base then already draws classes and the adapters have little to add).
+    captions: Literal["generic", "diagnosis"] = "generic"
 
 
 class DiffusionConfig(Section):
@@ -216,6 +223,11 @@ class DiffusionConfig(Section):
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=8, ge=1)
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    # "shared": one adapter for every diagnosis, conditioned by the class caption (<output>/adapter);
+    # "per_diagnosis": one adapter per diagnosis trained on that diagnosis' lesions
+    # (<output>/adapters/<code>), what the generation deployment multiplexes.
+    adapters: Literal["shared", "per_diagnosis"] = "shared"
+    diagnoses: list[str] | None = None  # per_diagnosis: adapters for these codes only (None: every one trained on)
     train: TrainConfig = TrainConfig(lr=1e-4, epochs=5, batch_size=16)
 
 

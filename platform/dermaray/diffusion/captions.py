@@ -18,6 +18,9 @@ from dermaray.schema import DIAGNOSES_BY_CODE
 SMALL_BELOW_MM2 = 6.0
 LARGE_FROM_MM2 = 14.0
 SIZE_WORDS: tuple[str, ...] = ("small", "medium", "large")
+# The subject of a caption without a diagnosis: what a general base model knows of these images
+# ("a skin lesion") and no more, so that telling diagnoses apart is left to the adapters.
+GENERIC_SUBJECT = "lesion"
 
 
 def condition_name(diagnosis_code: str) -> str:
@@ -36,15 +39,18 @@ def size_word(area_mm2: float) -> str:
     return "large" if area_mm2 >= LARGE_FROM_MM2 else "medium"
 
 
-def caption(diagnosis_code: str, size_word: str | None = None, extra: str | Sequence[str] | None = None) -> str:
+def caption(diagnosis_code: str | None, size_word: str | None = None, extra: str | Sequence[str] | None = None) -> str:
     """E.g. "a dermoscopic photo of large melanoma, skin lesion, irregular border".
 
-    `extra` holds further attribute words (one string or several), appended after a comma each.
+    `diagnosis_code` None gives the diagnosis-free caption ("a dermoscopic photo of large lesion,
+    skin lesion"). `extra` holds further attribute words (one string or several), appended after
+    a comma each.
     """
     if size_word is not None and size_word not in SIZE_WORDS:
         raise ValueError(f"size_word must be one of {', '.join(SIZE_WORDS)} or None, got {size_word!r}")
     words = [extra] if isinstance(extra, str) else list(extra or ())
     if any(not isinstance(w, str) or not w.strip() for w in words):
         raise ValueError(f"extra must hold non-empty strings, got {extra!r}")
-    subject = f"{size_word} {condition_name(diagnosis_code)}" if size_word else condition_name(diagnosis_code)
+    name = GENERIC_SUBJECT if diagnosis_code is None else condition_name(diagnosis_code)
+    subject = f"{size_word} {name}" if size_word else name
     return ", ".join([f"a dermoscopic photo of {subject}", "skin lesion", *(w.strip() for w in words)])
