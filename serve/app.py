@@ -38,7 +38,7 @@ from ray.serve.handle import DeploymentHandle
 from dermaray.config import DermarayConfig, load_config
 from dermaray.schema import ATTRIBUTE_NAMES, DIAGNOSES_BY_CODE
 from dermaray.serving.checks import MULTIPART_OVERHEAD, BodyLimit, RequestError, check_api_key, check_count, check_upload_size
-from dermaray.storage import absolute, is_remote
+from dermaray.storage import is_remote
 
 log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -322,20 +322,27 @@ class Ingress:
 
 # --- Building the application ---------------------------------------------------------------
 
-def _absolute_local(cfg: DermarayConfig) -> DermarayConfig:
-    """Local paths made absolute: replicas do not run in the directory `serve run` was started from."""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _absolute_local(cfg: DermarayConfig, base: Path) -> DermarayConfig:
+    """Local paths made absolute against `base`: replicas do not run in the directory the app was built from."""
+    def resolve(value: str) -> str:
+        if is_remote(value):
+            return value
+        value = value.removeprefix("file://")
+        return value if os.path.isabs(value) else str(base / value)
+
     s = cfg.serve
     for name in ("grounding_model", "index", "embeddings", "lesions", "classifier", "diffusion"):
-        value = getattr(s, name)
-        if value and not is_remote(value):
-            setattr(s, name, absolute(value))
-    if not is_remote(cfg.models.cache_dir):
-        cfg.models.cache_dir = absolute(cfg.models.cache_dir)
+        if getattr(s, name):
+            setattr(s, name, resolve(getattr(s, name)))
+    cfg.models.cache_dir = resolve(cfg.models.cache_dir)
     return cfg
 
 
-def app_from_config(cfg: DermarayConfig) -> Any:
-    cfg = _absolute_local(cfg.model_copy(deep=True))
+def app_from_config(cfg: DermarayConfig, base: Path | None = None) -> Any:
+    cfg = _absolute_local(cfg.model_copy(deep=True), base or Path.cwd())
     config = cfg.model_dump(mode="json")
     retrieval = Retrieval.bind(config)
     generation = None
@@ -355,7 +362,12 @@ def build_app(args: dict[str, str]) -> Any:
     path = args.pop("config", None)
     overrides = list(args.pop("overrides", None) or [])
     overrides += [f"{key}={value}" for key, value in args.items()]
-    return app_from_config(load_config(path, overrides))
+    # `serve run` starts in the repository; `serve deploy` builds the app inside the Serve
+    # controller, whose directory is elsewhere: relative paths then mean the repository's.
+    base = Path.cwd()
+    if path and not os.path.isabs(path) and not Path(path).exists() and (REPO_ROOT / path).exists():
+        base = REPO_ROOT
+    return app_from_config(load_config(base / path if path else None, overrides), base)
 
 
 __all__ = ["ATTRIBUTE_NAMES", "Ingress", "Retrieval", "app_from_config", "build_app", "generation_class"]

@@ -188,3 +188,27 @@ def test_serve_config_section_has_safe_defaults_and_validates() -> None:
         load_config(None, ["serve.max_k=1000"])
     with pytest.raises(ValueError):
         load_config(None, ["serve.max_adapters_per_replica=0"])
+
+
+def test_serve_config_file_is_valid_and_names_the_app_deployments() -> None:
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    text = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(text) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(text)
+    [app] = schema.applications
+    deployments = {d.name: d for d in app.deployments}
+    assert deployments["Generation"].autoscaling_config["min_replicas"] == 0
+    assert all(d.autoscaling_config["max_replicas"] >= d.autoscaling_config["min_replicas"] for d in deployments.values())
+    assert schema.http_options.request_timeout_s > 0
+
+    built = build_app(app.args)  # the same builder `serve deploy` calls, with the file's args
+    ingress = built._bound_deployment
+    bound = {ingress.name, *(a._bound_deployment.name for a in ingress.init_args if hasattr(a, "_bound_deployment"))}
+    assert bound == set(deployments)
+    config = ingress.init_args[-1]
+    assert config["serve"]["max_adapters_per_replica"] == 4 and Path(config["serve"]["index"]).is_absolute()

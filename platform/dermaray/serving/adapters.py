@@ -32,8 +32,12 @@ SHARED = "shared"  # the adapter name of <root>/adapter
 
 class AdapterBank:
     def __init__(self, root: str | Path, device: str | None = None, resolution: int | None = None):
+        import torch
+
         root = Path(root)
-        self.pipe = load_pipeline(root / "base", device=device)
+        device = device or ("cuda" if torch.cuda.is_available() else None)
+        # Half precision on GPUs (as diffusers serves SD); float32 on CPUs, where fp16 is slow.
+        self.pipe = load_pipeline(root / "base", device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
         self.shared_folder = root / "adapter"
         self.per_diagnosis_root = root / "adapters"
         self.resolution = resolution

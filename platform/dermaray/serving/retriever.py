@@ -59,9 +59,10 @@ class Retriever:
 
         self._classifier_folder = tempfile.TemporaryDirectory(prefix="classifier-")
         local = download_folder(uri, self._classifier_folder.name, options)
-        self.classifier = load_classifier(local, cache_dir)
+        self.device = self.embedder.device
+        self.classifier = load_classifier(local, cache_dir).to(self.device)
         self.classifier_processor = AutoImageProcessor.from_pretrained(model_path(self.classifier.settings.model, cache_dir))
-        self.text_encoder = TextEncoder(self.classifier.settings.text_encoder, cache_dir)
+        self.text_encoder = TextEncoder(self.classifier.settings.text_encoder, cache_dir, device=str(self.device))
         vectors = [self._classifier_image(list(map(decode_rgb, self.gallery.images[s : s + GALLERY_BATCH])))
                    for s in range(0, len(self.gallery), GALLERY_BATCH)]
         self.text_index = VectorIndex.build(np.concatenate(vectors), self.gallery.ids, kind="exact",
@@ -80,15 +81,15 @@ class Retriever:
 
     @torch.no_grad()
     def _classifier_image(self, images: list) -> np.ndarray:
-        pixels = torch.as_tensor(self.classifier_processor(images=images, return_tensors="np")["pixel_values"])
-        return self.classifier.encode_image(pixels).numpy().astype(np.float32)
+        pixels = torch.as_tensor(self.classifier_processor(images=images, return_tensors="np")["pixel_values"], device=self.device)
+        return self.classifier.encode_image(pixels).cpu().numpy().astype(np.float32)
 
     @torch.no_grad()
     def _diagnoses(self, images: list) -> list[dict[str, Any]]:
         if self.classifier is None:
             return [None] * len(images)
-        features = torch.as_tensor(self._classifier_image(images))
-        probabilities = torch.softmax(self.classifier.image_head(features), dim=-1).numpy()
+        features = torch.as_tensor(self._classifier_image(images), device=self.device)
+        probabilities = torch.softmax(self.classifier.image_head(features), dim=-1).cpu().numpy()
         classes = self.classifier.settings.classes
         out = []
         for p in probabilities:
@@ -156,8 +157,8 @@ class Retriever:
         if self.text_index is None:
             raise RequestError(503, "text search needs the classifier checkpoint, which this deployment was not given")
         with torch.no_grad():
-            note = torch.as_tensor(self.text_encoder.encode([text]))
-            query = self.classifier.encode_text(note).numpy()
+            note = torch.as_tensor(self.text_encoder.encode([text]), device=self.device)
+            query = self.classifier.encode_text(note).cpu().numpy()
         [hits] = self.text_index.search_ids(query, k)
         return {"results": [self.gallery.record(self.gallery.row_of(i), s, thumbnails) for i, s in hits]}
 
