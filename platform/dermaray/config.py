@@ -263,8 +263,8 @@ class ServeConfig(Section):
     """The Ray Serve apps (serve/app.py): the artifacts they load (any URI) and the limits they enforce."""
 
     grounding_model: str = "out/grounding/model"  # image -> embedding + predicted attributes
-    index: str = "out/embeddings/clinic/index"  # the vector index over that model's embeddings
-    embeddings: str = "out/embeddings/clinic/embeddings"  # gallery's predicted attributes (attribute search)
+    index: str = "out/embeddings/grounded/clinic/index"  # the vector index over that model's embeddings
+    embeddings: str = "out/embeddings/grounded/clinic/embeddings"  # gallery's predicted attributes (attribute search)
     lesions: str = "out/ingest/clinic/lesions"  # gallery metadata and thumbnails
     classifier: str | None = "out/classifier/model"  # diagnosis prediction and text search; None: neither
     diffusion: str | None = "out/diffusion"  # <diffusion>/base, /adapter, /adapters/<code>; None: no generation
