@@ -22,6 +22,7 @@ STAGES = {
     "classifier": "train and evaluate the image + note classifier with Ray Train",
     "diffusion": "train a diagnosis-conditioned LoRA adapter on Stable Diffusion with Ray Train (resumable)",
     "diffusion_eval": "base vs LoRA generation: class relevance, KID, size faithfulness, sample grids",
+    "report": "one self-contained HTML report of a pipeline workdir (tables, curves, galleries, grids)",
     "pipeline": "run every stage end to end",
 }
 

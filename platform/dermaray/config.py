@@ -248,14 +248,26 @@ class DiffusionEvalConfig(Section):
     num_gpus: float = Field(default=0, ge=0)
 
 
+class ReportConfig(Section):
+    """The HTML report: one self-contained file (images inlined) from what the stages wrote under `workdir`."""
+
+    workdir: str = "out"  # a pipeline workdir (local or s3://); stages not found there show as "not run"
+    output: str | None = None  # None: <workdir>/reports/report.html
+    gallery_queries: int = Field(default=4, ge=0)  # held-out query lesions in the retrieval gallery
+    gallery_k: int = Field(default=5, ge=1)  # neighbours shown per query
+    thumbnail_px: int = Field(default=80, ge=16)
+    sample_notes: int = Field(default=3, ge=0)  # notes shown as written, per notes output
+
+
 class PipelineConfig(Section):
     """The end-to-end job: every stage reads what the one before wrote under `workdir`."""
 
     workdir: str = "out"
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
     stages: list[Literal["synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion",
-                         "diffusion_eval"]] = [
+                         "diffusion_eval", "report"]] = [
         "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion", "diffusion_eval",
+        "report",
     ]
 
 
@@ -299,6 +311,7 @@ class DermarayConfig(Section):
     classifier: ClassifierConfig = ClassifierConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     diffusion_eval: DiffusionEvalConfig = DiffusionEvalConfig()
+    report: ReportConfig = ReportConfig()
     pipeline: PipelineConfig = PipelineConfig()
     serve: ServeConfig = ServeConfig()
 

@@ -1,0 +1,187 @@
+"""The HTML report of a pipeline run: every stage's figures in one self-contained file.
+
+    python -m jobs.report --config configs/local.yaml report.workdir=out
+
+Reads what the stages wrote under `report.workdir` (local or s3://): ingest and notes
+summaries, training histories, the grounding, classifier and diffusion evaluation JSON, the
+embeddings and their index (retrieval galleries), the lesion images and the diffusion grids;
+writes one HTML file (default `<workdir>/reports/report.html`) with images inlined as PNG data
+URIs and charts as inline SVG, readable offline with no script. A stage that did not run gets
+a "not run" line. The work is reading a few files on the driver: no cluster needed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from dermaray import report
+from dermaray.cli import config_from_argv, setup_logging
+from dermaray.config import DermarayConfig
+from dermaray.report.sections import images, markdown_section
+from dermaray.retrieval import VectorIndex
+from dermaray.storage import arrow_filesystem, filesystem, join, parquet_files, read_bytes, write_bytes
+from jobs.common import log
+
+GALLERY_DOMAIN = "clinic"  # the pipeline's main domain; its test split gives the held-out queries
+
+
+class Workdir:
+    """Reads a pipeline workdir; anything missing is None."""
+
+    def __init__(self, root: str, storage_options: dict):
+        self.root, self.options = root, storage_options
+        self.fs, self.path = filesystem(root, storage_options)
+
+    def uri(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(join(self.path, *parts))
+
+    def json(self, *parts: str) -> dict | None:
+        return json.loads(read_bytes(self.uri(*parts), self.options)) if self.exists(*parts) else None
+
+    def bytes(self, *parts: str) -> bytes | None:
+        return read_bytes(self.uri(*parts), self.options) if self.exists(*parts) else None
+
+    def domains(self, *parts: str) -> list[str]:
+        """Sub-folders of `parts` (the pipeline writes one per domain), main domain first."""
+        if not self.exists(*parts):
+            return []
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(join(self.path, *parts), detail=False)
+                       if self.fs.isdir(p))
+        return sorted(names, key=lambda n: n != GALLERY_DOMAIN)
+
+    def names(self, *parts: str, pattern: str) -> list[str]:
+        """Files matching `pattern` (one `*`) in a folder, by the part the `*` stands for."""
+        head, tail = pattern.split("*")
+        found = self.fs.glob(join(self.path, *parts, pattern)) if self.exists(*parts) else []
+        return [p.rsplit("/", 1)[-1][len(head) : -len(tail) or None] for p in found]
+
+    def table(self, *parts: str, columns: list[str], filters: Any = None):
+        fs, path = arrow_filesystem(self.uri(*parts), self.options)
+        return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+
+
+def _gallery(w: Workdir, n_queries: int, k: int, thumb_px: int) -> list[report.GalleryRow]:
+    """Held-out queries spread over lesion area, with their neighbours under the grounded and the frozen embedding."""
+    embedded = {name: ("embeddings", name, GALLERY_DOMAIN) for name in ("grounded", "frozen")
+                if w.exists("embeddings", name, GALLERY_DOMAIN, "index", "meta.json")}
+    if "grounded" not in embedded or n_queries <= 0:
+        return []
+    meta = w.table(*embedded["grounded"], "embeddings", columns=["lesion_id", "split", "diagnosis", "area_mm2"]).to_pandas()
+    held_out = meta[meta.split == "test"]
+    queries = report.pick_queries(held_out.lesion_id.tolist(), held_out.area_mm2.tolist(), n_queries)
+    if not queries:
+        return []
+    found: dict[str, list[list[tuple[str, float]]]] = {}
+    for name, parts in embedded.items():
+        rows = w.table(*parts, "embeddings", columns=["lesion_id", "embedding"], filters=[("lesion_id", "in", queries)]).to_pydict()
+        by_id = dict(zip(rows["lesion_id"], rows["embedding"]))
+        vectors = np.asarray([by_id[q] for q in queries], dtype=np.float32)
+        found[name] = report.neighbours(VectorIndex.load(w.uri(*parts, "index"), w.options), vectors, queries, k)
+    shown = set(queries) | {i for hits in found.values() for row in hits for i, _ in row}
+    pictures = {}
+    if w.exists("ingest", GALLERY_DOMAIN, "lesions"):
+        images_ = w.table("ingest", GALLERY_DOMAIN, "lesions", columns=["lesion_id", "image_bytes"],
+                          filters=[("lesion_id", "in", sorted(shown))]).to_pydict()
+        pictures = {i: report.thumbnail_png(b, thumb_px) for i, b in zip(images_["lesion_id"], images_["image_bytes"]) if b}
+    facts = meta.set_index("lesion_id")
+
+    def item(lesion_id: str, score: float | None) -> report.GalleryItem:
+        row = facts.loc[lesion_id]
+        return report.GalleryItem(lesion_id, str(row.diagnosis), float(row.area_mm2), score, pictures.get(lesion_id))
+
+    return [report.GalleryRow(item(q, None), {name: [item(i, s) for i, s in hits[n]] for name, hits in found.items()})
+            for n, q in enumerate(queries)]
+
+
+def _note_samples(w: Workdir, parts: tuple[str, ...], n: int) -> list[dict]:
+    """The first `n` notes of the first shard: what the note writer actually wrote."""
+    if n <= 0 or not w.exists(*parts):
+        return []
+    try:
+        fs, files = parquet_files(w.uri(*parts), w.options)
+    except FileNotFoundError:
+        return []
+    with fs.open(files[0], "rb") as f:
+        return pq.read_table(f, columns=["lesion_id", "note", "error", "audit_flags"]).slice(0, n).to_pylist()
+
+
+def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
+    """(the report's HTML, section -> whether its stage's outputs were found)."""
+    # Imported here: the table layouts live with the jobs that write the .md files, one definition each.
+    from dermaray.grounding.evaluate import markdown as grounding_markdown
+    from jobs.classifier import markdown as classifier_markdown
+    from jobs.diffusion_eval import markdown as diffusion_markdown
+
+    r = cfg.report
+    w = Workdir(r.workdir, cfg.storage_options)
+    pipeline = w.json("pipeline_summary.json")
+    ingest = {d: w.json("ingest", d, "ingest_summary.json") for d in w.domains("ingest")}
+    synth = {d: w.json("synthetic", d, "synth_manifest.json") for d in w.domains("synthetic")}
+    notes_outputs = {f"{folder}/{d}": (folder, d) for folder in ("notes", "notes_blind") for d in w.domains(folder)}
+    notes_summaries = {name: w.json(*parts, "notes_summary.json") for name, parts in notes_outputs.items()}
+    samples = {name: _note_samples(w, parts, r.sample_notes) for name, parts in notes_outputs.items() if name.startswith("notes/")}
+    grounding = w.json("grounding", "grounding_summary.json")
+    grounding_eval = w.json("reports", "grounding", "grounding_eval.json")
+    classifier = w.json("classifier", "classifier_summary.json")
+    diffusion = w.json("diffusion", "diffusion_summary.json")
+    diffusion_eval = w.json("reports", "diffusion", "diffusion_eval.json")
+    rows = _gallery(w, r.gallery_queries, r.gallery_k, r.thumbnail_px)
+
+    diffusion_body = report.training(diffusion, "diffusion", [
+        ("LoRA denoising loss", {"train": "train_loss", "validation": "val_loss"}, "loss", False)])
+    if diffusion and diffusion.get("pretrain"):
+        pre = diffusion["pretrain"]
+        if isinstance(pre, dict) and isinstance(pre.get("history"), list):
+            diffusion_body += report.line_chart({k: [(h["step"], h[k]) for h in pre["history"] if k in h] for k in ("vae", "unet")},
+                                                "tiny base pre-training", "step", "loss")
+        elif isinstance(pre, dict):
+            diffusion_body += "<h4>Tiny base pre-training, final losses</h4>" + report.table(
+                ["loss", "value"], [[k, v] for k, v in pre.items() if isinstance(v, (int, float))])
+    diffusion_body += "<h3>Base vs LoRA</h3>" + markdown_section(diffusion_eval, "diffusion_eval", "diffusion_eval.json", diffusion_markdown)
+    captions = {"base": "base (no adapter)", "lora": "LoRA adapter"}
+    grids = {captions.get(name, name): w.bytes("reports", "diffusion", f"grid_{name}.png")
+             for name in sorted(w.names("reports", "diffusion", pattern="grid_*.png"), key=lambda n: (n not in captions, n))}
+    diffusion_body += images(grids)
+
+    sections = [
+        ("run", "Run summary", report.run_summary(pipeline, ingest, synth)),
+        ("notes", "Clinical notes", report.notes(notes_summaries, samples)),
+        ("grounding", "Grounding", report.training(grounding, "grounding", [
+            ("attribute loss (z space)", {"train": "train_loss", "validation": "val_loss"}, "Huber loss", True),
+            ("validation MAE, area", {"area mm²": "val_mae_area_mm2"}, "mm²", False)])
+         + "<h3>Frozen vs grounded embedding</h3>"
+         + markdown_section(grounding_eval, "grounding_eval", "grounding_eval.json", grounding_markdown)),
+        ("retrieval", "Retrieval gallery (held-out queries, top 5 by cosine)", report.gallery(rows, r.thumbnail_px)),
+        ("classifier", "Image + note classifier", report.training(classifier, "classifier", [
+            ("training loss (CLIP + cross-entropy)", {"train": "train_loss"}, "loss", False),
+            ("validation accuracy", {"image only": "val_accuracy_image", "image + note": "val_accuracy_fused"}, "accuracy", False)])
+         + "<h3>Evaluation</h3>"
+         + markdown_section((classifier or {}).get("eval"), "classifier", "classifier_summary.json", classifier_markdown)),
+        ("diffusion", "Diffusion LoRA", diffusion_body),
+    ]
+    found = {"run": bool(ingest), "notes": any(notes_summaries.values()), "grounding": bool(grounding and grounding_eval),
+             "retrieval": bool(rows), "classifier": bool(classifier), "diffusion": bool(diffusion and diffusion_eval)}
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return report.page("dermaray pipeline report", f"Outputs under {r.workdir}, report written {stamp}.", sections), found
+
+
+def run(cfg: DermarayConfig) -> dict:
+    output = cfg.report.output or join(cfg.report.workdir, "reports", "report.html")
+    text, found = build(cfg)
+    write_bytes(output, text.encode(), cfg.storage_options)
+    log.info("report: %s (%d KiB); sections with outputs: %s", output, len(text) // 1024, [k for k, v in found.items() if v])
+    return {"output": output, "bytes": len(text), "sections": found}
+
+
+if __name__ == "__main__":
+    setup_logging()
+    run(config_from_argv(sys.argv[1:], prog="python -m jobs.report"))
