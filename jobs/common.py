@@ -18,6 +18,8 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job manager in a submitted job's driver
+
 log = logging.getLogger("dermaray")
 
 
@@ -27,10 +29,14 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Under `ray job submit` the job's runtime env applies already, and Ray refuses a ray.init that
+    # names one of its env var keys again: the submitter's values win, ours fill in the rest.
+    job = json.loads(os.environ.get(JOB_CONFIG_ENV, "{}")).get("runtime_env") or {}
+    env_vars = {k: v for k, v in WORKER_ENV.items() if k not in (job.get("env_vars") or {})}
     ray.init(
         address=address,
         num_cpus=None if address else cfg.num_cpus,
-        runtime_env={"env_vars": WORKER_ENV},
+        runtime_env={"env_vars": env_vars} if env_vars else None,
         log_to_driver=cfg.log_to_driver,
         ignore_reinit_error=True,
     )

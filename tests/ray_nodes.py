@@ -1,0 +1,158 @@
+"""Real Ray nodes started with `ray start` on this machine, each in its own process group.
+
+The tests that need a cluster of their own (Jobs API, several nodes) use these instead of
+the session's `ray.init` cluster. Every node gets its own free ports, its own worker-port
+range and (head) its own temp dir, so it never touches another cluster on the machine;
+`ray stop` is never called, because it would stop every Ray cluster here, not just ours.
+A node is stopped by killing its process group: `ray start --block` and everything it
+spawned (GCS, raylet, agents, workers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+_worker_ports = itertools.count(21000 + (os.getpid() % 40) * 200, 200)  # disjoint ranges per node and per test run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_env() -> dict[str, str]:
+    """The venv first on PATH, so `python` in a job's entrypoint is the project's interpreter."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+@dataclass
+class Node:
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group, as when a machine drops off the network."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+
+
+@dataclass
+class LocalCluster:
+    temp_dir: Path
+    gcs_address: str
+    dashboard_url: str
+    nodes: list[Node] = field(default_factory=list)
+
+    def _start(self, name: str, args: list[str], num_cpus: int, resources: str | None) -> Node:
+        first = next(_worker_ports)
+        command = [RAY, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+                   f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                   f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                   f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                   f"--min-worker-port={first}", f"--max-worker-port={first + 199}", *args]
+        if resources:
+            command.append(f"--resources={resources}")
+        log = self.temp_dir / f"{name}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=node_env(), start_new_session=True)
+        node = Node(name, process, log)
+        self.nodes.append(node)
+        return node
+
+    def add_worker(self, name: str, num_cpus: int = 1, timeout: float = 120) -> Node:
+        """Join a worker node (the job of an autoscaler); returns once the cluster counts it alive."""
+        node = self._start(name, [f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1"], num_cpus, f'{{"node_{name}": 1}}')
+        self.wait_until(lambda names: name in names, f"node {name} alive", timeout)
+        return node
+
+    def kill_node(self, name: str, timeout: float = 120) -> None:
+        """SIGKILL a node's processes; returns once the cluster has marked it dead."""
+        self.node(name).kill()
+        self.wait_until(lambda names: name not in names, f"node {name} dead", timeout)
+
+    def wait_until(self, done, what: str, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while not done(set(self.node_names().values())):
+            if time.time() > deadline:
+                raise TimeoutError(f"{what}: not within {timeout} s; logs in {self.temp_dir}")
+            time.sleep(0.5)
+
+    def alive_nodes(self) -> list:
+        """The cluster's alive nodes, from the dashboard's state API (HTTP: no ray.init in this process)."""
+        from ray.util.state import list_nodes
+
+        for attempt in range(5):
+            try:
+                return list_nodes(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], timeout=10)
+            except Exception:  # a busy dashboard: ask again
+                if attempt == 4:
+                    raise
+                time.sleep(1)
+        return []
+
+    def node_names(self) -> dict[str, str]:
+        """Alive node id -> the name a node of ours was started with (its `node_<name>` resource)."""
+        names = {}
+        for n in self.alive_nodes():
+            mine = [k.removeprefix("node_") for k in n.resources_total if k.startswith("node_") and ":" not in k]
+            names[n.node_id] = mine[0] if mine else "head"
+        return names
+
+    def actor_nodes(self, class_name: str) -> set[str]:
+        """Names of the nodes hosting alive actors whose class name contains `class_name`."""
+        from ray.util.state import list_actors
+
+        names = self.node_names()
+        actors = list_actors(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], detail=True, timeout=10)
+        return {names.get(a.node_id, "?") for a in actors if class_name in a.class_name}
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def shutdown(self) -> None:
+        """Kill every node's process group; the temp dir goes too unless KEEP_RAY_LOGS is set."""
+        for node in reversed(self.nodes):
+            node.kill()
+        if not os.environ.get("KEEP_RAY_LOGS"):
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_cluster(head_cpus: int = 0, head_resources: str | None = None, timeout: float = 90) -> LocalCluster:
+    """A head node with the dashboard (Jobs API, state API) on free ports, in a short temp dir (socket paths are short)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))
+    port, dashboard = free_port(), free_port()
+    cluster = LocalCluster(temp_dir, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}")
+    head = cluster._start("head", ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                                   f"--ray-client-server-port={free_port()}"], head_cpus, head_resources)
+    deadline = time.time() + timeout
+    while True:  # the dashboard answers last
+        try:
+            urllib.request.urlopen(f"{cluster.dashboard_url}/api/version", timeout=2)
+            return cluster
+        except Exception:
+            if head.process.poll() is not None or time.time() > deadline:
+                cluster.shutdown()
+                raise RuntimeError(f"the head node did not start: {head.log.read_text()[-2000:] if head.log.exists() else ''}")
+            time.sleep(0.5)
