@@ -19,13 +19,14 @@ Deployments:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, File, Query, Request, Security, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -49,36 +50,60 @@ SEARCH_BATCH = 16  # image searches per forward pass
 
 # --- Retrieval ----------------------------------------------------------------------------
 
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _match_torch_threads_to_cpus() -> None:
+    """One torch thread per CPU the replica was given (at least one). Ray sets no thread count for
+    fractional CPUs, and torch's default (every core) makes small models several times slower on a
+    busy node: threads spin-wait for cores other replicas hold."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 @serve.deployment(name="Retrieval", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Retrieval:
     def __init__(self, config: dict):
         from dermaray.serving.retriever import Retriever
 
         cfg = DermarayConfig.model_validate(config)
+        _match_torch_threads_to_cpus()
         self.core = Retriever(cfg.serve, cfg.models, cfg.storage_options)
 
-    async def search_image(self, upload: bytes, k: int, thumbnails: bool) -> dict[str, Any]:
+    # Answers leave the replica as JSON bytes, encoded in the worker thread: the ingress passes
+    # them through, so a result is neither pickled as nested objects nor re-encoded by FastAPI.
+
+    async def search_image(self, upload: bytes, k: int, thumbnails: bool) -> bytes:
         result = await self._search_batch(upload, k, thumbnails)
         if isinstance(result, RequestError):
             raise result
         return result
 
-    @serve.batch(max_batch_size=SEARCH_BATCH, batch_wait_timeout_s=0.002)
+    # No wait for a batch to fill: while one batch runs in its thread, the next requests queue
+    # and form the next batch, so batches grow with load and a lone request never waits.
+    @serve.batch(max_batch_size=SEARCH_BATCH, batch_wait_timeout_s=0.0)
     async def _search_batch(self, uploads: list[bytes], ks: list[int], thumbnails: list[bool]) -> list[Any]:
         # In a thread, so the replica keeps taking requests (the next batch) while the model runs.
-        return await asyncio.to_thread(self.core.search_batch, uploads, ks, thumbnails)
+        def run() -> list[Any]:
+            return [r if isinstance(r, RequestError) else _json(r) for r in self.core.search_batch(uploads, ks, thumbnails)]
 
-    async def search_attribute(self, upload: bytes, attribute: str, k: int, thumbnails: bool) -> dict[str, Any]:
-        return await asyncio.to_thread(self.core.search_attribute, upload, attribute, k, thumbnails)
+        return await asyncio.to_thread(run)
 
-    async def search_text(self, text: str, k: int, thumbnails: bool) -> dict[str, Any]:
-        return await asyncio.to_thread(self.core.search_text, text, k, thumbnails)
+    async def search_attribute(self, upload: bytes, attribute: str, k: int, thumbnails: bool) -> bytes:
+        return await asyncio.to_thread(lambda: _json(self.core.search_attribute(upload, attribute, k, thumbnails)))
 
-    async def predict(self, upload: bytes) -> dict[str, Any]:
-        return await asyncio.to_thread(self.core.predict, upload)
+    async def search_text(self, text: str, k: int, thumbnails: bool) -> bytes:
+        return await asyncio.to_thread(lambda: _json(self.core.search_text(text, k, thumbnails)))
 
-    def lesion(self, lesion_id: str, thumbnails: bool) -> dict[str, Any]:
-        return self.core.lesion(lesion_id, thumbnails)
+    async def predict(self, upload: bytes) -> bytes:
+        return await asyncio.to_thread(lambda: _json(self.core.predict(upload)))
+
+    def lesion(self, lesion_id: str, thumbnails: bool) -> bytes:
+        return _json(self.core.lesion(lesion_id, thumbnails))
 
     def thumbnail(self, lesion_id: str) -> bytes:
         return self.core.thumbnail(lesion_id)
@@ -111,6 +136,7 @@ def generation_class(max_adapters: int) -> type:
             from dermaray.storage import download_folder
 
             cfg = DermarayConfig.model_validate(config)
+            _match_torch_threads_to_cpus()
             self.settings = cfg.serve
             self._folder = tempfile.TemporaryDirectory(prefix="diffusion-")
             local = download_folder(cfg.serve.diffusion, self._folder.name, cfg.storage_options)
@@ -139,8 +165,11 @@ class TextQuery(BaseModel):
     thumbnails: bool = False
 
 
+DiagnosisCode = Literal[tuple(DIAGNOSES_BY_CODE)]  # documented as an enum in the OpenAPI spec
+
+
 class GenerateRequest(BaseModel):
-    diagnosis: str = Field(description="diagnosis code, e.g. MEL", examples=["MEL"])
+    diagnosis: DiagnosisCode = Field(description="diagnosis code", examples=["MEL"])
     count: int = Field(default=2, ge=1, le=HARD_MAX_IMAGES)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     steps: int | None = Field(default=None, ge=1, le=1000)
@@ -153,6 +182,12 @@ api = FastAPI(
     "diagnosis-to-image generation. Send `X-API-Key` when the service has a key configured.",
 )
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the service has a key")
+
+
+class JSONBytes(Response):
+    """A JSON body the Retrieval replica already encoded."""
+
+    media_type = "application/json"
 
 
 @api.exception_handler(RequestError)
@@ -236,36 +271,36 @@ class Ingress:
     @api.post("/search", summary="Similar lesions to an uploaded image (grounded embedding, vector index)")
     async def search(self, file: UploadFile = File(..., description="JPEG, PNG or WebP"),
                      k: int = Query(10, ge=1, le=HARD_MAX_K), thumbnails: bool = Query(False, description="inline JPEG data URLs"),
-                     api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+                     api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
         upload = await self._read(file)
-        return await self._call(self.retrieval.search_image.remote(upload, self._k(k), thumbnails), self.settings.call_timeout_s)
+        return JSONBytes(await self._call(self.retrieval.search_image.remote(upload, self._k(k), thumbnails), self.settings.call_timeout_s))
 
     @api.post("/search/attribute", summary="Lesions whose predicted attribute is closest to the upload's")
     async def search_attribute(self, file: UploadFile = File(...), attribute: str = Query(..., examples=["area_mm2"]),
                                k: int = Query(10, ge=1, le=HARD_MAX_K), thumbnails: bool = Query(False),
-                               api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+                               api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
         upload = await self._read(file)
-        return await self._call(self.retrieval.search_attribute.remote(upload, attribute, self._k(k), thumbnails),
-                                self.settings.call_timeout_s)
+        return JSONBytes(await self._call(self.retrieval.search_attribute.remote(upload, attribute, self._k(k), thumbnails),
+                                          self.settings.call_timeout_s))
 
     @api.post("/search/text", summary="Lesions matching a clinical note (classifier's shared image-text space)")
-    async def search_text(self, query: TextQuery, api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+    async def search_text(self, query: TextQuery, api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
-        return await self._call(self.retrieval.search_text.remote(query.text, self._k(query.k), query.thumbnails),
-                                self.settings.call_timeout_s)
+        return JSONBytes(await self._call(self.retrieval.search_text.remote(query.text, self._k(query.k), query.thumbnails),
+                                          self.settings.call_timeout_s))
 
     @api.post("/predict", summary="Predicted attributes (grounded heads) and diagnosis (classifier) of an image")
-    async def predict(self, file: UploadFile = File(...), api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+    async def predict(self, file: UploadFile = File(...), api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
-        return await self._call(self.retrieval.predict.remote(await self._read(file)), self.settings.call_timeout_s)
+        return JSONBytes(await self._call(self.retrieval.predict.remote(await self._read(file)), self.settings.call_timeout_s))
 
     @api.get("/lesions/{lesion_id}", summary="One gallery lesion: diagnosis and attributes")
     async def lesion(self, lesion_id: str, thumbnails: bool = Query(False),
-                     api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+                     api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
-        return await self._call(self.retrieval.lesion.remote(lesion_id, thumbnails), self.settings.call_timeout_s)
+        return JSONBytes(await self._call(self.retrieval.lesion.remote(lesion_id, thumbnails), self.settings.call_timeout_s))
 
     @api.get("/lesions/{lesion_id}/thumbnail", summary="A gallery lesion's thumbnail (JPEG)",
              responses={200: {"content": {"image/jpeg": {}}}}, response_class=Response)
@@ -284,7 +319,7 @@ class Ingress:
 
     @api.get("/generate/{diagnosis}.png", summary="One reference image of a diagnosis",
              responses={200: {"content": {"image/png": {}}}}, response_class=Response)
-    async def generate_png(self, diagnosis: str, seed: int = Query(0, ge=0, le=2**31 - 1),
+    async def generate_png(self, diagnosis: DiagnosisCode, seed: int = Query(0, ge=0, le=2**31 - 1),
                            steps: int | None = Query(None, ge=1, le=1000),
                            api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
@@ -302,7 +337,7 @@ class Ingress:
         check_count(count, self.settings.max_images)
         upload = await self._read(file)
         started = time.perf_counter()
-        found = await self._call(self.retrieval.search_image.remote(upload, self._k(k), True), self.settings.call_timeout_s)
+        found = json.loads(await self._call(self.retrieval.search_image.remote(upload, self._k(k), True), self.settings.call_timeout_s))
         searched = time.perf_counter()
         predicted = found["query"]["diagnosis"]
         if predicted is not None:
