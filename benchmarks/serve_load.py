@@ -1,0 +1,193 @@
+"""Load on /search over loopback HTTP, against in-process embed + search of the same image, in one run.
+
+    .venv/bin/python benchmarks/serve_load.py                       # serves out/ (make run), or tiny artifacts
+    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key ...   # a running app
+
+Starts the app on 127.0.0.1 (retrieval and ingress only: /search does not touch generation)
+unless --url names a running one, which must be a loopback address. Then, on one gallery image:
+
+1. in-process: the same `Retriever.search_image` a Retrieval replica runs (decode, grounded
+   embedding, classifier diagnosis, index search, result shaping), sequentially and from
+   `--concurrency` threads (`--requests` calls), each at its best torch thread count;
+2. /search at concurrency 1 (adds HTTP, the proxy, the ingress and one handle call);
+3. /search, `--requests` (2,000) at concurrency `--concurrency` (32): p50, p99, throughput and
+   the responses by status class (any 5xx or transport error fails the run).
+
+It prints /search p50 / in-process p50 at concurrency 1, and at concurrency 32 against the
+in-process p50 at the same concurrency (goal <= 1.3). Under concurrent load a request waits
+behind the others in both cases; the Retrieval replica batches concurrent searches into one
+forward pass, which threads calling the model one image at a time cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlparse
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.serve_artifacts for the tiny fallback
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+GOAL = 1.3
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def artifacts(args: argparse.Namespace, scratch: Path) -> list[str]:
+    """`serve.*` overrides: the pipeline's out/ when it is complete, else tiny artifacts built here."""
+    from dermaray.config import load_config
+
+    cfg = load_config(args.config, [])
+    s = cfg.serve
+    needed = [s.grounding_model, s.index, s.embeddings, s.lesions] + ([s.classifier] if s.classifier else [])
+    if all(Path(p).exists() for p in needed) and not args.tiny:
+        print(f"artifacts: the pipeline's ({s.lesions}, {s.index})")
+        return ["serve.diffusion=null"]
+    from tests import serve_artifacts
+
+    print(f"artifacts: tiny, built now under {scratch} (run `make run` to serve the pipeline's)")
+    return serve_artifacts.build(scratch / "artifacts", Path(cfg.models.cache_dir).resolve(), n_lesions=200, diffusion=False)
+
+
+def in_process(retriever, image: bytes, k: int, requests: int, concurrency: int) -> list[float]:
+    """Latencies of `requests` calls of Retriever.search_image from `concurrency` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(_: int) -> float:
+        started = time.perf_counter()
+        retriever.search_image(image, k)
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(timed, range(requests)))
+
+
+def best_in_process(retriever, image: bytes, k: int, requests: int, concurrency: int) -> tuple[float, list[float], int]:
+    """(p50, latencies, torch threads) at the torch thread count that gives the lowest p50: the
+    strictest baseline (a replica with num_cpus < 1 runs one thread; on a busy 2-core machine
+    two threads can be slower than one)."""
+    import torch
+
+    default, best = torch.get_num_threads(), None
+    for threads in sorted({1, default}):
+        torch.set_num_threads(threads)
+        in_process(retriever, image, k, 20, 1)  # warm
+        latencies = in_process(retriever, image, k, requests, concurrency)
+        if best is None or statistics.median(latencies) < best[0]:
+            best = (statistics.median(latencies), latencies, threads)
+    torch.set_num_threads(default)
+    return best
+
+
+async def load(url: str, image: bytes, k: int, headers: dict, requests: int, concurrency: int) -> tuple[list[float], Counter, float]:
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    remaining = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as client:
+        async def worker() -> None:
+            for _ in remaining:
+                started = time.perf_counter()
+                try:
+                    response = await client.post("/search", params={"k": k}, files={"file": ("lesion.jpg", image, "image/jpeg")})
+                    statuses[f"{response.status_code // 100}xx"] += 1
+                except httpx.HTTPError as error:
+                    statuses[f"transport error ({type(error).__name__})"] += 1
+                latencies.append(time.perf_counter() - started)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, statuses, time.perf_counter() - began
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/local.yaml", help="dermaray config whose serve section is served")
+    parser.add_argument("--url", help="a running app on a loopback address (default: start one)")
+    parser.add_argument("--api-key", default=os.environ.get("DERMARAY_API_KEY"))
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--sequential", type=int, default=200, help="requests for the concurrency-1 and in-process p50s")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="serve tiny artifacts even when out/ is complete")
+    args = parser.parse_args()
+    if not 1 <= args.concurrency <= 256 or not 1 <= args.requests <= 100_000:
+        parser.error("concurrency must be 1-256 and requests 1-100000 (a bounded load)")
+    if args.url and urlparse(args.url).hostname not in LOOPBACK:
+        parser.error(f"--url must be a loopback address ({', '.join(sorted(LOOPBACK))}); this script never loads other hosts")
+
+    import ray
+    from ray import serve
+
+    from dermaray.config import load_config
+    from dermaray.storage import read_parquet
+    from serve.app import app_from_config
+    from tests.serve_fixtures import _free_port
+
+    scratch = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    cfg = load_config(args.config, artifacts(args, scratch))
+    image = read_parquet(cfg.serve.lesions, cfg.storage_options, columns=["image_bytes"])["image_bytes"][0].as_py()
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+
+    url = args.url
+    if url is None:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+        serve.run(app_from_config(cfg), name="dermaray", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+    print(f"app: {url}  gallery image: {len(image)} bytes  k={args.k}  cores: {os.cpu_count()}  "
+          f"load average: {os.getloadavg()[0]:.1f} (other processes share these cores)")
+
+    from dermaray.serving.retriever import Retriever
+
+    retriever = Retriever(cfg.serve, cfg.models, cfg.storage_options)
+    one, _, threads = best_in_process(retriever, image, args.k, args.sequential, 1)
+    print(f"in-process Retriever.search_image (decode, embed, diagnose, search, shape), sequential: "
+          f"p50 {1000 * one:.2f} ms (torch threads {threads})")
+    many, many_latencies, threads_many = best_in_process(retriever, image, args.k, args.requests, args.concurrency)
+    print(f"in-process at concurrency {args.concurrency} ({args.requests} calls, threads): p50 {1000 * many:.1f} ms  "
+          f"p99 {1000 * percentile(many_latencies, 99):.1f} ms (torch threads {threads_many})")
+    del retriever
+
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        for _ in range(20):  # warm the proxy, the ingress and the replica
+            client.post("/search", params={"k": args.k}, files={"file": ("lesion.jpg", image, "image/jpeg")}).raise_for_status()
+    sequential, statuses, _ = asyncio.run(load(url, image, args.k, headers, args.sequential, 1))
+    p50_one = statistics.median(sequential)
+    print(f"/search at concurrency 1 ({args.sequential} requests): p50 {1000 * p50_one:.2f} ms  {dict(statuses)}")
+
+    latencies, statuses, seconds = asyncio.run(load(url, image, args.k, headers, args.requests, args.concurrency))
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    errors = sum(n for status, n in statuses.items() if status != "2xx")
+    server_errors = sum(n for status, n in statuses.items() if not status.startswith(("2", "4")))
+    print(f"/search at concurrency {args.concurrency} ({args.requests} requests): p50 {1000 * p50:.1f} ms  "
+          f"p99 {1000 * p99:.1f} ms  {args.requests / seconds:.0f} req/s  by status: {dict(sorted(statuses.items()))}  "
+          f"errors: {errors}  5xx or transport: {server_errors}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    print(f"ratio /search p50 / in-process p50: concurrency 1 {p50_one / one:.2f}x; concurrency {args.concurrency} "
+          f"{p50 / many:.2f}x against in-process at the same concurrency, {p50 / one:.2f}x against sequential "
+          f"in-process (goal <= {GOAL}x)")
+    if args.url is None:
+        serve.shutdown()
+        ray.shutdown()
+    return 1 if server_errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
