@@ -86,7 +86,10 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_rng_state(saved["rng"])
         state = {"batch": saved.get("batch", 0), **{k: saved[k] for k in ("epoch", "step", "history")}}
 
-    model = ray.train.torch.prepare_model(model)
+    # DDP (several workers) must be told that some trainable weights may get no gradient: the grounding
+    # embedding reads an inner layer of the vision tower, so with tune=full or LoRA the layers above it
+    # are trainable but unused, and DDP would fail the first step.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     device = ray.train.torch.get_device()
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     started_at = {"started_at_epoch": state["epoch"], "started_at_step": state["step"]}

@@ -74,26 +74,43 @@ class LocalCluster:
         if resources:
             command.append(f"--resources={resources}")
         log = self.temp_dir / f"{name}.log"
+        # RAY_ADDRESS: Ray's own helpers on these nodes (Ray Train's state lookups) must find this cluster, not
+        # another one on the machine.
+        env = {**node_env(), "RAY_ADDRESS": self.gcs_address}
         with open(log, "wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=node_env(), start_new_session=True)
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         node = Node(name, process, log)
         self.nodes.append(node)
         return node
 
-    def add_worker(self, name: str, num_cpus: int = 1, timeout: float = 120) -> Node:
-        """Join a worker node (the job of an autoscaler); returns once the cluster counts it alive."""
-        node = self._start(name, [f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1"], num_cpus, f'{{"node_{name}": 1}}')
-        self.wait_until(lambda names: name in names, f"node {name} alive", timeout)
-        return node
+    def add_worker(self, name: str, num_cpus: int = 1, timeout: float = 180) -> Node:
+        """Join a worker node (the job of an autoscaler); returns once the cluster counts it alive.
+
+        On a busy machine a raylet can miss Ray's startup deadline and `ray start` exits: start it once more.
+        """
+        for attempt in range(2):
+            node = self._start(name, [f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1"], num_cpus,
+                               f'{{"node_{name}": 1}}')
+            try:
+                self.wait_until(lambda names: name in names, f"node {name} alive", timeout, node.process)
+                return node
+            except ProcessLookupError:
+                node.kill()
+                self.nodes.remove(node)
+                if attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def kill_node(self, name: str, timeout: float = 120) -> None:
         """SIGKILL a node's processes; returns once the cluster has marked it dead."""
         self.node(name).kill()
         self.wait_until(lambda names: name not in names, f"node {name} dead", timeout)
 
-    def wait_until(self, done, what: str, timeout: float) -> None:
+    def wait_until(self, done, what: str, timeout: float, process: subprocess.Popen | None = None) -> None:
         deadline = time.time() + timeout
         while not done(set(self.node_names().values())):
+            if process is not None and process.poll() is not None:
+                raise ProcessLookupError(f"{what}: `ray start` exited {process.returncode}; logs in {self.temp_dir}")
             if time.time() > deadline:
                 raise TimeoutError(f"{what}: not within {timeout} s; logs in {self.temp_dir}")
             time.sleep(0.5)
@@ -104,7 +121,9 @@ class LocalCluster:
 
         for attempt in range(5):
             try:
-                return list_nodes(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], timeout=10)
+                # Filtered here: with a server-side filter, Ray counts the dead nodes as truncated output.
+                nodes = list_nodes(address=self.dashboard_url, timeout=10, raise_on_missing_output=False)
+                return [n for n in nodes if n.state == "ALIVE"]
             except Exception:  # a busy dashboard: ask again
                 if attempt == 4:
                     raise
@@ -124,8 +143,8 @@ class LocalCluster:
         from ray.util.state import list_actors
 
         names = self.node_names()
-        actors = list_actors(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], detail=True, timeout=10)
-        return {names.get(a.node_id, "?") for a in actors if class_name in a.class_name}
+        actors = list_actors(address=self.dashboard_url, detail=True, timeout=10, raise_on_missing_output=False)
+        return {names.get(a.node_id, "?") for a in actors if a.state == "ALIVE" and class_name in a.class_name}
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
