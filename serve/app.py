@@ -135,24 +135,33 @@ def generation_class(max_adapters: int) -> type:
             from dermaray.serving.adapters import AdapterBank
             from dermaray.storage import download_folder
 
+            from dermaray.serving.retriever import present
+
             cfg = DermarayConfig.model_validate(config)
             _match_torch_threads_to_cpus()
-            self.settings = cfg.serve
+            self.settings, self.bank = cfg.serve, None
+            if not present(cfg.serve.diffusion, "base/model_index.json", cfg.storage_options):
+                # Answer 503 with the reason rather than crash-loop (the diffusion job has not run).
+                log.warning("serve.diffusion %s holds no base pipeline: generation answers 503", cfg.serve.diffusion)
+                return
             self._folder = tempfile.TemporaryDirectory(prefix="diffusion-")
             local = download_folder(cfg.serve.diffusion, self._folder.name, cfg.storage_options)
             self.bank = AdapterBank(local, resolution=cfg.serve.resolution or cfg.diffusion.resolution)
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
-        async def adapter(self, code: str) -> LoadedAdapter:
+        async def adapter(self, code: str) -> LoadedAdapter:  # only called with a bank
             return await asyncio.to_thread(LoadedAdapter, self.bank, code)
 
         async def generate(self, code: str, count: int, seed: int, steps: int) -> dict[str, Any]:
+            if self.bank is None:
+                raise RequestError(503, "generation is unavailable: serve.diffusion holds no diffusion pipeline "
+                                        "(run the diffusion job, or set serve.diffusion)")
             await self.adapter(code)  # the request's multiplexed model id is `code` (set by the ingress)
             pngs, info = await asyncio.to_thread(self.bank.generate, code, count, seed, steps, self.settings.guidance_scale)
             return {**info, "pngs": pngs}
 
         def loaded_adapters(self) -> list[str]:
-            return self.bank.loaded
+            return self.bank.loaded if self.bank else []
 
     return Generation
 
@@ -238,7 +247,7 @@ class Ingress:
 
     async def _generate(self, code: str, count: int, seed: int, steps: int | None) -> dict[str, Any]:
         if self.generation is None:
-            raise RequestError(503, "generation is not deployed (serve.diffusion is not set)")
+            raise RequestError(503, "generation is not deployed (serve.diffusion is null)")
         if code not in DIAGNOSES_BY_CODE:
             raise RequestError(422, f"unknown diagnosis code; valid codes: {', '.join(DIAGNOSES_BY_CODE)}")
         check_count(count, self.settings.max_images)

@@ -206,9 +206,14 @@ def test_serve_config_file_is_valid_and_names_the_app_deployments() -> None:
     assert all(d.autoscaling_config["max_replicas"] >= d.autoscaling_config["min_replicas"] for d in deployments.values())
     assert schema.http_options.request_timeout_s > 0
 
-    built = build_app(app.args)  # the same builder `serve deploy` calls, with the file's args
-    ingress = built._bound_deployment
-    bound = {ingress.name, *(a._bound_deployment.name for a in ingress.init_args if hasattr(a, "_bound_deployment"))}
-    assert bound == set(deployments)
-    config = ingress.init_args[-1]
+    def bound(application) -> tuple[set[str], dict]:
+        ingress = application._bound_deployment
+        names = {ingress.name, *(a._bound_deployment.name for a in ingress.init_args if hasattr(a, "_bound_deployment"))}
+        return names, ingress.init_args[-1]
+
+    # The same builder `serve deploy` calls, with the file's args.
+    names, config = bound(build_app(app.args))
+    assert names == set(deployments)
     assert config["serve"]["max_adapters_per_replica"] == 4 and Path(config["serve"]["index"]).is_absolute()
+    names, config = bound(build_app({**app.args, "serve.diffusion": "null"}))
+    assert names == {"Ingress", "Retrieval"} and config["serve"]["diffusion"] is None

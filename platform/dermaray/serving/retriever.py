@@ -17,6 +17,7 @@ loads). The same classifier's image head predicts the diagnosis.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from typing import Any
 
@@ -33,6 +34,18 @@ from dermaray.serving.gallery import LESION_COLUMNS, Gallery, attribute_dict, di
 from dermaray.storage import download_folder, read_parquet
 
 GALLERY_BATCH = 64  # images per forward pass when the gallery is embedded for text search
+log = logging.getLogger(__name__)
+
+
+def present(uri: str, marker: str, storage_options: dict | None = None) -> bool:
+    """Whether `<uri>/<marker>` exists (True when storage cannot be asked: the load will say why)."""
+    from dermaray.storage import filesystem, join
+
+    fs, path = filesystem(join(uri, marker), storage_options)
+    try:
+        return fs.exists(path)
+    except Exception:
+        return True
 
 
 class Retriever:
@@ -47,7 +60,10 @@ class Retriever:
         embeddings = read_parquet(settings.embeddings, options, columns=["lesion_id", *predicted])
         self.gallery = Gallery.build(self.index.ids, lesions, embeddings, self.embedder.attributes, settings.thumbnail_px)
         self.classifier = self.text_encoder = self.text_index = None
-        if settings.classifier:
+        if settings.classifier and not present(settings.classifier, "classifier.json", options):
+            # An optional part: search by image and attribute still work without it.
+            log.warning("serve.classifier %s holds no classifier: no diagnosis prediction or text search", settings.classifier)
+        elif settings.classifier:
             self._load_classifier(settings.classifier, models.cache_dir, options)
 
     def _load_classifier(self, uri: str, cache_dir: str, options: dict) -> None:
