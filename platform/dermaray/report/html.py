@@ -117,7 +117,7 @@ def thumbnail_png(data: bytes, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
     if hi <= lo:
         return [lo]
     step = 10 ** math.floor(math.log10((hi - lo) / n))
@@ -125,6 +125,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
         if (hi - lo) / (step * m) <= n:
             step *= m
             break
+    if integer:  # epochs and steps: no tick between two whole numbers
+        step = max(1, round(step))
     first = math.ceil(lo / step) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
@@ -167,7 +169,7 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str, 
         label = fmt(round(10**t, 10)) if log_y else fmt(round(t, 10))
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>'
                      f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{esc(label)}</text>')
-    for t in _ticks(x0, x1, 8):
+    for t in _ticks(x0, x1, 8, integer=all(float(x).is_integer() for x in xs)):
         x = px(t)
         parts.append(f'<line x1="{x:.1f}" y1="{top + ph}" x2="{x:.1f}" y2="{top + ph + 4}" stroke="#888"/>'
                      f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{esc(fmt(round(t, 10)))}</text>')

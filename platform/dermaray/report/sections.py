@@ -152,7 +152,11 @@ def markdown_section(results: dict | None, stage: str, expected: str, render: Ca
     """A stage's results JSON through the stage's own markdown renderer (one table layout, in .md and here)."""
     if not results:
         return not_run(stage, expected)
-    return markdown_tables(render(results))
+    try:
+        return markdown_tables(render(results))
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # written by another version of the stage
+        return (f'<p class="not-run">{esc(stage)}: {esc(expected)} is not in the layout this version reads '
+                f"({esc(type(exc).__name__)}: {esc(exc)}); re-run the stage.</p>")
 
 
 def images(pngs: Mapping[str, bytes | None], width: int | None = None) -> str:
