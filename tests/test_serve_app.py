@@ -202,3 +202,26 @@ def test_schemathesis_finds_no_server_errors(served_app, tmp_path) -> None:
     selected, tested = re.search(r"Selected: (\d+)/", summary), re.search(r"Tested: (\d+)", summary)
     assert selected and tested and int(tested.group(1)) == int(selected.group(1)) >= 10, summary  # every operation
     assert re.search(r"\d+ generated, \d+ passed", summary) and "failed" not in summary.lower(), summary
+
+
+def test_note_text_and_attribute_values_stay_out_of_the_logs(client, gallery, ray_cluster) -> None:
+    """Serve's access log records the requests, but never their note text or the values returned."""
+    import time
+    from pathlib import Path
+
+    marker = "zebra-striped nodule 7781 on the left shin"
+    assert client.post("/search/text", json={"text": marker, "k": 2}).status_code == 200
+    assert client.post("/search/text", json={"text": marker * 200, "k": 2}).status_code == 413
+    assert client.post("/search/text", json={"text": marker, "k": 0}).status_code == 422
+    lesion = client.get(f"/lesions/{gallery[0]['lesion_id']}").json()
+    value = f"{lesion['attributes']['perimeter_mm']}"
+    logs = Path(ray_cluster._private.worker._global_node.get_logs_dir_path())
+    deadline = time.time() + 30
+    while True:  # access lines reach the files asynchronously
+        text = "\n".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err"))
+        if text.count("/search/text") >= 3 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert text.count("/search/text") >= 3, "the access log should record the three requests"
+    assert "zebra-striped" not in text and "7781" not in text
+    assert "perimeter_mm" not in text and value not in text  # no result payloads either
