@@ -66,15 +66,26 @@ def lesion_caption(diagnosis: str | None, area_mm2: float | None, size_words: bo
     return caption(diagnosis, size_word(float(area_mm2)) if use_size else None)
 
 
+def lesion_notes(uri: str, storage_options: dict) -> dict[str, str]:
+    """{lesion id: note} of a notes Parquet (jobs.notes), notes written without error only."""
+    notes = read_parquet(uri, storage_options, columns=["lesion_id", "note", "error"])
+    ok = pc.and_(pc.is_null(notes["error"]), pc.is_valid(notes["note"]))
+    notes = notes.filter(ok)
+    return dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist()))
+
+
 class DiffusionInputs:
     """Lesion rows -> pixels in [-1, 1] at the training resolution and caption token ids."""
 
-    def __init__(self, base: str, resolution: int, size_words: bool, only: set[str] | None = None):
-        # `only`: the lesion ids to keep (a split's first `limit`, or one diagnosis' lesions)
+    def __init__(self, base: str, resolution: int, size_words: bool, only: set[str] | None = None,
+                 notes: tuple[str, dict] | None = None):
+        # `only`: the lesion ids to keep (a split's first `limit`, or one diagnosis' lesions);
+        # `notes`: (notes URI, storage options): each lesion's note follows its caption
         from transformers import CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
         self.resolution, self.size_words, self.only = resolution, size_words, only
+        self.notes = lesion_notes(*notes) if notes else {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.only is not None:
@@ -85,6 +96,9 @@ class DiffusionInputs:
                 return {PIXELS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}
         images = [decode_rgb(b) for b in batch["image_bytes"]]
         captions = [lesion_caption(d, a, self.size_words) for d, a in zip(batch["diagnosis"], batch["area_mm2"])]
+        # The tokenizer cuts captions at the text encoder's length (77 tokens for CLIP): the
+        # diagnosis words come first so they always survive.
+        captions = [f"{c}, {self.notes[i]}" if i in self.notes else c for c, i in zip(captions, batch["lesion_id"])]
         return {PIXELS: image_tensor(images, self.resolution).numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}
 
 
@@ -180,7 +194,8 @@ def split_dataset(d: DiffusionConfig, split: str, ids: list[str], base: str, res
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2"]
     every_row = d.adapters == "shared" and d.limit is None  # no id set to ship to the actors
     only = None if every_row else set(ids)
-    return split_inputs(d.input, columns, split, DiffusionInputs, (base, resolution, d.size_words, only), storage_options,
+    notes = (d.notes, storage_options) if d.notes else None
+    return split_inputs(d.input, columns, split, DiffusionInputs, (base, resolution, d.size_words, only, notes), storage_options,
                         d.train.materialize, max(2, 2 * d.train.num_workers))
 
 
@@ -207,6 +222,11 @@ def run(cfg: DermarayConfig) -> dict:
     base, pretrain_losses = prepared_base(cfg)
     resolution = d.resolution or native_resolution(load_pipeline(base))
     by_class = split_ids(d, options)
+    if d.notes:
+        with_note = set(lesion_notes(d.notes, options))
+        in_splits = {i for split in by_class.values() for ids in split.values() for i in ids}
+        log.info("diffusion: captions with the lesion's note for %d of %d lesions (the rest: diagnosis caption only)",
+                 len(in_splits & with_note), len(in_splits))
     summary: dict[str, Any] = {"base": base, "pretrain": pretrain_losses, "resolution": resolution, "adapters": d.adapters}
     if d.adapters == "shared":
         ids = {s: sorted(i for split in by_class.values() for i in split[s]) for s in ("train", "val")}

@@ -110,3 +110,34 @@ def test_per_diagnosis_adapters_each_load_and_serve_their_diagnosis(trained, s3_
     assert not np.array_equal(np.asarray(images["MEL"][0]), np.asarray(images["NEV"][0]))  # two different adapters
     with pytest.raises(ValueError, match="XYZ"):
         diffusion.run(_config(s3_options, f"diffusion.output={out}", "diffusion.adapters=per_diagnosis", "diffusion.diagnoses=[XYZ]"))
+
+
+def test_note_captions_follow_the_diagnosis_caption(trained, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.diffusion import DiffusionInputs
+
+    base = trained[0] / "base"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    pq.write_table(pa.table({"lesion_id": ["a", "b"], "note": ["brown plaque on the back", None],
+                             "error": [None, "prompt too long"]}), notes / "part-0.parquet")
+    rows = {"lesion_id": np.array(["a", "b"], dtype=object), "diagnosis": np.array(["MEL", "NEV"], dtype=object),
+            "area_mm2": np.array([20.0, 3.0]), "image_bytes": np.array([_png(), _png()], dtype=object)}
+    out = DiffusionInputs(str(base), 32, True, None, (str(notes), {}))(rows)
+    tokenizer = DiffusionInputs(str(base), 32, True).tokenizer
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out["input_ids"]]
+    assert "melanoma" in texts[0] and "brown plaque on the back" in texts[0]  # caption first, then the note
+    assert "nevus" in texts[1] and "plaque" not in texts[1]  # a note written with an error is not used
+    assert out["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (180, 120, 100)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -217,6 +217,7 @@ class DiffusionConfig(Section):
     output: str = "out/diffusion"  # <output>/base (pre-trained tiny base), <output>/runs, <output>/adapter
     resolution: int | None = None  # training / generation size; None: the base's native size
     size_words: bool = True  # captions say small / medium / large from the lesion's area
+    notes: str | None = None  # a notes Parquet (jobs.notes): each lesion's note follows its training caption
     pretrain: BasePretrainConfig = BasePretrainConfig()  # only for `tiny` (random) bases
     run_name: str = "lora"
     limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id) of each split, for trials
