@@ -225,3 +225,23 @@ def test_note_text_and_attribute_values_stay_out_of_the_logs(client, gallery, ra
     assert text.count("/search/text") >= 3, "the access log should record the three requests"
     assert "zebra-striped" not in text and "7781" not in text
     assert "perimeter_mm" not in text and value not in text  # no result payloads either
+
+
+def test_retriever_loads_every_artifact_from_s3(served_app, s3_options, gallery) -> None:
+    """The same artifacts on object storage (moto's S3 server over HTTP): checkpoint, index, tables, classifier."""
+    import s3fs
+
+    from dermaray.config import load_config
+    from dermaray.serving.retriever import Retriever
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    for name in ("grounding", "index", "embeddings", "lesions", "classifier"):
+        fs.put(str(served_app.root / name), f"dermaray/serve/{name}", recursive=True)
+    local = load_config(None, served_app.overrides).serve
+    settings = local.model_copy(update={name: f"s3://dermaray/serve/{folder}" for name, folder in (
+        ("grounding_model", "grounding"), ("index", "index"), ("embeddings", "embeddings"), ("lesions", "lesions"),
+        ("classifier", "classifier"))})
+    retriever = Retriever(settings, load_config(None, served_app.overrides).models, s3_options)
+    found = retriever.search_image(gallery[7]["image_bytes"], k=3)
+    assert found["results"][0]["lesion_id"] == gallery[7]["lesion_id"] and retriever.text_index is not None
+    assert len(retriever.search_text("pink papule", k=2)["results"]) == 2
