@@ -194,7 +194,7 @@ def test_schemathesis_finds_no_server_errors(served_app, tmp_path) -> None:
     command = [st, "run", f"{served_app.url}/openapi.json", "--checks", "not_a_server_error", "-H", f"X-API-Key: {served_app.api_key}",
                "--max-examples", "5", "--seed", "0", "--max-time", "45", "--request-timeout", "60", "--no-color",
                "--report", "junit", "--report-dir", str(tmp_path)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache dir lands there
     summary = run.stdout[-3000:]
     assert run.returncode == 0, summary
     import re
