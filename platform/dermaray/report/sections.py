@@ -15,6 +15,15 @@ import numpy as np
 from dermaray.report.html import esc, fmt, image, key_values, line_chart, markdown_tables, not_run, table
 
 
+PIPELINE_ORDER = ("ray start", "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier",
+                  "diffusion", "diffusion_eval", "report")
+
+
+def _stage_rank(name: str) -> int:
+    stage = name.split("/")[0]
+    return PIPELINE_ORDER.index(stage) if stage in PIPELINE_ORDER else len(PIPELINE_ORDER)
+
+
 def run_summary(pipeline: dict | None, ingest: Mapping[str, dict | None], synth: Mapping[str, dict | None]) -> str:
     """Lesions in / out / quarantined per domain with the reasons, and wall time per stage."""
     parts = []
@@ -34,7 +43,8 @@ def run_summary(pipeline: dict | None, ingest: Mapping[str, dict | None], synth:
     else:
         parts.append(not_run("synth / ingest", "ingest summary"))
     seconds = (pipeline or {}).get("stage_seconds")
-    if seconds:
+    if seconds:  # in the order the pipeline runs them (the summary's keys are sorted)
+        seconds = dict(sorted(seconds.items(), key=lambda kv: (_stage_rank(kv[0]), kv[0])))
         total = sum(seconds.values())
         parts.append("<h3>Wall time per stage</h3>")
         parts.append(table(["stage", "seconds", "share"],
