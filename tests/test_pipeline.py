@@ -38,3 +38,7 @@ def test_pipeline_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
     assert (tmp_path / "diffusion" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert set(results["diffusion_eval"]) == {"base", "lora"} and all(0 <= v <= 1 for v in results["diffusion_eval"].values())
     assert (tmp_path / "reports" / "diffusion" / "grid_lora.png").is_file()
+    page = (tmp_path / "reports" / "report.html").read_text()  # the last stage: every section has its stage's outputs
+    assert results["report"] == str(tmp_path / "reports" / "report.html") and 'class="not-run"' not in page
+    assert page.count("data:image/png;base64,") == 2 + 4 * (1 + 2 * 5)  # two diffusion grids, four gallery queries
+    assert {"grounding", "classifier", "diffusion", "diffusion_eval", "report"} <= set(results["stage_seconds"])

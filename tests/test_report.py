@@ -129,3 +129,19 @@ def test_chart_and_table_helpers():
     ids = [f"L{i}" for i in range(10)]
     picked = pick_queries(ids, [9, 0, 8, 1, 7, 2, 6, 3, 5, 4], 3)  # by area: L1 L3 L5 L7 L9 L8 L6 L4 L2 L0
     assert picked == ["L3", "L8", "L0"] and pick_queries(ids, list(range(10)), 0) == []
+
+
+def test_report_reads_a_workdir_on_s3(small_run, s3_options, tmp_path):
+    """A cluster run's workdir is on object storage: the same report from there."""
+    import s3fs
+
+    root, _, _ = small_run
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.put(str(root), "dermaray/reportrun", recursive=True)
+    cfg = load_config(None, ["report.workdir=s3://dermaray/reportrun", "report.output=s3://dermaray/reportrun/reports/r.html"])
+    cfg.storage_options = s3_options
+    summary = report.run(cfg)
+    assert summary["sections"] == {"run": True, "notes": True, "grounding": True, "retrieval": True, "classifier": False,
+                                   "diffusion": False}
+    parts = sections_of(fs.cat_file("dermaray/reportrun/reports/r.html").decode())
+    assert parts["retrieval"].count("<img") == 4 * (1 + 2 * 5) and "not run" in parts["classifier"]
