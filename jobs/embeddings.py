@@ -43,6 +43,7 @@ def run(cfg: DermarayConfig) -> dict:
         fn_constructor_args=(e.model, cfg.models.grounding_mllm, cfg.models.cache_dir, options),
         batch_size=e.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=e.concurrency), num_cpus=e.num_cpus, num_gpus=e.num_gpus,
+        **({'resources': e.resources} if e.resources else {}),  # resources=None is an error in Ray
     )
     target = embeddings_uri(e.output)
     remove_tree(target, options)  # rewritten whole: a re-run never mixes two models' vectors

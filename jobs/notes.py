@@ -137,6 +137,7 @@ def run(cfg: DermarayConfig) -> dict:
             compute=ray.data.ActorPoolStrategy(size=n.concurrency),
             num_cpus=n.num_cpus,
             num_gpus=n.num_gpus,
+            **({'resources': n.resources} if n.resources else {}),  # resources=None is an error in Ray
         )
         for row in results.iter_rows():
             log.info("notes: shard %d written (%d notes, %d errors)", row["shard"], row["notes"], row["errors"])

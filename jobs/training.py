@@ -136,6 +136,11 @@ def train_loop(config: dict[str, Any]) -> None:
         report(metrics)
 
 
+def scaling(tc: TrainConfig) -> ScalingConfig:
+    return ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                         resources_per_worker={"CPU": tc.cpus_per_worker, **tc.resources})
+
+
 def fit(
     task: Task, config: dict[str, Any], tc: TrainConfig, datasets: dict[str, ray.data.Dataset], n_train: int,
     output: str, run_name: str, storage_options: dict,
@@ -146,7 +151,7 @@ def fit(
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={**config, "task": task, "train": tc.model_dump(), "total_steps": steps_per_epoch * tc.epochs},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}),
+        scaling_config=scaling(tc),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),

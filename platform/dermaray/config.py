@@ -111,6 +111,7 @@ class NotesConfig(Section):
     concurrency: int = Field(default=1, ge=1)  # engine actors
     num_gpus: float = Field(default=0, ge=0)  # per engine actor
     num_cpus: float = Field(default=1, ge=0)  # per engine actor
+    resources: dict[str, float] = {}  # custom resources per engine actor, e.g. {"inference": 1}
     batch_size: int = Field(default=256, ge=1)  # prompts per generate call (vLLM batches within it)
     shard_size: int = Field(default=256, ge=1)  # lesions per output file: the unit of resume
     limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id), for trials
@@ -130,6 +131,8 @@ class TrainConfig(Section):
     seed: int = 0
     max_failures: int = Field(default=2, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
     checkpoints_to_keep: int = Field(default=2, ge=1)
+    # Custom resources each worker asks for, e.g. {"training": 1} to land on cluster.yaml's training nodes.
+    resources: dict[str, float] = {}
     # Also checkpoint every N optimizer steps inside an epoch (None: at epoch ends only); a resume
     # from such a checkpoint skips the batches of the epoch already trained on.
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
@@ -170,6 +173,7 @@ class EmbeddingsConfig(Section):
     concurrency: int = Field(default=1, ge=1)  # embedding actors
     num_cpus: float = Field(default=1, ge=0)
     num_gpus: float = Field(default=0, ge=0)
+    resources: dict[str, float] = {}  # custom resources per actor, e.g. {"inference": 1}
     index: IndexConfig | None = IndexConfig()  # None: embeddings only
 
 
