@@ -6,12 +6,20 @@ range and (head) its own temp dir, so it never touches another cluster on the ma
 `ray stop` is never called, because it would stop every Ray cluster here, not just ours.
 A node is stopped by killing its process group: `ray start --block` and everything it
 spawned (GCS, raylet, agents, workers).
+
+`start_cluster(auth=True)` turns Ray's token authentication on, as README's "On a cluster" does
+(`RAY_AUTH_MODE=token` on every node, the token in a file): the token is made here and kept in
+the cluster's temp dir (`RAY_AUTH_TOKEN_PATH`), never in ~/.ray of the machine. The test process
+itself runs with authentication disabled (tests/conftest.py), so it passes the token explicitly
+(`cluster.auth_headers`); the state-API helpers below need a cluster without authentication.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -63,8 +71,20 @@ class LocalCluster:
     gcs_address: str
     dashboard_url: str
     nodes: list[Node] = field(default_factory=list)
+    token_path: Path | None = None  # token authentication on: the file holding the cluster's token
 
-    def _start(self, name: str, args: list[str], num_cpus: int, resources: str | None) -> Node:
+    @property
+    def auth_env(self) -> dict[str, str]:
+        """What a node, or a client such as `ray job submit`, needs in its environment for this cluster."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)} if self.token_path else {}
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The header an HTTP client of the dashboard (Jobs API) sends when token authentication is on."""
+        return {"Authorization": f"Bearer {self.token_path.read_text().strip()}"} if self.token_path else {}
+
+    def _start(self, name: str, args: list[str], num_cpus: int, resources: str | None, private: list[Path] = (),
+               env: dict[str, str] | None = None) -> Node:
         first = next(_worker_ports)
         command = [RAY, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats",
                    f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
@@ -73,24 +93,31 @@ class LocalCluster:
                    f"--min-worker-port={first}", f"--max-worker-port={first + 199}", *args]
         if resources:
             command.append(f"--resources={resources}")
+        if private:  # a node with a filesystem of its own: an empty tmpfs over each of these folders
+            mounts = "".join(f"mkdir -p {shlex.quote(str(p))} && mount -t tmpfs tmpfs {shlex.quote(str(p))} && " for p in private)
+            command = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts}exec "$@"', "sh", *command]
         log = self.temp_dir / f"{name}.log"
         # RAY_ADDRESS: Ray's own helpers on these nodes (Ray Train's state lookups) must find this cluster, not
         # another one on the machine.
-        env = {**node_env(), "RAY_ADDRESS": self.gcs_address}
+        env = {**(node_env() if env is None else env), "RAY_ADDRESS": self.gcs_address, **self.auth_env}
         with open(log, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         node = Node(name, process, log)
         self.nodes.append(node)
         return node
 
-    def add_worker(self, name: str, num_cpus: int = 1, timeout: float = 180) -> Node:
+    def add_worker(self, name: str, num_cpus: int = 1, timeout: float = 180, private: list[Path] = (),
+                   env: dict[str, str] | None = None) -> Node:
         """Join a worker node (the job of an autoscaler); returns once the cluster counts it alive.
+
+        `private`: folders this node does not share with the machine (an empty tmpfs over each, in the
+        node's own mount namespace), as a cloud node has none of the driver's files; `env`: its environment.
 
         On a busy machine a raylet can miss Ray's startup deadline and `ray start` exits: start it once more.
         """
         for attempt in range(2):
             node = self._start(name, [f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1"], num_cpus,
-                               f'{{"node_{name}": 1}}')
+                               f'{{"node_{name}": 1}}', private, env)
             try:
                 self.wait_until(lambda names: name in names, f"node {name} alive", timeout, node.process)
                 return node
@@ -157,18 +184,26 @@ class LocalCluster:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_cluster(head_cpus: int = 0, head_resources: str | None = None, timeout: float = 90) -> LocalCluster:
-    """A head node with the dashboard (Jobs API, state API) on free ports, in a short temp dir (socket paths are short)."""
+def start_cluster(head_cpus: int = 0, head_resources: str | None = None, timeout: float = 90, auth: bool = False) -> LocalCluster:
+    """A head node with the dashboard (Jobs API, state API) on free ports, in a short temp dir (socket paths are short).
+
+    `auth`: token authentication on, with a fresh token (what `ray get-auth-token --generate` makes) in the temp dir.
+    """
     temp_dir = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))
     port, dashboard = free_port(), free_port()
     cluster = LocalCluster(temp_dir, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}")
+    if auth:
+        cluster.token_path = temp_dir / "auth_token"
+        cluster.token_path.write_text(secrets.token_hex(32))
+        cluster.token_path.chmod(0o600)
     head = cluster._start("head", ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
                                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                                    f"--ray-client-server-port={free_port()}"], head_cpus, head_resources)
     deadline = time.time() + timeout
     while True:  # the dashboard answers last
         try:
-            urllib.request.urlopen(f"{cluster.dashboard_url}/api/version", timeout=2)
+            urllib.request.urlopen(urllib.request.Request(f"{cluster.dashboard_url}/api/version", headers=cluster.auth_headers),
+                                   timeout=2)
             return cluster
         except Exception:
             if head.process.poll() is not None or time.time() > deadline:

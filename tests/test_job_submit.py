@@ -8,12 +8,13 @@ SUCCEEDED and reads what it wrote.
 """
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.ray_nodes import start_cluster
+from tests.ray_nodes import RAY, node_env, start_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv", "out", ".cache", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "benchmarks"]
@@ -63,3 +64,31 @@ def test_submitted_job_runs_the_submitted_code_to_success(head, tmp_path):
     assert summary["rows_quarantined"] == len(planted) == 15
     assert "Run summary" in (tmp_path / "reports" / "report.html").read_text()
     assert client.get_job_info(job).runtime_env["working_dir"].startswith("gcs://")  # uploaded, not a path on the head
+
+
+def test_a_head_with_token_authentication_takes_jobs_only_with_its_token():
+    """README's way on Ray 2.60: the head started with RAY_AUTH_MODE=token and the token in a file; the
+    submitting machine sets RAY_AUTH_MODE=token and has the same token. Without it, or with another, refused."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    cluster = start_cluster(head_cpus=1, auth=True)
+    try:
+        # The driver joins the cluster too (ray.init on the head): the token reached the node's processes.
+        submit = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--", "python", "-c",
+                  "import ray; ray.init(); print('JOINED', len(ray.nodes()))"]
+        ran = subprocess.run(submit, env={**node_env(), **cluster.auth_env}, capture_output=True, text=True, timeout=180)
+        assert ran.returncode == 0 and "JOINED 1" in ran.stdout, ran.stdout[-2000:] + ran.stderr[-2000:]
+
+        refused = subprocess.run(submit, env=node_env(), capture_output=True, text=True, timeout=120)  # RAY_AUTH_MODE=disabled
+        assert refused.returncode != 0 and "Authentication required" in refused.stdout + refused.stderr
+
+        with pytest.raises(AuthenticationError, match="Authentication required"):
+            JobSubmissionClient(cluster.dashboard_url).submit_job(entrypoint="echo no token")
+        with pytest.raises(AuthenticationError, match="Authentication failed"):
+            JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": "Bearer " + "0" * 64}).submit_job(entrypoint="echo")
+        client = JobSubmissionClient(cluster.dashboard_url, headers=cluster.auth_headers)
+        jobs = client.list_jobs()
+        assert [j.status for j in jobs] == [JobStatus.SUCCEEDED], "only the job sent with the token was taken"
+    finally:
+        cluster.shutdown()
