@@ -51,7 +51,7 @@ def main() -> None:
     if not os.path.exists(f"{canonical}/ingest_summary.json"):
         synth.run(cfg)
         ingest.run(cfg)
-    model_path = resolve_model("note_writer", cfg.models.note_writer, cfg.models.cache_dir)
+    model_path = resolve_model("note_writer", cfg.models.note_writer, cfg.models)
     rows = read_parquet(cfg.notes.input, columns=notes.input_columns(cfg.notes)).sort_by("lesion_id").to_pylist()
 
     # (b) Hugging Face generate, one prompt at a time, on the same chat-templated prompts.

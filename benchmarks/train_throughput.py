@@ -24,18 +24,19 @@ import torch
 
 from dermaray.config import load_config
 from dermaray.grounding.data import PIXELS, TARGETS
-from dermaray.grounding.model import GroundingModel, GroundingSettings, augment, loss_fn, model_path
+from dermaray.config import ModelsConfig
+from dermaray.grounding.model import GroundingModel, GroundingSettings, augment, loss_fn
 from jobs import ingest, synth
 from jobs.common import init_ray
 from jobs.grounding import GROUNDING, fit_scaler, split_dataset
 from jobs.training import fit, warmup_cosine
 
 
-def bare_loop(settings: GroundingSettings, cache_dir: str, pixels: torch.Tensor, targets: torch.Tensor, batch_size: int,
+def bare_loop(settings: GroundingSettings, models: ModelsConfig, pixels: torch.Tensor, targets: torch.Tensor, batch_size: int,
               epochs: int, lr: float, total_steps: int) -> float:
     """Steps per second of a plain single-process loop over in-memory tensors."""
     torch.manual_seed(0)
-    model = GroundingModel.from_settings(settings, cache_dir).train()
+    model = GroundingModel.from_settings(settings, models).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, 0.05))
@@ -80,22 +81,21 @@ def main() -> None:
 
     g, tc = cfg.grounding, cfg.grounding.train
     settings = GroundingSettings(model=cfg.models.grounding_mllm, attributes=list(g.attributes), tune="full")
-    cache_dir = str(Path(cfg.models.cache_dir).resolve())
     scaler, counts = fit_scaler(g, {})
-    train = split_dataset(g.input, "train", model_path(settings.model, cache_dir), scaler, {}, materialize=True)
-    val = split_dataset(g.input, "val", model_path(settings.model, cache_dir), scaler, {}, materialize=True)
+    train = split_dataset(g.input, "train", settings.model, cfg.models, scaler, {}, materialize=True)
+    val = split_dataset(g.input, "val", settings.model, cfg.models, scaler, {}, materialize=True)
     columns = train.take_batch(batch_size=counts["train"], batch_format="numpy")
     pixels, targets = torch.as_tensor(columns[PIXELS]), torch.as_tensor(columns[TARGETS])
     steps_per_epoch = -(-counts["train"] // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
 
     torch.set_num_threads(args.threads)
-    bare_before = bare_loop(settings, cache_dir, pixels, targets, args.batch_size, args.epochs, tc.lr, total_steps)
-    config = {"settings": asdict(settings), "scaler": asdict(scaler), "weights": [1.0] * len(g.attributes), "cache_dir": cache_dir}
+    bare_before = bare_loop(settings, cfg.models, pixels, targets, args.batch_size, args.epochs, tc.lr, total_steps)
+    config = {"settings": asdict(settings), "scaler": asdict(scaler), "weights": [1.0] * len(g.attributes), "models": cfg.models.model_dump()}
     started = time.perf_counter()
     _, history = fit(GROUNDING, config, tc, {"train": train, "val": val}, counts["train"], g.output, f"bench-{time.time_ns()}", {})
     wall = time.perf_counter() - started
-    bare_after = bare_loop(settings, cache_dir, pixels, targets, args.batch_size, args.epochs, tc.lr, total_steps)
+    bare_after = bare_loop(settings, cfg.models, pixels, targets, args.batch_size, args.epochs, tc.lr, total_steps)
 
     train_seconds = sum(h["train_seconds"] for h in history)
     ray_rate = history[-1]["step"] / train_seconds

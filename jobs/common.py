@@ -11,10 +11,9 @@ import ray
 from dermaray.config import RayConfig
 from dermaray.storage import write_bytes
 
-# Workers inherit these: no model hub, ever; vLLM's CPU settings where vLLM runs.
+# Defaults for the driver and every worker, never over what the submitter set. Whether a model hub is
+# reached is `models.offline`, decided where a model is resolved, not an environment forced on nodes.
 WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
@@ -25,7 +24,8 @@ log = logging.getLogger("dermaray")
 
 def init_ray(cfg: RayConfig) -> None:
     """Join `cfg.address` ("auto" inside `ray job submit`), or start a local cluster."""
-    os.environ.update(WORKER_ENV)
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")

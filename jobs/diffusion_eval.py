@@ -30,34 +30,36 @@ import ray
 import torch
 
 from dermaray.cli import config_from_argv, setup_logging
-from dermaray.config import DermarayConfig
+from dermaray.config import DermarayConfig, ModelsConfig
 from dermaray.diffusion.captions import caption
 from dermaray.diffusion.evaluate import class_relevance, image_grid, kid, lesion_area_mm2, size_faithfulness
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
-from dermaray.grounding.classifier import load_classifier
+from dermaray.grounding.classifier import classifier_settings, load_classifier, require_diagnosis_classifier
 from dermaray.grounding.data import CLASS_CODES, decode_rgb
-from dermaray.grounding.model import model_path
-from dermaray.storage import download_folder, join, read_parquet, write_bytes
+from dermaray.models.registry import model_folder, resolve_model
+from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
-from jobs.diffusion import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
+from jobs.diffusion import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER, base_resolution, prepared_base_uri
 
 
 class ImageJudge:
     """The classifier's image branch: predicted class and image features for PIL images."""
 
-    def __init__(self, folder: str, cache_dir: str):
+    def __init__(self, folder: str, models: ModelsConfig, device: torch.device):
         from transformers import AutoImageProcessor
 
-        self.model = load_classifier(folder, cache_dir)
-        self.processor = AutoImageProcessor.from_pretrained(model_path(self.model.settings.model, cache_dir))
+        self.model = load_classifier(folder, models).to(device)
+        require_diagnosis_classifier(self.model.settings, f"the judge {folder}")
+        self.processor = AutoImageProcessor.from_pretrained(resolve_model("grounding_mllm", self.model.settings.model, models))
         self.classes = list(self.model.settings.classes)
+        self.device = device
 
     @torch.no_grad()
     def __call__(self, images: list) -> tuple[list[str], np.ndarray]:
-        pixels = torch.as_tensor(self.processor(images=images, return_tensors="np")["pixel_values"])
+        pixels = torch.as_tensor(self.processor(images=images, return_tensors="np")["pixel_values"], device=self.device)
         features = self.model.encode_image(pixels)
         predicted = self.model.image_head(features).argmax(1).tolist()
-        return [self.classes[i] for i in predicted], features.numpy()
+        return [self.classes[i] for i in predicted], features.cpu().numpy()
 
 
 def png(image) -> bytes:
@@ -88,13 +90,30 @@ def generate_by_class(pipe: Any, adapters: dict[str, str | None], n: int, settin
 
 
 @ray.remote
-def evaluate_generation(base: str, adapter: str, judge_folder: str, real_images: list[bytes], real_labels: list[str],
-                        settings: dict) -> dict[str, Any]:
-    judge = ImageJudge(judge_folder, settings["cache_dir"])
+def evaluate_generation(base: str, adapter: str, judge: str, models: ModelsConfig, storage_options: dict,
+                        real_images: list[bytes], real_labels: list[str], settings: dict) -> dict[str, Any]:
+    """On the node Ray picks (a GPU node on clusters): fetch base, adapters and judge there, evaluate on its device."""
+    with tempfile.TemporaryDirectory(prefix="diffusion-eval-") as scratch:
+        return _evaluate(model_folder("diffusion_base", base, models, storage_options, str(Path(scratch, "base"))),
+                         download_folder(adapter, str(Path(scratch, "adapter")), storage_options),
+                         download_folder(judge, str(Path(scratch, "judge")), storage_options), models, real_images, real_labels,
+                         settings)
+
+
+def _evaluate(base: str, adapter: str, judge_folder: str, models: ModelsConfig, real_images: list[bytes], real_labels: list[str],
+              settings: dict) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    judge = ImageJudge(judge_folder, models, device)
     size, n, codes = settings["resolution"], settings["images_per_class"], settings["classes"]
+    shared = adapter is None or (Path(adapter) / LORA_WEIGHT_NAME).is_file()
+    # Per-diagnosis adapters: a diagnosis with too few training lesions has none (diffusion.min_lesions).
+    without_adapter = [] if shared else [c for c in codes if not (Path(adapter) / c / LORA_WEIGHT_NAME).is_file()]
+    codes = [c for c in codes if c not in without_adapter]
+    if not codes:
+        raise FileNotFoundError(f"{adapter} holds no adapter for any held-out diagnosis {settings['classes']}")
     real = [decode_rgb(b).resize((size, size)) for b in real_images]
     real_predicted, real_features = judge(real)
-    pipe = load_pipeline(base)
+    pipe = load_pipeline(base, device=device)
     prompted = [code for code in codes for _ in range(n)]
     # The judge's accuracy on held-out real images at the generation size: what a perfect
     # generator would score, so class relevance is read against it as well as against chance.
@@ -111,7 +130,8 @@ def evaluate_generation(base: str, adapter: str, judge_folder: str, real_images:
     sizes = {word: [lesion_area_mm2(img) for img in generate_by_class(pipe, lora, max(1, n // 2), settings, word)]
              for word in ("large", "small")}
     results["lora"]["size_faithfulness"] = size_faithfulness(sizes["large"], sizes["small"])
-    results["adapters"] = "shared" if len(set(lora.values())) == 1 else "per_diagnosis"
+    results["adapters"] = "shared" if shared else "per_diagnosis"
+    results["diagnoses_without_adapter"] = without_adapter
     results["chance"] = 1 / len(judge.classes)
     return results
 
@@ -140,23 +160,23 @@ def markdown(r: dict[str, Any]) -> str:
 
 def run(cfg: DermarayConfig) -> dict:
     d, ev, options = cfg.diffusion, cfg.diffusion_eval, cfg.storage_options
+    # The judge classifies diagnoses: one trained on superclass or malignancy cannot (checked before any work).
+    require_diagnosis_classifier(classifier_settings(ev.classifier, options), f"diffusion_eval.classifier {ev.classifier}")
     init_ray(cfg.ray)
     lesions = read_parquet(ev.real, options, columns=["split", "image_bytes", "diagnosis"])
     adapter = ev.adapter or join(d.output, SHARED_ADAPTER if d.adapters == "shared" else PER_DIAGNOSIS_ADAPTERS)
-    held_out = lesions.filter(pc.equal(lesions["split"], "test"))
+    held_out = lesions.filter(pc.and_(pc.equal(lesions["split"], "test"), pc.is_valid(lesions["diagnosis"])))  # with a diagnosis
     if held_out.num_rows < 2:
         raise ValueError(f"{ev.real} has {held_out.num_rows} test-split lesions; KID needs held-out real images")
-    with tempfile.TemporaryDirectory() as folder:
-        local = {name: download_folder(uri, str(Path(folder) / name), options)
-                 for name, uri in (("base", ev.base or join(d.output, "base")), ("adapter", adapter),
-                                   ("judge", ev.classifier))}
-        settings = {"resolution": d.resolution or 64, "images_per_class": ev.images_per_class, "seed": ev.seed, "steps": ev.steps,
-                    "guidance_scale": ev.guidance_scale, "classes": [c for c in CLASS_CODES if c in set(held_out["diagnosis"].to_pylist())],
-                    "cache_dir": str(Path(cfg.models.cache_dir).expanduser().resolve())}
-        log.info("diffusion_eval: %d images per class for %s, base vs LoRA", ev.images_per_class, settings["classes"])
-        results = ray.get(evaluate_generation.options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus).remote(
-            local["base"], local["adapter"], local["judge"], held_out["image_bytes"].to_pylist()[: ev.real_images],
-            held_out["diagnosis"].to_pylist()[: ev.real_images], settings))
+    # URIs and presets only: the task fetches what it needs on its own node.
+    base = ev.base or prepared_base_uri(cfg)
+    settings = {"resolution": d.resolution or base_resolution(base, cfg.models, options), "images_per_class": ev.images_per_class,
+                "seed": ev.seed, "steps": ev.steps, "guidance_scale": ev.guidance_scale,
+                "classes": [c for c in CLASS_CODES if c in set(held_out["diagnosis"].to_pylist())]}
+    log.info("diffusion_eval: %d images per class for %s, base vs LoRA", ev.images_per_class, settings["classes"])
+    results = ray.get(evaluate_generation.options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus).remote(
+        base, absolute(adapter), absolute(ev.classifier), cfg.models, options, held_out["image_bytes"].to_pylist()[: ev.real_images],
+        held_out["diagnosis"].to_pylist()[: ev.real_images], settings))
     for name, data in results.pop("grids").items():
         write_bytes(join(ev.output, f"grid_{name}.png"), data, options)
     write_bytes(join(ev.output, "diffusion_eval.md"), markdown(results).encode(), options)

@@ -40,7 +40,7 @@ def run(cfg: DermarayConfig) -> dict:
     lesions = ray.data.read_parquet(root, filesystem=fs, columns=columns)
     embedded = lesions.map_batches(
         LesionEmbedder,
-        fn_constructor_args=(e.model, cfg.models.grounding_mllm, cfg.models.cache_dir, options),
+        fn_constructor_args=(e.model, cfg.models.grounding_mllm, cfg.models, options),
         batch_size=e.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=e.concurrency), num_cpus=e.num_cpus, num_gpus=e.num_gpus,
         **({'resources': e.resources} if e.resources else {}),  # resources=None is an error in Ray

@@ -24,7 +24,7 @@ import ray
 import torch
 
 from dermaray.cli import config_from_argv, setup_logging
-from dermaray.config import DermarayConfig, GroundingConfig
+from dermaray.config import DermarayConfig, GroundingConfig, ModelsConfig
 from dermaray.grounding.data import PIXELS, TARGETS, Preprocessor
 from dermaray.grounding.model import (
     WEIGHTS_FILE,
@@ -33,7 +33,6 @@ from dermaray.grounding.model import (
     GroundingSettings,
     augment,
     loss_fn,
-    model_path,
     save_model,
 )
 from dermaray.storage import join, read_parquet
@@ -53,7 +52,7 @@ def settings_of(cfg: DermarayConfig) -> GroundingSettings:
 
 
 def build(config: dict) -> GroundingModel:
-    return GroundingModel.from_settings(GroundingSettings(**config["settings"]), config["cache_dir"])
+    return GroundingModel.from_settings(GroundingSettings(**config["settings"]), ModelsConfig(**config["models"]))
 
 
 def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
@@ -102,11 +101,11 @@ def fit_scaler(g: GroundingConfig, storage_options: dict) -> tuple[AttributeScal
     return AttributeScaler.fit(g.attributes, values, log_sizes=g.log_sizes), counts
 
 
-def split_dataset(uri: str, split: str, path: str, scaler: AttributeScaler, storage_options: dict,
+def split_dataset(uri: str, split: str, model: str, models: ModelsConfig, scaler: AttributeScaler, storage_options: dict,
                   materialize: bool, max_actors: int = 2) -> ray.data.Dataset:
     """One split of the lesion table as model inputs (pixels, z-scored targets, class label)."""
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", *scaler.names]
-    return split_inputs(uri, columns, split, Preprocessor, (path, scaler, ()), storage_options, materialize, max_actors)
+    return split_inputs(uri, columns, split, Preprocessor, (model, models, scaler, ()), storage_options, materialize, max_actors)
 
 
 def run(cfg: DermarayConfig) -> dict:
@@ -114,13 +113,12 @@ def run(cfg: DermarayConfig) -> dict:
     init_ray(cfg.ray)
     settings = settings_of(cfg)
     scaler, counts = fit_scaler(g, options)
-    path = model_path(settings.model, cfg.models.cache_dir)
     log.info("grounding: %s on %d train / %d val lesions, attributes %s, tune=%s", settings.model, counts["train"], counts["val"], g.attributes, g.tune)
-    datasets = {s: split_dataset(g.input, s, path, scaler, options, tc.materialize, max_actors=2 * tc.num_workers)
+    datasets = {s: split_dataset(g.input, s, settings.model, cfg.models, scaler, options, tc.materialize, max_actors=2 * tc.num_workers)
                 for s in ("train", "val")}
     config = {
         "settings": asdict(settings), "scaler": asdict(scaler), "weights": [float(g.attribute_weights.get(a, 1.0)) for a in g.attributes],
-        "cache_dir": str(Path(cfg.models.cache_dir).expanduser().resolve()),
+        "models": cfg.models.model_dump(),  # each worker resolves the base model on its own node
     }
     started = time.perf_counter()
     checkpoint, history = fit(GROUNDING, config, tc, datasets, counts["train"], g.output, g.run_name, options)

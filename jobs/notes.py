@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import ray
 
 from dermaray.cli import config_from_argv, setup_logging
-from dermaray.config import DermarayConfig, NotesConfig
-from dermaray.models import PRESETS, resolve_model
+from dermaray.config import DermarayConfig, ModelsConfig, NotesConfig
+from dermaray.models.registry import get_preset, is_preset, resolve_model
 from dermaray.notes.engine import NoteWriter, switches_of
 from dermaray.notes.prompts import prompt_id
 from dermaray.schema import LESION_SCHEMA, NOTES_SCHEMA
@@ -39,11 +39,12 @@ def shard_uri(output: str, shard: int) -> str:
 class ShardWriter:
     """A Ray Data actor: one engine, many shards; each shard's file written whole."""
 
-    def __init__(self, cfg: NotesConfig, model_role: str, model_preset: str, cache_dir: str, storage_options: dict):
+    def __init__(self, cfg: NotesConfig, models: ModelsConfig, storage_options: dict):
         setup_logging()  # a worker process: its log lines reach the driver and the Ray dashboard
         start = time.perf_counter()
-        model_path = None if cfg.strategy == "M" else resolve_model(model_role, model_preset, cache_dir)
-        self.writer = NoteWriter(cfg, model_path, model_id_of(model_preset))
+        # Resolved here, on the engine's node: fetched into (or built in) that node's cache once.
+        model_path = None if cfg.strategy == "M" else resolve_model("note_writer", models.note_writer, models)
+        self.writer = NoteWriter(cfg, model_path, model_id_of(models.note_writer))
         self.output, self.storage_options = cfg.output, storage_options
         self.engine_start_s = time.perf_counter() - start
         log.info("notes: engine %s ready in %.1f s", self.writer.model_id, self.engine_start_s)
@@ -61,9 +62,10 @@ class ShardWriter:
         return pa.Table.from_pylist(done)
 
 
-def model_id_of(preset: str) -> str:
-    hub_id = PRESETS["note_writer"][preset].hub_id
-    return hub_id or f"dermaray/note_writer-{preset}"
+def model_id_of(name: str) -> str:
+    """The hub id of a hub preset, else a name for the preset or folder."""
+    hub_id = get_preset("note_writer", name).hub_id if is_preset("note_writer", name) else None
+    return hub_id or f"dermaray/note_writer-{name}"
 
 
 def input_columns(cfg: NotesConfig) -> list[str]:
@@ -131,7 +133,7 @@ def run(cfg: DermarayConfig) -> dict:
             blocks.append(part.append_column(SHARD, pa.array([s] * part.num_rows, pa.int32())))
         results = ray.data.from_arrow(blocks).map_batches(
             ShardWriter,
-            fn_constructor_args=(n, "note_writer", cfg.models.note_writer, cfg.models.cache_dir, options),
+            fn_constructor_args=(n, cfg.models, options),
             batch_size=None,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=n.concurrency),

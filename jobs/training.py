@@ -29,7 +29,8 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from dermaray.config import TrainConfig
-from dermaray.storage import arrow_filesystem, join, write_bytes
+from dermaray.storage import arrow_filesystem, is_remote, join, upload_folder
+from jobs.common import log
 
 MODEL_DIR = "model"
 TRAIN_STATE = "train_state.pt"
@@ -147,6 +148,10 @@ def fit(
 ) -> tuple[Checkpoint, list[dict]]:
     """Train under `<output>/runs/<run_name>` (resuming a run of that name); (last checkpoint, history)."""
     steps_per_epoch = math.ceil(math.ceil(n_train / tc.num_workers) / tc.batch_size)
+    if not is_remote(output) and sum(node["Alive"] for node in ray.nodes()) > 1:
+        # Workers on other nodes write checkpoints to this path on *their* disks unless it is a shared mount.
+        log.warning("training output %s is a local path on a cluster of several nodes: checkpoints and resume need it "
+                    "on a filesystem every node shares, or on object storage (s3://, gs://)", output)
     storage_fs, storage_path = arrow_filesystem(join(output, "runs"), storage_options)
     trainer = TorchTrainer(
         train_loop,
@@ -183,8 +188,5 @@ def split_inputs(
 
 def export_model(checkpoint: Checkpoint, output: str, storage_options: dict, name: str = MODEL_DIR) -> str:
     """Copy the checkpoint's model folder to `<output>/<name>` (any URI)."""
-    target = join(output, name)
     with checkpoint.as_directory() as folder:
-        for file in sorted((Path(folder) / MODEL_DIR).iterdir()):
-            write_bytes(join(target, file.name), file.read_bytes(), storage_options)
-    return target
+        return upload_folder(Path(folder) / MODEL_DIR, join(output, name), storage_options)

@@ -34,24 +34,27 @@ def lesion_table(n: int, image_size: int = 64) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=LESION_SCHEMA)
 
 
-def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = True) -> list[str]:
-    """Write every artifact under `root`; returns the `serve.*` overrides that point at them."""
+def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = True, lesions: pa.Table | None = None) -> list[str]:
+    """Write every artifact under `root` (over `lesions`, else `n_lesions` synthetic ones); returns the `serve.*`
+    overrides that point at them."""
     from dermaray.grounding.classifier import ClassifierSettings, MultimodalClassifier, save_classifier
     from dermaray.grounding.data import CLASS_CODES
     from dermaray.grounding.embed import LesionEmbedder
     from dermaray.grounding.model import AttributeScaler, GroundingModel, GroundingSettings, save_model
+    from dermaray.config import ModelsConfig
     from dermaray.retrieval import VectorIndex
 
+    models = ModelsConfig(cache_dir=str(cache_dir))
     torch.manual_seed(0)
-    lesions = lesion_table(n_lesions)
+    lesions = lesion_table(n_lesions) if lesions is None else lesions
     (root / "lesions").mkdir(parents=True)
     pq.write_table(lesions, root / "lesions" / "part-0.parquet")
 
-    model = GroundingModel.from_settings(GroundingSettings("tiny", GROUNDED, tune="full"), cache_dir)
+    model = GroundingModel.from_settings(GroundingSettings("tiny", GROUNDED, tune="full"), models)
     scaler = AttributeScaler.fit(GROUNDED, np.stack([lesions[a].to_numpy() for a in GROUNDED], axis=1))
     save_model(root / "grounding", model.eval(), scaler)
 
-    embedder = LesionEmbedder(str(root / "grounding"), "tiny", str(cache_dir))
+    embedder = LesionEmbedder(str(root / "grounding"), "tiny", models)
     batch = {name: lesions[name].to_numpy(zero_copy_only=False) for name in lesions.column_names}
     embedded = embedder(batch)
     (root / "embeddings").mkdir()
@@ -60,7 +63,7 @@ def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = Tr
     VectorIndex.build(vectors, embedded["lesion_id"].to_pylist(), kind="exact", model="tiny-grounded").save(str(root / "index"))
 
     settings = ClassifierSettings(model="tiny", classes=list(CLASS_CODES), text_encoder="minilm", text_dim=384)
-    save_classifier(root / "classifier", MultimodalClassifier.build(settings, cache_dir).eval())
+    save_classifier(root / "classifier", MultimodalClassifier.build(settings, models).eval())
 
     overrides = [f"serve.grounding_model={root / 'grounding'}", f"serve.index={root / 'index'}",
                  f"serve.embeddings={root / 'embeddings'}", f"serve.lesions={root / 'lesions'}",
@@ -77,11 +80,12 @@ def build_diffusion(root: Path, cache_dir: Path, lesions: pa.Table) -> None:
     from dermaray.diffusion.captions import caption
     from dermaray.diffusion.pipeline import add_lora, load_pipeline, lora_parameters, pretrain_base, save_lora
     from dermaray.grounding.data import decode_rgb
+    from dermaray.config import ModelsConfig
     from dermaray.models import resolve_model
 
     images = [decode_rgb(b) for b in lesions["image_bytes"].to_pylist()[:4]]
     prompts = [caption(code) for code in lesions["diagnosis"].to_pylist()[:4]]
-    pretrain_base(resolve_model("diffusion_base", "tiny", cache_dir), root / "base", images, prompts, steps=1,
+    pretrain_base(resolve_model("diffusion_base", "tiny", ModelsConfig(cache_dir=str(cache_dir))), root / "base", images, prompts, steps=1,
                   batch_size=2, lr=1e-3, seed=0, log_every=1, resolution=16)
     for seed, folder in ((1, root / "adapter"), (2, root / "adapters" / PER_DIAGNOSIS)):
         pipe = load_pipeline(root / "base")

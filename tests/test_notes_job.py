@@ -67,7 +67,7 @@ def test_one_bad_row_does_not_fail_the_batch(ingested_on_s3, s3_options):
     cfg = _config(s3_options, "notes.strategy=P1", "notes.max_model_len=768", "notes.batch_size=8")
     rows = read_parquet(LESIONS, s3_options, columns=notes.input_columns(cfg.notes)).slice(0, 6).to_pylist()
     rows[2]["anatom_site"] = ", ".join(["posterior torso near the left scapula"] * 200)  # far past the window
-    writer = NoteWriter(cfg.notes, resolve_model("note_writer", "tiny", cfg.models.cache_dir), "tiny")
+    writer = NoteWriter(cfg.notes, resolve_model("note_writer", "tiny", cfg.models), "tiny")
     records = writer.write(rows)
     assert [r["lesion_id"] for r in records] == [r["lesion_id"] for r in rows]
     assert records[2]["note"] is None and records[2]["error"].startswith("ValueError: prompt_too_long")

@@ -9,18 +9,50 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import yaml
 from fsspec.core import url_to_fs
+
+from dermaray.config import SECRETS_FILE_KEY
+
+
+def with_secrets(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options with `secrets_file` replaced by that file's options (key, secret, ...), read here, on this node."""
+    options = dict(storage_options or {})
+    secrets_file = options.pop(SECRETS_FILE_KEY, None)
+    if secrets_file:
+        try:
+            secrets = yaml.safe_load(Path(secrets_file).expanduser().read_text())
+        except OSError as exc:
+            raise FileNotFoundError(f"storage_options.{SECRETS_FILE_KEY} {secrets_file} cannot be read on this node: {exc}") from exc
+        if not isinstance(secrets, dict):
+            raise ValueError(f"storage_options.{SECRETS_FILE_KEY} {secrets_file} must hold a mapping of fsspec options")
+        options.update(secrets)
+    return options
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(fsspec filesystem, path inside it) for `uri`."""
-    return url_to_fs(uri, **(storage_options or {}))
+    return url_to_fs(uri, **with_secrets(storage_options))
+
+
+class NodeFSHandler(pafs.FSSpecHandler):
+    """An fsspec filesystem for pyarrow that pickles as (protocol, options): what Ray ships to other
+    nodes (Ray Data read tasks, Ray Train's storage) holds no credential read from a secrets file;
+    each node reads that file itself when the filesystem is unpickled there."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any]):
+        self._args = (uri, dict(storage_options))
+        super().__init__(filesystem(uri, storage_options)[0])
+
+    def __reduce__(self):
+        return NodeFSHandler, self._args
 
 
 def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[pafs.FileSystem, str]:
@@ -28,7 +60,7 @@ def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None) ->
     fs, path = filesystem(uri, storage_options)
     if getattr(fs, "protocol", None) in ("file", ("file", "local")):
         return pafs.LocalFileSystem(), path
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.PyFileSystem(NodeFSHandler(uri, storage_options or {})), path
 
 
 def join(uri: str, *parts: str) -> str:
@@ -66,6 +98,12 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
         return f.read()
 
 
+def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    fs.invalidate_cache(path)  # other processes (Ray workers) may have written here since our last listing
+    return fs.exists(path)
+
+
 def require(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) of an input that must exist; one clear error if it is absent or unreachable."""
     fs, path = filesystem(uri, storage_options)
@@ -87,6 +125,14 @@ def download_folder(uri: str, target: str, storage_options: dict[str, Any] | Non
     fs, path = require(uri, storage_options)
     fs.get(path.rstrip("/") + "/", target.rstrip("/") + "/", recursive=True)
     return target
+
+
+def upload_folder(folder: str | os.PathLike, uri: str, storage_options: dict[str, Any] | None = None, last: str | None = None) -> str:
+    """Copy a local folder's files to `uri` (any URI); the file named `last` goes last, so its presence means complete."""
+    files = sorted((p for p in Path(folder).rglob("*") if p.is_file()), key=lambda p: (p.name == last, p.as_posix()))
+    for file in files:
+        write_bytes(join(uri, file.relative_to(folder).as_posix()), file.read_bytes(), storage_options)
+    return uri
 
 
 def parquet_files(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dermaray.config import ModelsConfig
+from dermaray.grounding.labels import LABELS
 from dermaray.grounding.model import AttributeScaler
-from dermaray.schema import DIAGNOSES
 
-CLASS_CODES: tuple[str, ...] = tuple(d.code for d in DIAGNOSES)
-CLASS_INDEX: dict[str, int] = {code: i for i, code in enumerate(CLASS_CODES)}
+CLASS_CODES: tuple[str, ...] = LABELS["diagnosis"].classes
 
 PIXELS = "pixel_values"
 TARGETS = "targets"
@@ -30,12 +30,15 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 
 class Preprocessor:
-    """Decodes `image_bytes` with the model's own image processor; adds z-scored targets and class labels."""
+    """Decodes `image_bytes` with the model's own image processor; adds z-scored targets."""
 
-    def __init__(self, model_path: str, scaler: AttributeScaler | None = None, keep: Sequence[str] = ("lesion_id",)):
+    def __init__(self, model: str, models: ModelsConfig, scaler: AttributeScaler | None = None, keep: Sequence[str] = ("lesion_id",)):
+        """`model`: the grounding MLLM (a preset or folder), resolved on the node this runs on."""
         from transformers import AutoImageProcessor
 
-        self.processor = AutoImageProcessor.from_pretrained(model_path)
+        from dermaray.models.registry import resolve_model
+
+        self.processor = AutoImageProcessor.from_pretrained(resolve_model("grounding_mllm", model, models))
         self.scaler = scaler
         self.keep = tuple(keep)
 
@@ -50,6 +53,4 @@ class Preprocessor:
             out[PIXELS] = np.zeros((0, 3, side, side), np.float32)
         if self.scaler is not None:
             out[TARGETS] = self.scaler.transform(np.stack([batch[a] for a in self.scaler.names], axis=1))
-        if "diagnosis" in batch:
-            out[LABEL] = np.array([CLASS_INDEX.get(d, -1) for d in batch["diagnosis"]], dtype=np.int64)
         return out

@@ -14,7 +14,9 @@ import pyarrow as pa
 import torch
 
 from dermaray.grounding.data import PIXELS, Preprocessor
-from dermaray.grounding.model import AttributeScaler, GroundingModel, ImageEmbedder, load_model, model_path
+from dermaray.config import ModelsConfig
+from dermaray.grounding.model import AttributeScaler, GroundingModel, ImageEmbedder, load_model
+from dermaray.models.registry import resolve_model
 from dermaray.schema import ATTRIBUTE_NAMES
 from dermaray.storage import download_folder
 
@@ -26,21 +28,20 @@ PREDICTED_PREFIX = "predicted_"
 class LesionEmbedder:
     """`model`: a grounding model folder (any URI), or "frozen" for the untuned base `base`."""
 
-    def __init__(self, model: str, base: str, cache_dir: str, storage_options: dict | None = None, device: str | None = None):
+    def __init__(self, model: str, base: str, models: ModelsConfig, storage_options: dict | None = None, device: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.scaler: AttributeScaler | None = None
         if model == FROZEN:
-            path = model_path(base, cache_dir)
-            self.network: torch.nn.Module = ImageEmbedder.from_pretrained(path)
+            self.network: torch.nn.Module = ImageEmbedder.from_pretrained(resolve_model("grounding_mllm", base, models))
             self.model_id = f"{base}:frozen"
         else:
             self._folder = tempfile.TemporaryDirectory(prefix="grounding-")
             local = download_folder(model, self._folder.name, storage_options)
-            grounded, self.scaler, _ = load_model(local, cache_dir)
-            self.network, path = grounded, model_path(grounded.settings.model, cache_dir)
+            grounded, self.scaler, _ = load_model(local, models)
+            self.network, base = grounded, grounded.settings.model
             self.model_id = model
         self.network.to(self.device).eval()
-        self.preprocess = Preprocessor(path, keep=())
+        self.preprocess = Preprocessor(base, models, keep=())
 
     @property
     def attributes(self) -> list[str]:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dermaray.config import ModelsConfig
 from dermaray.schema import ATTRIBUTES_BY_NAME
 
 Tune = Literal["frozen", "projector", "lora", "full"]
@@ -96,13 +97,6 @@ class GroundingSettings:
             raise ValueError(f"tune must be one of {TUNE_MODES}, got {self.tune!r}")
 
 
-def model_path(model: str, cache_dir: str | Path) -> str:
-    """A preset name resolves through the registry (tiny presets build on first use); anything else is a path or hub id."""
-    from dermaray.models.registry import PRESETS, resolve_model
-
-    return resolve_model("grounding_mllm", model, cache_dir) if model in PRESETS["grounding_mllm"] else model
-
-
 class ImageEmbedder(nn.Module):
     """Vision tower + projector of a LLaVA-family model; embedding = mean over image tokens."""
 
@@ -153,8 +147,10 @@ class GroundingModel(nn.Module):
         self._set_trainable()
 
     @classmethod
-    def from_settings(cls, settings: GroundingSettings, cache_dir: str | Path = ".cache/models") -> GroundingModel:
-        embedder = ImageEmbedder.from_pretrained(model_path(settings.model, cache_dir))
+    def from_settings(cls, settings: GroundingSettings, models: ModelsConfig) -> GroundingModel:
+        from dermaray.models.registry import resolve_model
+
+        embedder = ImageEmbedder.from_pretrained(resolve_model("grounding_mllm", settings.model, models))
         if settings.tune == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -234,7 +230,7 @@ def save_model(folder: str | Path, model: GroundingModel, scaler: AttributeScale
     (folder / SETTINGS_FILE).write_text(json.dumps(payload, indent=2))
 
 
-def load_model(folder: str | Path, cache_dir: str | Path = ".cache/models") -> tuple[GroundingModel, AttributeScaler, dict[str, Any]]:
+def load_model(folder: str | Path, models: ModelsConfig) -> tuple[GroundingModel, AttributeScaler, dict[str, Any]]:
     """(model in eval mode, scaler, the rest of grounding.json) from a folder `save_model` wrote."""
     folder = Path(folder)
     if not (folder / SETTINGS_FILE).is_file():
@@ -242,6 +238,6 @@ def load_model(folder: str | Path, cache_dir: str | Path = ".cache/models") -> t
     payload = json.loads((folder / SETTINGS_FILE).read_text())
     settings = GroundingSettings(**payload.pop("settings"))
     scaler = AttributeScaler(**payload.pop("scaler"))
-    model = GroundingModel.from_settings(settings, cache_dir)
+    model = GroundingModel.from_settings(settings, models)
     model.load_trainable_state(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return model.eval(), scaler, payload

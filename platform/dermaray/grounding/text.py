@@ -12,20 +12,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dermaray.config import ModelsConfig
+
 CLS_POOLED = {"bge-base"}  # presets whose sentence embedding is the CLS token
 
 
-def text_model_path(model: str, cache_dir: str | Path) -> str:
-    from dermaray.models.registry import PRESETS, resolve_model
-
-    return resolve_model("text_encoder", model, cache_dir) if model in PRESETS["text_encoder"] else model
-
-
 class TextEncoder:
-    def __init__(self, model: str, cache_dir: str | Path, device: str | None = None, max_length: int = 256):
+    def __init__(self, model: str, models: ModelsConfig, device: str | None = None, max_length: int = 256):
         from transformers import AutoModel, AutoTokenizer
 
-        path = text_model_path(model, cache_dir)
+        from dermaray.models.registry import resolve_model
+
+        path = resolve_model("text_encoder", model, models)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(self.device).eval()

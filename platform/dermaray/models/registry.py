@@ -1,10 +1,21 @@
-"""Model presets: role -> name -> where the weights come from.
+"""Model presets and where a node gets each model: role -> name -> a local folder for `from_pretrained`.
 
-A preset resolves to something `from_pretrained` accepts: a hub id (cluster presets, fetched by
-the libraries themselves), a folder shipped inside an installed package (MiniLM), or a folder
-built offline on first use (the "tiny" presets, for CPU development and CI).
+Every role resolves through `resolve_model(role, name, models)`, on the node that loads the model:
 
-    path = resolve_model("note_writer", "tiny", cfg.models.cache_dir)
+- a hub preset (or `hub:owner/repo`) is fetched once per node into `models.cache_dir`: from the
+  object-storage mirror `models.store` when it holds the snapshot (`dermaray models push`), else
+  from the hub with `huggingface_hub.snapshot_download` (resumable, only the preset's file
+  patterns) unless `models.offline`; offline with nothing cached is an error naming the command
+  that fetches it;
+- a `tiny` preset is built offline on first use from a config with a fixed seed and saved with
+  `save_pretrained` (CPU development and CI);
+- a shipped preset is a folder inside an installed package (MiniLM);
+- anything else is a local folder, returned as is.
+
+A folder in the cache holds a marker written last, under a file lock, so concurrent workers of
+one node fetch or build once and a folder with the marker is always complete.
+
+    path = resolve_model("note_writer", cfg.models.note_writer, cfg.models)
     LLM(model=path, ...)
 """
 
@@ -14,16 +25,23 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermaray.config import ModelsConfig
 from dermaray.models import tiny
 
 ROLES: tuple[str, ...] = ("note_writer", "grounding_mllm", "text_encoder", "diffusion_base")
 TINY_SEED = 0
 COMPLETE_MARKER = ".complete"
+HUB_PREFIX = "hub:"  # `models.<role>: hub:owner/repo` names any hub model, not only a preset
+
+# What a snapshot keeps of a hub repository: weights as safetensors, configs, tokenizers, templates.
+# Repositories also hold the same weights as .bin / .pth / .h5 / .msgpack / .onnx / GGUF or fp16
+# copies; a 7B repository would otherwise pull every format.
+MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+DIFFUSERS_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,8 @@ class ModelPreset:
     builder: Callable[[Path, int], None] | None  # builds the model into (out_dir, seed)
     description: str
     local_path: Callable[[], Path] | None = None  # a folder that is already on disk
+    allow_patterns: tuple[str, ...] = MODEL_FILES  # hub presets: the files a snapshot fetches
+    revision: str | None = None  # hub presets: a branch, tag or commit (None: the default branch)
 
     def __post_init__(self) -> None:
         sources = [self.hub_id is not None, self.builder is not None, self.local_path is not None]
@@ -50,8 +70,8 @@ def _minilm_path() -> Path:
     return path
 
 
-def _hub(role: str, name: str, hub_id: str, description: str) -> ModelPreset:
-    return ModelPreset(role, name, hub_id, None, description)
+def _hub(role: str, name: str, hub_id: str, description: str, files: tuple[str, ...] = MODEL_FILES) -> ModelPreset:
+    return ModelPreset(role, name, hub_id, None, description, allow_patterns=files)
 
 
 def _tiny(role: str, builder: Callable[[Path, int], None], description: str) -> ModelPreset:
@@ -87,9 +107,9 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
         "tiny": _tiny("diffusion_base", tiny.build_diffusion_base,
                       "Random tiny StableDiffusionPipeline: 64 px images, 32 px latents, DDIM scheduler."),
         "sd-1.5": _hub("diffusion_base", "sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                       "Stable Diffusion 1.5 (StableDiffusionPipeline, 512 px)."),
+                       "Stable Diffusion 1.5 (StableDiffusionPipeline, 512 px).", DIFFUSERS_FILES),
         "sdxl": _hub("diffusion_base", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
-                     "SDXL base 1.0 (StableDiffusionXLPipeline, two text encoders, 1024 px)."),
+                     "SDXL base 1.0 (StableDiffusionXLPipeline, two text encoders, 1024 px).", DIFFUSERS_FILES),
     },
 }
 
@@ -100,30 +120,124 @@ def list_presets() -> dict[str, list[str]]:
 
 
 def get_preset(role: str, name: str) -> ModelPreset:
+    """The preset `role`/`name`; `hub:owner/repo` makes one for any hub repository."""
     if role not in PRESETS:
         raise ValueError(f"unknown model role {role!r}; valid roles: {', '.join(PRESETS)}")
+    if name.startswith(HUB_PREFIX):
+        hub_id = name.removeprefix(HUB_PREFIX)
+        if hub_id.count("/") != 1 or not all(hub_id.split("/")):
+            raise ValueError(f"{name!r}: write a hub model as hub:owner/repo")
+        files = DIFFUSERS_FILES if role == "diffusion_base" else MODEL_FILES
+        return ModelPreset(role, hub_id.replace("/", "--"), hub_id, None, f"{hub_id} from the hub", allow_patterns=files)
     if name not in PRESETS[role]:
-        raise ValueError(f"unknown {role} preset {name!r}; valid names: {', '.join(PRESETS[role])}")
+        raise ValueError(f"unknown {role} preset {name!r}; valid names: {', '.join(PRESETS[role])} "
+                         f"(or {HUB_PREFIX}owner/repo, or a local folder)")
     return PRESETS[role][name]
 
 
-def resolve_model(role: str, name: str, cache_dir: str | Path) -> str:
-    """What to pass to `from_pretrained` / vLLM for this preset; builds tiny presets on first use."""
+def is_preset(role: str, name: str) -> bool:
+    return name in PRESETS.get(role, {}) or name.startswith(HUB_PREFIX)
+
+
+def cache_root(models: ModelsConfig) -> Path:
+    """This node's model cache (a `~` path expands on the node that uses it)."""
+    return Path(models.cache_dir).expanduser().absolute()
+
+
+def resolve_model(role: str, name: str, models: ModelsConfig) -> str:
+    """A local folder holding model `name` for `role`, fetched or built on this node if need be."""
+    if not is_preset(role, name):
+        if role not in PRESETS:
+            raise ValueError(f"unknown model role {role!r}; valid roles: {', '.join(PRESETS)}")
+        if "://" in name and not name.startswith("file://"):
+            raise ValueError(f"{role} {name!r}: a model on object storage is named by a preset and models.store")
+        if not Path(name.removeprefix("file://")).expanduser().is_dir():
+            raise FileNotFoundError(f"{role} {name!r} is neither a preset ({', '.join(PRESETS[role])}, "
+                                    f"{HUB_PREFIX}owner/repo) nor a folder on this node")
+        return name.removeprefix("file://")
     preset = get_preset(role, name)
-    if preset.hub_id is not None:
-        return preset.hub_id
     if preset.local_path is not None:
         return str(preset.local_path())
-    assert preset.builder is not None
-    return str(_build_once(preset, Path(cache_dir).expanduser().resolve() / role / name))
+    target = cache_root(models) / role / preset.name
+    if preset.builder is not None:
+        return str(_once(target, lambda staging: preset.builder(staging, TINY_SEED),
+                         {"role": role, "name": preset.name, "seed": TINY_SEED}, resume=False))
+    return str(_once(target, lambda staging: _acquire(preset, models, staging),
+                     {"role": role, "name": preset.name, "hub_id": preset.hub_id, "revision": preset.revision}, resume=True))
 
 
-def _build_once(preset: ModelPreset, target: Path) -> Path:
-    """Build into a temp folder beside `target`, then rename it into place, under a file lock.
+def model_folder(role: str, ref: str, models: ModelsConfig, storage_options: dict | None, scratch: str) -> str:
+    """A local folder for `ref` on this node: a preset (through this node's cache) or a model folder at
+    any URI (one a stage wrote, e.g. a pre-trained base), copied into `scratch` when remote."""
+    from dermaray.storage import download_folder
 
-    The marker is written inside the temp folder before the rename, so a folder at `target`
-    with the marker is always complete; concurrent callers (Ray workers) wait on the lock and
-    then find it built.
+    return resolve_model(role, ref, models) if is_preset(role, ref) else download_folder(ref, scratch, storage_options)
+
+
+def store_uri(models: ModelsConfig, preset: ModelPreset) -> str:
+    """Where `dermaray models push` mirrors a hub preset: <store>/<role>/<name>."""
+    assert models.store is not None
+    return f"{models.store.rstrip('/')}/{preset.role}/{preset.name}"
+
+
+def _acquire(preset: ModelPreset, models: ModelsConfig, staging: Path) -> None:
+    """Fill `staging` with the preset's snapshot: from the store when it holds one, else from the hub."""
+    if models.store is not None and _pull_from_store(preset, models, staging):
+        return
+    where = f" (models.store {models.store} holds no complete copy)" if models.store else ""
+    if models.offline:
+        raise FileNotFoundError(
+            f"model {preset.role}/{preset.name} ({preset.hub_id}) is not in this node's cache {cache_root(models)}{where} "
+            f"and models.offline is true. Fetch it once on a machine that reaches the hub: "
+            f"`dermaray models pull {preset.role}/{preset.name} models.offline=false` (this cache), or "
+            f"`dermaray models push {preset.role}/{preset.name} models.offline=false models.store=s3://...` "
+            f"(a mirror every node pulls from)")
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError(f"models.offline is false but HF_HUB_OFFLINE is set in this process's environment: "
+                           f"{preset.hub_id} cannot be fetched; unset it (or set models.offline=true and use a cache or store)")
+    snapshot_download(preset.hub_id, revision=preset.revision, local_dir=staging, allow_patterns=list(preset.allow_patterns))
+    shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
+
+
+def _pull_from_store(preset: ModelPreset, models: ModelsConfig, staging: Path) -> bool:
+    from dermaray.storage import filesystem
+
+    fs, path = filesystem(store_uri(models, preset), models.store_options)
+    if not fs.exists(f"{path}/{COMPLETE_MARKER}"):
+        return False
+    fs.get(path.rstrip("/") + "/", str(staging).rstrip("/") + "/", recursive=True)
+    (staging / COMPLETE_MARKER).unlink(missing_ok=True)  # ours is written last, by `_once`
+    return True
+
+
+def push_to_store(role: str, name: str, models: ModelsConfig) -> str:
+    """Mirror a hub preset's snapshot (fetched into this machine's cache if need be) to `models.store`."""
+    from dermaray.storage import filesystem
+
+    preset = get_preset(role, name)
+    if preset.hub_id is None:
+        raise ValueError(f"{role}/{name} is not a hub model: every node builds or ships it by itself")
+    if models.store is None:
+        raise ValueError("set models.store (e.g. s3://bucket/dermaray/models) to push a model")
+    folder = Path(resolve_model(role, name, models))
+    uri = store_uri(models, preset)
+    fs, path = filesystem(uri, models.store_options)
+    fs.rm(f"{path}/{COMPLETE_MARKER}") if fs.exists(f"{path}/{COMPLETE_MARKER}") else None
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
+        fs.put_file(str(file), f"{path}/{file.relative_to(folder).as_posix()}")
+    with fs.open(f"{path}/{COMPLETE_MARKER}", "wb") as f:  # last: a store copy with the marker is whole
+        f.write((folder / COMPLETE_MARKER).read_bytes())
+    return uri
+
+
+def _once(target: Path, fill: Callable[[Path], None], marker: dict, resume: bool) -> Path:
+    """Fill `target` once per node: into a staging folder beside it, marker last, then renamed into place.
+
+    Under a file lock, so concurrent callers (Ray workers of one node) wait and then find it
+    done. A download's staging folder is kept across failures (`resume`): the next attempt
+    continues it; a build's is started afresh.
     """
     if (target / COMPLETE_MARKER).is_file():
         return target
@@ -132,22 +246,21 @@ def _build_once(preset: ModelPreset, target: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if (target / COMPLETE_MARKER).is_file():
-                return target  # another process built it while we waited
-            for stale in target.parent.glob(f".{target.name}.building-*"):  # a killed builder's
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+                return target  # another process filled it while we waited
+            staging = target.parent / f".{target.name}.partial"
+            if not resume:
+                shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(exist_ok=True)
             try:
-                assert preset.builder is not None
-                preset.builder(tmp, TINY_SEED)
-                (tmp / COMPLETE_MARKER).write_text(
-                    json.dumps({"role": preset.role, "name": preset.name, "seed": TINY_SEED}) + "\n"
-                )
-                if target.exists():  # a folder without the marker is incomplete (e.g. copied by hand)
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
+                fill(staging)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if not resume:
+                    shutil.rmtree(staging, ignore_errors=True)
                 raise
+            (staging / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+            if target.exists():  # a folder without the marker is incomplete (e.g. copied by hand)
+                shutil.rmtree(target)
+            os.replace(staging, target)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
