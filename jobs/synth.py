@@ -33,7 +33,8 @@ def render_batch(batch: dict[str, np.ndarray], cfg: SynthConfig) -> dict[str, li
     rows, images = [], []
     for index in batch["id"]:
         row, jpeg, _, _ = synthesize_lesion(
-            cfg.seed, int(index), cfg.domain, cfg.image_size, cfg.lesions_per_patient, cfg.class_weights, cfg.jpeg_quality
+            cfg.seed, int(index), cfg.domain, cfg.image_size, cfg.lesions_per_patient, cfg.class_weights, cfg.jpeg_quality,
+            cfg.unlabelled_fraction,
         )
         rows.append(json.dumps(row))
         images.append(jpeg)
@@ -76,6 +77,7 @@ def run(cfg: DermarayConfig) -> dict:
         manifest = {
             "n_lesions": s.n_lesions,
             "metadata_rows": len(ordered),
+            "unlabelled_rows": sum(1 for r in ordered if not r.get("iddx_3")),  # only iddx_1 and target
             "domain": s.domain,
             "seed": s.seed,
             "planted": planted,

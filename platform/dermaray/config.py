@@ -61,6 +61,8 @@ class SynthConfig(Section):
     image_size: int | None = None  # pixels per side; None: the domain's default
     jpeg_quality: int = Field(default=90, ge=10, le=100)
     class_weights: dict[str, float] | None = None  # None: every class in equal share
+    # Share of rows with only iddx_1 and `target` (no finer diagnosis), as most real ISIC 2024 rows.
+    unlabelled_fraction: float = Field(default=0.0, ge=0, le=1)
     shard_size: int = Field(default=256, ge=1)  # lesions rendered per Ray task
     corrupt: CorruptionPlan = CorruptionPlan()
 

@@ -82,6 +82,8 @@ DIAGNOSES: tuple[Diagnosis, ...] = (
     Diagnosis("BKL", "Benign keratosis", "Benign", "Benign epidermal proliferations"),
 )
 DIAGNOSES_BY_CODE: dict[str, Diagnosis] = {d.code: d for d in DIAGNOSES}
+# ISIC's iddx_1, the coarsest level: most ISIC 2024 lesions carry only this (and `target`), no finer diagnosis.
+SUPERCLASSES: tuple[str, ...] = ("Benign", "Indeterminate", "Malignant")
 
 SEXES = ("male", "female")
 ANATOMIC_SITES = (

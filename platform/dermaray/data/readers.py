@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from dermaray.config import IngestConfig
 from dermaray.data.validate import RowRejected, inspect_image, parse_age, parse_attribute, parse_number, parse_text
-from dermaray.schema import ATTRIBUTES, DIAGNOSES, DIAGNOSES_BY_CODE, LESION_SCHEMA, QUARANTINE_SCHEMA, SEXES, SPLITS
+from dermaray.schema import ATTRIBUTES, DIAGNOSES, DIAGNOSES_BY_CODE, LESION_SCHEMA, QUARANTINE_SCHEMA, SEXES, SPLITS, SUPERCLASSES
 from dermaray.storage import filesystem, join, read_parquet, require
 
 ROW_INDEX = "_row_index"
@@ -133,6 +133,10 @@ class Isic2024Reader(Reader):
     id_column = "isic_id"
     required_columns = ("isic_id", *[a.isic_column for a in ATTRIBUTES])
     _by_name = {d.name.lower(): d.code for d in DIAGNOSES}
+    # ISIC 2024 names diagnoses more finely than these classes ("Melanoma in situ", "Squamous cell
+    # carcinoma in situ"): an iddx_3 that starts with a class's name (less ", NOS") maps to it.
+    _stems = sorted(((d.name.lower().removesuffix(", nos"), d.code) for d in DIAGNOSES), key=lambda s: -len(s[0]))
+    _superclasses = {s.lower(): s for s in SUPERCLASSES}
 
     def load_metadata(self, uri: str, storage_options: dict[str, Any]) -> pa.Table:
         csv_uri = find_one(uri, storage_options, ("*metadata*.csv",), "metadata CSV")
@@ -149,16 +153,38 @@ class Isic2024Reader(Reader):
         with fs.open(path, "rb") as raw, h5py.File(raw, "r") as store:
             return [_hdf5_bytes(store, row.get(self.id_column)) for row in rows]
 
+    def diagnosis_code(self, iddx_3: str | None) -> str | None:
+        """The class of an iddx_3 name; None when absent or not one of the classes (not a quarantine reason)."""
+        if iddx_3 is None:
+            return None
+        name = iddx_3.lower()
+        return self._by_name.get(name) or next((code for stem, code in self._stems if name.startswith(stem)), None)
+
+    def superclass(self, row: dict) -> str | None:
+        """iddx_1, else the first word of iddx_full or iddx_2 ("Benign::..." / "Benign melanocytic ...")."""
+        iddx_1 = parse_text(row.get("iddx_1"))
+        if iddx_1 is not None:
+            if iddx_1.lower() not in self._superclasses:
+                raise RowRejected("invalid_value", f"iddx_1={iddx_1!r} is not one of {SUPERCLASSES}")
+            return self._superclasses[iddx_1.lower()]
+        for column in ("iddx_full", "iddx_2"):
+            words = (parse_text(row.get(column)) or "").split("::")[0].split()
+            if words and words[0].lower() in self._superclasses:
+                return self._superclasses[words[0].lower()]
+        return None
+
     def to_canonical(self, row: dict) -> dict:
-        iddx_3 = parse_text(row.get("iddx_3"))
+        # Most ISIC 2024 rows carry only iddx_1 and `target`: diagnosis is then null, the row is kept.
         target = parse_number("target", row.get("target"))
         fields = _diagnosis_fields(
-            self._by_name.get(iddx_3.lower()) if iddx_3 else None,
-            parse_text(row.get("iddx_1")),
+            self.diagnosis_code(parse_text(row.get("iddx_3"))),
+            self.superclass(row),
             parse_text(row.get("iddx_full")),
         )
         if target is not None:
-            fields["malignant"] = bool(target)
+            if target not in (0, 1):
+                raise RowRejected("invalid_value", f"target={target:g} is not 0 or 1")
+            fields["malignant"] = bool(target)  # ISIC's own malignancy label, kept when iddx_1 is absent too
         return {
             "domain": parse_text(row.get("attribution")),
             "patient_id": parse_text(row.get("patient_id")),

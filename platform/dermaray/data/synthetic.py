@@ -192,8 +192,14 @@ def synthesize_lesion(
     lesions_per_patient: float = 4.0,
     class_weights: dict[str, float] | None = None,
     jpeg_quality: int = 90,
+    unlabelled_fraction: float = 0.0,
 ) -> tuple[dict, bytes, np.ndarray, np.ndarray]:
-    """One lesion: (ISIC 2024 metadata row, JPEG bytes, rendered rgb, mask)."""
+    """One lesion: (ISIC 2024 metadata row, JPEG bytes, rendered rgb, mask).
+
+    With probability `unlabelled_fraction` the row carries only iddx_1 (and iddx_full equal to it)
+    and `target`, the finer iddx_* empty, as most rows of the real ISIC 2024 CSV do. The choice
+    has its own random stream: the lesion itself is the same either way.
+    """
     profile = DOMAINS[domain]
     rng = lesion_rng(seed, index, domain)
     diagnosis = choose_diagnosis(rng, class_weights)
@@ -223,6 +229,8 @@ def synthesize_lesion(
         "iddx_4": "",
         "iddx_5": "",
     }
+    if unlabelled_fraction > 0 and lesion_rng(seed, index, f"unlabelled/{domain}").random() < unlabelled_fraction:
+        row.update(iddx_full=dx.superclass, iddx_2="", iddx_3="")
     return row, encode_jpeg(rgb, jpeg_quality), rgb, mask
 
 
