@@ -10,7 +10,8 @@ Three things are measured:
   within a tolerance ``tau`` (|a_q - a_n| <= tau) or in the same quantile bin.
   Reported: hit-rate R@k, P@K, mAP@K, nDCG@K and the mean attribute gap of the
   neighbours next to the gap of a random gallery item (the chance reference).
-* Classification (accuracy, balanced accuracy, macro F1, confusion matrix) and
+* Classification (accuracy, balanced accuracy, macro F1, confusion matrix; for a
+  binary task the ISIC 2024 challenge's partial AUC above 80% TPR) and
   class-based cross-modal retrieval (image -> text), where relevance is
   "same class": P@k and mAP over the full gallery ranking.
 
@@ -437,6 +438,48 @@ def classification_metrics(
         "macro_f1": float(f1.mean()),
         "confusion": confusion.astype(int).tolist(),
     }
+
+
+def roc_curve(y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct score threshold, from (0, 0) to (1, 1); label 1 is positive.
+
+    Tied scores form one step (a diagonal segment), so the curve does not depend on row order.
+    """
+    t = _as_labels(y_true, "y_true")
+    s = _as_1d(scores, "scores")
+    _same_length(t, s, "y_true", "scores")
+    if t.max() > 1:
+        raise ValueError("y_true must hold binary labels (0 negative, 1 positive)")
+    n_pos = int(t.sum())
+    if n_pos in (0, len(t)):
+        raise ValueError("y_true must hold both classes for a ROC curve")
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(t)[last_of_tie]
+    fp = (last_of_tie + 1) - tp
+    return np.r_[0.0, fp / (len(t) - n_pos)], np.r_[0.0, tp / n_pos]
+
+
+def partial_auc_above_tpr(y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], min_tpr: float = 0.8) -> float:
+    """The ISIC 2024 challenge metric: the area under the ROC curve above TPR = `min_tpr`.
+
+    In [0, 1 - min_tpr]: 0.2 for a perfect ranking and 0.02 for a random one at min_tpr 0.8. As the
+    challenge computes it: swap the classes and negate the scores, so TPR >= min_tpr becomes
+    FPR <= 1 - min_tpr, and integrate that ROC curve (trapezoids) from FPR 0 to 1 - min_tpr,
+    interpolating linearly at the cut.
+    """
+    if not 0 < min_tpr < 1:
+        raise ValueError(f"min_tpr must be in (0, 1), got {min_tpr}")
+    t = _as_labels(y_true, "y_true")
+    if t.max() > 1:
+        raise ValueError("y_true must hold binary labels (0 negative, 1 positive)")
+    fpr, tpr = roc_curve(1 - t, -_as_1d(scores, "scores"))
+    max_fpr = 1 - min_tpr
+    stop = int(np.searchsorted(fpr, max_fpr, side="right"))  # fpr[stop - 1] <= max_fpr < fpr[stop] (the curve ends at 1)
+    cut = np.interp(max_fpr, fpr[stop - 1 : stop + 1], tpr[stop - 1 : stop + 1])
+    x, y = np.r_[fpr[:stop], max_fpr], np.r_[tpr[:stop], cut]
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
 
 
 def class_retrieval_metrics(
