@@ -4,10 +4,13 @@
 
 Notes come from the notes job run without the label (strategy M or P3 with
 `notes.label_hierarchy=false`); the job refuses notes whose prompt stated the diagnosis.
-Lesions without a usable note are counted and left out of both training and evaluation.
-Writes `<output>/model` and `<output>/classifier_eval.{json,md}`: accuracy, balanced accuracy
-and macro F1 for the image head and the image+note head, in-domain (test split) and on the
-shifted domain; image->note and note->image retrieval P@k and mAP (relevance: same class).
+The heads predict `classifier.label`: the diagnosis, ISIC's superclass (iddx_1) or malignancy
+(ISIC's target). Lesions without that label (most ISIC 2024 lesions have no diagnosis) and
+lesions without a usable note are counted and left out of both training and evaluation.
+Writes `<output>/model` and `<output>/classifier_eval.md` (+ `classifier_summary.json`): accuracy,
+balanced accuracy and macro F1 (for `malignant` also the ISIC 2024 challenge's partial AUC above
+80% TPR) for the image head and the image+note head, in-domain (test split) and on the shifted
+domain; image->note and note->image retrieval P@k and mAP (relevance: same class).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import ray
 import torch
 
 from dermaray.cli import config_from_argv, setup_logging
-from dermaray.config import ClassifierConfig, DermarayConfig
+from dermaray.config import ClassifierConfig, DermarayConfig, ModelsConfig
 from dermaray.grounding.classifier import (
     ClassifierSettings,
     MultimodalClassifier,
@@ -34,9 +37,10 @@ from dermaray.grounding.classifier import (
     load_classifier,
     save_classifier,
 )
-from dermaray.grounding.data import CLASS_CODES, LABEL, PIXELS, Preprocessor
-from dermaray.grounding.metrics import class_retrieval_metrics, classification_metrics
-from dermaray.grounding.model import augment, model_path
+from dermaray.grounding.data import LABEL, PIXELS, Preprocessor
+from dermaray.grounding.labels import LabelSpec, balanced_class_weights, label_spec, tally
+from dermaray.grounding.metrics import class_retrieval_metrics, classification_metrics, partial_auc_above_tpr
+from dermaray.grounding.model import augment
 from dermaray.grounding.text import TextEncoder
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
@@ -63,25 +67,30 @@ def usable_notes(uri: str, allow_labelled: bool, storage_options: dict) -> pa.Ta
 
 
 class ClassifierInputs:
-    """Lesion rows -> pixels, class label and the frozen text embedding of the lesion's note."""
+    """Lesion rows -> pixels, class label and the frozen text embedding of the lesion's note.
 
-    def __init__(self, path: str, text_encoder: str, cache_dir: str, notes: pa.Table):
-        self.pixels = Preprocessor(path, keep=())
-        self.text = TextEncoder(text_encoder, cache_dir)
+    Rows without a note or without the label are dropped here; the driver counts them (`lesion_tally`)."""
+
+    def __init__(self, models: ModelsConfig, notes: pa.Table, label: str = "diagnosis"):
+        self.pixels = Preprocessor(models.grounding_mllm, models, keep=())
+        self.text = TextEncoder(models.text_encoder, models)
         self.notes = dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist()))
+        self.label = label_spec(label)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        keep = np.array([i in self.notes for i in batch["lesion_id"]], dtype=bool)
-        batch = {k: v[keep] for k, v in batch.items()}
+        labels, labelled = self.label.indices(batch[self.label.column])
+        with_note = np.array([i in self.notes for i in batch["lesion_id"]], dtype=bool)
+        batch = {k: v[labelled & with_note] for k, v in batch.items()}
         out = self.pixels(batch)
+        out[LABEL] = labels[with_note[labelled]]
         out[TEXT] = self.text.encode([self.notes[i] for i in batch["lesion_id"]])
         return out
 
 
 def inputs(uri: str, notes: pa.Table, split: str | None, cfg: DermarayConfig, materialize: bool, max_actors: int = 2) -> ray.data.Dataset:
-    path = model_path(cfg.models.grounding_mllm, cfg.models.cache_dir)
-    return split_inputs(uri, ["lesion_id", "split", "image_bytes", "diagnosis"], split, ClassifierInputs,
-                        (path, cfg.models.text_encoder, cfg.models.cache_dir, notes), cfg.storage_options, materialize, max_actors)
+    spec = label_spec(cfg.classifier.label)
+    return split_inputs(uri, ["lesion_id", "split", "image_bytes", spec.column], split, ClassifierInputs,
+                        (cfg.models, notes, spec.kind), cfg.storage_options, materialize, max_actors)
 
 
 # --- The task, run on the Ray Train workers ---------------------------------------------------
@@ -91,7 +100,7 @@ def build(config: dict) -> MultimodalClassifier:
     settings = ClassifierSettings(**config["settings"])
     with tempfile.TemporaryDirectory() as folder:
         init = download_folder(config["init_from"], folder, config["storage_options"]) if config["init_from"] else None
-        return MultimodalClassifier.build(settings, config["cache_dir"], init)
+        return MultimodalClassifier.build(settings, ModelsConfig(**config["models"]), init)
 
 
 def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
@@ -106,8 +115,12 @@ def evaluate(model: MultimodalClassifier, shard: Any, config: dict, device: torc
     model.train()
     if not len(scores["label"]):
         return {}
-    return {f"val_accuracy_{head}": float((scores[f"{head}_logits"].argmax(1) == scores["label"]).mean())
-            for head in ("image", "fused")}
+    out = {f"val_accuracy_{head}": float((scores[f"{head}_logits"].argmax(1) == scores["label"]).mean())
+           for head in ("image", "fused")}
+    if config["settings"].get("label") == "malignant" and len(set(scores["label"].tolist())) == 2:
+        out.update({f"val_pauc_{head}": partial_auc_above_tpr(scores["label"], malignant_probability(scores[f"{head}_logits"]))
+                    for head in ("image", "fused")})
+    return out
 
 
 def save(folder: Path, model: MultimodalClassifier, config: dict) -> None:
@@ -134,62 +147,107 @@ def score_batches(model: MultimodalClassifier, batches) -> dict[str, np.ndarray]
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
 
 
-def evaluate_set(model: MultimodalClassifier, ds: ray.data.Dataset) -> dict[str, Any]:
+def malignant_probability(logits: np.ndarray) -> np.ndarray:
+    """Softmax probability of class 1 (malignant, see dermaray.grounding.labels) from [n, 2] logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return np.exp(shifted[:, 1]) / np.exp(shifted).sum(axis=1)
+
+
+def evaluate_set(model: MultimodalClassifier, ds: ray.data.Dataset, spec: LabelSpec, excluded_unlabelled: int = 0) -> dict[str, Any]:
     with torch.no_grad():
         s = score_batches(model, ds.iter_batches(batch_size=256, batch_format="numpy"))
-    labels, n = s["label"], len(CLASS_CODES)
-    result: dict[str, Any] = {"lesions": int(len(labels))}
+    labels = s["label"]
+    result: dict[str, Any] = {"label": spec.kind, "lesions": int(len(labels)), "excluded_unlabelled": excluded_unlabelled}
+    if not len(labels):  # nothing labelled to evaluate on: counted, no metrics
+        return result
     for head in ("image", "fused"):
-        result[head] = classification_metrics(labels, s[f"{head}_logits"].argmax(1), n_classes=n)
-    result["image_to_note"] = class_retrieval_metrics(s["image"], s["text"], labels, labels)
-    result["note_to_image"] = class_retrieval_metrics(s["text"], s["image"], labels, labels)
+        result[head] = classification_metrics(labels, s[f"{head}_logits"].argmax(1), n_classes=len(spec.classes))
+        if spec.kind == "malignant":  # the ISIC 2024 challenge metric; undefined with one class present
+            both = len(set(labels.tolist())) == 2
+            result[head]["pauc"] = partial_auc_above_tpr(labels, malignant_probability(s[f"{head}_logits"])) if both else None
+    ks = [k for k in (1, 5, 10) if k <= len(labels)]
+    result["image_to_note"] = class_retrieval_metrics(s["image"], s["text"], labels, labels, ks)
+    result["note_to_image"] = class_retrieval_metrics(s["text"], s["image"], labels, labels, ks)
     return result
 
 
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def markdown(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| set | lesions | head | accuracy | balanced accuracy | macro F1 |", "|---|---|---|---|---|---|"]
+    label = next(iter(results.values()), {}).get("label", "diagnosis")  # summaries before classifier.label: diagnosis
+    pauc = label == "malignant"
+    lines = [f"Label: {label}." + (" pAUC: the ISIC 2024 challenge's partial AUC above 80% TPR (0.2 perfect, 0.02 chance)."
+                                   if pauc else ""), ""]
+    lines += ["| set | lesions | excluded (no label) | head | accuracy | balanced accuracy | macro F1 |" + (" pAUC |" if pauc else ""),
+              "|---|---|---|---|---|---|---|" + ("---|" if pauc else "")]
     for name, r in results.items():
-        for head, label in (("image", "image only"), ("fused", "image + note")):
-            m = r[head]
-            lines.append(f"| {name} | {r['lesions']} | {label} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | {m['macro_f1']:.3f} |")
+        for head, title in (("image", "image only"), ("fused", "image + note")):
+            m = r.get(head)  # absent when the set had no labelled lesion
+            cells = [m["accuracy"], m["balanced_accuracy"], m["macro_f1"]] if m else [None] * 3
+            cells += [m and m.get("pauc")] if pauc else []
+            lines.append(f"| {name} | {r['lesions']} | {r.get('excluded_unlabelled', 0)} | {title} | "
+                         + " | ".join(map(_score, cells)) + " |")
     lines += ["", "| set | direction | P@1 | P@5 | P@10 | mAP |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        for key, label in (("image_to_note", "image → note"), ("note_to_image", "note → image")):
-            m = r[key]
-            lines.append(f"| {name} | {label} | {m['P@1']:.3f} | {m['P@5']:.3f} | {m['P@10']:.3f} | {m['mAP']:.3f} |")
+        for key, title in (("image_to_note", "image → note"), ("note_to_image", "note → image")):
+            m = r.get(key, {})
+            lines.append(f"| {name} | {title} | " + " | ".join(_score(m.get(k)) for k in ("P@1", "P@5", "P@10", "mAP")) + " |")
     return "\n".join(lines) + "\n"
 
 
 # --- On the driver ----------------------------------------------------------------------------
 
 
+def lesion_tally(uri: str, notes: pa.Table, spec: LabelSpec, storage_options: dict) -> dict[str, Any]:
+    """dermaray.grounding.labels.tally of a lesion table: used / without the label / without a note, per split."""
+    lesions = read_parquet(uri, storage_options, columns=["lesion_id", "split", spec.column])
+    with_note = pc.is_in(lesions["lesion_id"], notes["lesion_id"]).to_pylist()
+    return tally(spec, lesions["split"].to_pylist(), lesions[spec.column].to_pylist(), with_note)
+
+
 def run(cfg: DermarayConfig) -> dict:
     c, options, tc = cfg.classifier, cfg.storage_options, cfg.classifier.train
+    spec = label_spec(c.label)
     init_ray(cfg.ray)
     notes = usable_notes(c.notes, c.allow_labelled_notes, options)
-    lesions = read_parquet(c.input, options, columns=["lesion_id", "split"])
-    with_note = pc.is_in(lesions["lesion_id"], notes["lesion_id"])
-    counts = {s: int(pc.sum(pc.and_(pc.equal(lesions["split"], s), with_note)).as_py() or 0) for s in ("train", "val", "test")}
-    without_note = lesions.num_rows - int(pc.sum(with_note).as_py() or 0)
-    log.info("classifier: %s lesions with a note by split, %d without a note (left out)", counts, without_note)
+    counted = lesion_tally(c.input, notes, spec, options)
+    counts = {s: counted["used"].get(s, 0) for s in ("train", "val", "test")}
+    unlabelled = {s: counted["excluded_unlabelled"].get(s, 0) for s in ("train", "val", "test")}
+    without_note = sum(counted["unusable"].values())
+    log.info("classifier: label %s; lesions used by split %s; left out: %s without the label, %d without a note",
+             spec.kind, counts, unlabelled, without_note)
+    if not counts["train"]:
+        raise ValueError(f"{c.input} has no training-split lesion with a {spec.kind} label and a usable note "
+                         f"({unlabelled['train']} without the label); choose another classifier.label")
+    train_classes = counted["class_counts"].get("train", [0] * len(spec.classes))
+    weights = balanced_class_weights(train_classes) if c.class_weights == "balanced" else None
     datasets = {s: inputs(c.input, notes, s, cfg, tc.materialize, max_actors=2 * tc.num_workers) for s in ("train", "val")}
-    text_dim = TextEncoder(cfg.models.text_encoder, cfg.models.cache_dir).dim
-    settings = ClassifierSettings(model=cfg.models.grounding_mllm, classes=list(CLASS_CODES), text_encoder=cfg.models.text_encoder,
-                                  text_dim=text_dim, projection_dim=c.projection_dim, tune_image=c.tune_image)
+    text_dim = TextEncoder(cfg.models.text_encoder, cfg.models).dim
+    settings = ClassifierSettings(model=cfg.models.grounding_mllm, classes=list(spec.classes), text_encoder=cfg.models.text_encoder,
+                                  text_dim=text_dim, projection_dim=c.projection_dim, tune_image=c.tune_image, label=spec.kind,
+                                  class_weights=weights)
     config = {"settings": asdict(settings), "init_from": absolute(c.init_from) if c.init_from else None, "storage_options": options,
-              "cache_dir": str(Path(cfg.models.cache_dir).expanduser().resolve())}
+              "models": cfg.models.model_dump()}
     started = time.perf_counter()
     checkpoint, history = fit(CLASSIFIER, config, tc, datasets, counts["train"], c.output, c.run_name, options)
     model_uri = export_model(checkpoint, c.output, options)
 
     with tempfile.TemporaryDirectory() as folder:
-        model = load_classifier(download_folder(model_uri, folder, options), cfg.models.cache_dir)
-    eval_sets = {"in-domain (test split)": inputs(c.input, notes, "test", cfg, False)}
+        model = load_classifier(download_folder(model_uri, folder, options), cfg.models)
+    eval_sets = {"in-domain (test split)": (inputs(c.input, notes, "test", cfg, False), unlabelled["test"])}
     if c.shifted_input and c.shifted_notes:
-        eval_sets["shifted domain"] = inputs(c.shifted_input, usable_notes(c.shifted_notes, c.allow_labelled_notes, options), None, cfg, False)
-    results = {name: evaluate_set(model, ds) for name, ds in eval_sets.items()}
+        shifted_notes = usable_notes(c.shifted_notes, c.allow_labelled_notes, options)
+        shifted_unlabelled = sum(lesion_tally(c.shifted_input, shifted_notes, spec, options)["excluded_unlabelled"].values())
+        eval_sets["shifted domain"] = (inputs(c.shifted_input, shifted_notes, None, cfg, False), shifted_unlabelled)
+    results = {name: evaluate_set(model, ds, spec, excluded) for name, (ds, excluded) in eval_sets.items()}
     write_bytes(join(c.output, "classifier_eval.md"), markdown(results).encode(), options)
-    summary = {"model": model_uri, "lesions_with_note": counts, "lesions_without_note": without_note,
+    # lesions_with_note: the lesions used (with the label and a note), per split; excluded_unlabelled:
+    # without the label; lesions_without_note: with the label but no usable note. Together: every lesion.
+    summary = {"model": model_uri, "label": spec.kind, "classes": list(spec.classes), "class_weights": weights,
+               "class_counts_train": dict(zip(spec.classes, train_classes)), "lesions_with_note": counts,
+               "excluded_unlabelled": unlabelled, "lesions_without_note": without_note,
                "epochs": history[-1]["epoch"], "steps": history[-1]["step"], "history": history, "eval": results,
                "seconds_this_run": round(time.perf_counter() - started, 2)}
     write_summary(join(c.output, "classifier_summary.json"), summary, options)

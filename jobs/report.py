@@ -96,7 +96,8 @@ def _gallery(w: Workdir, n_queries: int, k: int, thumb_px: int) -> list[report.G
 
     def item(lesion_id: str, score: float | None) -> report.GalleryItem:
         row = facts.loc[lesion_id]
-        return report.GalleryItem(lesion_id, str(row.diagnosis), float(row.area_mm2), score, pictures.get(lesion_id))
+        diagnosis = row.diagnosis if isinstance(row.diagnosis, str) else None  # most ISIC 2024 lesions have none
+        return report.GalleryItem(lesion_id, diagnosis, float(row.area_mm2), score, pictures.get(lesion_id))
 
     return [report.GalleryRow(item(q, None), {name: [item(i, s) for i, s in hits[n]] for name, hits in found.items()})
             for n, q in enumerate(queries)]
@@ -163,7 +164,9 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
         ("retrieval", "Retrieval gallery (held-out queries, top 5 by cosine)", report.gallery(rows, r.thumbnail_px)),
         ("classifier", "Image + note classifier", report.training(classifier, "classifier", [
             ("training loss (CLIP + cross-entropy)", {"train": "train_loss"}, "loss", False),
-            ("validation accuracy", {"image only": "val_accuracy_image", "image + note": "val_accuracy_fused"}, "accuracy", False)])
+            ("validation accuracy", {"image only": "val_accuracy_image", "image + note": "val_accuracy_fused"}, "accuracy", False),
+            *([("validation pAUC above 80% TPR", {"image only": "val_pauc_image", "image + note": "val_pauc_fused"}, "pAUC", False)]
+              if (classifier or {}).get("label") == "malignant" else [])])
          + "<h3>Evaluation</h3>"
          + markdown_section((classifier or {}).get("eval"), "classifier", "classifier_summary.json", classifier_markdown)),
         ("diffusion", "Diffusion LoRA", diffusion_body),

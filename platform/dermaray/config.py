@@ -202,6 +202,13 @@ class ClassifierConfig(Section):
     projection_dim: int = Field(default=128, ge=8)
     tune_image: bool = True
     allow_labelled_notes: bool = False  # only for ablations: notes that state the diagnosis leak the label
+    # What the heads predict: diagnosis (MEL, NEV, ...), superclass (ISIC's iddx_1) or malignant (ISIC's
+    # target; reported with the ISIC 2024 challenge's partial AUC). Lesions without it are left out of
+    # training and evaluation and counted (excluded_unlabelled).
+    label: Literal["diagnosis", "superclass", "malignant"] = "diagnosis"
+    # "balanced": cross-entropy weight n / (classes x n_class) per class from the training split, for a
+    # rare class (ISIC 2024's malignant lesions are about 0.1%); "none": equal weights.
+    class_weights: Literal["none", "balanced"] = "none"
     train: TrainConfig = TrainConfig()
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dermaray.grounding.model import ImageEmbedder, load_model, merge_lora, model_path
+from dermaray.config import ModelsConfig
+from dermaray.grounding.model import ImageEmbedder, load_model, merge_lora
 
 WEIGHTS_FILE = "classifier.pt"
 SETTINGS_FILE = "classifier.json"
@@ -33,6 +34,8 @@ class ClassifierSettings:
     text_dim: int
     projection_dim: int = 128
     tune_image: bool = True  # train the tower and projector (else only the projections and heads)
+    label: str = "diagnosis"  # what `classes` are (dermaray.grounding.labels); checkpoints before it: diagnosis
+    class_weights: list[float] | None = None  # cross-entropy weight per class (None: equal)
 
 
 class MultimodalClassifier(nn.Module):
@@ -50,12 +53,14 @@ class MultimodalClassifier(nn.Module):
             p.requires_grad = settings.tune_image
 
     @classmethod
-    def build(cls, settings: ClassifierSettings, cache_dir: str | Path, init_from: str | None = None) -> MultimodalClassifier:
+    def build(cls, settings: ClassifierSettings, models: ModelsConfig, init_from: str | None = None) -> MultimodalClassifier:
         """`init_from`: a local grounding model folder whose (grounded) tower starts the image branch."""
         if init_from:
-            embedder = merge_lora(load_model(init_from, cache_dir)[0].embedder)
+            embedder = merge_lora(load_model(init_from, models)[0].embedder)
         else:
-            embedder = ImageEmbedder.from_pretrained(model_path(settings.model, cache_dir))
+            from dermaray.models.registry import resolve_model
+
+            embedder = ImageEmbedder.from_pretrained(resolve_model("grounding_mllm", settings.model, models))
         return cls(embedder, settings)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -81,11 +86,27 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 
 def classifier_loss(model: MultimodalClassifier, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    weights = model.settings.class_weights
+    weight = None if weights is None else torch.as_tensor(weights, dtype=out["image_logits"].dtype, device=labels.device)
     return (
         clip_loss(out["image"], out["text"], model.logit_scale)
-        + nn.functional.cross_entropy(out["image_logits"], labels)
-        + nn.functional.cross_entropy(out["fused_logits"], labels)
+        + nn.functional.cross_entropy(out["image_logits"], labels, weight=weight)
+        + nn.functional.cross_entropy(out["fused_logits"], labels, weight=weight)
     )
+
+
+def require_diagnosis_classifier(settings: ClassifierSettings, what: str) -> None:
+    """Refuse a classifier trained on another label where diagnoses are needed (e.g. as a judge of generated diagnoses)."""
+    if settings.label != "diagnosis":
+        raise ValueError(f"{what} predicts {settings.label!r} ({', '.join(settings.classes)}), not diagnoses; "
+                         "train one with classifier.label=diagnosis")
+
+
+def classifier_settings(uri: str, storage_options: dict | None = None) -> ClassifierSettings:
+    """The settings of a classifier checkpoint at any URI, without loading its weights."""
+    from dermaray.storage import join, read_bytes
+
+    return ClassifierSettings(**json.loads(read_bytes(join(uri, SETTINGS_FILE), storage_options))["settings"])
 
 
 def save_classifier(folder: str | Path, model: MultimodalClassifier, extra: dict[str, Any] | None = None) -> None:
@@ -96,11 +117,11 @@ def save_classifier(folder: str | Path, model: MultimodalClassifier, extra: dict
     (folder / SETTINGS_FILE).write_text(json.dumps({"settings": asdict(model.settings), **(extra or {})}, indent=2))
 
 
-def load_classifier(folder: str | Path, cache_dir: str | Path) -> MultimodalClassifier:
+def load_classifier(folder: str | Path, models: ModelsConfig) -> MultimodalClassifier:
     folder = Path(folder)
     if not (folder / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a classifier checkpoint (no {SETTINGS_FILE})")
     settings = ClassifierSettings(**json.loads((folder / SETTINGS_FILE).read_text())["settings"])
-    model = MultimodalClassifier.build(settings, cache_dir)
+    model = MultimodalClassifier.build(settings, models)
     model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return model.eval()

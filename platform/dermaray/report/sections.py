@@ -97,7 +97,7 @@ def training(summary: dict | None, stage: str, charts: Sequence[tuple[str, Mappi
     facts = {"epochs": summary.get("epochs"), "optimizer steps": summary.get("steps"),
              "resumed from epoch": summary.get("resumed_from_epoch", history[-1].get("started_at_epoch") if history else ""),
              "seconds (this run)": summary.get("seconds_this_run")}
-    facts.update({k: summary[k] for k in ("base", "tune", "resolution", "lesions_train") if k in summary})
+    facts.update({k: summary[k] for k in ("base", "tune", "resolution", "lesions_train", "label") if k in summary})
     figures = [curves(history, title, keys, y, log_y) for title, keys, y, log_y in charts]
     return key_values({k: fmt(v) for k, v in facts.items() if v is not None}) + '<div class="figures">' + "".join(figures) + "</div>"
 
@@ -105,7 +105,7 @@ def training(summary: dict | None, stage: str, charts: Sequence[tuple[str, Mappi
 @dataclass
 class GalleryItem:
     lesion_id: str
-    diagnosis: str
+    diagnosis: str | None  # None: the lesion has no diagnosis (most ISIC 2024 lesions)
     area_mm2: float
     score: float | None  # cosine similarity to the query; None for the query itself
     thumbnail: bytes | None  # PNG
@@ -141,16 +141,16 @@ def gallery(rows: Sequence[GalleryRow], thumb_px: int) -> str:
     def cell(item: GalleryItem, css: str = "") -> str:
         picture = image(item.thumbnail, item.lesion_id, thumb_px) if item.thumbnail else "(no image)"
         score = "" if item.score is None else f"<br>cos {item.score:.4f}"
-        return (f'<td class="{css}">{picture}<br>{esc(item.diagnosis)}<br>{item.area_mm2:.1f} mm²{score}</td>')
+        return (f'<td class="{css}">{picture}<br>{esc(item.diagnosis or "no diagnosis")}<br>{item.area_mm2:.1f} mm²{score}</td>')
 
     parts = []
     for row in rows:
         q = row.query
-        parts.append(f"<h4>Query {esc(q.lesion_id)}: {esc(q.diagnosis)}, {q.area_mm2:.1f} mm²</h4>")
+        parts.append(f"<h4>Query {esc(q.lesion_id)}: {esc(q.diagnosis or 'no diagnosis')}, {q.area_mm2:.1f} mm²</h4>")
         lines = []
         for n, (name, items) in enumerate(row.neighbours.items()):
             mean_delta = np.mean([abs(i.area_mm2 - q.area_mm2) for i in items]) if items else float("nan")
-            same = sum(i.diagnosis == q.diagnosis for i in items)
+            same = sum(q.diagnosis is not None and i.diagnosis == q.diagnosis for i in items)
             label = f"{esc(name)}<br><small>mean |Δ area| {mean_delta:.1f} mm²<br>same diagnosis {same}/{len(items)}</small>"
             query = cell(q, "query").replace("<td ", f'<td rowspan="{len(row.neighbours)}" ', 1) if n == 0 else ""
             lines.append(f'<tr>{query}<td class="label">{label}</td>{"".join(cell(i) for i in items)}</tr>')
