@@ -24,7 +24,6 @@ import logging
 import os
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from ray.serve.handle import DeploymentHandle
 from dermaray.config import DermarayConfig, load_config
 from dermaray.schema import ATTRIBUTE_NAMES, DIAGNOSES_BY_CODE
 from dermaray.serving.checks import MULTIPART_OVERHEAD, BodyLimit, RequestError, check_api_key, check_count, check_upload_size
+from dermaray.serving.chain import chain_diagnosis
 from dermaray.storage import is_remote
 
 log = logging.getLogger("ray.serve")
@@ -348,19 +348,20 @@ class Ingress:
         started = time.perf_counter()
         found = json.loads(await self._call(self.retrieval.search_image.remote(upload, self._k(k), True), self.settings.call_timeout_s))
         searched = time.perf_counter()
-        predicted = found["query"]["diagnosis"]
-        if predicted is not None:
-            code, source = predicted["code"], "classifier"
-        else:  # no classifier deployed: the diagnosis most similar cases share
-            code = Counter(r["diagnosis"] for r in found["results"] if r["diagnosis"]).most_common(1)[0][0]
-            source = "similar cases"
-        generated = None
-        if self.generation is not None:
-            out = await self._generate(code, count, seed, steps)
+        # The classifier's diagnosis, else the one most similar cases share; None when there is neither
+        # (then no references are generated, and the answer says why).
+        diagnosis = chain_diagnosis(found["query"], found["results"])
+        generated, not_generated = None, None
+        if diagnosis is None:
+            not_generated = "no diagnosis: the classifier does not predict diagnoses and no similar case has one"
+        elif self.generation is None:
+            not_generated = "generation is not deployed"
+        else:
+            out = await self._generate(diagnosis["code"], count, seed, steps)
             generated = {**{k: v for k, v in out.items() if k != "pngs"}, "images": [_data_url(p) for p in out["pngs"]]}
         done = time.perf_counter()
-        return {"query": found["query"], "diagnosis": {"code": code, "name": DIAGNOSES_BY_CODE[code].name, "source": source},
-                "similar": found["results"], "generated": generated,
+        return {"query": found["query"], "diagnosis": diagnosis, "similar": found["results"], "generated": generated,
+                "not_generated": not_generated,
                 "timings_ms": {"search": round(1000 * (searched - started), 1), "generate": round(1000 * (done - searched), 1)}}
 
 

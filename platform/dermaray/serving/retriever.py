@@ -101,7 +101,8 @@ class Retriever:
         return self.classifier.encode_image(pixels).cpu().numpy().astype(np.float32)
 
     @torch.no_grad()
-    def _diagnoses(self, images: list) -> list[dict[str, Any]]:
+    def _classify(self, images: list) -> list[dict[str, Any] | None]:
+        """Per image: the classifier's class, its probability and every class's (None without a classifier)."""
         if self.classifier is None:
             return [None] * len(images)
         features = torch.as_tensor(self._classifier_image(images), device=self.device)
@@ -110,18 +111,27 @@ class Retriever:
         out = []
         for p in probabilities:
             best = int(p.argmax())
-            out.append({"code": classes[best], "name": diagnosis_name(classes[best]), "probability": round(float(p[best]), 4),
+            out.append({"class": classes[best], "probability": round(float(p[best]), 4),
                         "probabilities": {c: round(float(v), 4) for c, v in zip(classes, p)}})
         return out
 
     # -- requests ------------------------------------------------------------------------
 
     def query_summary(self, images: list) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """(embeddings, per image: predicted attributes and diagnosis)."""
+        """(embeddings, per image: predicted attributes, and the classifier's prediction: as `diagnosis` from a
+        classifier of diagnoses, as `prediction` (with its `label`: superclass or malignant) from any other)."""
         z, predicted = self.embed(images)
-        diagnoses = self._diagnoses(images)
-        return z, [{"attributes": attribute_dict(self.embedder.attributes, p), "diagnosis": d}
-                   for p, d in zip(predicted, diagnoses)]
+        label = self.classifier.settings.label if self.classifier is not None else None
+        out = []
+        for p, c in zip(predicted, self._classify(images)):
+            diagnosis = prediction = None
+            if c is not None and label == "diagnosis":
+                diagnosis = {"code": c["class"], "name": diagnosis_name(c["class"]), "probability": c["probability"],
+                             "probabilities": c["probabilities"]}
+            elif c is not None:
+                prediction = {"label": label, **c}
+            out.append({"attributes": attribute_dict(self.embedder.attributes, p), "diagnosis": diagnosis, "prediction": prediction})
+        return z, out
 
     def search_batch(self, uploads: list[bytes], ks: list[int], thumbnails: list[bool]) -> list[dict[str, Any] | RequestError]:
         """Per upload: its predicted attributes and diagnosis and its k most similar gallery lesions,
