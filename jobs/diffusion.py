@@ -34,7 +34,7 @@ import ray
 import torch
 
 from dermaray.cli import config_from_argv, setup_logging
-from dermaray.config import DermarayConfig, DiffusionConfig
+from dermaray.config import DermarayConfig, DiffusionConfig, ModelsConfig
 from dermaray.diffusion.captions import caption, size_word
 from dermaray.diffusion.pipeline import (
     DiffusionObjective,
@@ -42,20 +42,20 @@ from dermaray.diffusion.pipeline import (
     image_tensor,
     load_lora_state,
     load_pipeline,
-    native_resolution,
     pretrain_base,
     read_lora,
     save_lora,
     tokenize,
 )
 from dermaray.grounding.data import decode_rgb
-from dermaray.models.registry import PRESETS, resolve_model
-from dermaray.storage import absolute, is_remote, join, read_parquet, require
+from dermaray.models.registry import is_preset, model_folder, resolve_model
+from dermaray.storage import absolute, exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
 from jobs.common import init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs
 
 PIXELS, IDS = "pixel_values", "input_ids"
 SETTINGS_FILE = "adapter.json"
+PRETRAIN_FILE = "pretrain.json"  # written last into <output>/base: the pre-trained base is complete
 SHARED_ADAPTER = "adapter"  # <output>/adapter: one adapter, every diagnosis, class captions
 PER_DIAGNOSIS_ADAPTERS = "adapters"  # <output>/adapters/<code>: one adapter per diagnosis
 
@@ -77,19 +77,24 @@ def lesion_notes(uri: str, storage_options: dict) -> dict[str, str]:
 class DiffusionInputs:
     """Lesion rows -> pixels in [-1, 1] at the training resolution and caption token ids."""
 
-    def __init__(self, base: str, resolution: int, size_words: bool, only: set[str] | None = None,
-                 notes: tuple[str, dict] | None = None):
-        # `only`: the lesion ids to keep (a split's first `limit`, or one diagnosis' lesions);
-        # `notes`: (notes URI, storage options): each lesion's note follows its caption
+    def __init__(self, base: str, models: ModelsConfig, storage_options: dict, resolution: int, size_words: bool,
+                 only: set[str] | None = None, notes: str | None = None):
+        # `base`: a preset or the pre-trained base's URI, fetched on this node; `only`: the lesion ids to
+        # keep (a split's first `limit`, or one diagnosis' lesions); `notes`: a notes URI: each lesion's
+        # note follows its caption
         from transformers import CLIPTokenizer
 
-        self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        with tempfile.TemporaryDirectory(prefix="diffusion-base-") as scratch:
+            folder = model_folder("diffusion_base", base, models, storage_options, scratch)
+            self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         self.resolution, self.size_words, self.only = resolution, size_words, only
-        self.notes = lesion_notes(*notes) if notes else {}
+        self.notes = lesion_notes(notes, storage_options) if notes else {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.only is not None:
-            keep = np.array([i in self.only for i in batch["lesion_id"]], dtype=bool)
+        # Class captions need the diagnosis: a lesion without one trains no adapter (split_ids counts them).
+        keep = np.array([code is not None and (self.only is None or i in self.only)
+                         for i, code in zip(batch["lesion_id"], batch["diagnosis"])], dtype=bool)
+        if not keep.all():
             batch = {k: v[keep] for k, v in batch.items()}
             if not keep.any():
                 empty = (0, 3, self.resolution, self.resolution)
@@ -106,45 +111,67 @@ class DiffusionInputs:
 
 
 @ray.remote
-def pretrain_task(base: str, target: str, rows: list[dict], p: dict, size_words: bool, resolution: int | None, seed: int) -> dict:
+def pretrain_task(models: ModelsConfig, target: str, storage_options: dict, rows: list[dict], p: dict, size_words: bool,
+                  resolution: int | None, seed: int) -> dict:
+    """Pre-train the tiny base on this node and write it to `target` (any URI), PRETRAIN_FILE last."""
     setup_logging()  # the step losses, every 50 steps, in the worker's log (and the driver's, with log_to_driver)
     images = [decode_rgb(r["image_bytes"]) for r in rows]
     with_diagnosis = p["captions"] == "diagnosis"
     captions = [lesion_caption(r["diagnosis"] if with_diagnosis else None, r["area_mm2"], size_words) for r in rows]
-    return pretrain_base(base, target, images, captions, steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
-                         seed=seed, log_every=max(1, min(50, p["steps"])), resolution=resolution)
+    with tempfile.TemporaryDirectory(prefix="diffusion-base-") as staging:
+        losses = pretrain_base(resolve_model("diffusion_base", models.diffusion_base, models), staging, images, captions,
+                               steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed,
+                               log_every=max(1, min(50, p["steps"])), resolution=resolution)
+        Path(staging, PRETRAIN_FILE).write_text(json.dumps(losses))
+        upload_folder(staging, target, storage_options, last=PRETRAIN_FILE)
+    return losses
+
+
+def prepared_base_uri(cfg: DermarayConfig) -> str:
+    """What the adapters adapt: the tiny preset pre-trained to <output>/base, or the base preset as it is."""
+    tiny_pretrained = cfg.models.diffusion_base == "tiny" and cfg.diffusion.pretrain.steps > 0
+    return absolute(join(cfg.diffusion.output, "base")) if tiny_pretrained else cfg.models.diffusion_base
 
 
 def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
-    """(local folder of the base to adapt, pre-training losses or None)."""
-    d, preset = cfg.diffusion, cfg.models.diffusion_base
-    base = resolve_model("diffusion_base", preset, cfg.models.cache_dir) if preset in PRESETS["diffusion_base"] else preset
-    if preset != "tiny" or d.pretrain.steps == 0:
-        return base, None
-    target = join(d.output, "base")
-    if is_remote(target):
-        raise ValueError("diffusion.output must be a local or shared path while the tiny base is pre-trained here")
-    if Path(target, "model_index.json").is_file():
+    """(the base to adapt: a preset, or the URI of the pre-trained tiny base; pre-training losses or None).
+
+    Every process that needs the base fetches it on its own node from there."""
+    d, options = cfg.diffusion, cfg.storage_options
+    target = prepared_base_uri(cfg)
+    if target == cfg.models.diffusion_base:
+        return target, None
+    if exists(join(target, PRETRAIN_FILE), options):
         log.info("diffusion: reusing the pre-trained base at %s", target)
-        return absolute(target), json.loads(Path(target, "pretrain.json").read_text())
-    table = read_parquet(d.input, cfg.storage_options, columns=["split", "image_bytes", "diagnosis", "area_mm2"])
+        return target, json.loads(read_bytes(join(target, PRETRAIN_FILE), options))
+    table = read_parquet(d.input, options, columns=["split", "image_bytes", "diagnosis", "area_mm2"])
     rows = table.filter(pc.equal(table["split"], "train")).to_pylist()
     rows = random.Random(d.train.seed).sample(rows, min(len(rows), d.pretrain.max_images))
     log.info("diffusion: pre-training the tiny base on %d lesions for %d steps", len(rows), d.pretrain.steps)
-    with tempfile.TemporaryDirectory(dir=Path(target).parent if Path(target).parent.exists() else None) as staging:
-        losses = ray.get(pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
-            base, staging, rows, d.pretrain.model_dump(), d.size_words, d.resolution, d.train.seed))
-        Path(staging, "pretrain.json").write_text(json.dumps(losses))
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(staging).rename(target)  # whole or absent: a folder with model_index.json is complete
-    return absolute(target), losses
+    remove_tree(target, options)  # an earlier run's partial upload (no PRETRAIN_FILE)
+    losses = ray.get(pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
+        cfg.models, target, options, rows, d.pretrain.model_dump(), d.size_words, d.resolution, d.train.seed))
+    return target, losses
+
+
+def base_resolution(base: str, models: ModelsConfig, storage_options: dict) -> int:
+    """The base's native image size, from its UNet and VAE configs (the driver never loads a hub base)."""
+    if base != "tiny" and is_preset("diffusion_base", base):
+        raise ValueError(f"set diffusion.resolution for the hub base {base} (512 for SD 1.5, 1024 for SDXL)")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = model_folder("diffusion_base", base, models, storage_options, scratch)
+        unet = json.loads(Path(folder, "unet", "config.json").read_text())
+        vae = json.loads(Path(folder, "vae", "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 # --- The LoRA task, run on the Ray Train workers --------------------------------------------------
 
 
 def build(config: dict) -> DiffusionObjective:
-    pipe = load_pipeline(config["base"])
+    with tempfile.TemporaryDirectory(prefix="diffusion-base-") as scratch:  # weights are in memory once loaded
+        pipe = load_pipeline(model_folder("diffusion_base", config["base"], ModelsConfig(**config["models"]),
+                                          config["storage_options"], scratch))
     add_lora(pipe.unet, rank=config["rank"], alpha=config["alpha"], targets=tuple(config["targets"]), seed=config["seed"])
     return DiffusionObjective(pipe, "lora")
 
@@ -178,24 +205,30 @@ LORA = Task(build=build, loss=batch_loss, evaluate=evaluate, save=save, load=loa
 # --- On the driver ----------------------------------------------------------------------------
 
 
-def split_ids(d: DiffusionConfig, storage_options: dict) -> dict[str, dict[str, list[str]]]:
-    """{diagnosis: {split: lesion ids, sorted}} for train and val; the first `limit` of each split when set."""
+def split_ids(d: DiffusionConfig, storage_options: dict) -> tuple[dict[str, dict[str, list[str]]], dict[str, int]]:
+    """({diagnosis: {split: lesion ids, sorted}}, {split: lesions without a diagnosis}) for train and val.
+
+    Lesions without a diagnosis (most of ISIC 2024) are left out of every adapter and counted; `limit`
+    takes the first lesions with a diagnosis of each split."""
     table = read_parquet(d.input, storage_options, columns=["lesion_id", "split", "diagnosis"])
     rows = sorted(zip(table["lesion_id"].to_pylist(), table["split"].to_pylist(), table["diagnosis"].to_pylist()))
     ids: dict[str, dict[str, list[str]]] = {}
+    unlabelled = {}
     for split in ("train", "val"):
-        chosen = [(i, code) for i, s, code in rows if s == split][: d.limit]
-        for i, code in chosen:
+        in_split = [(i, code) for i, s, code in rows if s == split]
+        unlabelled[split] = sum(code is None for _, code in in_split)
+        for i, code in [(i, code) for i, code in in_split if code is not None][: d.limit]:
             ids.setdefault(code, {"train": [], "val": []})[split].append(i)
-    return ids
+    return ids, unlabelled
 
 
-def split_dataset(d: DiffusionConfig, split: str, ids: list[str], base: str, resolution: int, storage_options: dict) -> ray.data.Dataset:
+def split_dataset(d: DiffusionConfig, split: str, ids: list[str], base: str, models: ModelsConfig, resolution: int,
+                  storage_options: dict) -> ray.data.Dataset:
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2"]
     every_row = d.adapters == "shared" and d.limit is None  # no id set to ship to the actors
     only = None if every_row else set(ids)
-    notes = (d.notes, storage_options) if d.notes else None
-    return split_inputs(d.input, columns, split, DiffusionInputs, (base, resolution, d.size_words, only, notes), storage_options,
+    return split_inputs(d.input, columns, split, DiffusionInputs, (base, models, storage_options, resolution, d.size_words, only, d.notes),
+                        storage_options,
                         d.train.materialize, max(2, 2 * d.train.num_workers))
 
 
@@ -204,8 +237,8 @@ def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str
     d, options = cfg.diffusion, cfg.storage_options
     if not ids["train"]:
         raise ValueError(f"{d.input} has no training-split lesions for adapter {name}")
-    datasets = {s: split_dataset(d, s, ids[s], base, resolution, options) for s in ("train", "val")}
-    config = {"base": base, "base_name": cfg.models.diffusion_base, "rank": d.lora_rank, "alpha": d.lora_alpha,
+    datasets = {s: split_dataset(d, s, ids[s], base, cfg.models, resolution, options) for s in ("train", "val")}
+    config = {"base": base, "base_name": cfg.models.diffusion_base, "models": cfg.models.model_dump(), "storage_options": options, "rank": d.lora_rank, "alpha": d.lora_alpha,
               "targets": list(d.lora_targets), "seed": d.train.seed, "resolution": resolution, "size_words": d.size_words}
     checkpoint, history = fit(LORA, config, d.train, datasets, len(ids["train"]), d.output, run_name, options)
     return {"adapter": export_model(checkpoint, d.output, options, name=name), "lesions_train": len(ids["train"]),
@@ -220,14 +253,17 @@ def run(cfg: DermarayConfig) -> dict:
     init_ray(cfg.ray)
     started = time.perf_counter()
     base, pretrain_losses = prepared_base(cfg)
-    resolution = d.resolution or native_resolution(load_pipeline(base))
-    by_class = split_ids(d, options)
+    resolution = d.resolution or base_resolution(base, cfg.models, options)
+    by_class, unlabelled = split_ids(d, options)
+    if any(unlabelled.values()):
+        log.info("diffusion: %s lesions without a diagnosis (train, val) left out of every adapter", unlabelled)
     if d.notes:
         with_note = set(lesion_notes(d.notes, options))
         in_splits = {i for split in by_class.values() for ids in split.values() for i in ids}
         log.info("diffusion: captions with the lesion's note for %d of %d lesions (the rest: diagnosis caption only)",
                  len(in_splits & with_note), len(in_splits))
-    summary: dict[str, Any] = {"base": base, "pretrain": pretrain_losses, "resolution": resolution, "adapters": d.adapters}
+    summary: dict[str, Any] = {"base": base, "pretrain": pretrain_losses, "resolution": resolution, "adapters": d.adapters,
+                               "lesions_without_diagnosis": unlabelled}  # excluded from every adapter, not captioned
     if d.adapters == "shared":
         ids = {s: sorted(i for split in by_class.values() for i in split[s]) for s in ("train", "val")}
         summary.update(train_adapter(cfg, base, resolution, ids, d.run_name, SHARED_ADAPTER))
@@ -235,9 +271,19 @@ def run(cfg: DermarayConfig) -> dict:
         unknown = sorted(set(d.diagnoses or ()) - set(by_class))
         if unknown:
             raise ValueError(f"diffusion.diagnoses {unknown} have no lesions in {d.input}; it has {sorted(by_class)}")
+        wanted = {code: ids for code, ids in sorted(by_class.items()) if d.diagnoses is None or code in d.diagnoses}
+        summary["skipped"] = {code: {"lesions_train": len(ids["train"]), "reason": f"fewer than {d.min_lesions} training lesions"}
+                              for code, ids in wanted.items() if len(ids["train"]) < d.min_lesions}
+        if summary["skipped"]:
+            log.info("diffusion: no adapter for %s (fewer than diffusion.min_lesions=%d training lesions)",
+                     {c: s["lesions_train"] for c, s in summary["skipped"].items()}, d.min_lesions)
+        if len(summary["skipped"]) == len(wanted):
+            counts = {c: s["lesions_train"] for c, s in summary["skipped"].items()}
+            raise ValueError(f"no diagnosis in {d.input} has diffusion.min_lesions={d.min_lesions} training lesions ({counts}); "
+                             "lower it or use diffusion.adapters=shared")
         summary["per_diagnosis"] = {}
-        for code, ids in sorted(by_class.items()):
-            if d.diagnoses is not None and code not in d.diagnoses:
+        for code, ids in wanted.items():
+            if code in summary["skipped"]:
                 continue
             log.info("diffusion: adapter for %s on %d training lesions", code, len(ids["train"]))
             summary["per_diagnosis"][code] = train_adapter(cfg, base, resolution, ids, f"{d.run_name}-{code}", f"{PER_DIAGNOSIS_ADAPTERS}/{code}")

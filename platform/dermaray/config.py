@@ -242,6 +242,9 @@ class DiffusionConfig(Section):
     # (<output>/adapters/<code>), what the generation deployment multiplexes.
     adapters: Literal["shared", "per_diagnosis"] = "shared"
     diagnoses: list[str] | None = None  # per_diagnosis: adapters for these codes only (None: every one trained on)
+    # per_diagnosis: an adapter only for a diagnosis with at least this many training lesions (the rest are
+    # listed as skipped in the summary). Lesions without a diagnosis train no adapter, shared or not, and are counted.
+    min_lesions: int = Field(default=8, ge=1)
     train: TrainConfig = TrainConfig(lr=1e-4, epochs=5, batch_size=16)
 
 
