@@ -16,6 +16,11 @@ from tests.helpers import PLANTED_DEFECTS
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The moto server's credentials reach s3fs through the standard chain (as an instance role would on a
+# cluster), set before the session's Ray cluster starts so its workers inherit them: never in a config.
+MOTO_KEY, MOTO_SECRET = "dermaray-moto-key", "dermaray-moto-secret-Zq7vKp"
+os.environ.setdefault("AWS_ACCESS_KEY_ID", MOTO_KEY)
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", MOTO_SECRET)
 
 
 @pytest.fixture(scope="session")
@@ -63,10 +68,10 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def s3_options(s3_endpoint):
-    """fsspec storage options for the test endpoint, with a `dermaray` bucket created."""
+    """fsspec storage options for the test endpoint (credentials from the environment), with a `dermaray` bucket created."""
     import s3fs
 
-    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    options = {"endpoint_url": s3_endpoint}
     s3fs.S3FileSystem(**options).mkdir("dermaray")
     return options
 

@@ -30,14 +30,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(root: Path, cache_dir: Path, extra_overrides: list[str] | None = None) -> ServedApp:
+def start(root: Path, cache_dir: Path, extra_overrides: list[str] | None = None, **artifacts) -> ServedApp:
+    """The app over artifacts built by serve_artifacts.build(root, cache_dir, **artifacts)."""
     from ray import serve
 
     from dermaray.config import load_config
     from serve.app import app_from_config
     from tests import serve_artifacts
 
-    overrides = serve_artifacts.build(root, cache_dir) + [
+    overrides = serve_artifacts.build(root, cache_dir, **artifacts) + [
         f"serve.api_key={API_KEY}", "serve.max_k=20", "serve.max_upload_bytes=1048576",
         "serve.max_adapters_per_replica=1", "serve.max_images=3", *(extra_overrides or [])]
     port = _free_port()

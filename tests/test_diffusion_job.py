@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from dermaray.config import load_config
+from dermaray.config import ModelsConfig, load_config
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, add_lora, generate, load_pipeline, lora_state, read_lora
 from dermaray.storage import read_parquet
 from jobs import diffusion
@@ -125,8 +125,9 @@ def test_note_captions_follow_the_diagnosis_caption(trained, tmp_path):
                              "error": [None, "prompt too long"]}), notes / "part-0.parquet")
     rows = {"lesion_id": np.array(["a", "b"], dtype=object), "diagnosis": np.array(["MEL", "NEV"], dtype=object),
             "area_mm2": np.array([20.0, 3.0]), "image_bytes": np.array([_png(), _png()], dtype=object)}
-    out = DiffusionInputs(str(base), 32, True, None, (str(notes), {}))(rows)
-    tokenizer = DiffusionInputs(str(base), 32, True).tokenizer
+    models = ModelsConfig(cache_dir=str(tmp_path / "cache"))
+    out = DiffusionInputs(str(base), models, {}, 32, True, None, str(notes))(rows)
+    tokenizer = DiffusionInputs(str(base), models, {}, 32, True).tokenizer
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out["input_ids"]]
     assert "melanoma" in texts[0] and "brown plaque on the back" in texts[0]  # caption first, then the note
     assert "nevus" in texts[1] and "plaque" not in texts[1]  # a note written with an error is not used

@@ -49,8 +49,17 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "models":  # model cache and store, not a stage
+        from dermaray.models.cli import main as models_main
+
+        return models_main(argv[1:])
+    if argv and argv[0] == "check-cluster":  # the config against cluster.yaml, before anything is submitted
+        from dermaray.cluster_check import main as check_main
+
+        sys.exit(check_main(argv[1:]))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        print("usage: dermaray <stage> [--config FILE] [key=value ...]\n\nstages:")
+        print("usage: dermaray <stage> [--config FILE] [key=value ...]\n       dermaray models list | pull ROLE/NAME | push ROLE/NAME\n"
+              "       dermaray check-cluster --config configs/cluster.yaml --cluster cluster.yaml [--serve serve/config.yaml]\n\nstages:")
         for name, text in STAGES.items():
             print(f"  {name:15s} {text}")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

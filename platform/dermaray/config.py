@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -26,12 +26,53 @@ class RayConfig(Section):
     log_to_driver: bool = True
 
 
+# Option names that carry a credential. Credentials never sit in a config: a config travels in task
+# and actor arguments and in Ray Train's run state, which the dashboard serves.
+CREDENTIAL_KEYS = frozenset({
+    "key", "secret", "token", "password", "session_token", "aws_access_key_id", "aws_secret_access_key",
+    "aws_session_token", "access_key", "secret_key", "account_key", "sas_token", "client_secret",
+})
+SECRETS_FILE_KEY = "secrets_file"  # storage option: a YAML/JSON file of credentials, read on the node that uses it
+
+
+def refuse_credentials(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """`options` unchanged, or an error naming the credential keys found at any depth."""
+    def found(node: Any, prefix: str) -> list[str]:
+        if not isinstance(node, dict):
+            return []
+        return [f"{prefix}{k}" for k in node if str(k).lower() in CREDENTIAL_KEYS] + [
+            name for k, v in node.items() for name in found(v, f"{prefix}{k}.")]
+
+    keys = found(options, f"{where}.")
+    if keys:
+        raise ValueError(
+            f"{', '.join(keys)}: credentials do not go in a config (it travels in task arguments and Ray Train's run "
+            f"state). Use the standard chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an instance role, a profile) "
+            f"or name a credentials file: {where}.{SECRETS_FILE_KEY}: /path/on/every/node.yaml")
+    return options
+
+
 class ModelsConfig(Section):
-    cache_dir: str = Field(default_factory=lambda: os.environ.get("DERMARAY_MODEL_CACHE", ".cache/models"))
+    # Each node's model cache: tiny builds and hub snapshots, fetched once per node. A relative path is
+    # made absolute where the config is loaded; `~` expands on each node.
+    cache_dir: str = Field(default_factory=lambda: os.environ.get("DERMARAY_MODEL_CACHE", ".cache/models"), validate_default=True)
+    offline: bool = True  # never reach a model hub: only the cache, the store and offline builds
+    store: str | None = None  # an object-storage mirror of hub snapshots (`dermaray models push`); nodes pull from it
+    store_options: dict[str, Any] = {}  # fsspec options for `store` (endpoint_url, ...; no credentials)
     note_writer: str = "tiny"
     grounding_mllm: str = "tiny"
     text_encoder: str = "minilm"
     diffusion_base: str = "tiny"
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute_cache(cls, value: str) -> str:
+        return value if value.startswith("~") or os.path.isabs(value) else os.path.abspath(value)
+
+    @field_validator("store_options")
+    @classmethod
+    def _no_store_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return refuse_credentials(value, "models.store_options")
 
 
 class CorruptionPlan(Section):
@@ -308,14 +349,19 @@ class ServeConfig(Section):
     guidance_scale: float = Field(default=7.5, ge=1)
     resolution: int | None = Field(default=None, ge=8)  # None: diffusion.resolution, else the base's native size
     max_adapters_per_replica: int = Field(default=4, ge=1)  # LoRA adapters a generation replica keeps loaded
-    api_key: str | None = None  # when set (or the env var below is), requests need header X-API-Key
-    api_key_env: str = "DERMARAY_API_KEY"  # read in the ingress replica; keeps the key out of config files
+    # The key requests must send as header X-API-Key: the ingress replica reads this env var, else
+    # api_key_file, else api_key; with none of them the app refuses to start unless allow_anonymous.
+    api_key_env: str = "DERMARAY_API_KEY"
+    api_key_file: str | None = None  # a file on the ingress' node holding the key (a mounted secret), read there
+    api_key: str | None = None  # the key in plain config: works, but logs a warning (a config travels in Ray's state)
+    allow_anonymous: bool = False  # serve without a key (trials on this machine only); logs a warning
     call_timeout_s: float = Field(default=30.0, gt=0)  # ingress -> retrieval calls; 504 past it
     generation_timeout_s: float = Field(default=120.0, gt=0)  # ingress -> generation (a cold replica loads first)
 
 
 class DermarayConfig(Section):
-    # fsspec storage options for every URI (s3fs: endpoint_url, key, secret, client_kwargs, ...)
+    # fsspec storage options for every URI (s3fs: endpoint_url, client_kwargs, profile, ...). No credentials:
+    # the standard chain, or `secrets_file`: a YAML file of options (key, secret, ...) read where a URI is opened.
     storage_options: dict[str, Any] = {}
     ray: RayConfig = RayConfig()
     models: ModelsConfig = ModelsConfig()
@@ -331,6 +377,11 @@ class DermarayConfig(Section):
     report: ReportConfig = ReportConfig()
     pipeline: PipelineConfig = PipelineConfig()
     serve: ServeConfig = ServeConfig()
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return refuse_credentials(value, "storage_options")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

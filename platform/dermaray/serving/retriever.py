@@ -52,7 +52,7 @@ class Retriever:
     def __init__(self, settings: ServeConfig, models: ModelsConfig, storage_options: dict | None = None):
         options = storage_options or {}
         self.settings = settings
-        self.embedder = LesionEmbedder(settings.grounding_model, models.grounding_mllm, models.cache_dir, options)
+        self.embedder = LesionEmbedder(settings.grounding_model, models.grounding_mllm, models, options)
         self.processor = self.embedder.preprocess.processor
         self.index = VectorIndex.load(settings.index, options)
         lesions = read_parquet(settings.lesions, options, columns=LESION_COLUMNS)
@@ -64,21 +64,21 @@ class Retriever:
             # An optional part: search by image and attribute still work without it.
             log.warning("serve.classifier %s holds no classifier: no diagnosis prediction or text search", settings.classifier)
         elif settings.classifier:
-            self._load_classifier(settings.classifier, models.cache_dir, options)
+            self._load_classifier(settings.classifier, models, options)
 
-    def _load_classifier(self, uri: str, cache_dir: str, options: dict) -> None:
+    def _load_classifier(self, uri: str, models: ModelsConfig, options: dict) -> None:
         from transformers import AutoImageProcessor
 
         from dermaray.grounding.classifier import load_classifier
-        from dermaray.grounding.model import model_path
         from dermaray.grounding.text import TextEncoder
+        from dermaray.models.registry import resolve_model
 
         self._classifier_folder = tempfile.TemporaryDirectory(prefix="classifier-")
         local = download_folder(uri, self._classifier_folder.name, options)
         self.device = self.embedder.device
-        self.classifier = load_classifier(local, cache_dir).to(self.device)
-        self.classifier_processor = AutoImageProcessor.from_pretrained(model_path(self.classifier.settings.model, cache_dir))
-        self.text_encoder = TextEncoder(self.classifier.settings.text_encoder, cache_dir, device=str(self.device))
+        self.classifier = load_classifier(local, models).to(self.device)
+        self.classifier_processor = AutoImageProcessor.from_pretrained(resolve_model("grounding_mllm", self.classifier.settings.model, models))
+        self.text_encoder = TextEncoder(self.classifier.settings.text_encoder, models, device=str(self.device))
         vectors = [self._classifier_image(list(map(decode_rgb, self.gallery.images[s : s + GALLERY_BATCH])))
                    for s in range(0, len(self.gallery), GALLERY_BATCH)]
         self.text_index = VectorIndex.build(np.concatenate(vectors), self.gallery.ids, kind="exact",
@@ -205,6 +205,10 @@ class Retriever:
         return self.gallery.thumbnails[row]
 
     def info(self) -> dict[str, Any]:
-        return {"lesions": len(self.gallery), "index": self.index.meta, "grounded_attributes": self.gallery.predicted_names,
+        from dermaray.serving.status import public_model
+
+        model = self.index.meta.get("model")  # the encoder folder the index was built with: no server paths
+        index = {**self.index.meta, "model": public_model(model) if isinstance(model, str) else model}
+        return {"lesions": len(self.gallery), "index": index, "grounded_attributes": self.gallery.predicted_names,
                 "diagnoses": {c: d.name for c, d in DIAGNOSES_BY_CODE.items()}, "text_search": self.text_index is not None,
                 "max_k": self.settings.max_k}
