@@ -55,7 +55,7 @@ def refuse_credentials(options: dict[str, Any], where: str) -> dict[str, Any]:
 class ModelsConfig(Section):
     # Each node's model cache: tiny builds and hub snapshots, fetched once per node. A relative path is
     # made absolute where the config is loaded; `~` expands on each node.
-    cache_dir: str = Field(default_factory=lambda: os.environ.get("DERMARAY_MODEL_CACHE", ".cache/models"), validate_default=True)
+    cache_dir: str = Field(default_factory=lambda: os.environ.get("DERMARAY_MODEL_CACHE", ".cache/models"))
     offline: bool = True  # never reach a model hub: only the cache, the store and offline builds
     store: str | None = None  # an object-storage mirror of hub snapshots (`dermaray models push`); nodes pull from it
     store_options: dict[str, Any] = {}  # fsspec options for `store` (endpoint_url, ...; no credentials)
@@ -63,11 +63,6 @@ class ModelsConfig(Section):
     grounding_mllm: str = "tiny"
     text_encoder: str = "minilm"
     diffusion_base: str = "tiny"
-
-    @field_validator("cache_dir")
-    @classmethod
-    def _absolute_cache(cls, value: str) -> str:
-        return value if value.startswith("~") or os.path.isabs(value) else os.path.abspath(value)
 
     @field_validator("store_options")
     @classmethod
@@ -412,7 +407,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level of a config must be a mapping")
-    return DermarayConfig.model_validate(apply_overrides(data, list(overrides or [])))
+    cfg = DermarayConfig.model_validate(apply_overrides(data, list(overrides or [])))
+    cache = cfg.models.cache_dir
+    if not cache.startswith("~") and not os.path.isabs(cache):  # Ray workers run in other directories
+        cfg.models.cache_dir = os.path.abspath(cache)
+    return cfg
 
 
 def dump_config(cfg: BaseModel) -> str:
