@@ -10,7 +10,7 @@ Deployments:
   at most `serve.max_adapters_per_replica` loaded (`serve.multiplexed`, keyed by diagnosis code,
   so requests for a diagnosis go to a replica that already holds its adapter).
 - Ingress: the HTTP API (OpenAPI at /docs) and the clinician page at /; it enforces the body
-  limit and the optional API key, and times out calls to the other two.
+  limit and the API key, times out calls to the other two, and answers 503 at once when one cannot be scheduled.
 
 `build_app(args)` takes `config` (a dermaray YAML config) and `key=value` overrides, e.g.
 `serve.max_k=20`; everything served is read from the `serve` section of that config.
@@ -37,7 +37,9 @@ from ray.serve.handle import DeploymentHandle
 
 from dermaray.config import DermarayConfig, load_config
 from dermaray.schema import ATTRIBUTE_NAMES, DIAGNOSES_BY_CODE
-from dermaray.serving.checks import MULTIPART_OVERHEAD, BodyLimit, RequestError, check_api_key, check_count, check_upload_size
+from dermaray.serving.checks import (MULTIPART_OVERHEAD, BodyLimit, RequestError, check_api_key, check_count, check_upload_size,
+                                     resolve_api_key)
+from dermaray.serving.status import public_location, public_model, unschedulable_reason
 from dermaray.serving.chain import chain_diagnosis
 from dermaray.storage import is_remote
 
@@ -46,6 +48,10 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 HARD_MAX_K = 100  # the OpenAPI bound; the configured serve.max_k (<= 100) is enforced at run time
 HARD_MAX_IMAGES = 16
 SEARCH_BATCH = 16  # image searches per forward pass
+# A call not answered within SCHEDULE_POLL_S makes the ingress ask Serve whether the deployment can run at
+# all; "it cannot" seen for UNSCHEDULABLE_CONFIRM_S (a replica being placed is briefly unplaced) is a 503.
+SCHEDULE_POLL_S = 0.5
+UNSCHEDULABLE_CONFIRM_S = 1.0
 
 
 # --- Retrieval ----------------------------------------------------------------------------
@@ -132,21 +138,31 @@ def generation_class(max_adapters: int) -> type:
 
     class Generation:
         def __init__(self, config: dict):
+            from dermaray.models.registry import resolve_model
             from dermaray.serving.adapters import AdapterBank
-            from dermaray.storage import download_folder
-
             from dermaray.serving.retriever import present
+            from dermaray.storage import download_folder, join
 
             cfg = DermarayConfig.model_validate(config)
             _match_torch_threads_to_cpus()
             self.settings, self.bank = cfg.serve, None
-            if not present(cfg.serve.diffusion, "base/model_index.json", cfg.storage_options):
+            root, options = cfg.serve.diffusion, cfg.storage_options
+            # The tiny base is pre-trained by the diffusion job into <diffusion>/base; a hub base is
+            # fetched on this node like every model, and <diffusion> holds only its adapters.
+            trained_base = cfg.models.diffusion_base == "tiny"
+            if trained_base and not present(root, "base/model_index.json", options):
                 # Answer 503 with the reason rather than crash-loop (the diffusion job has not run).
-                log.warning("serve.diffusion %s holds no base pipeline: generation answers 503", cfg.serve.diffusion)
+                log.warning("serve.diffusion holds no base pipeline: generation answers 503")
                 return
-            self._folder = tempfile.TemporaryDirectory(prefix="diffusion-")
-            local = download_folder(cfg.serve.diffusion, self._folder.name, cfg.storage_options)
-            self.bank = AdapterBank(local, resolution=cfg.serve.resolution or cfg.diffusion.resolution)
+            base = None if trained_base else resolve_model("diffusion_base", cfg.models.diffusion_base, cfg.models)
+            local = root.removeprefix("file://")
+            if is_remote(root):  # only what generation reads, not the training runs beside it
+                self._folder = tempfile.TemporaryDirectory(prefix="diffusion-")
+                local = self._folder.name
+                for part in (["base"] if trained_base else []) + ["adapter", "adapters"]:
+                    if part == "base" or present(root, part, options):
+                        download_folder(join(root, part), os.path.join(local, part), options)
+            self.bank = AdapterBank(local, resolution=cfg.serve.resolution or cfg.diffusion.resolution, base=base)
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def adapter(self, code: str) -> LoadedAdapter:  # only called with a bank
@@ -210,6 +226,12 @@ def _data_url(png: bytes) -> str:
     return data_url(png, "image/png")
 
 
+def _plain(value: Any) -> Any:
+    """Serve's details as plain JSON values (its enums are str subclasses). Defined above Ingress: `serve.ingress`
+    serialises the class as it decorates it, with the module globals defined so far."""
+    return json.loads(json.dumps(value, default=str))
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
@@ -217,23 +239,83 @@ class Ingress:
         cfg = DermarayConfig.model_validate(config)
         self.settings = s = cfg.serve
         self.retrieval, self.generation = retrieval, generation
-        self.api_key = s.api_key or os.environ.get(s.api_key_env) or None
+        try:  # here, in the replica: the env var and the secret file are this node's
+            self.api_key, warnings = resolve_api_key(s, os.environ)
+        except ValueError as exc:
+            raise RuntimeError(f"the dermaray app refuses to start: {exc}") from None
+        for warning in warnings:
+            log.warning(warning)
+        self.public = {  # what /info says of the configuration: names and remote URIs, never this server's paths
+            "models": {role: public_model(getattr(cfg.models, role)) for role in ("grounding_mllm", "text_encoder", "diffusion_base")},
+            "artifacts": {name: public_location(getattr(s, name))
+                          for name in ("grounding_model", "index", "embeddings", "lesions", "classifier", "diffusion")},
+        }
+        self._state: tuple[float, asyncio.Future] | None = None  # the last look at Serve's state, shared by waiting calls
+        self._app = serve.get_replica_context().app_name
         self.default_steps = min(s.steps, s.max_steps)
         api.add_middleware(BodyLimit, max_bytes=s.max_upload_bytes + MULTIPART_OVERHEAD)
         self.page = PAGE.read_text()
 
     # -- plumbing --
 
-    async def _call(self, response: Any, timeout: float) -> Any:
+    async def _call(self, response: Any, timeout: float, handle: DeploymentHandle | None = None) -> Any:
+        """The result of a call made through `handle` (default: Retrieval); 504 past `timeout`, or 503 with the
+        reason as soon as that deployment is seen unable to run (no replica running or placed, no node with room)."""
+        async def result() -> Any:
+            return await response
+
+        task = asyncio.ensure_future(result())
+        loop = asyncio.get_running_loop()
+        deadline, unschedulable_since = loop.time() + timeout, None
         try:
-            return await asyncio.wait_for(response, timeout)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise RequestError(504, f"the request took longer than {timeout:g} s") from None
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, min(SCHEDULE_POLL_S, deadline - loop.time())))
+                if done:
+                    return task.result()
+                if loop.time() >= deadline:
+                    raise RequestError(504, f"the request took longer than {timeout:g} s")
+                reason = await self._unschedulable((handle or self.retrieval).deployment_name)
+                if reason is None:
+                    unschedulable_since = None
+                elif unschedulable_since is None:
+                    unschedulable_since = loop.time()
+                elif loop.time() - unschedulable_since >= UNSCHEDULABLE_CONFIRM_S:
+                    raise RequestError(503, reason)
         except RayTaskError as exc:
             if isinstance(exc.cause, RequestError):
                 raise exc.cause from None
             raise
+        finally:
+            if not task.done():
+                response.cancel()
+                task.cancel()
+
+    async def _serve_state(self) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        """(this app's deployment details, free resources per alive node), at most SCHEDULE_POLL_S old."""
+        loop = asyncio.get_running_loop()
+        if self._state is None or loop.time() - self._state[0] > SCHEDULE_POLL_S:
+            def fetch() -> tuple[dict[str, Any], list[dict[str, float]]]:
+                import ray
+                from ray._private.state import available_resources_per_node
+                from ray.serve.context import _get_global_client
+
+                details = _get_global_client().get_serve_details()  # what `serve.status()` reads, with replica placement
+                deployments = details.get("applications", {}).get(self._app, {}).get("deployments", {})
+                free = list(available_resources_per_node().values()) or [ray.available_resources()]
+                return {name: dict(d) for name, d in deployments.items()}, free
+
+            self._state = (loop.time(), asyncio.ensure_future(asyncio.to_thread(fetch)))
+        return await self._state[1]
+
+    async def _unschedulable(self, deployment: str) -> str | None:
+        try:
+            deployments, free = await self._serve_state()
+        except Exception as exc:  # Serve's state unreadable: no verdict, the call keeps its timeout
+            log.warning("could not read Serve's state (%r): no early 503 for unschedulable deployments", exc)
+            self._state = None
+            return None
+        details = deployments.get(deployment)
+        return unschedulable_reason(_plain(details), free) if details else None
 
     async def _read(self, file: UploadFile) -> bytes:
         data = await file.read(self.settings.max_upload_bytes + 1)
@@ -255,7 +337,7 @@ class Ingress:
         if steps > self.settings.max_steps:
             raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
         handle = self.generation.options(multiplexed_model_id=code)
-        return await self._call(handle.generate.remote(code, count, seed, steps), self.settings.generation_timeout_s)
+        return await self._call(handle.generate.remote(code, count, seed, steps), self.settings.generation_timeout_s, self.generation)
 
     # -- page and metadata --
 
@@ -267,12 +349,22 @@ class Ingress:
     def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/info", summary="Gallery size, index, grounded attributes, diagnoses and limits")
+    @api.get("/info", summary="Gallery size, index, grounded attributes, diagnoses, limits, what is configured and running")
     async def info(self, api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
         check_api_key(self.api_key, api_key)
         info = await self._call(self.retrieval.info.remote(), self.settings.call_timeout_s)
         s = self.settings
-        return {**info, "generation": self.generation is not None, "max_images": s.max_images,
+        generation: dict[str, Any] = {"deployed": self.generation is not None}
+        if self.generation is not None:  # its state from Serve: asking the replica would wake one scaled to zero
+            try:
+                deployments, _ = await self._serve_state()
+                details = _plain(deployments.get(self.generation.deployment_name) or {})
+                generation.update(status=details.get("status"),
+                                  running_replicas=sum(r.get("state") == "RUNNING" for r in details.get("replicas") or []))
+            except Exception as exc:  # Serve's state unreadable: /info without it
+                log.warning("could not read Serve's state: %r", exc)
+                self._state = None
+        return {**info, **self.public, "generation": generation, "max_images": s.max_images,
                 "max_upload_bytes": s.max_upload_bytes, "api_key_required": bool(self.api_key)}
 
     # -- retrieval --
@@ -379,17 +471,20 @@ def _absolute_local(cfg: DermarayConfig, base: Path) -> DermarayConfig:
         return value if os.path.isabs(value) else str(base / value)
 
     s = cfg.serve
-    for name in ("grounding_model", "index", "embeddings", "lesions", "classifier", "diffusion"):
+    for name in ("grounding_model", "index", "embeddings", "lesions", "classifier", "diffusion", "api_key_file"):
         if getattr(s, name):
             setattr(s, name, resolve(getattr(s, name)))
     cfg.models.cache_dir = resolve(cfg.models.cache_dir)
     return cfg
 
 
-def app_from_config(cfg: DermarayConfig, base: Path | None = None) -> Any:
+def app_from_config(cfg: DermarayConfig, base: Path | None = None, options: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The application; `options`: deployment name -> `.options(...)` arguments (what a Serve config file's
+    `deployments` entries set), e.g. {"Generation": {"ray_actor_options": {"num_cpus": 1}}}."""
     cfg = _absolute_local(cfg.model_copy(deep=True), base or Path.cwd())
     config = cfg.model_dump(mode="json")
-    retrieval = Retrieval.bind(config)
+    options = options or {}
+    retrieval = Retrieval.options(**options.get("Retrieval", {})).bind(config)
     generation = None
     if cfg.serve.diffusion:
         generation_deployment = serve.deployment(
@@ -397,8 +492,8 @@ def app_from_config(cfg: DermarayConfig, base: Path | None = None) -> Any:
             ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8,
             autoscaling_config={"min_replicas": 0, "max_replicas": 1, "initial_replicas": 1, "target_ongoing_requests": 2},
         )
-        generation = generation_deployment.bind(config)
-    return Ingress.bind(retrieval, generation, config)
+        generation = generation_deployment.options(**options.get("Generation", {})).bind(config)
+    return Ingress.options(**options.get("Ingress", {})).bind(retrieval, generation, config)
 
 
 def build_app(args: dict[str, str]) -> Any:

@@ -38,8 +38,10 @@ def start(root: Path, cache_dir: Path, extra_overrides: list[str] | None = None,
     from serve.app import app_from_config
     from tests import serve_artifacts
 
+    key_file = root / "api-key"  # the key as a cluster gives it: a secret file the ingress reads on its node
+    key_file.write_text(API_KEY + "\n")
     overrides = serve_artifacts.build(root, cache_dir, **artifacts) + [
-        f"serve.api_key={API_KEY}", "serve.max_k=20", "serve.max_upload_bytes=1048576",
+        f"serve.api_key_file={key_file}", "serve.max_k=20", "serve.max_upload_bytes=1048576",
         "serve.max_adapters_per_replica=1", "serve.max_images=3", *(extra_overrides or [])]
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})

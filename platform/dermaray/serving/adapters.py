@@ -1,6 +1,7 @@
 """One diffusion pipeline per generation replica, with LoRA adapters loaded and swapped by diagnosis.
 
     bank = AdapterBank("out/diffusion")             # <root>/base, <root>/adapter, <root>/adapters/<code>
+    bank = AdapterBank(adapters_folder, base=resolve_model("diffusion_base", "sd-1.5", cfg.models))  # a hub base
     bank.load("MEL")                                # per-diagnosis adapter if trained, else the shared one
     pngs, info = bank.generate("MEL", count=2, seed=0, steps=20)
     bank.release("MEL")
@@ -31,13 +32,15 @@ SHARED = "shared"  # the adapter name of <root>/adapter
 
 
 class AdapterBank:
-    def __init__(self, root: str | Path, device: str | None = None, resolution: int | None = None):
+    def __init__(self, root: str | Path, device: str | None = None, resolution: int | None = None, base: str | Path | None = None):
+        """`base`: the pipeline folder the adapters were trained on (a hub base resolved on this node);
+        None: `<root>/base`, the tiny base the diffusion job pre-trained."""
         import torch
 
         root = Path(root)
         device = device or ("cuda" if torch.cuda.is_available() else None)
         # Half precision on GPUs (as diffusers serves SD); float32 on CPUs, where fp16 is slow.
-        self.pipe = load_pipeline(root / "base", device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
+        self.pipe = load_pipeline(base or root / "base", device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
         self.shared_folder = root / "adapter"
         self.per_diagnosis_root = root / "adapters"
         self.resolution = resolution

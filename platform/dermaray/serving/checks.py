@@ -11,6 +11,8 @@ import hmac
 import io
 import json
 import warnings
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -99,6 +101,30 @@ def check_api_key(expected: str | None, given: str | None) -> None:
         return
     if not given or not hmac.compare_digest(given.encode(), expected.encode()):
         raise RequestError(401, "missing or wrong X-API-Key header")
+
+
+def resolve_api_key(settings: Any, environ: Mapping[str, str]) -> tuple[str | None, list[str]]:
+    """(the key requests must send, warnings to log) from a ServeConfig, read where the key is checked:
+    the `api_key_env` variable, else the `api_key_file` file, else `api_key` from the config (warned
+    about: a config travels in Ray's state). No key: a ValueError, unless `allow_anonymous` (warned)."""
+    if environ.get(settings.api_key_env, "").strip():
+        return environ[settings.api_key_env].strip(), []
+    if settings.api_key_file:
+        try:
+            key = Path(settings.api_key_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"serve.api_key_file {settings.api_key_file!r} cannot be read on this node: {exc.strerror}") from None
+        if not key:
+            raise ValueError(f"serve.api_key_file {settings.api_key_file!r} is empty")
+        return key, []
+    if settings.api_key:
+        return settings.api_key, ["serve.api_key is written in the config, which travels in Ray's state and files: "
+                                  f"set the {settings.api_key_env} environment variable or serve.api_key_file instead"]
+    if settings.allow_anonymous:
+        return None, ["serving without an API key (serve.allow_anonymous): anyone who reaches the port can use every "
+                      f"endpoint; set {settings.api_key_env} or serve.api_key_file"]
+    raise ValueError(f"no API key: set the {settings.api_key_env} environment variable on the Ingress, or serve.api_key_file "
+                     "to a secret file on its node (or serve.allow_anonymous=true for a trial on this machine)")
 
 
 class BodyLimit:
