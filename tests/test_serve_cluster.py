@@ -153,3 +153,45 @@ def test_an_unschedulable_generation_answers_503_with_the_reason_at_once(served_
             assert client.get("/info").json()["generation"]["running_replicas"] == 0
     finally:
         serve.delete("tight")
+
+
+def test_generation_with_a_base_of_its_own_reads_only_the_adapters(served_app, s3_options, ray_cluster) -> None:
+    """A hub base (any non-tiny models.diffusion_base) is resolved on the replica's node; serve.diffusion on
+    object storage then holds only adapter/ and adapters/<code>, and nothing else is downloaded. Here the
+    base is a local folder, which resolve_model returns as is (the hub fetch itself: tests/test_model_hub.py).
+    The Generation class runs in a Ray actor, as in its replica, without Serve around it."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    local = served_app.root / "diffusion"
+    for part in ("adapter", "adapters"):  # no base/ on the store
+        fs.put(str(local / part), f"dermaray/served-adapters/{part}", recursive=True)
+    fs.pipe("dermaray/served-adapters/runs/checkpoint/huge.bin", b"0" * 1024)  # training runs: never fetched
+    cfg = load_config(None, [o for o in served_app.overrides if not o.startswith("serve.diffusion")]
+                      + ["serve.diffusion=s3://dermaray/served-adapters", f"models.diffusion_base={local / 'base'}"])
+    cfg.storage_options = s3_options
+
+    @ray_cluster.remote(num_cpus=0)
+    class Replica:
+        def __init__(self, config: dict):
+            from serve.app import generation_class
+
+            self.generation = generation_class(1)(config)
+
+        def fetched(self) -> list[str]:
+            root = Path(self.generation._folder.name)
+            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+        def generate(self, code: str) -> tuple[bytes, dict]:
+            pngs, info = self.generation.bank.generate(code, 1, 0, 2, 7.5)
+            return pngs[0], info
+
+    replica = Replica.remote(cfg.model_dump(mode="json"))
+    try:
+        fetched = ray_cluster.get(replica.fetched.remote(), timeout=120)
+        assert fetched and all(p.startswith(("adapter/", "adapters/")) for p in fetched), fetched
+        png, info = ray_cluster.get(replica.generate.remote("MEL"), timeout=120)
+        assert info["adapter"] == "per_diagnosis" and png.startswith(b"\x89PNG")
+        assert ray_cluster.get(replica.generate.remote("NEV"), timeout=120)[1]["adapter"] == "shared"
+    finally:
+        ray_cluster.kill(replica)
