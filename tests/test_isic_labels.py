@@ -305,7 +305,7 @@ def test_per_diagnosis_diffusion_skips_unlabelled_lesions_and_small_classes(isic
 
 def test_serve_over_a_mostly_unlabelled_gallery(isic, malignant_classifier, tmp_path_factory) -> None:
     """The chain with a malignancy classifier and similar cases without a diagnosis answers 200 (it raised
-    an IndexError before); every endpoint answers 2xx or 4xx over this gallery."""
+    an IndexError before); every endpoint answers 2xx or 4xx over this gallery, schemathesis's generated requests too."""
     import httpx
     import pyarrow as pa
 
@@ -351,5 +351,6 @@ def test_serve_over_a_mostly_unlabelled_gallery(isic, malignant_classifier, tmp_
             assert answers["lesion"].json()["diagnosis"] is None and answers["predict"].json()["prediction"]["label"] == "malignant"
             missing = client.get("/lesions/ISIC_none")
             assert missing.status_code == 404
+        app.schemathesis(tmp_path_factory.mktemp("schemathesis-isic"), max_seconds=30)  # and no 5xx for generated requests
     finally:
         serve_fixtures.stop()
