@@ -224,7 +224,8 @@ def push_to_store(role: str, name: str, models: ModelsConfig) -> str:
     folder = Path(resolve_model(role, name, models))
     uri = store_uri(models, preset)
     fs, path = filesystem(uri, models.store_options)
-    fs.rm(f"{path}/{COMPLETE_MARKER}") if fs.exists(f"{path}/{COMPLETE_MARKER}") else None
+    if fs.exists(f"{path}/{COMPLETE_MARKER}"):  # an earlier copy is incomplete until this one's marker is written
+        fs.rm(f"{path}/{COMPLETE_MARKER}")
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
         fs.put_file(str(file), f"{path}/{file.relative_to(folder).as_posix()}")
     with fs.open(f"{path}/{COMPLETE_MARKER}", "wb") as f:  # last: a store copy with the marker is whole
