@@ -227,9 +227,9 @@ def split_dataset(d: DiffusionConfig, split: str, ids: list[str], base: str, mod
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2"]
     every_row = d.adapters == "shared" and d.limit is None  # no id set to ship to the actors
     only = None if every_row else set(ids)
-    return split_inputs(d.input, columns, split, DiffusionInputs, (base, models, storage_options, resolution, d.size_words, only, d.notes),
-                        storage_options,
-                        d.train.materialize, max(2, 2 * d.train.num_workers))
+    args = (base, models, storage_options, resolution, d.size_words, only, d.notes)
+    return split_inputs(d.input, columns, split, DiffusionInputs, args, storage_options, d.train.materialize,
+                        max(2, 2 * d.train.num_workers))
 
 
 def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str, list[str]], run_name: str, name: str) -> dict:
@@ -238,8 +238,8 @@ def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str
     if not ids["train"]:
         raise ValueError(f"{d.input} has no training-split lesions for adapter {name}")
     datasets = {s: split_dataset(d, s, ids[s], base, cfg.models, resolution, options) for s in ("train", "val")}
-    config = {"base": base, "base_name": cfg.models.diffusion_base, "models": cfg.models.model_dump(), "storage_options": options, "rank": d.lora_rank, "alpha": d.lora_alpha,
-              "targets": list(d.lora_targets), "seed": d.train.seed, "resolution": resolution, "size_words": d.size_words}
+    config = {"base": base, "base_name": cfg.models.diffusion_base, "models": cfg.models.model_dump(), "storage_options": options,
+              "rank": d.lora_rank, "alpha": d.lora_alpha, "targets": list(d.lora_targets), "seed": d.train.seed, "resolution": resolution, "size_words": d.size_words}
     checkpoint, history = fit(LORA, config, d.train, datasets, len(ids["train"]), d.output, run_name, options)
     return {"adapter": export_model(checkpoint, d.output, options, name=name), "lesions_train": len(ids["train"]),
             "epochs": history[-1]["epoch"], "steps": history[-1]["step"],
