@@ -2,7 +2,7 @@
 
     python -m jobs.classifier --config configs/local.yaml
 
-Notes come from the notes job run without the label (strategy M or P3 with
+Notes come from the notes job run without the label (strategy LF, or M or P3 with
 `notes.label_hierarchy=false`); the job refuses notes whose prompt stated the diagnosis.
 The heads predict `classifier.label`: the diagnosis, ISIC's superclass (iddx_1) or malignancy
 (ISIC's target). Lesions without that label (most ISIC 2024 lesions have no diagnosis) and
@@ -42,6 +42,7 @@ from dermaray.grounding.labels import LabelSpec, balanced_class_weights, label_s
 from dermaray.grounding.metrics import class_retrieval_metrics, classification_metrics, partial_auc_above_tpr
 from dermaray.grounding.model import augment
 from dermaray.grounding.text import TextEncoder
+from dermaray.notes.prompts import states_label
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs
@@ -49,15 +50,9 @@ from jobs.training import Task, export_model, fit, split_inputs
 TEXT = "text_embedding"
 
 
-def labelled(prompt_id: str) -> bool:
-    """Whether a note's prompt stated the diagnosis (P1 and P2 always do; M and P3 only with +label)."""
-    strategy, *switches = prompt_id.split("+")
-    return strategy in ("P1", "P2") or "label" in switches
-
-
 def usable_notes(uri: str, allow_labelled: bool, storage_options: dict) -> pa.Table:
     notes = read_parquet(uri, storage_options, columns=["lesion_id", "prompt_id", "note", "error"])
-    leaking = sorted({p for p in notes["prompt_id"].to_pylist() if labelled(p)})
+    leaking = sorted({p for p in notes["prompt_id"].to_pylist() if states_label(p)})
     if leaking and not allow_labelled:
         raise ValueError(f"{uri}: notes written with the label in the prompt ({', '.join(leaking)}) make the "
                          "classification trivial; write them with notes.strategy=M notes.label_hierarchy=false "

@@ -3,7 +3,9 @@
     python -m jobs.notes notes.input=s3://bucket/ingest/lesions notes.output=s3://bucket/notes notes.strategy=P2
 
 Lesions are sorted by id and cut into shards of `notes.shard_size`; an engine actor writes
-each shard's notes as one Parquet file, atomically. A shard whose file exists is done, so
+each shard's notes as one Parquet file, atomically. With `notes.model_lesions` the model
+writes the notes of that many lesions (the test split first) and the rest get the template
+note; every row records which (`model_id`, `prompt_id`). A shard whose file exists is done, so
 a re-run after a killed driver or engine actor writes only the missing shards: every
 lesion ends up in exactly one note row. `_plan.json` pins the input ids and settings, and
 a re-run with other ones is refused instead of mixing two runs in one output.
@@ -23,13 +25,14 @@ import ray
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, ModelsConfig, NotesConfig
 from dermaray.models.registry import get_preset, is_preset, resolve_model
-from dermaray.notes.engine import NoteWriter, switches_of
+from dermaray.notes.engine import TEMPLATE_MODEL_ID, NoteWriter, switches_of
 from dermaray.notes.prompts import prompt_id
 from dermaray.schema import LESION_SCHEMA, NOTES_SCHEMA
 from dermaray.storage import filesystem, join, read_bytes, read_parquet, write_bytes, write_parquet_atomic
 from jobs.common import init_ray, log, write_summary
 
 SHARD = "_shard"
+BY_MODEL = "_by_model"
 
 
 def shard_uri(output: str, shard: int) -> str:
@@ -47,25 +50,36 @@ class ShardWriter:
         self.writer = NoteWriter(cfg, model_path, model_id_of(models.note_writer))
         self.output, self.storage_options = cfg.output, storage_options
         self.engine_start_s = time.perf_counter() - start
-        log.info("notes: engine %s ready in %.1f s", self.writer.model_id, self.engine_start_s)
+        log.info("notes: engine %s (%s) ready in %.1f s", self.writer.model_id, self.writer.dtype, self.engine_start_s)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
         for shard in sorted(set(batch.column(SHARD).to_pylist())):
             start = time.perf_counter()
-            rows = batch.filter(pc.equal(batch.column(SHARD), shard)).drop_columns([SHARD]).to_pylist()
-            notes = [{**n, "shard": shard} for n in self.writer.write(rows)]
+            part = batch.filter(pc.equal(batch.column(SHARD), shard))
+            by_model = part.column(BY_MODEL).to_pylist()
+            notes = [{**n, "shard": shard} for n in self.writer.write(part.drop_columns([SHARD, BY_MODEL]).to_pylist(), by_model)]
             write_parquet_atomic(pa.Table.from_pylist(notes, schema=NOTES_SCHEMA), shard_uri(self.output, shard), self.storage_options)
             log.info("notes: shard %d, %d notes in %.1f s", shard, len(notes), time.perf_counter() - start)
             errors = sum(n["error"] is not None for n in notes)
-            done.append({"shard": shard, "notes": len(notes), "errors": errors, "engine_start_s": self.engine_start_s})
+            done.append({"shard": shard, "notes": len(notes), "errors": errors, "engine_start_s": self.engine_start_s,
+                         "dtype": self.writer.dtype})
         return pa.Table.from_pylist(done)
 
 
 def model_id_of(name: str) -> str:
-    """The hub id of a hub preset, else a name for the preset or folder."""
-    hub_id = get_preset("note_writer", name).hub_id if is_preset("note_writer", name) else None
-    return hub_id or f"dermaray/note_writer-{name}"
+    """The hub id of a hub preset, the source of a packaged one, else a name for the preset or folder."""
+    preset = get_preset("note_writer", name) if is_preset("note_writer", name) else None
+    return (preset and (preset.hub_id or preset.source)) or f"dermaray/note_writer-{name}"
+
+
+def chosen_for_model(lesions: pa.Table, model_lesions: int | None) -> set[str]:
+    """The lesions whose notes the model writes: all, or `model_lesions` of them, the test split first, then by id."""
+    ids = lesions.column("lesion_id").to_pylist()
+    if model_lesions is None:
+        return set(ids)
+    order = sorted(zip((split != "test" for split in lesions.column("split").to_pylist()), ids))
+    return {lesion_id for _, lesion_id in order[:model_lesions]}
 
 
 def input_columns(cfg: NotesConfig) -> list[str]:
@@ -83,6 +97,7 @@ def make_plan(cfg: NotesConfig, preset: str, lesion_ids: list[str]) -> dict:
         "model_id": model_id_of(preset) if cfg.strategy != "M" else "template",
         "sampling": cfg.sampling.model_dump(mode="json"),
         "with_image": cfg.with_image,
+        "model_lesions": cfg.model_lesions,
     }
 
 
@@ -119,18 +134,20 @@ def run(cfg: DermarayConfig) -> dict:
     if len(set(ids)) != len(ids):
         raise ValueError(f"{n.input} has duplicate lesion ids; ingest it first")
     claim_output(n, make_plan(n, cfg.models.note_writer, ids), options)
+    by_model = chosen_for_model(lesions, None if n.strategy == "M" else n.model_lesions)
     n_shards = -(-len(ids) // n.shard_size)
     done = finished_shards(n.output, options)
     pending = [s for s in range(n_shards) if s not in done]
     log.info("notes: %d lesions in %d shards, %d already done, %d to write (%s)", len(ids), n_shards, len(done), len(pending), n.strategy)
 
-    start, engine_start_s = time.perf_counter(), 0.0
+    start, engine_start_s, dtypes = time.perf_counter(), 0.0, set()
     if pending:
         init_ray(cfg.ray)
         blocks = []
         for s in pending:
             part = lesions.slice(s * n.shard_size, n.shard_size)
-            blocks.append(part.append_column(SHARD, pa.array([s] * part.num_rows, pa.int32())))
+            part = part.append_column(SHARD, pa.array([s] * part.num_rows, pa.int32()))
+            blocks.append(part.append_column(BY_MODEL, pa.array([i in by_model for i in part.column("lesion_id").to_pylist()])))
         results = ray.data.from_arrow(blocks).map_batches(
             ShardWriter,
             fn_constructor_args=(n, cfg.models, options),
@@ -144,27 +161,38 @@ def run(cfg: DermarayConfig) -> dict:
         for row in results.iter_rows():
             log.info("notes: shard %d written (%d notes, %d errors)", row["shard"], row["notes"], row["errors"])
             engine_start_s = max(engine_start_s, row["engine_start_s"])
+            dtypes.add(row["dtype"])
     elapsed = time.perf_counter() - start
 
-    notes = read_parquet(n.output, options, columns=["lesion_id", "error", "hallucinated", "audit_flags", "output_tokens", "prompt_tokens"])
+    notes = read_parquet(n.output, options, columns=["lesion_id", "model_id", "error", "finish_reason", "hallucinated",
+                                                     "audit_flags", "output_tokens"])
     written = notes.column("lesion_id").to_pylist()
     if sorted(written) != ids:
         raise RuntimeError(f"notes output does not hold each lesion exactly once ({len(written)} rows for {len(ids)} lesions)")
     frame = notes.to_pandas()
     audited = frame[frame.error.isna()]
-    flags = audited.audit_flags.explode().dropna().str.split(":").str[0].value_counts()
+    model_notes = audited[audited.model_id != TEMPLATE_MODEL_ID]
+    # Per flag code, the notes with at least one flag of it (as dermaray.notes.audit.flag_counts counts).
+    codes = audited.audit_flags.map(lambda flags: sorted({f.split(":")[0] for f in flags}) if flags is not None else [])
+    flags = codes.explode().dropna().value_counts()
     summary = {
         "input": n.input,
         "output": n.output,
         "strategy": n.strategy,
         "prompt_id": prompt_id(n.strategy, switches_of(n)),
         "lesions": len(ids),
-        "notes": int(frame.error.isna().sum()),
+        "notes": len(audited),
+        "notes_by_model": len(model_notes),
+        "notes_by_template": len(audited) - len(model_notes),
         "errors": int(frame.error.notna().sum()),
+        "error_kinds": {k: int(v) for k, v in frame.error.dropna().str.split(":").str[0].value_counts().items()},
+        "cut_at_max_tokens": int((audited.finish_reason == "length").sum()),
         "shards_written_now": len(pending),
         "hallucination_rate": float(audited.hallucinated.mean()) if len(audited) else None,
-        "audit_flag_counts": {k: int(v) for k, v in flags.items()},
+        "hallucination_rate_model_notes": float(model_notes.hallucinated.mean()) if len(model_notes) else None,
+        "audit_flag_counts": {k: int(v) for k, v in flags.items()},  # notes with the flag
         "output_tokens": int(frame.output_tokens.fillna(0).sum()),
+        "dtype": ",".join(sorted(d for d in dtypes if d)) or None,  # the engine's, this run (None: no engine ran)
         "seconds_this_run": round(elapsed, 2),
         "engine_start_seconds": round(engine_start_s, 2),  # the slowest actor's model load, within the above
     }

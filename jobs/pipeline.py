@@ -6,11 +6,12 @@ Each stage writes under `pipeline.workdir` (local or s3://) and the next reads i
 there, exactly as when the stages run alone:
 
     synthetic/<domain>, ingest/<domain>   lesions in the ISIC 2024 layout, canonical table + quarantine
-    notes/<domain>                        notes as configured (notes.strategy)
+    notes/<domain>                        notes as configured (notes.strategy; LF locally: label-free)
     grounding/                            Ray Train runs and the grounded model
     embeddings/{frozen,grounded}/<domain> per-lesion embeddings and vector indexes
     reports/grounding                     frozen vs grounded tables
-    notes_blind/<domain>, classifier/     label-free notes and the image + note classifier
+    notes_blind/<domain>, classifier/     label-free template notes (when notes/ states the label) and
+                                          the image + note classifier
     diffusion/                            pre-trained tiny base, LoRA runs and the adapter
     reports/diffusion                     base vs LoRA: class relevance, KID, size faithfulness, grids
     reports/report.html                   the HTML report of all of the above (jobs.report)
@@ -24,6 +25,8 @@ import time
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.grounding.embed import FROZEN
+from dermaray.notes.engine import switches_of
+from dermaray.notes.prompts import prompt_id, states_label
 from dermaray.storage import absolute, join
 from jobs import classifier, diffusion, diffusion_eval, embeddings, grounding, grounding_eval, ingest, notes, report, synth
 from jobs.common import init_ray, log, write_summary
@@ -82,9 +85,13 @@ def run(cfg: DermarayConfig) -> dict:
         results["grounding_eval"] = join(root, "reports", "grounding", "grounding_eval.md")
         lap("grounding_eval")
     if "classifier" in stages:
-        blind = {d: join(root, "notes_blind", d) for d in domains(cfg)}
-        for domain in domains(cfg):  # label-free template notes: the classifier must not read the answer
-            notes.run(_with(cfg, "notes", input=lesions[domain], output=blind[domain], strategy="M", label_hierarchy=False))
+        # The classifier must not read the answer: it takes the notes above when their prompt had no
+        # label (LF), else label-free template notes written for it.
+        blind = {d: join(root, "notes", d) for d in domains(cfg)}
+        if states_label(prompt_id(cfg.notes.strategy, switches_of(cfg.notes))):
+            blind = {d: join(root, "notes_blind", d) for d in domains(cfg)}
+            for domain in domains(cfg):
+                notes.run(_with(cfg, "notes", input=lesions[domain], output=blind[domain], strategy="M", label_hierarchy=False))
         summary = classifier.run(_with(
             cfg, "classifier", input=lesions["clinic"], notes=blind["clinic"], output=join(root, "classifier"),
             shifted_input=lesions.get("shifted"), shifted_notes=blind.get("shifted"),

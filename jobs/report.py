@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from dermaray import report
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
+from dermaray.notes.engine import TEMPLATE_MODEL_ID
 from dermaray.report.sections import images, markdown_section
 from dermaray.retrieval import VectorIndex
 from dermaray.storage import arrow_filesystem, filesystem, join, parquet_files, read_bytes, write_bytes
@@ -104,7 +105,7 @@ def _gallery(w: Workdir, n_queries: int, k: int, thumb_px: int) -> list[report.G
 
 
 def _note_samples(w: Workdir, parts: tuple[str, ...], n: int) -> list[dict]:
-    """The first `n` notes of the first shard: what the note writer actually wrote."""
+    """`n` notes of the first shard, the model's before the template's: what the note writer actually wrote."""
     if n <= 0 or not w.exists(*parts):
         return []
     try:
@@ -112,7 +113,8 @@ def _note_samples(w: Workdir, parts: tuple[str, ...], n: int) -> list[dict]:
     except FileNotFoundError:
         return []
     with fs.open(files[0], "rb") as f:
-        return pq.read_table(f, columns=["lesion_id", "note", "error", "audit_flags"]).slice(0, n).to_pylist()
+        rows = pq.read_table(f, columns=["lesion_id", "model_id", "note", "error", "audit_flags"]).to_pylist()
+    return sorted(rows, key=lambda r: r["model_id"] == TEMPLATE_MODEL_ID)[:n]
 
 
 def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:

@@ -61,7 +61,7 @@ def test_pipeline_on_nodes_without_the_drivers_files(shape, s3_options):
         "ray.log_to_driver=false", f"pipeline.workdir={WORKDIR}", f"pipeline.stages={STAGES}", "pipeline.shifted_lesions=0",
         f"storage_options.endpoint_url={s3_options['endpoint_url']}", f"storage_options.secrets_file={secrets}",
         f"models.cache_dir={scratch / 'models'}", "synth.n_lesions=120", "synth.shard_size=60",
-        "notes.sampling.max_tokens=8", "grounding.train.epochs=1", "grounding.train.batch_size=16",
+        "models.note_writer=tiny", "notes.sampling.max_tokens=8", "grounding.train.epochs=1", "grounding.train.batch_size=16",
         "classifier.train.epochs=1", "classifier.train.batch_size=16",
         "diffusion.pretrain.steps=2", "diffusion.pretrain.batch_size=4", "diffusion.pretrain.max_images=16",
         "diffusion.limit=16", "diffusion.train.epochs=1", "diffusion.train.batch_size=8",

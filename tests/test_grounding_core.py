@@ -20,7 +20,7 @@ from dermaray.grounding.model import (
     save_model,
 )
 from dermaray.grounding.text import TextEncoder
-from jobs.classifier import labelled
+from dermaray.notes.prompts import states_label
 from jobs.training import warmup_cosine
 
 ATTRS = ["area_mm2", "eccentricity"]
@@ -119,8 +119,9 @@ def test_text_encoder_embeds_notes_as_unit_vectors(models: ModelsConfig) -> None
 
 
 def test_notes_stating_the_label_are_recognised() -> None:
-    assert labelled("P2+label+demo+attr") and labelled("P1+demo") and labelled("M+label+attr")
-    assert not labelled("M+demo+attr") and not labelled("P3") and not labelled("M")
+    assert states_label("P2+label+demo+attr") and states_label("P1+demo") and states_label("M+label+attr")
+    assert not states_label("M+demo+attr") and not states_label("P3") and not states_label("M")
+    assert not states_label("LF+demo+attr")
 
 
 def test_ridge_probe_recovers_a_linear_map() -> None:

@@ -263,7 +263,8 @@ def test_describe_attributes_covers_both_words_and_skips_unknowns(rows):
 
 
 def test_prompt_ids_are_stable_and_distinct():
-    assert STRATEGIES == ("M", "P1", "P2", "P3")
+    assert STRATEGIES == ("M", "P1", "P2", "P3", "LF")
+    assert prompt_id("LF", ALL_METADATA) == "LF+demo+attr"  # never the label
     assert prompt_id("P2", ALL_METADATA) == "P2+label+demo+attr"
     assert prompt_id("M", MetadataSwitches(False, True, False)) == "M+demo"
     assert prompt_id("P1", NO_METADATA) == "P1"

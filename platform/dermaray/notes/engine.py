@@ -2,38 +2,61 @@
 
 `NoteWriter` is the core that `jobs.notes` puts inside Ray Data actors and the benchmark
 runs bare. One bad row (a prompt over the context window, an undecodable image, an
-engine error on that prompt) yields a row with its `error`; it never fails the batch.
+engine error on that prompt, a model that writes nothing) yields a row with its `error`;
+it never fails the batch. A note cut at `max_tokens` is kept, with `finish_reason` "length".
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 from dermaray.config import NotesConfig
 from dermaray.notes.audit import audit_note
-from dermaray.notes.prompts import MetadataSwitches, build_messages, prompt_id, template_note
+from dermaray.notes.prompts import LABEL_FREE, MetadataSwitches, build_messages, prompt_id, template_note
+
+TEMPLATE_MODEL_ID = "template"
 
 
 def switches_of(cfg: NotesConfig) -> MetadataSwitches:
-    return MetadataSwitches(cfg.label_hierarchy, cfg.demographics_site, cfg.attributes)
+    return MetadataSwitches(cfg.label_hierarchy and cfg.strategy != LABEL_FREE, cfg.demographics_site, cfg.attributes)
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), where vLLM runs it faster than float32."""
+    try:
+        return bool(re.search(r"\b(?:avx512_bf16|amx_bf16)\b", Path(cpuinfo).read_text()))
+    except OSError:
+        return False
+
+
+def engine_dtype(setting: str) -> str:
+    """`notes.dtype` as given, or for "auto": bfloat16 on a GPU or a bfloat16-capable CPU, else float32."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() or cpu_has_bf16() else "float32"
 
 
 class NoteWriter:
     def __init__(self, cfg: NotesConfig, model_path: str | None, model_id: str):
-        self.cfg, self.model_id = cfg, model_id if cfg.strategy != "M" else "template"
+        self.cfg, self.model_id = cfg, model_id if cfg.strategy != "M" else TEMPLATE_MODEL_ID
         self.switches = switches_of(cfg)
         self.prompt_id = prompt_id(cfg.strategy, self.switches)
         self.sampling_json = cfg.sampling.model_dump_json()
-        self.llm = None
+        self.llm, self.dtype = None, None
         if cfg.strategy != "M":
             os.environ.update(cfg.engine_env)  # read by vLLM at import and engine start
             from vllm import LLM, SamplingParams
 
+            self.dtype = engine_dtype(cfg.dtype)
             self.llm = LLM(
                 model=model_path,
-                dtype=cfg.dtype,
+                dtype=self.dtype,
                 enforce_eager=cfg.enforce_eager,
                 max_model_len=cfg.max_model_len,
                 seed=cfg.sampling.seed or 0,
@@ -43,7 +66,8 @@ class NoteWriter:
             s = cfg.sampling
             # The seed goes to the engine, not to each request: per-request seeds fail on
             # vLLM's CPU backend ("CPU Generator does not use offset") once requests batch.
-            self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, ignore_eos=s.ignore_eos)
+            self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                         repetition_penalty=s.repetition_penalty, ignore_eos=s.ignore_eos)
 
     def engine_input(self, row: dict[str, Any]) -> tuple[Any, int]:
         """(vLLM prompt, prompt length in tokens) for one lesion; raises on a bad row."""
@@ -75,15 +99,20 @@ class NoteWriter:
                 results.append(exc)
         return results
 
-    def write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """NOTES_SCHEMA rows (without `shard`), one per input row, in order."""
-        records = [self._record(row) for row in rows]
-        if self.llm is None:
-            for record, row in zip(records, rows):
-                self._finish(record, row, template_note(row, self.switches), None, "template")
-            return records
+    def write(self, rows: list[dict[str, Any]], by_model: list[bool] | None = None) -> list[dict[str, Any]]:
+        """NOTES_SCHEMA rows (without `shard`), one per input row, in order.
+
+        `by_model[i]` False gives row i the template note (strategy M, the same metadata
+        switches) instead of the model's; None: the model writes every note.
+        """
+        if by_model is None:
+            by_model = [True] * len(rows)
+        records = [self._record(row, model and self.llm is not None) for row, model in zip(rows, by_model)]
         pending = []
         for i, row in enumerate(rows):
+            if records[i]["model_id"] == TEMPLATE_MODEL_ID:
+                self._finish(records[i], row, template_note(row, self.switches), "template")
+                continue
             try:
                 pending.append((i, *self.engine_input(row)))
             except Exception as exc:
@@ -96,18 +125,20 @@ class NoteWriter:
                     records[i]["error"] = _error_text(output)
                     continue
                 completion = output.outputs[0]
-                records[i]["prompt_tokens"] = len(output.prompt_token_ids)
-                records[i]["output_tokens"] = len(completion.token_ids)
-                self._finish(records[i], rows[i], completion.text.strip(), None, completion.finish_reason)
+                records[i].update(prompt_tokens=len(output.prompt_token_ids), output_tokens=len(completion.token_ids),
+                                  finish_reason=completion.finish_reason)
+                note, records[i]["error"] = note_or_error(completion)
+                if note is not None:
+                    self._finish(records[i], rows[i], note, completion.finish_reason)
         return records
 
-    def _record(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, row: dict[str, Any], by_model: bool) -> dict[str, Any]:
         return {
             "lesion_id": row["lesion_id"],
-            "strategy": self.cfg.strategy,
-            "prompt_id": self.prompt_id,
-            "model_id": self.model_id,
-            "sampling_params": self.sampling_json if self.llm is not None else None,
+            "strategy": self.cfg.strategy if by_model else "M",
+            "prompt_id": self.prompt_id if by_model else prompt_id("M", self.switches),
+            "model_id": self.model_id if by_model else TEMPLATE_MODEL_ID,
+            "sampling_params": self.sampling_json if by_model else None,
             "prompt_tokens": None,
             "output_tokens": None,
             "finish_reason": None,
@@ -118,9 +149,22 @@ class NoteWriter:
         }
 
     @staticmethod
-    def _finish(record: dict, row: dict, note: str, error: str | None, finish_reason: str | None) -> None:
+    def _finish(record: dict, row: dict, note: str, finish_reason: str | None) -> None:
         audit = audit_note(note, row)
-        record.update(note=note, error=error, finish_reason=finish_reason, audit_flags=audit.flag_strings(), hallucinated=audit.hallucinated)
+        record.update(note=note, finish_reason=finish_reason, audit_flags=audit.flag_strings(), hallucinated=audit.hallucinated)
+
+
+def note_or_error(completion: Any) -> tuple[str | None, str | None]:
+    """(note, None) for a vLLM CompletionOutput with text, else (None, the reason there is no note).
+
+    A note cut at max_tokens is a note: its row keeps `finish_reason` "length" for the summary's count.
+    """
+    note = completion.text.strip()
+    if not completion.token_ids:
+        return None, "no_text: the model ended the note before its first token"
+    if not note:
+        return None, f"empty_note: {len(completion.token_ids)} tokens of whitespace only"
+    return note, None
 
 
 def _error_text(exc: BaseException) -> str:

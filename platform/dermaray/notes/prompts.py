@@ -10,8 +10,12 @@ engine, or takes `template_note(...)` as the note for strategy M. Sampling setti
       the superclass and the label.
 - P2: a free description (lesion type, colour, border, symmetry) with the label injected.
 - P3: no metadata at all; the model sees only the image and decides the class itself.
+- LF: label-free: a free description from demographics, site and the measured attributes,
+      never the diagnosis. These are the notes a classifier may read (the notes paper's
+      image + note classifier), and the notes `make run` writes.
 
-`MetadataSwitches` choose what metadata goes into M, P1 and P2 (P3 ignores them). P1 and
+`MetadataSwitches` choose what metadata goes into M, P1, P2 and LF (P3 ignores them; LF
+never takes the label). P1 and
 P2 always receive the superclass and class name, because injecting the label is what
 defines them; for those two, `label_hierarchy` only adds the full ISIC hierarchy
 (superclass > family > class). For M, `label_hierarchy=False` leaves the diagnosis and
@@ -26,7 +30,8 @@ from typing import Any, Mapping
 
 from dermaray.schema import DIAGNOSES, DIAGNOSES_BY_CODE
 
-STRATEGIES: tuple[str, ...] = ("M", "P1", "P2", "P3")
+STRATEGIES: tuple[str, ...] = ("M", "P1", "P2", "P3", "LF")
+LABEL_FREE = "LF"
 
 # --- Attribute -> word thresholds. audit.py imports the same constants and functions, so
 # a note that uses the words of `describe_attributes` is never flagged by the audit.
@@ -344,7 +349,9 @@ def _class_names() -> str:
 
 def _user_text(row: Mapping[str, Any], strategy: str, switches: MetadataSwitches, with_image: bool) -> str:
     subject = "the skin lesion in the image" if with_image else "a skin lesion from the facts below"
-    facts = metadata_lines(row, switches, label_always=True) if strategy in ("P1", "P2") else []
+    if strategy == LABEL_FREE:
+        switches = MetadataSwitches(False, switches.demographics_site, switches.attributes)
+    facts = metadata_lines(row, switches, label_always=strategy != LABEL_FREE) if strategy != "P3" else []
     known = "Known facts:\n" + "\n".join(f"- {line}" for line in facts) if facts else ""
     if strategy == "P1":
         form = "\n".join(f"{name}: {' | '.join(options)}" for name, options in P1_FIELDS)
@@ -365,6 +372,17 @@ def _user_text(row: Mapping[str, Any], strategy: str, switches: MetadataSwitches
             for p in (
                 f"Write a free-text clinical note describing {subject}: lesion type, colour, border and "
                 "symmetry, and state the diagnosis given below.",
+                known,
+                _faithful(with_image),
+            )
+            if p
+        )
+    if strategy == LABEL_FREE:
+        return "\n\n".join(
+            p
+            for p in (
+                f"Write a short clinical note describing {subject}: the patient, the anatomic site, size, "
+                "colour, border and symmetry. Do not state or guess a diagnosis or whether it is benign or malignant.",
                 known,
                 _faithful(with_image),
             )
@@ -405,10 +423,17 @@ def build_messages(
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
+def states_label(prompt_id: str) -> bool:
+    """Whether a prompt with this id stated the diagnosis (P1 and P2 always do; M and P3 only with +label; LF never)."""
+    strategy, *switches = prompt_id.split("+")
+    return strategy in ("P1", "P2") or "label" in switches
+
+
 def prompt_id(strategy: str, switches: MetadataSwitches = ALL_METADATA) -> str:
-    """A stable short name: "P2+label+demo+attr", "M+attr", "P3" (P3 ignores the switches).
+    """A stable short name: "P2+label+demo+attr", "M+attr", "LF+demo+attr", "P3" (P3 ignores the switches).
 
     For P1 / P2 "+label" means the full hierarchy; the class name and superclass are always given.
+    LF never has "+label".
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
@@ -417,7 +442,7 @@ def prompt_id(strategy: str, switches: MetadataSwitches = ALL_METADATA) -> str:
     on = [
         name
         for name, flag in (
-            ("label", switches.label_hierarchy),
+            ("label", switches.label_hierarchy and strategy != LABEL_FREE),
             ("demo", switches.demographics_site),
             ("attr", switches.attributes),
         )

@@ -64,11 +64,18 @@ def notes(summaries: Mapping[str, dict | None], samples: Mapping[str, Sequence[d
         seconds = s.get("seconds_this_run") or 0
         written = s.get("shards_written_now", 1)
         rate = s["notes"] / seconds if seconds and written else None  # a re-run that wrote nothing has no rate
-        rows.append([name, s.get("prompt_id", s.get("strategy", "")), s["lesions"], s["notes"], s.get("errors", 0),
-                     f"{s['hallucination_rate']:.1%}", s.get("output_tokens", ""), round(seconds, 1),
+        by_model = s.get("notes_by_model", s["notes"])
+        model_rate = s.get("hallucination_rate_model_notes")
+        rows.append([name, s.get("prompt_id", s.get("strategy", "")), s["lesions"], by_model, s.get("notes_by_template", 0),
+                     s.get("errors", 0), f"{s['hallucination_rate']:.1%}", f"{model_rate:.1%}" if model_rate is not None else "",
+                     s.get("cut_at_max_tokens", ""), s.get("output_tokens", ""), s.get("dtype") or "", round(seconds, 1),
                      round(rate, 1) if rate else "", s.get("engine_start_seconds", "")])
-    parts = [table(["output", "prompt", "lesions", "notes", "errors", "hallucinated", "output tokens", "seconds", "notes / s",
-                    "engine start s"], rows)]
+    parts = [table(["output", "prompt", "lesions", "notes by the model", "template notes", "errors", "hallucinated",
+                    "hallucinated (model's notes)", "cut at max_tokens", "output tokens", "dtype", "seconds", "notes / s",
+                    "engine start s"], rows),
+             "<p>The model writes the notes of <code>notes.model_lesions</code> lesions (the test split first); the "
+             "others get the template note from the same metadata (strategy M). Each note row records which "
+             "(<code>model_id</code>, <code>prompt_id</code>).</p>"]
     flags = sorted({f for s in done.values() for f in s.get("audit_flag_counts", {})})
     if flags:
         parts.append("<h3>Audit flags (notes contradicting the lesion's metadata, by kind)</h3>")
@@ -78,7 +85,7 @@ def notes(summaries: Mapping[str, dict | None], samples: Mapping[str, Sequence[d
             parts.append(f"<h3>Sample notes: {esc(name)}</h3>")
             for r in rows_:
                 flags_ = ", ".join(r.get("audit_flags") or []) or "none"
-                parts.append(f'<p><b>{esc(r["lesion_id"])}</b> (audit flags: {esc(flags_)})</p>'
+                parts.append(f'<p><b>{esc(r["lesion_id"])}</b> ({esc(r.get("model_id") or "")}; audit flags: {esc(flags_)})</p>'
                              f'<div class="note">{esc(r.get("note") or r.get("error") or "")}</div>')
     return "\n".join(parts)
 
