@@ -380,19 +380,44 @@ def test_planted_contradictions_are_caught(rows):
 # --- Audit: tricky phrasing ----------------------------------------------------------------
 
 NEV = dict(diagnosis="NEV", symm_2axis=0.02, norm_border=0.4, norm_color=2.0)
+PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
 
 
 @pytest.mark.parametrize(
     ("note", "row", "facts", "codes"),
     [
-        ("No evidence of malignancy. Melanocytic nevus.", NEV, {"malignancy": (), "diagnoses": ("NEV",)}, ()),
-        ("No signs of ulceration, bleeding, or malignancy.", NEV, {"malignancy": ()}, ()),
+        ("No evidence of malignancy. Melanocytic nevus.", NEV, {"malignancy": ("not-malignant",), "diagnoses": ("NEV",)}, ()),
+        ("No evidence of malignancy.", dict(diagnosis="MEL"), {"malignancy": ("not-malignant",)}, ("malignancy_mismatch",)),
+        ("No evidence of malignancy.", dict(diagnosis="ACK"), {"malignancy": ("not-malignant",)}, ()),
+        ("No signs of ulceration, bleeding, or malignancy.", NEV, {"malignancy": ("not-malignant",), "history": ()}, ()),
         ("Dermoscopy to rule out melanoma; clinically a benign nevus.", NEV, {"diagnoses": ("NEV",)}, ()),
-        ("Family history of melanoma. Nevus on the back.", NEV, {"diagnoses": ("NEV",)}, ()),
+        ("Family history of melanoma. Nevus on the back.", NEV, {"diagnoses": ("NEV",), "history": ("family history of",)}, ("invented_history",)),
         ("Melanoma is unlikely; features of a benign nevus.", NEV, {"diagnoses": ("NEV",)}, ()),
         ("Melanoma was ruled out.", NEV, {"diagnoses": ()}, ()),
         ("Differential diagnosis includes dermatofibroma, melanoma and angioma. Final: nevus.", NEV, {"diagnoses": ("NEV",)}, ()),
-        ("Non-malignant lesion.", NEV, {"malignancy": ("benign",)}, ()),
+        ("Non-malignant lesion.", NEV, {"malignancy": ("not-malignant",)}, ()),
+        # Colours against the mean L*a*b* (PINK: L 65, a* 25, b* 12 is "pink"); not the skin's, not a dot's.
+        ("A pinkish papule with brown dots; the surrounding skin is white.", PINK, {"colours": ("pink",)}, ()),
+        ("The lesion is dark brown in colour.", PINK, {"colours": ("dark brown",)}, ("colour_mismatch",)),
+        ('It was found to be "light brown, uniform".', PINK, {"colours": ("light brown",)}, ("colour_mismatch",)),
+        ("A red to purple macule.", PINK, {"colours": ("red", "purple")}, ("colour_mismatch",)),
+        ("Colour: pink. Not black.", PINK, {"colours": ("pink",)}, ()),
+        # Contrast against delta_lb_norm (PINK: 30, high).
+        ("High contrast with the surrounding skin.", PINK, {"contrasts": ("high",)}, ()),
+        ("Contrast with the surrounding skin: low.", PINK, {"contrasts": ("low",)}, ("contrast_mismatch",)),
+        # History, symptoms and procedures are never in the metadata; plans and negations are not history.
+        ("The lesion has been bleeding and is rapidly growing.", NEV, {"history": ("bleeding", "rapidly growing")}, ("invented_history",)),
+        ("The patient underwent a biopsy last year.", NEV, {"history": ("underwent", "last year")}, ("invented_history",)),
+        ("No itching or bleeding. Excision is recommended to confirm.", NEV, {"history": ()}, ()),
+        ("Diagnosed with melanoma.", dict(diagnosis="MEL"), {"history": (), "diagnoses": ("MEL",)}, ()),
+        # Lengths in other units, widths, comparisons.
+        ("About 18 inches (45 cm) across.", dict(long_diam_mm=3.0), {"diameters_mm": (457.2, 450.0)}, ("size_mismatch",)),
+        ("It is 3 mm wide.", dict(long_diam_mm=3.3), {"diameter_bounds_mm": ((3.0, float("inf")),)}, ()),
+        ("It is 9 mm wide.", dict(long_diam_mm=3.3), {"diameter_bounds_mm": ((9.0, float("inf")),)}, ("size_mismatch",)),
+        ("3.3 mm, which is 1.4 mm longer than usual.", dict(long_diam_mm=3.3), {"diameters_mm": (3.3,)}, ()),
+        # Diagnoses outside the classes, and misspelt ones.
+        ("A benign prostatic hyperplasia.", NEV, {"diagnoses": ("OTHER",)}, ("diagnosis_mismatch",)),
+        ("Benign seberrheic keratoses.", dict(diagnosis="SEK"), {"diagnoses": ("SEK",)}, ()),
         ("The lesion is not asymmetric.", NEV, {"symmetry": ("symmetric",)}, ()),
         ("The lesion is not asymmetric.", dict(NEV, symm_2axis=0.12), {}, ("symmetry_mismatch",)),
         ("Asymmetry: symmetric\nBorder: regular\nColour variation: uniform", NEV,

@@ -1,8 +1,8 @@
 """Faithfulness audit of a clinical note against its lesion's metadata.
 
 `extract_facts` reads what a note claims with keyword rules (the paper's check is keyword
-based too): diagnosis, malignancy, age, sex, site, size, colour, border, symmetry and
-colour variation, each claim with its polarity. A term within a short window after a
+based too): diagnosis, malignancy, age, sex, site, size, colour, contrast, border, symmetry,
+colour variation and patient history, each claim with its polarity. A term within a short window after a
 negation cue ("no", "not", "without", "absence of", ...) is negated: for the two-valued
 attributes that is a claim of the opposite ("not asymmetric" = symmetric); for the rest it
 is no claim. A term after a hedge ("rule out", "differential", "history of", ...) or
@@ -11,7 +11,16 @@ label ("Asymmetry: symmetric"), not a claim.
 
 `audit_note` compares the claims with the row, using the thresholds of prompts.py, so a
 strategy-M note is never flagged. A fact the note does not state, or whose truth is None,
-is never flagged.
+is never flagged. Colours are compared with the colour word of the lesion's mean L*a*b*
+(neighbouring shades accepted, `COMPATIBLE_COLOURS`), contrast with the word of
+delta_lb_norm. The lesion table holds no history, symptoms or procedures, so any affirmed
+one ("rapidly growing", "bleeding", "underwent a biopsy") is `invented_history`; plans
+("excision is recommended") are not history.
+
+Not audited: lesion type words (macule, papule, nodule), dermoscopic structures (dots,
+globules, vessels), border sharpness (well- / ill-defined: recorded, not compared), colours of
+anything but the lesion, vague qualifiers ("normal colour", "moderate symmetry"), and numbers
+other than ages and the lesion's length (areas, perimeters, margins).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from typing import Any, Iterable, Mapping
 
 from dermaray.notes.prompts import (
     ASYMMETRIC_MIN_SYMM_2AXIS,
+    colour_name,
+    contrast_word,
     IRREGULAR_MIN_NORM_BORDER,
     SIZE_LARGE_MIN_MM,
     SIZE_SMALL_MAX_MM,
@@ -43,6 +54,9 @@ FLAG_CODES: tuple[str, ...] = (
     "symmetry_mismatch",
     "border_mismatch",
     "colour_variation_mismatch",
+    "colour_mismatch",
+    "contrast_mismatch",
+    "invented_history",
     "self_contradiction",
 )
 
@@ -61,7 +75,7 @@ _DIAGNOSIS_TERMS: dict[str, tuple[str, ...]] = {
     "BCC": (r"basal[- ]cell carcinomas?", r"basaliomas?", r"rodent ulcers?"),
     "SCC": (r"squamous[- ]cell carcinomas?", r"bowen'?s disease"),
     "ACK": (r"(?:actinic|solar) keratos[ei]s",),
-    "SEK": (r"seborrh?o?eic keratos[ei]s", r"seborrh?o?eic warts?"),
+    "SEK": (r"seb[oe]rr?h?o?eic keratos[ei]s", r"seb[oe]rr?h?o?eic warts?"),
     "DF": (r"dermatofibromas?", r"(?:benign )?fibrous histiocytomas?"),
     "VASC": (
         r"ha?emangiomas?", r"(?:cherry )?angiomas?", r"angiokeratomas?", r"pyogenic granulomas?",
@@ -70,6 +84,11 @@ _DIAGNOSIS_TERMS: dict[str, tuple[str, ...]] = {
     "BKL": (
         r"benign keratos[ei]s", r"(?:benign )?lichenoid keratos[ei]s", r"lichen planus[- ]like keratos[ei]s",
         r"solar lentig(?:o|ines)",
+    ),  # fmt: skip
+    # Not one of the classes: always a contradiction when affirmed.
+    "OTHER": (
+        r"[\w-]+ syndrome", r"\w*hyperplasias?", r"sarcomas?", r"lymphomas?", r"psoriasis", r"eczema", r"\w*dermatitis",
+        r"warts?", r"verruca\w*", r"cysts?", r"lipomas?", r"keratoacanthomas?", r"rosacea", r"vitiligo", r"acne",
     ),  # fmt: skip
 }
 # Codes written as abbreviations, matched case-sensitively ("df" is not a diagnosis).
@@ -92,7 +111,8 @@ _MALIGNANCY_TERMS = (
         ),  # fmt: skip
     ),
     ("malignant", (r"malignan(?:t|cy|cies)", r"cancer(?:ous|s)?")),
-    ("benign", (r"benign(?:ly)?", r"non-?malignant", r"non-?cancerous")),
+    ("not-malignant", (r"non-?malignant", r"non-?cancerous")),
+    ("benign", (r"benign(?:ly)?",)),
 )
 
 _LESION_NOUN = (
@@ -196,21 +216,84 @@ _add("size_word", "medium", [r"medium(?:-sized)?", r"mid-sized", r"moderate-size
 _add("size_word", "large", [r"large", r"big", r"sizea?ble"])
 for _pattern, _sites in _SITE_TERMS:
     _add("site", "|".join(sorted(_sites)), [_pattern])
-_COLOUR_WORDS = re.compile(
-    _words(
-        r"red-(?:brown|purple)", r"(?:dark|light|tan)[- ]brown", r"brown", r"black", r"tan", r"pink", r"red", r"purple",
-        r"violaceous", r"blue(?:-gr[ae]y)?", r"gr[ae]y", r"white", r"yellow", r"(?:skin|flesh)-colou?red",
-    ),
-    _I,
-)  # fmt: skip
+# Lesion colours: a stated word -> its canonical name; -ish forms count ("pinkish" = pink).
+_COLOUR_TERMS: dict[str, str] = {
+    r"red(?:dish)?[- ]brown": "red-brown", r"dark[- ]brown": "dark brown", r"(?:light|tan)[- ]brown": "light brown",
+    r"brown(?:ish)?": "brown", r"black(?:ish)?": "black", r"tan": "tan", r"pink(?:ish)?": "pink",
+    r"red(?:dish)?": "red", r"purpl(?:e|ish)": "purple", r"violaceous": "violaceous", r"red-purple": "red-purple",
+    r"blu(?:e|ish)(?:-gr[ae]y)?": "blue", r"gr[ae]y(?:ish)?": "grey", r"white|whitish": "white",
+    r"yellow(?:ish)?": "yellow", r"(?:skin|flesh)[- ]colou?red": "skin-coloured",
+}  # fmt: skip
+# Which stated colours a lesion of each measured colour (prompts.colour_name) may be called: its own
+# name and neighbouring shades.
+COMPATIBLE_COLOURS: dict[str, frozenset[str]] = {
+    name: frozenset({name, *others})
+    for name, others in (
+        ("black", ("dark brown",)),
+        ("dark brown", ("brown", "black")),
+        ("brown", ("dark brown", "light brown", "red-brown", "tan")),
+        ("light brown", ("brown", "tan")),
+        ("tan", ("light brown", "brown", "skin-coloured")),
+        ("red-brown", ("brown", "dark brown", "red", "pink")),
+        ("pink", ("red", "red-brown", "skin-coloured")),
+        ("red-purple", ("red", "purple", "violaceous", "pink", "red-brown")),
+        ("grey", ("blue", "black")),
+        ("skin-coloured", ("tan", "pink", "white")),
+    )
+}
+_COLOUR = re.compile(
+    r"\b(" + "|".join(f"(?:{p})" for p in _COLOUR_TERMS) + r")(?:\s*(?:-|to|and|/)\s*(" +
+    "|".join(f"(?:{p})" for p in _COLOUR_TERMS) + r"))?(?!\w)", _I,
+)
+# A colour is the lesion's when a lesion noun or a colour noun follows it ("pink papule", "pinkish
+# hue"), or a copula or "colour" precedes it ("is red-brown", "colour: tan", "colour of light brown").
+_COLOUR_HEAD = re.compile(
+    r"^[\s,]*(?:(?:[\w-]+)\s+){0,2}?(?:colou?r(?:ed|ation)?|hue|tint|pigment(?:ed|ation)?|tones?|appearance|"
+    r"lesions?|macules?|papules?|nodules?|plaques?|patch(?:es)?|moles?|spots?|blotch(?:es)?|growths?|na?ev(?:us|i))\b", _I)
+_COLOUR_LEAD = re.compile(
+    r"(?:\b(?:is|are|was|were|be|appears?|appearing|looks?|seems?)(?:\s+to\s+be)?|colou?r(?:ed)?(?:\s+(?:of|is|was))?\s*:?|"
+    r"\bin\s+colou?r\s+(?:is)?)\s*[\"'“]?\s*(?:(?:a|an|mostly|predominantly|uniformly|slightly|light(?:ly)?|mainly)\s+)?$", _I)
+# Not the lesion's own colour: the skin around it, its border, structures inside it.
+_COLOUR_OTHER = re.compile(
+    r"^[\s,]*(?:[\w-]+\s+){0,1}?(?:dots?|globules?|streaks?|network|veil|scales?|crusts?|lines?|structures?|areas?|"
+    r"borders?|rims?|halo|vessels?|cells?|skin|surrounding)\b", _I)
+_SKIN_BEFORE = re.compile(r"\b(?:skin|surrounding|background|halo)\b[^.;]{0,25}$", _I)
+
+_CONTRAST = re.compile(
+    r"\b(low|weak|poor|faint|subtle|moderate|medium|intermediate|high|strong|marked|stark|sharp)(?:[- ](?:degree|level)\s+of)?"
+    r"[- ]contrast\b|\bcontrast\b[^.;:]{0,40}?(?::|\bis\b|\bwas\b)\s*(low|moderate|medium|high)\b", _I)
+_CONTRAST_WORDS = {"low": "low", "weak": "low", "poor": "low", "faint": "low", "subtle": "low", "moderate": "moderate",
+                   "medium": "moderate", "intermediate": "moderate", "high": "high", "strong": "high", "marked": "high",
+                   "stark": "high", "sharp": "high"}  # fmt: skip
+
+# Patient history, symptoms, evolution and procedures: the lesion table holds none of them.
+_HISTORY = re.compile(_words(
+    r"(?:medical |family |personal |past |previous |prior )?history of", r"has had", r"had (?:a |an )?(?:previous|prior)",
+    # "diagnosed with melanoma" states the diagnosis (audited as such); who diagnosed it, and when, is history.
+    r"previously (?:diagnosed|treated|had|been|excised|removed|biopsied)", r"diagnosed (?:by|earlier|in \d+)", r"underwent", r"undergone", r"biops(?:y|ies) (?:showed|revealed|confirmed|found)",
+    r"(?:was|were|been|has been) (?:excised|removed|treated|biopsied|operated)", r"treated (?:a|the|this) patient",
+    r"bleed(?:s|ing)?", r"bled", r"itch(?:es|ing|y)?", r"pruritic", r"pruritus", r"painful", r"pain", r"tender(?:ness)?",
+    r"(?:rapid(?:ly)?|quickly|recently) (?:grow\w*|enlarg\w*|chang\w*)", r"grow(?:s|ing|n) (?:rapidly|quickly|in size)",
+    r"(?:recent|rapid) (?:growth|change|enlargement)", r"chang(?:ed|ing) in (?:size|shape|colou?r)", r"ulcerat(?:ed|ion|ing)",
+    r"ooz(?:es|ing)", r"crust(?:ed|ing)", r"symptoms? (?:include|includes|included|of|such as|are|were)",
+    r"complain(?:s|ed|ing|t)?(?: of)?", r"(?:patient |he |she |they )?reports?", r"reported", r"sunburns?",
+    r"sun[- ]exposure", r"tanning", r"allergic reaction", r"medications?", r"surgery", r"surgical (?:excision|removal)",
+    r"for (?:the (?:past|last) )?(?:several |many |a few |\d+ )(?:days|weeks|months|years)", r"since (?:childhood|birth)",
+    r"(?:earlier|last) (?:this )?(?:year|month|week)", r"(?:years|months|weeks) ago",
+), _I)
+# A procedure as a plan is not history: "excision is recommended", "biopsy to confirm".
+_PLAN = re.compile(_words(r"recommend\w*", r"advis\w*", r"should", r"consider\w*", r"plan\w*", r"warrant\w*",
+                          r"suggest\w*", r"may need", r"needs?", r"schedul\w*", r"refer\w*", r"would", r"if"), _I)
 
 _OPPOSITE = {
     "symmetric": "asymmetric", "asymmetric": "symmetric", "regular": "irregular", "irregular": "regular",
     "uniform": "variegated", "variegated": "uniform", "well-defined": "ill-defined", "ill-defined": "well-defined",
+    "malignant": "not-malignant",  # "no signs of malignancy"
 }  # fmt: skip
 _CONTRADICTIONS = (
     ("symmetry", "symmetric", "asymmetric"),
     ("malignancy", "benign", "malignant"),
+    ("malignancy", "not-malignant", "malignant"),
     ("border", "regular", "irregular"),
     ("variation", "uniform", "variegated"),
     ("definition", "well-defined", "ill-defined"),
@@ -279,7 +362,7 @@ _MALE = re.compile(_words(r"male", r"man", r"gentleman", r"boy", r"he", r"him", 
 _FEMALE = re.compile(_words(r"female", r"woman", r"lady", r"girl", r"she", r"hers?"), _I)
 
 _NUM = r"(\d+(?:\.\d+)?)"
-_UNIT = r"(mm|millimet(?:er|re)s?|cm|centimet(?:er|re)s?)"
+_UNIT = r"(mm|millimet(?:er|re)s?|cm|centimet(?:er|re)s?|inch(?:es)?)"
 _NOT_AREA = r"(?!\w|\s*(?:²|\^2|squared))"
 _DIMENSIONS = re.compile(rf"{_NUM}\s*(?:{_UNIT}\s*)?(?:x|×|by)\s*{_NUM}\s*-?\s*{_UNIT}{_NOT_AREA}", _I)
 _LENGTH = re.compile(rf"{_NUM}\s*-?\s*{_UNIT}{_NOT_AREA}", _I)
@@ -292,8 +375,10 @@ _LOWER_BOUND = re.compile(
 )
 _RANGE_START = re.compile(rf"{_NUM}\s*(?:{_UNIT})?\s*(?:-|–|to|and)\s*$", _I)
 _OTHER_LENGTH = re.compile(
-    r"\b(?:perimeter|circumference|minor|short|width|wide|thick\w*|depth|deep|breslow|margins?|away|apart|area)\b", _I
+    r"\b(?:perimeter|circumference|minor|short|thick\w*|depth|deep|breslow|margins?|away|apart|area)\b", _I
 )
+_COMPARED = re.compile(r"^\W*(?:longer|shorter|larger|smaller|bigger|wider|more|less)\b", _I)  # "1.4 mm longer than"
+_WIDTH = re.compile(r"\b(?:width|wide|broad)\b", _I)  # a width is at most the long diameter: a lower bound on it
 
 
 @dataclass(frozen=True)
@@ -308,7 +393,9 @@ class Facts:
     diameters_mm: tuple[float, ...] = ()  # measurements
     diameter_bounds_mm: tuple[tuple[float, float], ...] = ()  # "over 6 mm": (6, inf); "3 to 6 mm": (3, 6)
     size_words: tuple[str, ...] = ()  # small / medium / large
-    colours: tuple[str, ...] = ()
+    colours: tuple[str, ...] = ()  # the lesion's colour, as stated ("pink", "dark brown")
+    contrasts: tuple[str, ...] = ()  # low / moderate / high contrast with the surrounding skin
+    history: tuple[str, ...] = ()  # history, symptoms, procedures (the words)
     borders: tuple[str, ...] = ()  # regular / irregular
     border_definition: tuple[str, ...] = ()  # well-defined / ill-defined (recorded, not audited)
     symmetry: tuple[str, ...] = ()
@@ -395,8 +482,8 @@ def _word_count(text: str) -> int:
     return len(_WORD.findall(text))
 
 
-def _polarity(text: str, hit: _Hit, hits: list[_Hit]) -> str:
-    """"affirmed", "negated" or "hedged"."""
+def _polarity(text: str, hit: _Hit, hits: list[_Hit], hedges: bool = True) -> str:
+    """"affirmed", "negated" or "hedged" (`hedges=False`: hedge cues are not looked for)."""
     after = re.split(r"[,.;:!?\n(]", text[hit.end : hit.end + 60], maxsplit=1)[0]
     if _POST_HEDGE.match(after):
         return "hedged"
@@ -406,8 +493,8 @@ def _polarity(text: str, hit: _Hit, hits: list[_Hit]) -> str:
     before = text[start : hit.start]
     if re.search(r"\bnon-?\s*$", before, _I):
         return "negated"
-    hedges = ((_LIST_HEDGE, LIST_HEDGE_WINDOW_WORDS, False), (_HEDGE, HEDGE_WINDOW_WORDS, True))
-    for cue, window, stop_at_comma in hedges:
+    cues_of_hedges = ((_LIST_HEDGE, LIST_HEDGE_WINDOW_WORDS, False), (_HEDGE, HEDGE_WINDOW_WORDS, True)) if hedges else ()
+    for cue, window, stop_at_comma in cues_of_hedges:
         cues = list(cue.finditer(before))
         if cues:
             gap = before[cues[-1].end() :]
@@ -467,19 +554,59 @@ def _diameters(text: str) -> list[tuple[float, float]]:
                 continue
             taken.append(m.span())
             before, after = text[max(0, m.start() - 40) : m.start()], text[m.end() : m.end() + 25]
-            if _OTHER_LENGTH.search(" ".join(_WORD.findall(before)[-3:] + _WORD.findall(after)[:2])):
+            if _OTHER_LENGTH.search(" ".join(_WORD.findall(before)[-3:] + _WORD.findall(after)[:2])) or _COMPARED.match(after):
                 continue
             groups = m.groups()
-            scale = 10.0 if groups[-1].lower().startswith("c") else 1.0
+            unit = groups[-1].lower()
+            scale = 10.0 if unit.startswith("c") else 25.4 if unit.startswith("inch") else 1.0
             value = scale * max(float(g) for g in (groups[0], groups[2] if pattern is _DIMENSIONS else None) if g)
             if _UPPER_BOUND.search(before):
                 found.append((0.0, value))
-            elif _LOWER_BOUND.search(before):
+            elif _LOWER_BOUND.search(before) or _WIDTH.search(" ".join(_WORD.findall(before)[-2:] + _WORD.findall(after)[:1])):
                 found.append((value, float("inf")))
             elif start := _RANGE_START.search(before):
                 found.append((scale * float(start.group(1)), value))
             else:
                 found.append((value, value))
+    return found
+
+
+def _colours(text: str) -> list[str]:
+    """The lesion's stated colours: "pink papule", "is red-brown", "colour: tan"; not the skin's, a border's or a dot's."""
+    found = []
+    for m in _COLOUR.finditer(text):
+        after, before = text[m.end() : m.end() + 40], text[max(0, m.start() - 40) : m.start()]
+        if _COLOUR_OTHER.match(after) or _SKIN_BEFORE.search(before):
+            continue
+        if not (_COLOUR_HEAD.match(after) or _COLOUR_LEAD.search(before)):
+            continue
+        hit = _Hit("colour", "", m.start(), m.end(), False)
+        if _polarity(text, hit, []) != "affirmed":
+            continue
+        for part in m.groups():
+            if part:
+                found.append(next(name for pattern, name in _COLOUR_TERMS.items() if re.fullmatch(pattern, part, _I)))
+    return found
+
+
+def _contrasts(text: str) -> list[str]:
+    found = []
+    for m in _CONTRAST.finditer(text):
+        hit = _Hit("contrast", "", m.start(), m.end(), False)
+        if _polarity(text, hit, []) == "affirmed":
+            found.append(_CONTRAST_WORDS[(m.group(1) or m.group(2)).lower()])
+    return found
+
+
+def _history(text: str) -> list[str]:
+    """Affirmed history, symptoms and procedures (not negated, hedged or planned)."""
+    found = []
+    for m in _HISTORY.finditer(text):
+        hit = _Hit("history", "", m.start(), m.end(), False)
+        clause = text[_clause_start(text, m.start()) : _clause_end(text, m.end())]
+        if _PLAN.search(clause) or _polarity(text, hit, [], hedges=False) != "affirmed":
+            continue
+        found.append(re.sub(r"\s+", " ", m.group(0).lower()))
     return found
 
 
@@ -520,7 +647,9 @@ def extract_facts(note: str) -> Facts:
         diameters_mm=_unique(low for low, high in diameters if low == high),
         diameter_bounds_mm=_unique((low, high) for low, high in diameters if low != high),
         size_words=_unique(claims.get("size_word", ())),
-        colours=_unique(m.group(0).lower().replace("gray", "grey") for m in _COLOUR_WORDS.finditer(note)),
+        colours=_unique(_colours(note)),
+        contrasts=_unique(_contrasts(note)),
+        history=_unique(_history(note)),
         borders=_unique(claims.get("border", ())),
         border_definition=_unique(claims.get("definition", ())),
         symmetry=_unique(claims.get("symmetry", ())),
@@ -573,7 +702,7 @@ def audit_note(note: str, row: Mapping[str, Any], tolerance: Tolerance = Toleran
     true_malignancy = malignancy_word(row)
     if true_malignancy:
         for stated in facts.malignancy:
-            if stated != true_malignancy:
+            if stated != true_malignancy and (stated != "not-malignant" or true_malignancy == "malignant"):
                 flag("malignancy_mismatch", stated, true_malignancy)
     true_age = _number(row, "age_approx")
     if true_age is not None:
@@ -613,6 +742,19 @@ def audit_note(note: str, row: Mapping[str, Any], tolerance: Tolerance = Toleran
         for stated in stated_values:
             if holds and stated not in holds:
                 flag(code, stated, f"{'/'.join(sorted(holds))}({value:.3g})")
+    lab = [_number(row, c) for c in ("lesion_L", "lesion_A", "lesion_B")]
+    if None not in lab:
+        true_colour = colour_name(*lab)
+        for stated in facts.colours:
+            if stated not in COMPATIBLE_COLOURS[true_colour]:
+                flag("colour_mismatch", stated, true_colour)
+    contrast = _number(row, "delta_lb_norm")
+    if contrast is not None:
+        for stated in facts.contrasts:
+            if stated != contrast_word(contrast):
+                flag("contrast_mismatch", stated, f"{contrast_word(contrast)}({contrast:.3g})")
+    for words in facts.history:
+        flag("invented_history", words, "not in the metadata")
     for pair in facts.contradictions:
         flag("self_contradiction", pair.replace("/", "+"), "-")
     return AuditResult(facts=facts, flags=tuple(flags))

@@ -1,0 +1,119 @@
+"""The notes study: per prompt strategy, how often real notes contradict their lesion (per flag
+kind, with 95% bootstrap intervals), how long they are and how fast they come; and how well the
+audit's flags agree with hand labels (precision and recall per flag kind).
+
+Pure functions of note tables; `benchmarks/notes_study.py` runs the notes job per strategy and
+writes `notes_study.json` / `.md`, which the HTML report shows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermaray.notes.audit import FLAG_CODES, audit_note
+from dermaray.stats import format_ci, mean_ci
+
+# Columns of a lesion row that the audit reads: what a hand-labelled note keeps of its lesion.
+AUDITED_COLUMNS: tuple[str, ...] = (
+    "lesion_id", "diagnosis", "diagnosis_superclass", "diagnosis_full", "malignant", "age_approx", "sex", "anatom_site",
+    "long_diam_mm", "area_mm2", "symm_2axis", "norm_border", "norm_color", "lesion_L", "lesion_A", "lesion_B",
+    "delta_lb_norm",
+)  # fmt: skip
+
+
+def flag_codes_of(flags: Iterable[str] | None) -> set[str]:
+    """The codes of a note row's `audit_flags` strings ("sex_mismatch:stated=...")."""
+    return {f.split(":", 1)[0] for f in flags or ()}
+
+
+def strategy_result(notes: Sequence[Mapping[str, Any]], generate_seconds: float | None) -> dict[str, Any]:
+    """One strategy's figures from its note rows (NOTES_SCHEMA dicts) and the engine's generating time."""
+    ok = [n for n in notes if n["error"] is None]
+    codes = [flag_codes_of(n["audit_flags"]) for n in ok]
+    words = [len((n["note"] or "").split()) for n in ok]
+    tokens = sum(n["output_tokens"] or 0 for n in notes)
+    return {
+        "prompt_id": notes[0]["prompt_id"] if notes else None,
+        "notes": len(ok),
+        "errors": len(notes) - len(ok),
+        "cut_at_max_tokens": sum(n["finish_reason"] == "length" for n in ok),
+        "hallucinated": mean_ci([bool(c) for c in codes]),
+        "per_flag": {code: mean_ci([code in c for c in codes]) for code in FLAG_CODES},
+        "words": mean_ci(words),
+        "output_tokens": tokens,
+        "tokens_per_second": tokens / generate_seconds if generate_seconds else None,
+        "notes_per_second": len(notes) / generate_seconds if generate_seconds else None,
+    }
+
+
+def audit_agreement(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Precision and recall of the audit's flags against hand labels, per flag code and over all codes.
+
+    Each labelled note: {"note", "row" (AUDITED_COLUMNS), "labels": [{"kind": flag code,
+    "stated", "contradicts": bool}, ...]}. A (note, code) pair is a true positive when the audit
+    flags the code and the labeller marked a contradicting fact of that kind.
+    """
+    counts = {code: {"tp": 0, "fp": 0, "fn": 0} for code in FLAG_CODES}
+    misses = []
+    for item in labelled:
+        truth = {fact["kind"] for fact in item["labels"] if fact["contradicts"]}
+        found = set(audit_note(item["note"], item["row"]).codes)
+        unknown = truth - set(FLAG_CODES)
+        if unknown:
+            raise ValueError(f"note {item.get('id')}: unknown label kinds {sorted(unknown)}; known: {list(FLAG_CODES)}")
+        for code in FLAG_CODES:
+            key = "tp" if code in truth and code in found else "fp" if code in found else "fn" if code in truth else None
+            if key:
+                counts[code][key] += 1
+        if truth != found:
+            misses.append({"id": item.get("id"), "missed": sorted(truth - found), "false": sorted(found - truth)})
+    per_code = {code: _precision_recall(**c) for code, c in counts.items() if any(c.values())}
+    total = {k: sum(c[k] for c in counts.values()) for k in ("tp", "fp", "fn")}
+    return {"notes": len(labelled), "per_flag": per_code, "all": _precision_recall(**total), "disagreements": misses}
+
+
+def _precision_recall(tp: int, fp: int, fn: int) -> dict[str, Any]:
+    return {"tp": tp, "fp": fp, "fn": fn,
+            "precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None}
+
+
+def load_labelled(path: str | Path) -> list[dict[str, Any]]:
+    """A hand-labelled fixture: one JSON object per line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The study's tables: strategies side by side, flag kinds per strategy, the audit against hand labels."""
+    strategies: Mapping[str, Any] = results["strategies"]
+    lines = [f"Notes by {results['model']} on {results['lesions']} lesions per strategy "
+             f"(max_tokens {results['max_tokens']}, dtype {results.get('dtype')}); 95% bootstrap intervals over notes.", "",
+             "| strategy | prompt | notes | errors | cut at max_tokens | hallucinated | words | output tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in strategies.items():
+        rate = f"{s['tokens_per_second']:.0f}" if s.get("tokens_per_second") else "-"
+        lines.append(f"| {name} | {s['prompt_id']} | {s['notes']} | {s['errors']} | {s['cut_at_max_tokens']} | "
+                     f"{format_ci(s['hallucinated'], percent=True)} | {format_ci(s['words'], digits=1)} | {rate} |")
+    for name, reason in results.get("skipped", {}).items():
+        lines.append(f"| {name} | - | - | - | - | not run: {reason} | - | - |")
+    codes = [c for c in FLAG_CODES if any(s["per_flag"][c][0] > 0 for s in strategies.values())]
+    if codes:
+        lines += ["", "Notes with each flag, per strategy:", "",
+                  "| flag | " + " | ".join(strategies) + " |", "|---|" + "---|" * len(strategies)]
+        for code in codes:
+            lines.append(f"| {code} | " + " | ".join(format_ci(s["per_flag"][code], percent=True) for s in strategies.values()) + " |")
+    agreement = results.get("audit_agreement")
+    if agreement:
+        lines += ["", f"The audit against {agreement['notes']} hand-labelled notes ({results.get('fixture', 'fixture')}):", "",
+                  "| flag | labelled contradictions | flagged | precision | recall |", "|---|---|---|---|---|"]
+        for code, m in [*agreement["per_flag"].items(), ("all", agreement["all"])]:
+            lines.append(f"| {code} | {m['tp'] + m['fn']} | {m['tp'] + m['fp']} | {_fraction(m['precision'])} | {_fraction(m['recall'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None or np.isnan(value) else f"{value:.2f}"
