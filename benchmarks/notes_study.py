@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dermaray.config import load_config
-    from dermaray.notes.study import AUDITED_COLUMNS, audit_agreement, load_labelled, markdown, strategy_result
+    from dermaray.notes.study import AUDITED_COLUMNS, agreement_by_part, load_labelled, markdown, strategy_result
     from dermaray.storage import join, read_parquet, write_bytes
     from jobs import ingest, notes, synth
     from jobs.common import init_ray
@@ -75,7 +75,7 @@ def main() -> None:
            "dtype": ",".join(sorted(d for d in dtypes if d)) or None, "strategies": results, "skipped": SKIPPED}
     if Path(args.fixture).is_file():
         out["fixture"] = Path(args.fixture).name
-        out["audit_agreement"] = audit_agreement(load_labelled(args.fixture))
+        out["audit_agreement"] = agreement_by_part(load_labelled(args.fixture))
     reports = join(os.path.abspath(args.workdir), "reports", "notes_study")
     write_bytes(join(reports, "notes_study.json"), json.dumps(out, indent=2, default=float).encode())
     text = markdown(out)

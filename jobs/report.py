@@ -121,6 +121,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     """(the report's HTML, section -> whether its stage's outputs were found)."""
     # Imported here: the table layouts live with the jobs that write the .md files, one definition each.
     from dermaray.grounding.evaluate import markdown as grounding_markdown
+    from dermaray.notes.study import markdown as notes_study_markdown
     from jobs.classifier import markdown as classifier_markdown
     from jobs.diffusion_eval import markdown as diffusion_markdown
 
@@ -132,6 +133,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     notes_outputs = {f"{folder}/{d}": (folder, d) for folder in ("notes", "notes_blind") for d in w.domains(folder)}
     notes_summaries = {name: w.json(*parts, "notes_summary.json") for name, parts in notes_outputs.items()}
     samples = {name: _note_samples(w, parts, r.sample_notes) for name, parts in notes_outputs.items() if name.startswith("notes/")}
+    notes_study = w.json("reports", "notes_study", "notes_study.json")  # benchmarks/notes_study.py, when run
     grounding = w.json("grounding", "grounding_summary.json")
     grounding_eval = w.json("reports", "grounding", "grounding_eval.json")
     classifier = w.json("classifier", "classifier_summary.json")
@@ -157,7 +159,9 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
 
     sections = [
         ("run", "Run summary", report.run_summary(pipeline, ingest, synth)),
-        ("notes", "Clinical notes", report.notes(notes_summaries, samples)),
+        ("notes", "Clinical notes", report.notes(notes_summaries, samples)
+         + ("<h3>Prompt strategies on the same lesions (benchmarks/notes_study.py)</h3>"
+            + markdown_section(notes_study, "notes study", "notes_study.json", notes_study_markdown) if notes_study else "")),
         ("grounding", "Grounding", report.training(grounding, "grounding", [
             ("attribute loss (z space)", {"train": "train_loss", "validation": "val_loss"}, "Huber loss", True),
             ("validation MAE, area", {"area mm²": "val_mae_area_mm2"}, "mm²", False)])

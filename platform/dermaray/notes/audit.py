@@ -7,7 +7,8 @@ negation cue ("no", "not", "without", "absence of", ...) is negated: for the two
 attributes that is a claim of the opposite ("not asymmetric" = symmetric); for the rest it
 is no claim. A term after a hedge ("rule out", "differential", "history of", ...) or
 followed by "was ruled out" / "is unlikely" is no claim. A term followed by ":" is a field
-label ("Asymmetry: symmetric"), not a claim.
+label ("Asymmetry: symmetric"), not a claim, and a line listing a form's options ("Border:
+regular | slightly irregular | markedly irregular") claims nothing.
 
 `audit_note` compares the claims with the row, using the thresholds of prompts.py, so a
 strategy-M note is never flagged. A fact the note does not state, or whose truth is None,
@@ -87,7 +88,8 @@ _DIAGNOSIS_TERMS: dict[str, tuple[str, ...]] = {
     ),  # fmt: skip
     # Not one of the classes: always a contradiction when affirmed.
     "OTHER": (
-        r"[\w-]+ syndrome", r"\w*hyperplasias?", r"sarcomas?", r"lymphomas?", r"psoriasis", r"eczema", r"\w*dermatitis",
+        r"[\w-]+ syndrome", r"\w*hyperplasias?", r"\w*sarcomas?", r"lymphomas?", r"psoriasis", r"eczema", r"\w*dermatitis",
+        r"\w*keratoderma\w*", r"epidermolysis",
         r"warts?", r"verruca\w*", r"cysts?", r"lipomas?", r"keratoacanthomas?", r"rosacea", r"vitiligo", r"acne",
     ),  # fmt: skip
 }
@@ -120,7 +122,7 @@ _LESION_NOUN = (
     r"|na?ev(?:us|i)|melanomas?|keratos[ei]s|carcinomas?|dermatofibromas?|\w*angiomas?|lentig\w*)\b"
 )
 _NEEDS_BORDER_NOUN = re.compile(r"(?:ir)?regular|smooth|uneven", re.IGNORECASE)  # unlike "notched"
-_BORDER_NOUN = r"\b(?:borders?|margins?|edges?|outlines?|contours?|periphery|shaped?|circumscri\w*)\b"
+_BORDER_NOUN = r"\b(?:borders?|margins?|edges?|outlines?|contours?|periphery|circumscri\w*)\b"  # not "shape": outline irregularity is asymmetry as much
 
 H, U, L, A, P, PS, OG = ANATOMIC_SITES
 # "the back", but not "the back of the hand" (that is the hand).
@@ -141,7 +143,7 @@ _SITE_TERMS: tuple[tuple[str, frozenset[str]], ...] = tuple(
         (r"upper[- ](?:extremit(?:y|ies)|limbs?)", {U}),
         (r"(?:fore|upper )?arms?|elbows?|wrists?|antecubital", {U}),
         (r"(?<!other )hands?|fingers?|thumbs?|knuckles?", {U, PS}),
-        (r"shoulders?|deltoid", {U, A, P}),
+        (r"shoulders?|deltoid", {U}),
         (r"lower[- ](?:extremit(?:y|ies)|limbs?)", {L}),
         (r"(?:lower )?legs?|thighs?|knees?|shins?|calf|calves|ankles?|pretibial|popliteal", {L}),
         (r"feet|foot|toes?|heels?", {L, PS}),
@@ -174,11 +176,11 @@ def _add(kind: str, value: str, alternatives: Iterable[str], weak: bool = False,
 
 for _code, _alternatives in _DIAGNOSIS_TERMS.items():
     _add("diagnosis", _code, _alternatives)
-for _abbreviation, _code in _ABBREVIATIONS.items():
-    _add("diagnosis", _code, [_abbreviation + "s?"], flags=0)
+for _abbreviation, _code in _ABBREVIATIONS.items():  # "(SK)" after a name abbreviates it, whatever it is
+    _add("diagnosis", _code, [r"(?<!\()" + _abbreviation + "s?"], flags=0)
 for _value, _alternatives in _MALIGNANCY_TERMS:
     _add("malignancy", _value, _alternatives)
-_add("symmetry", "symmetric", [r"symmetric(?:al|ally)?"])
+_add("symmetry", "symmetric", [r"symmetric(?:al|ally)?", r"normal symmetry"])
 _add("symmetry", "asymmetric", [r"asymmetric(?:al|ally)?", r"asymmetry", r"asymmetries"])
 _add("symmetry", "symmetric", [r"symmetry"], weak=True)
 _add("border", "irregular", [r"irregular(?:ly|ity|ities)?", r"uneven"])  # needs a border noun nearby
@@ -279,11 +281,13 @@ _HISTORY = re.compile(_words(
     r"complain(?:s|ed|ing|t)?(?: of)?", r"(?:patient |he |she |they )?reports?", r"reported", r"sunburns?",
     r"sun[- ]exposure", r"tanning", r"allergic reaction", r"medications?", r"surgery", r"surgical (?:excision|removal)",
     r"for (?:the (?:past|last) )?(?:several |many |a few |\d+ )(?:days|weeks|months|years)", r"since (?:childhood|birth)",
-    r"(?:earlier|last) (?:this )?(?:year|month|week)", r"(?:years|months|weeks) ago",
+    r"(?:earlier|last) (?:this )?(?:year|month|week)", r"(?:years|months|weeks) ago", r"experienc(?:e|es|ed|ing)",
+    r"bone density", r"lifestyle", r"(?:radiographic |medical )?imaging", r"x-?rays?", r"blood tests?", r"blood on",
+    r"prior (?:medical|skin) (?:conditions?|history)",
 ), _I)
 # A procedure as a plan is not history: "excision is recommended", "biopsy to confirm".
 _PLAN = re.compile(_words(r"recommend\w*", r"advis\w*", r"should", r"consider\w*", r"plan\w*", r"warrant\w*",
-                          r"suggest\w*", r"may need", r"needs?", r"schedul\w*", r"refer\w*", r"would", r"if"), _I)
+                          r"may need", r"needs?", r"schedul\w*", r"refer\w*", r"would", r"if"), _I)
 
 _OPPOSITE = {
     "symmetric": "asymmetric", "asymmetric": "symmetric", "regular": "irregular", "irregular": "regular",
@@ -323,7 +327,8 @@ _HEDGE = re.compile(
         r"instead of", r"unlikely to be", r"mimic\w*", r"other than", r"distinguish\w* (?:it )?from",
         r"(?:argu\w*|speaks?|points?) against", r"against", r"history of", r"risk of", r"potential for",
         r"progress\w* (?:to|into)", r"transform\w*", r"evolv\w* into",
-        r"screen\w* for", r"monitor\w* for", r"surveillance for", r"if", r"whether",
+        r"screen\w* for", r"monitor\w* for", r"surveillance for", r"if", r"whether", r"symptoms? includ\w*",
+        r"possib(?:le|ly)", r"potential(?:ly)?", r"may (?:indicate|be|have|represent|suggest)", r"might", r"could",
     ),
     _I,
 )  # fmt: skip
@@ -533,7 +538,9 @@ def _is_claim_in_context(text: str, hit: _Hit) -> bool:
         before, after = text[max(0, hit.start - 30) : hit.start], text[hit.end : _clause_end(text, hit.end)]
         return bool(
             re.search(r"\b(?:size|diameter)[\s*_]*:\s*$", before, _I)
-            or re.match(r"\s*(?:-?sized|in (?:size|diameter))", after, _I)
+            or re.search(r"\b(?:is|was|are|were|appears?|appearing|seems?|be)\s+(?:\w+\s+)?$", before, _I)
+            # "large diameter 7 mm", "a small size of 5 mm", "medium sized"
+            or re.match(r"\s*(?:[\s-]?sized|(?:in )?(?:size|diameter))\b", after, _I)
             or re.search(_LESION_NOUN, " ".join(_WORD.findall(after)[:5]), _I)
         )
     return True
@@ -604,14 +611,20 @@ def _history(text: str) -> list[str]:
     for m in _HISTORY.finditer(text):
         hit = _Hit("history", "", m.start(), m.end(), False)
         clause = text[_clause_start(text, m.start()) : _clause_end(text, m.end())]
-        if _PLAN.search(clause) or _polarity(text, hit, [], hedges=False) != "affirmed":
+        if _PLAN.search(clause) or _polarity(text, hit, []) != "affirmed":
             continue
         found.append(re.sub(r"\s+", " ", m.group(0).lower()))
     return found
 
 
+# A line offering options ("Border: regular | slightly irregular | markedly irregular"), as P1 notes copy
+# the form back: it chooses nothing.
+_OPTION_LIST = re.compile(r"^[^\n|]*(?:\|[^\n|]*)+$", re.MULTILINE)
+
+
 def extract_facts(note: str) -> Facts:
     """The claims of a note (see the module docstring for the rules)."""
+    note = _OPTION_LIST.sub("", note)
     hits = _terms(note)
     claims: dict[str, list[str]] = {}
     sites: list[tuple[str, frozenset[str]]] = []

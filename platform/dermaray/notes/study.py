@@ -8,6 +8,7 @@ writes `notes_study.json` / `.md`, which the HTML report shows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -77,6 +78,17 @@ def audit_agreement(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"notes": len(labelled), "per_flag": per_code, "all": _precision_recall(**total), "disagreements": misses}
 
 
+def fixture_part(note_id: str) -> str:
+    """"dev" (the half the audit's rules were extended on) or "held_out" (never looked at while doing so)."""
+    return "held_out" if int(hashlib.sha1(note_id.encode()).hexdigest(), 16) % 2 else "dev"
+
+
+def agreement_by_part(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """audit_agreement on the dev half, the held-out half and all labelled notes."""
+    parts = {name: [item for item in labelled if fixture_part(item["id"]) == name] for name in ("dev", "held_out")}
+    return {**{name: audit_agreement(items) for name, items in parts.items()}, "all": audit_agreement(labelled)}
+
+
 def _precision_recall(tp: int, fp: int, fn: int) -> dict[str, Any]:
     return {"tp": tp, "fp": fp, "fn": fn,
             "precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None}
@@ -106,12 +118,18 @@ def markdown(results: Mapping[str, Any]) -> str:
                   "| flag | " + " | ".join(strategies) + " |", "|---|" + "---|" * len(strategies)]
         for code in codes:
             lines.append(f"| {code} | " + " | ".join(format_ci(s["per_flag"][code], percent=True) for s in strategies.values()) + " |")
-    agreement = results.get("audit_agreement")
-    if agreement:
-        lines += ["", f"The audit against {agreement['notes']} hand-labelled notes ({results.get('fixture', 'fixture')}):", "",
+    by_part = results.get("audit_agreement")
+    if by_part:
+        agreement = by_part["all"]
+        lines += ["", f"The audit against {agreement['notes']} hand-labelled notes ({results.get('fixture', 'fixture')}; "
+                  "precision and recall over (note, flag) pairs):", "",
                   "| flag | labelled contradictions | flagged | precision | recall |", "|---|---|---|---|---|"]
-        for code, m in [*agreement["per_flag"].items(), ("all", agreement["all"])]:
+        for code, m in [*agreement["per_flag"].items(), ("all flags", agreement["all"])]:
             lines.append(f"| {code} | {m['tp'] + m['fn']} | {m['tp'] + m['fp']} | {_fraction(m['precision'])} | {_fraction(m['recall'])} |")
+        for part, title in (("dev", "dev half (the rules were extended on it)"), ("held_out", "held-out half")):
+            m = by_part[part]["all"]
+            lines.append(f"| {title}, {by_part[part]['notes']} notes | {m['tp'] + m['fn']} | {m['tp'] + m['fp']} | "
+                         f"{_fraction(m['precision'])} | {_fraction(m['recall'])} |")
     return "\n".join(lines) + "\n"
 
 
