@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from dermaray.grounding.metrics import class_retrieval_metrics, classification_m
 from dermaray.grounding.model import augment
 from dermaray.grounding.text import TextEncoder
 from dermaray.notes.prompts import states_label
+from dermaray.stats import bootstrap_ci, format_ci
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs
@@ -156,7 +158,11 @@ def evaluate_set(model: MultimodalClassifier, ds: ray.data.Dataset, spec: LabelS
     if not len(labels):  # nothing labelled to evaluate on: counted, no metrics
         return result
     for head in ("image", "fused"):
-        result[head] = classification_metrics(labels, s[f"{head}_logits"].argmax(1), n_classes=len(spec.classes))
+        predicted = s[f"{head}_logits"].argmax(1)
+        result[head] = classification_metrics(labels, predicted, n_classes=len(spec.classes))
+        for name in ("accuracy", "balanced_accuracy", "macro_f1"):  # 95% bootstrap intervals over the lesions
+            result[head][f"{name}_ci"] = bootstrap_ci(
+                lambda i: classification_metrics(labels[i], predicted[i], n_classes=len(spec.classes))[name], len(labels))
         if spec.kind == "malignant":  # the ISIC 2024 challenge metric; undefined with one class present
             both = len(set(labels.tolist())) == 2
             result[head]["pauc"] = partial_auc_above_tpr(labels, malignant_probability(s[f"{head}_logits"])) if both else None
@@ -166,24 +172,26 @@ def evaluate_set(model: MultimodalClassifier, ds: ray.data.Dataset, spec: LabelS
     return result
 
 
-def _score(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _score(value: float | None, ci: Sequence[float] | None = None) -> str:
+    if value is None:
+        return "-"
+    return format_ci(ci) if ci is not None else f"{value:.3f}"
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     label = next(iter(results.values()), {}).get("label", "diagnosis")  # summaries before classifier.label: diagnosis
     pauc = label == "malignant"
-    lines = [f"Label: {label}." + (" pAUC: the ISIC 2024 challenge's partial AUC above 80% TPR (0.2 perfect, 0.02 chance)."
+    lines = [f"Label: {label}. Brackets: 95% bootstrap intervals over the lesions." + (" pAUC: the ISIC 2024 challenge's partial AUC above 80% TPR (0.2 perfect, 0.02 chance)."
                                    if pauc else ""), ""]
     lines += ["| set | lesions | excluded (no label) | head | accuracy | balanced accuracy | macro F1 |" + (" pAUC |" if pauc else ""),
               "|---|---|---|---|---|---|---|" + ("---|" if pauc else "")]
     for name, r in results.items():
         for head, title in (("image", "image only"), ("fused", "image + note")):
             m = r.get(head)  # absent when the set had no labelled lesion
-            cells = [m["accuracy"], m["balanced_accuracy"], m["macro_f1"]] if m else [None] * 3
-            cells += [m and m.get("pauc")] if pauc else []
-            lines.append(f"| {name} | {r['lesions']} | {r.get('excluded_unlabelled', 0)} | {title} | "
-                         + " | ".join(map(_score, cells)) + " |")
+            keys = ("accuracy", "balanced_accuracy", "macro_f1")
+            cells = [_score(m[k], m.get(f"{k}_ci")) for k in keys] if m else ["-"] * 3
+            cells += [_score(m and m.get("pauc"))] if pauc else []
+            lines.append(f"| {name} | {r['lesions']} | {r.get('excluded_unlabelled', 0)} | {title} | " + " | ".join(cells) + " |")
     lines += ["", "| set | direction | P@1 | P@5 | P@10 | mAP |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         for key, title in (("image_to_note", "image → note"), ("note_to_image", "note → image")):

@@ -135,3 +135,27 @@ def markdown(results: Mapping[str, Any]) -> str:
 
 def _fraction(value: float | None) -> str:
     return "-" if value is None or np.isnan(value) else f"{value:.2f}"
+
+
+def classifier_markdown(results: Mapping[str, Any]) -> str:
+    """Image only vs image + template note vs image + LLM note, per evaluation set (benchmarks/classifier_notes_study.py)."""
+    runs: Mapping[str, Mapping[str, Any]] = results["results"]  # note kind -> classifier eval (set -> metrics)
+    lines = [f"{results['lesions']} clinic lesions (80/10/10 train/val/test by patient) and {results['shifted']} lesions "
+             f"of the shifted clinic; label-free notes for every lesion; {results['epochs']} epochs; 95% bootstrap "
+             "intervals over the evaluated lesions.", "",
+             "| set | lesions | input | accuracy | balanced accuracy | macro F1 |", "|---|---|---|---|---|---|"]
+    sets = list(next(iter(runs.values())))
+    for name in sets:
+        rows = [("image only (template-note run)", runs["template"][name].get("image"))]
+        rows += [(f"image + {kind} note", runs[kind][name].get("fused")) for kind in runs]
+        for title, m in rows:
+            cells = [format_ci(m[f"{k}_ci"]) if m else "-" for k in ("accuracy", "balanced_accuracy", "macro_f1")]
+            lines.append(f"| {name} | {runs['template'][name]['lesions']} | {title} | " + " | ".join(cells) + " |")
+    lines += ["", "| set | notes | direction | P@1 | P@5 | P@10 | mAP |", "|---|---|---|---|---|---|---|"]
+    for name in sets:
+        for kind in runs:
+            for key, title in (("image_to_note", "image → note"), ("note_to_image", "note → image")):
+                m = runs[kind][name].get(key, {})
+                lines.append(f"| {name} | {kind} | {title} | "
+                             + " | ".join(_fraction(m.get(k)) for k in ("P@1", "P@5", "P@10", "mAP")) + " |")
+    return "\n".join(lines) + "\n"
