@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,9 @@ def test_label_free_notes_by_the_model_for_a_count_templates_for_the_rest(ingest
     tests = lesions.loc[written.lesion_id].split.eq("test").to_numpy()
     assert tests[written.model_id.ne("template").to_numpy()].all() or tests.sum() < 30
     assert summary["dtype"] in ("bfloat16", "float32")
+    # Flag counts count notes, as dermaray.notes.audit.flag_counts does (not flags: a note may have two of one code).
+    per_note = Counter(code for flags in written.audit_flags.dropna() for code in {f.split(":")[0] for f in flags})
+    assert summary["audit_flag_counts"] == dict(per_note)
     # Notes cut at max_tokens (16 here) stay notes, counted; the rows say so.
     assert summary["cut_at_max_tokens"] == int((written.finish_reason == "length").sum()) > 0
     # Label-free: neither the model's prompt nor the template names the diagnosis.
