@@ -259,7 +259,7 @@ _COLOUR_LEAD = re.compile(
 _COLOUR_OTHER = re.compile(
     r"^[\s,]*(?:[\w-]+\s+){0,1}?(?:dots?|globules?|streaks?|network|veil|scales?|crusts?|lines?|structures?|areas?|"
     r"borders?|rims?|halo|vessels?|cells?|skin|surrounding)\b", _I)
-_SKIN_BEFORE = re.compile(r"\b(?:skin|surrounding|background|halo)\b[^.;]{0,25}$", _I)
+_SKIN_BEFORE = re.compile(r"\b(?:skin|surrounding|background|halo|hair|eyes?)\b[^.;]{0,25}$", _I)
 
 _CONTRAST = re.compile(
     r"\b(low|weak|poor|faint|subtle|moderate|medium|intermediate|high|strong|marked|stark|sharp)(?:[- ](?:degree|level)\s+of)?"
