@@ -121,6 +121,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     """(the report's HTML, section -> whether its stage's outputs were found)."""
     # Imported here: the table layouts live with the jobs that write the .md files, one definition each.
     from dermaray.grounding.evaluate import markdown as grounding_markdown
+    from dermaray.notes.study import classifier_markdown as notes_classifier_markdown
     from dermaray.notes.study import markdown as notes_study_markdown
     from jobs.classifier import markdown as classifier_markdown
     from jobs.diffusion_eval import markdown as diffusion_markdown
@@ -134,6 +135,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     notes_summaries = {name: w.json(*parts, "notes_summary.json") for name, parts in notes_outputs.items()}
     samples = {name: _note_samples(w, parts, r.sample_notes) for name, parts in notes_outputs.items() if name.startswith("notes/")}
     notes_study = w.json("reports", "notes_study", "notes_study.json")  # benchmarks/notes_study.py, when run
+    notes_classifier = w.json("reports", "classifier_notes_study", "classifier_notes_study.json")  # benchmarks/classifier_notes_study.py
     grounding = w.json("grounding", "grounding_summary.json")
     grounding_eval = w.json("reports", "grounding", "grounding_eval.json")
     classifier = w.json("classifier", "classifier_summary.json")
@@ -174,7 +176,10 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
             *([("validation pAUC above 80% TPR", {"image only": "val_pauc_image", "image + note": "val_pauc_fused"}, "pAUC", False)]
               if (classifier or {}).get("label") == "malignant" else [])])
          + "<h3>Evaluation</h3>"
-         + markdown_section((classifier or {}).get("eval"), "classifier", "classifier_summary.json", classifier_markdown)),
+         + markdown_section((classifier or {}).get("eval"), "classifier", "classifier_summary.json", classifier_markdown)
+         + ("<h3>Template notes vs LLM notes (benchmarks/classifier_notes_study.py)</h3>"
+            + markdown_section(notes_classifier, "classifier notes study", "classifier_notes_study.json", notes_classifier_markdown)
+            if notes_classifier else "")),
         ("diffusion", "Diffusion LoRA", diffusion_body),
     ]
     found = {"run": bool(ingest), "notes": any(notes_summaries.values()), "grounding": bool(grounding and grounding_eval),
