@@ -42,12 +42,13 @@ def shard_uri(output: str, shard: int) -> str:
 class ShardWriter:
     """A Ray Data actor: one engine, many shards; each shard's file written whole."""
 
-    def __init__(self, cfg: NotesConfig, models: ModelsConfig, storage_options: dict):
+    def __init__(self, cfg: NotesConfig, models: ModelsConfig, storage_options: dict, with_model: bool = True):
         setup_logging()  # a worker process: its log lines reach the driver and the Ray dashboard
         start = time.perf_counter()
         # Resolved here, on the engine's node: fetched into (or built in) that node's cache once.
-        model_path = None if cfg.strategy == "M" else resolve_model("note_writer", models.note_writer, models)
-        self.writer = NoteWriter(cfg, model_path, model_id_of(models.note_writer))
+        with_model = with_model and cfg.strategy != "M"
+        model_path = resolve_model("note_writer", models.note_writer, models) if with_model else None
+        self.writer = NoteWriter(cfg, model_path, model_id_of(models.note_writer), with_model=with_model)
         self.output, self.storage_options = cfg.output, storage_options
         self.engine_start_s = time.perf_counter() - start
         log.info("notes: engine %s (%s) ready in %.1f s", self.writer.model_id, self.writer.dtype, self.engine_start_s)
@@ -150,7 +151,7 @@ def run(cfg: DermarayConfig) -> dict:
             blocks.append(part.append_column(BY_MODEL, pa.array([i in by_model for i in part.column("lesion_id").to_pylist()])))
         results = ray.data.from_arrow(blocks).map_batches(
             ShardWriter,
-            fn_constructor_args=(n, cfg.models, options),
+            fn_constructor_args=(n, cfg.models, options, bool(by_model)),  # no lesion for the model: no engine
             batch_size=None,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=n.concurrency),

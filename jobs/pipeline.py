@@ -65,7 +65,11 @@ def run(cfg: DermarayConfig) -> dict:
             results[f"ingest/{domain}"] = ingest.run(_with(cfg, "ingest", source="isic2024", input=synthetic, output=canonical))
             lap(f"ingest/{domain}")
         if "notes" in stages:
-            results[f"notes/{domain}"] = notes.run(_with(cfg, "notes", input=lesions[domain], output=join(root, "notes", domain)))
+            model_lesions = cfg.notes.model_lesions
+            if domain == "shifted" and cfg.pipeline.shifted_model_lesions is not None:
+                model_lesions = cfg.pipeline.shifted_model_lesions
+            results[f"notes/{domain}"] = notes.run(_with(cfg, "notes", input=lesions[domain], output=join(root, "notes", domain),
+                                                         model_lesions=model_lesions))
             lap(f"notes/{domain}")
 
     grounded_model = join(root, "grounding", "model")

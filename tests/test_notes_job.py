@@ -179,3 +179,9 @@ def test_a_note_without_text_is_an_error_row_with_its_reason():
     assert note_or_error(completion("", [])) == (None, "no_text: the model ended the note before its first token")
     assert note_or_error(completion(" \n\t ", [220, 198, 197]))[1].startswith("empty_note: 3 tokens")
     assert note_or_error(completion(" A brown macule", [1, 2, 3], "length")) == ("A brown macule", None)
+
+
+def test_a_run_without_lesions_for_the_model_starts_no_engine(ingested_on_s3, s3_options, tmp_path):
+    summary = notes.run(_config(s3_options, "notes.strategy=LF", "notes.model_lesions=0", "notes.limit=20",
+                                "models.note_writer=/nonexistent/model", f"notes.input={LESIONS}", f"notes.output={tmp_path}/none"))
+    assert summary["notes_by_model"] == 0 and summary["notes_by_template"] == 20 and summary["dtype"] is None

@@ -322,6 +322,8 @@ class PipelineConfig(Section):
 
     workdir: str = "out"
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
+    # notes.model_lesions for the shifted clinic's notes (None: the same as the clinic's; 0: templates only)
+    shifted_model_lesions: int | None = Field(default=None, ge=0)
     stages: list[Literal["synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion",
                          "diffusion_eval", "report"]] = [
         "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion", "diffusion_eval",

@@ -43,13 +43,14 @@ def engine_dtype(setting: str) -> str:
 
 
 class NoteWriter:
-    def __init__(self, cfg: NotesConfig, model_path: str | None, model_id: str):
+    def __init__(self, cfg: NotesConfig, model_path: str | None, model_id: str, with_model: bool = True):
+        """`with_model=False` starts no engine: every note is the template (a run whose lesions all get one)."""
         self.cfg, self.model_id = cfg, model_id if cfg.strategy != "M" else TEMPLATE_MODEL_ID
         self.switches = switches_of(cfg)
         self.prompt_id = prompt_id(cfg.strategy, self.switches)
         self.sampling_json = cfg.sampling.model_dump_json()
         self.llm, self.dtype = None, None
-        if cfg.strategy != "M":
+        if cfg.strategy != "M" and with_model:
             os.environ.update(cfg.engine_env)  # read by vLLM at import and engine start
             from vllm import LLM, SamplingParams
 
