@@ -27,6 +27,7 @@ from dermaray.config import DermarayConfig, ModelsConfig, NotesConfig
 from dermaray.models.registry import get_preset, is_preset, resolve_model
 from dermaray.notes.engine import TEMPLATE_MODEL_ID, NoteWriter, switches_of
 from dermaray.notes.prompts import prompt_id
+from dermaray.notes.study import flag_codes_of
 from dermaray.schema import LESION_SCHEMA, NOTES_SCHEMA
 from dermaray.storage import filesystem, join, read_bytes, read_parquet, write_bytes, write_parquet_atomic
 from jobs.common import init_ray, log, write_summary
@@ -95,7 +96,7 @@ def make_plan(cfg: NotesConfig, preset: str, lesion_ids: list[str]) -> dict:
         "lesion_ids_sha1": hashlib.sha1("\n".join(lesion_ids).encode()).hexdigest(),
         "shard_size": cfg.shard_size,
         "prompt_id": prompt_id(cfg.strategy, switches_of(cfg)),
-        "model_id": model_id_of(preset) if cfg.strategy != "M" else "template",
+        "model_id": model_id_of(preset) if cfg.strategy != "M" else TEMPLATE_MODEL_ID,
         "sampling": cfg.sampling.model_dump(mode="json"),
         "with_image": cfg.with_image,
         "model_lesions": cfg.model_lesions,
@@ -174,7 +175,7 @@ def run(cfg: DermarayConfig) -> dict:
     audited = frame[frame.error.isna()]
     model_notes = audited[audited.model_id != TEMPLATE_MODEL_ID]
     # Per flag code, the notes with at least one flag of it (as dermaray.notes.audit.flag_counts counts).
-    codes = audited.audit_flags.map(lambda flags: sorted({f.split(":")[0] for f in flags}) if flags is not None else [])
+    codes = audited.audit_flags.map(lambda flags: sorted(flag_codes_of(flags)))
     flags = codes.explode().dropna().value_counts()
     summary = {
         "input": n.input,

@@ -29,7 +29,7 @@ AUDITED_COLUMNS: tuple[str, ...] = (
 
 def flag_codes_of(flags: Iterable[str] | None) -> set[str]:
     """The codes of a note row's `audit_flags` strings ("sex_mismatch:stated=...")."""
-    return {f.split(":", 1)[0] for f in flags or ()}
+    return {f.split(":", 1)[0] for f in (() if flags is None else flags)}  # a list, or an array from pandas
 
 
 def strategy_result(notes: Sequence[Mapping[str, Any]], generate_seconds: float | None) -> dict[str, Any]:
