@@ -35,7 +35,7 @@ import torch
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, DiffusionConfig, ModelsConfig
-from dermaray.diffusion.captions import caption, size_word
+from dermaray.diffusion.captions import caption, lesion_size_word
 from dermaray.diffusion.pipeline import (
     DiffusionObjective,
     add_lora,
@@ -60,10 +60,10 @@ SHARED_ADAPTER = "adapter"  # <output>/adapter: one adapter, every diagnosis, cl
 PER_DIAGNOSIS_ADAPTERS = "adapters"  # <output>/adapters/<code>: one adapter per diagnosis
 
 
-def lesion_caption(diagnosis: str | None, area_mm2: float | None, size_words: bool) -> str:
-    """The lesion's training caption; `diagnosis` None leaves the diagnosis out (base pre-training)."""
-    use_size = size_words and area_mm2 is not None and np.isfinite(area_mm2)
-    return caption(diagnosis, size_word(float(area_mm2)) if use_size else None)
+def lesion_caption(diagnosis: str | None, lesion: dict[str, Any], size_words: bool) -> str:
+    """The lesion's training caption; `diagnosis` None leaves the diagnosis out (base pre-training). `lesion`: its
+    long_diam_mm and area_mm2, sized as its note is (lesion_size_word)."""
+    return caption(diagnosis, lesion_size_word(lesion) if size_words else None)
 
 
 def lesion_notes(uri: str, storage_options: dict) -> dict[str, str]:
@@ -100,7 +100,9 @@ class DiffusionInputs:
                 empty = (0, 3, self.resolution, self.resolution)
                 return {PIXELS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}
         images = [decode_rgb(b) for b in batch["image_bytes"]]
-        captions = [lesion_caption(d, a, self.size_words) for d, a in zip(batch["diagnosis"], batch["area_mm2"])]
+        lengths = batch.get("long_diam_mm", np.full(len(batch["diagnosis"]), np.nan))  # without it: sized by the area
+        captions = [lesion_caption(d, {"long_diam_mm": n, "area_mm2": a}, self.size_words)
+                    for d, n, a in zip(batch["diagnosis"], lengths, batch["area_mm2"])]
         # The tokenizer cuts captions at the text encoder's length (77 tokens for CLIP): the
         # diagnosis words come first so they always survive.
         captions = [f"{c}, {self.notes[i]}" if i in self.notes else c for c, i in zip(captions, batch["lesion_id"])]
@@ -117,7 +119,7 @@ def pretrain_task(models: ModelsConfig, target: str, storage_options: dict, rows
     setup_logging()  # the step losses, every 50 steps, in the worker's log (and the driver's, with log_to_driver)
     images = [decode_rgb(r["image_bytes"]) for r in rows]
     with_diagnosis = p["captions"] == "diagnosis"
-    captions = [lesion_caption(r["diagnosis"] if with_diagnosis else None, r["area_mm2"], size_words) for r in rows]
+    captions = [lesion_caption(r["diagnosis"] if with_diagnosis else None, r, size_words) for r in rows]
     with tempfile.TemporaryDirectory(prefix="diffusion-base-") as staging:
         losses = pretrain_base(resolve_model("diffusion_base", models.diffusion_base, models), staging, images, captions,
                                steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed,
@@ -144,7 +146,7 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
     if exists(join(target, PRETRAIN_FILE), options):
         log.info("diffusion: reusing the pre-trained base at %s", target)
         return target, json.loads(read_bytes(join(target, PRETRAIN_FILE), options))
-    table = read_parquet(d.input, options, columns=["split", "image_bytes", "diagnosis", "area_mm2"])
+    table = read_parquet(d.input, options, columns=["split", "image_bytes", "diagnosis", "area_mm2", "long_diam_mm"])
     rows = table.filter(pc.equal(table["split"], "train")).to_pylist()
     rows = random.Random(d.train.seed).sample(rows, min(len(rows), d.pretrain.max_images))
     log.info("diffusion: pre-training the tiny base on %d lesions for %d steps", len(rows), d.pretrain.steps)
@@ -224,7 +226,7 @@ def split_ids(d: DiffusionConfig, storage_options: dict) -> tuple[dict[str, dict
 
 def split_dataset(d: DiffusionConfig, split: str, ids: list[str], base: str, models: ModelsConfig, resolution: int,
                   storage_options: dict) -> ray.data.Dataset:
-    columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2"]
+    columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2", "long_diam_mm"]
     every_row = d.adapters == "shared" and d.limit is None  # no id set to ship to the actors
     only = None if every_row else set(ids)
     args = (base, models, storage_options, resolution, d.size_words, only, d.notes)

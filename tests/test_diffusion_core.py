@@ -69,7 +69,7 @@ def lesions() -> tuple[list[Image.Image], list[str]]:
     for index in range(4):
         row, jpeg, _, _ = synthesize_lesion(0, index, image_size=64)
         images.append(decode_rgb(jpeg))
-        prompts.append(caption(CODE_OF_NAME[row["iddx_3"]], size_word(row["tbp_lv_areaMM2"])))
+        prompts.append(caption(CODE_OF_NAME[row["iddx_3"]], size_word(row["clin_size_long_diam_mm"])))
     return images, prompts
 
 
@@ -125,7 +125,7 @@ def test_captions_name_the_diagnosis_and_size() -> None:
     )
     assert caption("BCC", extra="ulcerated").endswith("skin lesion, ulcerated")
     assert len({caption(d.code) for d in DIAGNOSES}) == len(DIAGNOSES)
-    assert [size_word(a) for a in (0.0, 5.99, 6.0, 9.0, 13.99, 14.0, 40.0)] == (
+    assert [size_word(d) for d in (0.0, 2.99, 3.0, 4.5, 6.0, 6.01, 40.0)] == (  # long diameter, mm
         ["small", "small", "medium", "medium", "medium", "large", "large"]
     )
     with pytest.raises(ValueError, match="MEL"):
@@ -135,7 +135,7 @@ def test_captions_name_the_diagnosis_and_size() -> None:
     with pytest.raises(ValueError, match="extra"):
         caption("MEL", extra=["", "x"])
     for bad in (-1.0, math.nan, math.inf):
-        with pytest.raises(ValueError, match="area_mm2"):
+        with pytest.raises(ValueError, match="diameter_mm"):
             size_word(bad)
 
 

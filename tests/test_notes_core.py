@@ -9,6 +9,7 @@ import re
 import pytest
 
 from dermaray.data.synthetic import synthesize_lesion
+from dermaray.diffusion.captions import SIZE_WORDS, caption, lesion_size_word
 from dermaray.notes import (
     ALL_METADATA,
     NO_METADATA,
@@ -246,6 +247,22 @@ def test_word_thresholds():
     assert symmetry_word(0.049) == "symmetric" and symmetry_word(0.05) == "asymmetric"
     assert border_word(0.99) == "regular" and border_word(1.0) == "irregular"
     assert colour_variation_word(2.69) == "uniform" and colour_variation_word(2.7) == "variegated"
+
+
+def test_a_caption_and_the_note_of_a_lesion_name_the_same_size(rows):
+    # One definition of the size words: diffusion.notes puts a lesion's note after its caption.
+    edges = [_row(long_diam_mm=d, area_mm2=50.0) for d in (2.99, 3.0, 6.0, 6.01)] + [_row(area_mm2=40.0)]
+    seen = set()
+    for row in rows + edges:
+        word = lesion_size_word(row)
+        note = template_note(row)
+        assert caption("MEL", word).startswith(f"a dermoscopic photo of {word} melanoma")
+        assert extract_facts(note).size_words == (word,), (row["long_diam_mm"], note)  # the audit reads the note's word
+        assert describe_attributes(row)["size"] == {"medium": "medium-sized"}.get(word, word)
+        assert not audit_note(f"A {word} lesion.", row).flags
+        seen.add(word)
+    assert seen == set(SIZE_WORDS)
+    assert lesion_size_word(_row()) is None
 
 
 def test_describe_attributes_covers_both_words_and_skips_unknowns(rows):

@@ -270,7 +270,7 @@ class DiffusionConfig(Section):
     input: str = "out/ingest/clinic/lesions"
     output: str = "out/diffusion"  # <output>/base (pre-trained tiny base), <output>/runs, <output>/adapter
     resolution: int | None = None  # training / generation size; None: the base's native size
-    size_words: bool = True  # captions say small / medium / large from the lesion's area
+    size_words: bool = True  # captions say small / medium / large from the lesion's long diameter, as its note does
     notes: str | None = None  # a notes Parquet (jobs.notes): each lesion's note follows its training caption
     pretrain: BasePretrainConfig = BasePretrainConfig()  # only for `tiny` (random) bases
     run_name: str = "lora"

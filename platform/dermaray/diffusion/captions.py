@@ -7,17 +7,16 @@ prompt pair such as "large melanoma" / "small melanoma" tests attribute faithful
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from dermaray.notes.prompts import SIZE_CATEGORIES, lesion_diameter_mm, size_category
 from dermaray.schema import DIAGNOSES_BY_CODE
 
-# Area cut-offs (mm²) at about the quartiles of the synthetic lesions (median ~9 mm²,
-# quartiles ~6 and ~14): "small" is the lowest quarter, "large" the top quarter, and the two
-# extremes differ by more than 2x in area, so a generator that ignores the word is visible.
-SMALL_BELOW_MM2 = 6.0
-LARGE_FROM_MM2 = 14.0
-SIZE_WORDS: tuple[str, ...] = ("small", "medium", "large")
+# The size words are the notes' size categories (dermaray.notes.prompts: long diameter under 3 mm,
+# over 6 mm), so a caption and the note that follows it (diffusion.notes) name the same size. The
+# extremes differ by more than 2x in diameter, so a generator that ignores the word is visible.
+SIZE_WORDS: tuple[str, ...] = SIZE_CATEGORIES
 # The subject of a caption without a diagnosis: what a general base model knows of these images
 # ("a skin lesion") and no more, so that telling diagnoses apart is left to the adapters.
 GENERIC_SUBJECT = "lesion"
@@ -30,13 +29,15 @@ def condition_name(diagnosis_code: str) -> str:
     return DIAGNOSES_BY_CODE[diagnosis_code].name.removesuffix(", NOS").lower()
 
 
-def size_word(area_mm2: float) -> str:
-    """"small" below 6 mm², "large" from 14 mm², "medium" in between."""
-    if not math.isfinite(area_mm2) or area_mm2 < 0:
-        raise ValueError(f"area_mm2 must be a finite, non-negative number, got {area_mm2!r}")
-    if area_mm2 < SMALL_BELOW_MM2:
-        return "small"
-    return "large" if area_mm2 >= LARGE_FROM_MM2 else "medium"
+def size_word(diameter_mm: float) -> str:
+    """The caption's size word for a long diameter: "small" below 3 mm, "large" above 6 mm, "medium" in between."""
+    return size_category(diameter_mm)
+
+
+def lesion_size_word(row: Mapping[str, Any]) -> str | None:
+    """The size word of a lesion row (long_diam_mm, else the disc-equivalent diameter of area_mm2), None when unknown."""
+    diameter = lesion_diameter_mm(row)
+    return None if diameter is None else size_category(diameter)
 
 
 def caption(diagnosis_code: str | None, size_word: str | None = None, extra: str | Sequence[str] | None = None) -> str:

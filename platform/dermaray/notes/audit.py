@@ -36,8 +36,7 @@ from dermaray.notes.prompts import (
     colour_name,
     contrast_word,
     IRREGULAR_MIN_NORM_BORDER,
-    SIZE_LARGE_MIN_MM,
-    SIZE_SMALL_MAX_MM,
+    SIZE_BANDS_MM,
     VARIEGATED_MIN_NORM_COLOR,
     _number,
     lesion_diameter_mm,
@@ -675,11 +674,6 @@ def extract_facts(note: str) -> Facts:
 
 
 _INF = float("inf")
-_SIZE_BANDS = {
-    "small": (0.0, SIZE_SMALL_MAX_MM),
-    "medium": (SIZE_SMALL_MAX_MM, SIZE_LARGE_MIN_MM),
-    "large": (SIZE_LARGE_MIN_MM, _INF),
-}
 
 
 def _within(true: float, low: float, high: float, tolerance: Tolerance) -> bool:
@@ -742,7 +736,7 @@ def audit_note(note: str, row: Mapping[str, Any], tolerance: Tolerance = Toleran
                 stated = f"<{high:g}mm" if low == 0 else f">{low:g}mm" if high == _INF else f"{low:g}-{high:g}mm"
                 flag("size_mismatch", stated, f"{true_diameter:.1f}mm")
         for word in facts.size_words:
-            if not _within(true_diameter, *_SIZE_BANDS[word], tolerance):
+            if not _within(true_diameter, *SIZE_BANDS_MM[word], tolerance):  # the notes' and captions' size words
                 flag("size_mismatch", word, f"{true_diameter:.1f}mm")
     band = tolerance.threshold_band
     for code, stated_values, column, threshold, low, high in (

@@ -35,8 +35,18 @@ LABEL_FREE = "LF"
 
 # --- Attribute -> word thresholds. audit.py imports the same constants and functions, so
 # a note that uses the words of `describe_attributes` is never flagged by the audit.
+# Size: the one definition that notes, diffusion captions and the audit share, on the long diameter
+# (`lesion_diameter_mm`), the length notes state ("4 mm"). 6 mm is the D of ABCD, the clinical cut above
+# which a lesion counts as large; 3 mm, half of it, keeps "small" to the lesions well inside the D. The
+# P1 form states both cuts to the model, and the audit fixture's hand labels were made with them.
 SIZE_SMALL_MAX_MM = 3.0  # long diameter below: "small"
-SIZE_LARGE_MIN_MM = 6.0  # above: "large" (the D of ABCD); in between: "medium-sized"
+SIZE_LARGE_MIN_MM = 6.0  # above: "large"; in between, both cuts included: "medium"
+SIZE_BANDS_MM: dict[str, tuple[float, float]] = {
+    "small": (0.0, SIZE_SMALL_MAX_MM),
+    "medium": (SIZE_SMALL_MAX_MM, SIZE_LARGE_MIN_MM),
+    "large": (SIZE_LARGE_MIN_MM, math.inf),
+}
+SIZE_CATEGORIES: tuple[str, ...] = tuple(SIZE_BANDS_MM)
 ASYMMETRIC_MIN_SYMM_2AXIS = 0.05  # symm_2axis at or above: asymmetric (synthetic median ~0.04)
 IRREGULAR_MIN_NORM_BORDER = 1.0  # norm_border at or above: irregular border (median ~0.9)
 VARIEGATED_MIN_NORM_COLOR = 2.7  # norm_color at or above: variegated (median ~2.6)
@@ -150,10 +160,19 @@ def malignancy_word(row: Mapping[str, Any]) -> str | None:
 # --- Attribute words ---------------------------------------------------------------------
 
 
-def size_word(diameter_mm: float) -> str:
+def size_category(diameter_mm: float) -> str:
+    """"small" below 3 mm of long diameter, "large" above 6 mm, "medium" in between (SIZE_BANDS_MM)."""
+    if not math.isfinite(diameter_mm) or diameter_mm < 0:
+        raise ValueError(f"diameter_mm must be a finite, non-negative number, got {diameter_mm!r}")
     if diameter_mm < SIZE_SMALL_MAX_MM:
         return "small"
-    return "large" if diameter_mm > SIZE_LARGE_MIN_MM else "medium-sized"
+    return "large" if diameter_mm > SIZE_LARGE_MIN_MM else "medium"
+
+
+def size_word(diameter_mm: float) -> str:
+    """The note's word for `size_category`: "medium-sized" reads as English before a noun ("a medium-sized lesion")."""
+    category = size_category(diameter_mm)
+    return "medium-sized" if category == "medium" else category
 
 
 def symmetry_word(symm_2axis: float) -> str:
