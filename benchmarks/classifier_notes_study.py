@@ -35,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dermaray.config import load_config
+    from dermaray.layout import Layout
     from dermaray.notes.study import classifier_markdown
     from dermaray.storage import join, write_bytes
     from jobs import classifier, ingest, notes, synth
@@ -68,7 +69,7 @@ def main() -> None:
         results[kind] = summary["eval"]
     out = {"lesions": args.lesions, "shifted": args.shifted, "model": args.model, "epochs": args.epochs,
            "results": results, "seconds": seconds}
-    reports = join(os.path.abspath(args.workdir), "reports", "classifier_notes_study")
+    reports = Layout(os.path.abspath(args.workdir)).classifier_notes_study
     write_bytes(join(reports, "classifier_notes_study.json"), json.dumps(out, indent=2, default=float).encode())
     text = classifier_markdown(out)
     write_bytes(join(reports, "classifier_notes_study.md"), text.encode())

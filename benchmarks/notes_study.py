@@ -39,6 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dermaray.config import load_config
+    from dermaray.layout import Layout
     from dermaray.notes.study import AUDITED_COLUMNS, agreement_by_part, load_labelled, markdown, strategy_result
     from dermaray.storage import join, read_parquet, write_bytes
     from jobs import ingest, notes, synth
@@ -76,7 +77,7 @@ def main() -> None:
     if Path(args.fixture).is_file():
         out["fixture"] = Path(args.fixture).name
         out["audit_agreement"] = agreement_by_part(load_labelled(args.fixture))
-    reports = join(os.path.abspath(args.workdir), "reports", "notes_study")
+    reports = Layout(os.path.abspath(args.workdir)).notes_study
     write_bytes(join(reports, "notes_study.json"), json.dumps(out, indent=2, default=float).encode())
     text = markdown(out)
     write_bytes(join(reports, "notes_study.md"), text.encode())

@@ -48,6 +48,7 @@ from dermaray.diffusion.pipeline import (
     tokenize,
 )
 from dermaray.grounding.data import decode_rgb
+from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.models.registry import is_preset, model_folder, resolve_model
 from dermaray.storage import absolute, exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
 from jobs.common import init_ray, log, write_summary
@@ -56,8 +57,6 @@ from jobs.training import Task, export_model, fit, split_inputs
 PIXELS, IDS = "pixel_values", "input_ids"
 SETTINGS_FILE = "adapter.json"
 PRETRAIN_FILE = "pretrain.json"  # written last into <output>/base: the pre-trained base is complete
-SHARED_ADAPTER = "adapter"  # <output>/adapter: one adapter, every diagnosis, class captions
-PER_DIAGNOSIS_ADAPTERS = "adapters"  # <output>/adapters/<code>: one adapter per diagnosis
 
 
 def lesion_caption(diagnosis: str | None, lesion: dict[str, Any], size_words: bool) -> str:
@@ -132,7 +131,7 @@ def pretrain_task(models: ModelsConfig, target: str, storage_options: dict, rows
 def prepared_base_uri(cfg: DermarayConfig) -> str:
     """What the adapters adapt: the tiny preset pre-trained to <output>/base, or the base preset as it is."""
     tiny_pretrained = cfg.models.diffusion_base == "tiny" and cfg.diffusion.pretrain.steps > 0
-    return absolute(join(cfg.diffusion.output, "base")) if tiny_pretrained else cfg.models.diffusion_base
+    return absolute(join(cfg.diffusion.output, DIFFUSION_BASE)) if tiny_pretrained else cfg.models.diffusion_base
 
 
 def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:

@@ -36,10 +36,11 @@ from dermaray.diffusion.evaluate import class_relevance, image_grid, kid, lesion
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
 from dermaray.grounding.classifier import classifier_settings, load_classifier, require_diagnosis_classifier
 from dermaray.grounding.data import CLASS_CODES, decode_rgb
+from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.models.registry import model_folder, resolve_model
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
-from jobs.diffusion import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER, base_resolution, prepared_base_uri
+from jobs.diffusion import base_resolution, prepared_base_uri
 
 
 class ImageJudge:

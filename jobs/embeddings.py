@@ -17,17 +17,10 @@ import ray
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.grounding.embed import CARRIED, LesionEmbedder
+from dermaray.layout import embeddings_index, embeddings_table
 from dermaray.retrieval import VectorIndex
 from dermaray.storage import arrow_filesystem, join, read_parquet, remove_tree, require
 from jobs.common import init_ray, log, write_summary
-
-
-def embeddings_uri(output: str) -> str:
-    return join(output, "embeddings")
-
-
-def index_uri(output: str) -> str:
-    return join(output, "index")
 
 
 def run(cfg: DermarayConfig) -> dict:
@@ -45,7 +38,7 @@ def run(cfg: DermarayConfig) -> dict:
         compute=ray.data.ActorPoolStrategy(size=e.concurrency), num_cpus=e.num_cpus, num_gpus=e.num_gpus,
         **({'resources': e.resources} if e.resources else {}),  # resources=None is an error in Ray
     )
-    target = embeddings_uri(e.output)
+    target = embeddings_table(e.output)
     remove_tree(target, options)  # rewritten whole: a re-run never mixes two models' vectors
     out_fs, out_path = arrow_filesystem(target, options)
     embedded.write_parquet(out_path, filesystem=out_fs)
@@ -59,8 +52,8 @@ def run(cfg: DermarayConfig) -> dict:
         vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
         index = VectorIndex.build(vectors, table["lesion_id"].to_pylist(), kind=e.index.kind, nlist=e.index.nlist,
                                   nprobe=e.index.nprobe, model=e.model)
-        index.save(index_uri(e.output), options)
-        summary["index"] = {"uri": index_uri(e.output), "kind": e.index.kind, "count": len(index)}
+        index.save(embeddings_index(e.output), options)
+        summary["index"] = {"uri": embeddings_index(e.output), "kind": e.index.kind, "count": len(index)}
     summary["seconds"] = round(time.perf_counter() - started, 2)
     write_summary(join(e.output, "embeddings_summary.json"), summary, options)
     log.info("embeddings: %d lesions embedded with %s", rows_in, e.model)

@@ -15,9 +15,9 @@ from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.grounding.embed import PREDICTED_PREFIX
 from dermaray.grounding.evaluate import evaluate_set, markdown
+from dermaray.layout import embeddings_table
 from dermaray.storage import join, read_parquet, write_bytes
 from jobs.common import log, write_summary
-from jobs.embeddings import embeddings_uri
 
 
 def run(cfg: DermarayConfig) -> dict:
@@ -26,7 +26,7 @@ def run(cfg: DermarayConfig) -> dict:
         raise ValueError("grounding_eval.domains is empty")
 
     def table(root: str, domain: str):
-        return read_parquet(embeddings_uri(join(root, domain)), options).to_pandas()
+        return read_parquet(embeddings_table(join(root, domain)), options).to_pandas()
 
     home = ev.domains[0]
     frozen_home, grounded_home = table(ev.frozen, home), table(ev.grounded, home)

@@ -23,74 +23,75 @@ import pyarrow.parquet as pq
 from dermaray import report
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
+from dermaray.layout import MAIN_DOMAIN, Layout, embeddings_index, embeddings_table
 from dermaray.notes.engine import TEMPLATE_MODEL_ID
 from dermaray.report.sections import images, markdown_section
 from dermaray.retrieval import VectorIndex
 from dermaray.storage import arrow_filesystem, filesystem, join, parquet_files, read_bytes, write_bytes
 from jobs.common import log
 
-GALLERY_DOMAIN = "clinic"  # the pipeline's main domain; its test split gives the held-out queries
-
-
 class Workdir:
-    """Reads a pipeline workdir; anything missing is None."""
+    """Reads a pipeline workdir, at URIs its `Layout` (`self.at`) names; anything missing is None."""
 
     def __init__(self, root: str, storage_options: dict):
-        self.root, self.options = root, storage_options
-        self.fs, self.path = filesystem(root, storage_options)
+        self.at, self.options = Layout(root.rstrip("/")), storage_options
+        self.fs, path = filesystem(root, storage_options)
+        self.path = path.rstrip("/")
 
-    def uri(self, *parts: str) -> str:
-        return join(self.root, *parts)
+    def _path(self, uri: str) -> str:
+        """The filesystem path of a URI under the workdir."""
+        if not uri.startswith(self.at.root):
+            raise ValueError(f"{uri} is not under the workdir {self.at.root}")
+        return self.path + uri[len(self.at.root) :]
 
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(join(self.path, *parts))
+    def exists(self, uri: str) -> bool:
+        return self.fs.exists(self._path(uri))
 
-    def json(self, *parts: str) -> dict | None:
-        return json.loads(read_bytes(self.uri(*parts), self.options)) if self.exists(*parts) else None
+    def json(self, uri: str) -> dict | None:
+        return json.loads(read_bytes(uri, self.options)) if self.exists(uri) else None
 
-    def bytes(self, *parts: str) -> bytes | None:
-        return read_bytes(self.uri(*parts), self.options) if self.exists(*parts) else None
+    def bytes(self, uri: str) -> bytes | None:
+        return read_bytes(uri, self.options) if self.exists(uri) else None
 
-    def domains(self, *parts: str) -> list[str]:
-        """Sub-folders of `parts` (the pipeline writes one per domain), main domain first."""
-        if not self.exists(*parts):
+    def domains(self, uri: str) -> list[str]:
+        """Sub-folders of `uri` (the pipeline writes one per domain), main domain first."""
+        if not self.exists(uri):
             return []
-        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(join(self.path, *parts), detail=False)
-                       if self.fs.isdir(p))
-        return sorted(names, key=lambda n: n != GALLERY_DOMAIN)
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._path(uri), detail=False) if self.fs.isdir(p))
+        return sorted(names, key=lambda n: n != MAIN_DOMAIN)
 
-    def names(self, *parts: str, pattern: str) -> list[str]:
+    def names(self, uri: str, pattern: str) -> list[str]:
         """Files matching `pattern` (one `*`) in a folder, by the part the `*` stands for."""
         head, tail = pattern.split("*")
-        found = self.fs.glob(join(self.path, *parts, pattern)) if self.exists(*parts) else []
+        found = self.fs.glob(join(self._path(uri), pattern)) if self.exists(uri) else []
         return [p.rsplit("/", 1)[-1][len(head) : -len(tail) or None] for p in found]
 
-    def table(self, *parts: str, columns: list[str], filters: Any = None):
-        fs, path = arrow_filesystem(self.uri(*parts), self.options)
+    def table(self, uri: str, columns: list[str], filters: Any = None):
+        fs, path = arrow_filesystem(uri, self.options)
         return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
 
 
 def _gallery(w: Workdir, n_queries: int, k: int, thumb_px: int) -> list[report.GalleryRow]:
     """Held-out queries spread over lesion area, with their neighbours under the grounded and the frozen embedding."""
-    embedded = {name: ("embeddings", name, GALLERY_DOMAIN) for name in ("grounded", "frozen")
-                if w.exists("embeddings", name, GALLERY_DOMAIN, "index", "meta.json")}
+    embedded = {name: w.at.embeddings(name, MAIN_DOMAIN) for name in ("grounded", "frozen")
+                if w.exists(join(embeddings_index(w.at.embeddings(name, MAIN_DOMAIN)), "meta.json"))}
     if "grounded" not in embedded or n_queries <= 0:
         return []
-    meta = w.table(*embedded["grounded"], "embeddings", columns=["lesion_id", "split", "diagnosis", "area_mm2"]).to_pandas()
+    meta = w.table(embeddings_table(embedded["grounded"]), columns=["lesion_id", "split", "diagnosis", "area_mm2"]).to_pandas()
     held_out = meta[meta.split == "test"]
     queries = report.pick_queries(held_out.lesion_id.tolist(), held_out.area_mm2.tolist(), n_queries)
     if not queries:
         return []
     found: dict[str, list[list[tuple[str, float]]]] = {}
-    for name, parts in embedded.items():
-        rows = w.table(*parts, "embeddings", columns=["lesion_id", "embedding"], filters=[("lesion_id", "in", queries)]).to_pydict()
+    for name, output in embedded.items():
+        rows = w.table(embeddings_table(output), columns=["lesion_id", "embedding"], filters=[("lesion_id", "in", queries)]).to_pydict()
         by_id = dict(zip(rows["lesion_id"], rows["embedding"]))
         vectors = np.asarray([by_id[q] for q in queries], dtype=np.float32)
-        found[name] = report.neighbours(VectorIndex.load(w.uri(*parts, "index"), w.options), vectors, queries, k)
+        found[name] = report.neighbours(VectorIndex.load(embeddings_index(output), w.options), vectors, queries, k)
     shown = set(queries) | {i for hits in found.values() for row in hits for i, _ in row}
     pictures = {}
-    if w.exists("ingest", GALLERY_DOMAIN, "lesions"):
-        images_ = w.table("ingest", GALLERY_DOMAIN, "lesions", columns=["lesion_id", "image_bytes"],
+    if w.exists(w.at.lesions(MAIN_DOMAIN)):
+        images_ = w.table(w.at.lesions(MAIN_DOMAIN), columns=["lesion_id", "image_bytes"],
                           filters=[("lesion_id", "in", sorted(shown))]).to_pydict()
         pictures = {i: report.thumbnail_png(b, thumb_px) for i, b in zip(images_["lesion_id"], images_["image_bytes"]) if b}
     facts = meta.set_index("lesion_id")
@@ -104,12 +105,12 @@ def _gallery(w: Workdir, n_queries: int, k: int, thumb_px: int) -> list[report.G
             for n, q in enumerate(queries)]
 
 
-def _note_samples(w: Workdir, parts: tuple[str, ...], n: int) -> list[dict]:
+def _note_samples(w: Workdir, uri: str, n: int) -> list[dict]:
     """`n` notes of the first shard, the model's before the template's: what the note writer actually wrote."""
-    if n <= 0 or not w.exists(*parts):
+    if n <= 0 or not w.exists(uri):
         return []
     try:
-        fs, files = parquet_files(w.uri(*parts), w.options)
+        fs, files = parquet_files(uri, w.options)
     except FileNotFoundError:
         return []
     with fs.open(files[0], "rb") as f:
@@ -128,19 +129,21 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
 
     r = cfg.report
     w = Workdir(r.workdir, cfg.storage_options)
-    pipeline = w.json("pipeline_summary.json")
-    ingest = {d: w.json("ingest", d, "ingest_summary.json") for d in w.domains("ingest")}
-    synth = {d: w.json("synthetic", d, "synth_manifest.json") for d in w.domains("synthetic")}
-    notes_outputs = {f"{folder}/{d}": (folder, d) for folder in ("notes", "notes_blind") for d in w.domains(folder)}
-    notes_summaries = {name: w.json(*parts, "notes_summary.json") for name, parts in notes_outputs.items()}
-    samples = {name: _note_samples(w, parts, r.sample_notes) for name, parts in notes_outputs.items() if name.startswith("notes/")}
-    notes_study = w.json("reports", "notes_study", "notes_study.json")  # benchmarks/notes_study.py, when run
-    notes_classifier = w.json("reports", "classifier_notes_study", "classifier_notes_study.json")  # benchmarks/classifier_notes_study.py
-    grounding = w.json("grounding", "grounding_summary.json")
-    grounding_eval = w.json("reports", "grounding", "grounding_eval.json")
-    classifier = w.json("classifier", "classifier_summary.json")
-    diffusion = w.json("diffusion", "diffusion_summary.json")
-    diffusion_eval = w.json("reports", "diffusion", "diffusion_eval.json")
+    at = w.at
+    pipeline = w.json(at.summary)
+    ingest = {d: w.json(join(at.ingest(d), "ingest_summary.json")) for d in w.domains(at.ingest())}
+    synth = {d: w.json(join(at.synthetic(d), "synth_manifest.json")) for d in w.domains(at.synthetic())}
+    notes_folders = {"notes": at.notes, "notes_blind": at.notes_blind}
+    notes_outputs = {f"{name}/{d}": folder(d) for name, folder in notes_folders.items() for d in w.domains(folder())}
+    notes_summaries = {name: w.json(join(uri, "notes_summary.json")) for name, uri in notes_outputs.items()}
+    samples = {name: _note_samples(w, uri, r.sample_notes) for name, uri in notes_outputs.items() if name.startswith("notes/")}
+    notes_study = w.json(join(at.notes_study, "notes_study.json"))  # benchmarks/notes_study.py, when run
+    notes_classifier = w.json(join(at.classifier_notes_study, "classifier_notes_study.json"))  # benchmarks/classifier_notes_study.py
+    grounding = w.json(join(at.grounding, "grounding_summary.json"))
+    grounding_eval = w.json(join(at.grounding_eval, "grounding_eval.json"))
+    classifier = w.json(join(at.classifier, "classifier_summary.json"))
+    diffusion = w.json(join(at.diffusion, "diffusion_summary.json"))
+    diffusion_eval = w.json(join(at.diffusion_eval, "diffusion_eval.json"))
     rows = _gallery(w, r.gallery_queries, r.gallery_k, r.thumbnail_px)
 
     diffusion_body = report.training(diffusion, "diffusion", [
@@ -155,8 +158,8 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
                 ["loss", "value"], [[k, v] for k, v in pre.items() if isinstance(v, (int, float))])
     diffusion_body += "<h3>Base vs LoRA</h3>" + markdown_section(diffusion_eval, "diffusion_eval", "diffusion_eval.json", diffusion_markdown)
     captions = {"base": "base (no adapter)", "lora": "LoRA adapter"}
-    grids = {captions.get(name, name): w.bytes("reports", "diffusion", f"grid_{name}.png")
-             for name in sorted(w.names("reports", "diffusion", pattern="grid_*.png"), key=lambda n: (n not in captions, n))}
+    grids = {captions.get(name, name): w.bytes(join(at.diffusion_eval, f"grid_{name}.png"))
+             for name in sorted(w.names(at.diffusion_eval, "grid_*.png"), key=lambda n: (n not in captions, n))}
     diffusion_body += images(grids)
 
     sections = [
@@ -189,7 +192,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
 
 
 def run(cfg: DermarayConfig) -> dict:
-    output = cfg.report.output or join(cfg.report.workdir, "reports", "report.html")
+    output = cfg.report.output or Layout(cfg.report.workdir).report
     text, found = build(cfg)
     write_bytes(output, text.encode(), cfg.storage_options)
     log.info("report: %s (%d KiB); sections with outputs: %s", output, len(text) // 1024, [k for k, v in found.items() if v])

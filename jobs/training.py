@@ -29,10 +29,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from dermaray.config import TrainConfig
+from dermaray.layout import MODEL
 from dermaray.storage import arrow_filesystem, is_remote, join, upload_folder
 from jobs.common import log
 
-MODEL_DIR = "model"
 TRAIN_STATE = "train_state.pt"
 
 
@@ -81,7 +81,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             saved = torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=False)
-            task.load(Path(folder) / MODEL_DIR, model)
+            task.load(Path(folder) / MODEL, model)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         torch.set_rng_state(saved["rng"])
@@ -101,7 +101,7 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
-            task.save(Path(folder) / MODEL_DIR, unwrap(model), config)
+            task.save(Path(folder) / MODEL, unwrap(model), config)
             torch.save({**state, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "rng": torch.get_rng_state()}, Path(folder) / TRAIN_STATE)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
@@ -186,7 +186,7 @@ def split_inputs(
     return ds.materialize() if materialize else ds
 
 
-def export_model(checkpoint: Checkpoint, output: str, storage_options: dict, name: str = MODEL_DIR) -> str:
+def export_model(checkpoint: Checkpoint, output: str, storage_options: dict, name: str = MODEL) -> str:
     """Copy the checkpoint's model folder to `<output>/<name>` (any URI)."""
     with checkpoint.as_directory() as folder:
-        return upload_folder(Path(folder) / MODEL_DIR, join(output, name), storage_options)
+        return upload_folder(Path(folder) / MODEL, join(output, name), storage_options)

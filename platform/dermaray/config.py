@@ -15,6 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dermaray.layout import DEFAULT_WORKDIR, MAIN_DOMAIN, Layout, embeddings_index, embeddings_table
+
+_OUT = Layout(DEFAULT_WORKDIR)  # where `make run` writes: serve.* defaults point into it
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -309,7 +313,7 @@ class DiffusionEvalConfig(Section):
 class ReportConfig(Section):
     """The HTML report: one self-contained file (images inlined) from what the stages wrote under `workdir`."""
 
-    workdir: str = "out"  # a pipeline workdir (local or s3://); stages not found there show as "not run"
+    workdir: str = DEFAULT_WORKDIR  # a pipeline workdir (local or s3://); stages not found there show as "not run"
     output: str | None = None  # None: <workdir>/reports/report.html
     gallery_queries: int = Field(default=4, ge=0)  # held-out query lesions in the retrieval gallery
     gallery_k: int = Field(default=5, ge=1)  # neighbours shown per query
@@ -320,7 +324,7 @@ class ReportConfig(Section):
 class PipelineConfig(Section):
     """The end-to-end job: every stage reads what the one before wrote under `workdir`."""
 
-    workdir: str = "out"
+    workdir: str = DEFAULT_WORKDIR
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
     # notes.model_lesions for the shifted clinic's notes (None: the same as the clinic's; 0: templates only)
     shifted_model_lesions: int | None = Field(default=None, ge=0)
@@ -334,12 +338,12 @@ class PipelineConfig(Section):
 class ServeConfig(Section):
     """The Ray Serve apps (serve/app.py): the artifacts they load (any URI) and the limits they enforce."""
 
-    grounding_model: str = "out/grounding/model"  # image -> embedding + predicted attributes
-    index: str = "out/embeddings/grounded/clinic/index"  # the vector index over that model's embeddings
-    embeddings: str = "out/embeddings/grounded/clinic/embeddings"  # gallery's predicted attributes (attribute search)
-    lesions: str = "out/ingest/clinic/lesions"  # gallery metadata and thumbnails
-    classifier: str | None = "out/classifier/model"  # diagnosis prediction and text search; None: neither
-    diffusion: str | None = "out/diffusion"  # <diffusion>/base, /adapter, /adapters/<code>; None: no generation
+    grounding_model: str = _OUT.grounding_model  # image -> embedding + predicted attributes
+    index: str = embeddings_index(_OUT.embeddings("grounded", MAIN_DOMAIN))  # the vector index over that model's embeddings
+    embeddings: str = embeddings_table(_OUT.embeddings("grounded", MAIN_DOMAIN))  # gallery's predicted attributes (attribute search)
+    lesions: str = _OUT.lesions(MAIN_DOMAIN)  # gallery metadata and thumbnails
+    classifier: str | None = _OUT.classifier_model  # diagnosis prediction and text search; None: neither
+    diffusion: str | None = _OUT.diffusion  # <diffusion>/base, /adapter, /adapters/<code>; None: no generation
     thumbnail_px: int = Field(default=96, ge=16, le=512)
     max_upload_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)  # larger uploads: 413
     max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)  # more decoded pixels (a decompression bomb): 422

@@ -20,6 +20,7 @@ import yaml
 from fsspec.core import url_to_fs
 
 from dermaray.config import SECRETS_FILE_KEY
+from dermaray.layout import join  # defined with the layout (which the config imports); every caller imports it from here
 
 
 def with_secrets(storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -61,10 +62,6 @@ def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None) ->
     if getattr(fs, "protocol", None) in ("file", ("file", "local")):
         return pafs.LocalFileSystem(), path
     return pafs.PyFileSystem(NodeFSHandler(uri, storage_options or {})), path
-
-
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
 def is_remote(uri: str) -> bool:
