@@ -32,6 +32,7 @@ import torch
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import ClassifierConfig, DermarayConfig, ModelsConfig
 from dermaray.grounding.classifier import (
+    WEIGHTS_FILE,
     ClassifierSettings,
     MultimodalClassifier,
     classifier_loss,
@@ -44,10 +45,11 @@ from dermaray.grounding.metrics import class_retrieval_metrics, classification_m
 from dermaray.grounding.model import augment
 from dermaray.grounding.text import TextEncoder
 from dermaray.notes.prompts import states_label
+from dermaray.schema import written_notes
 from dermaray.stats import bootstrap_ci, format_ci
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
-from jobs.training import Task, export_model, fit, split_inputs
+from jobs.training import Task, export_model, fit, split_inputs, unwrap
 
 TEXT = "text_embedding"
 
@@ -59,8 +61,7 @@ def usable_notes(uri: str, allow_labelled: bool, storage_options: dict) -> pa.Ta
         raise ValueError(f"{uri}: notes written with the label in the prompt ({', '.join(leaking)}) make the "
                          "classification trivial; write them with notes.strategy=M notes.label_hierarchy=false "
                          "(or set classifier.allow_labelled_notes=true for an ablation)")
-    ok = pc.and_(pc.is_null(notes["error"]), pc.is_valid(notes["note"]))
-    return notes.filter(ok).select(["lesion_id", "note"])
+    return written_notes(notes).select(["lesion_id", "note"])
 
 
 class ClassifierInputs:
@@ -101,7 +102,7 @@ def build(config: dict) -> MultimodalClassifier:
 
 
 def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
-    return classifier_loss(model.module if hasattr(model, "module") else model,
+    return classifier_loss(unwrap(model),
                            model(augment(batch[PIXELS]), batch[TEXT]), batch[LABEL])
 
 
@@ -125,7 +126,7 @@ def save(folder: Path, model: MultimodalClassifier, config: dict) -> None:
 
 
 def load(folder: Path, model: MultimodalClassifier) -> None:
-    model.load_state_dict(torch.load(folder / "classifier.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
 
 
 CLASSIFIER = Task(build=build, loss=batch_loss, evaluate=evaluate, save=save, load=load)

@@ -117,7 +117,7 @@ def run(cfg: DermarayConfig) -> dict:
     datasets = {s: split_dataset(g.input, s, settings.model, cfg.models, scaler, options, tc.materialize, max_actors=2 * tc.num_workers)
                 for s in ("train", "val")}
     config = {
-        "settings": asdict(settings), "scaler": asdict(scaler), "weights": [float(g.attribute_weights.get(a, 1.0)) for a in g.attributes],
+        "settings": settings.model_dump(), "scaler": asdict(scaler), "weights": [float(g.attribute_weights.get(a, 1.0)) for a in g.attributes],
         "models": cfg.models.model_dump(),  # each worker resolves the base model on its own node
     }
     started = time.perf_counter()

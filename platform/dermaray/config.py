@@ -192,17 +192,23 @@ GROUNDED_ATTRIBUTES = [
 ]
 
 
-class GroundingConfig(Section):
-    input: str = "out/ingest/clinic/lesions"
-    output: str = "out/grounding"  # Ray Train runs under <output>/runs; the final model in <output>/model
-    run_name: str = "grounding"  # re-running with the same name resumes from its last checkpoint
+class GroundingSpec(Section):
+    """What defines a grounding model besides its base model and weights: the grounding section sets it,
+    every checkpoint saves it (dermaray.grounding.model.GroundingSettings adds the base model)."""
+
     attributes: list[str] = Field(default_factory=lambda: list(GROUNDED_ATTRIBUTES))
-    attribute_weights: dict[str, float] = {}  # loss weight per attribute (default 1)
-    log_sizes: bool = True  # learn lengths and areas on a log scale
     tune: Literal["frozen", "projector", "lora", "full"] = "lora"  # what trains besides the heads
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_targets: list[str] = ["q_proj", "v_proj"]
+
+
+class GroundingConfig(GroundingSpec):
+    input: str = "out/ingest/clinic/lesions"
+    output: str = "out/grounding"  # Ray Train runs under <output>/runs; the final model in <output>/model
+    run_name: str = "grounding"  # re-running with the same name resumes from its last checkpoint
+    attribute_weights: dict[str, float] = {}  # loss weight per attribute (default 1)
+    log_sizes: bool = True  # learn lengths and areas on a log scale
     train: TrainConfig = TrainConfig()
 
 

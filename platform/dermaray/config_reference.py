@@ -58,7 +58,10 @@ def _default(value: Any) -> str:
 def rows(model: BaseModel, prefix: str) -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, comment) for every leaf of `model`, nested sections flattened."""
     cls = type(model)
-    comments, annotations = _comments(cls), _annotations(cls)
+    comments, annotations = {}, {}
+    for own in reversed(cls.__mro__[:cls.__mro__.index(BaseModel)]):  # inherited fields are written in a base class
+        comments |= _comments(own)
+        annotations |= _annotations(own)
     out = []
     for name in cls.model_fields:
         value, key = getattr(model, name), f"{prefix}{name}"

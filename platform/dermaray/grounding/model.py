@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import field_validator
 from torch import nn
 
-from dermaray.config import ModelsConfig
+from dermaray.config import GroundingSpec, ModelsConfig
 from dermaray.schema import ATTRIBUTES_BY_NAME
-
-Tune = Literal["frozen", "projector", "lora", "full"]
-TUNE_MODES: tuple[str, ...] = ("frozen", "projector", "lora", "full")
 
 
 def is_size(name: str) -> bool:
@@ -76,25 +74,24 @@ class AttributeScaler:
         return np.where(self.log, np.exp(scaled), scaled)
 
 
-@dataclass
-class GroundingSettings:
-    """What defines a grounding model apart from its weights; saved with every checkpoint."""
+class GroundingSettings(GroundingSpec):
+    """What defines a grounding model apart from its weights: the grounding section's spec and the base
+    model; saved with every checkpoint."""
 
     model: str  # a grounding_mllm preset name, or a path / hub id for from_pretrained
-    attributes: list[str]
-    tune: Tune = "lora"
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
-    def __post_init__(self) -> None:
-        unknown = [a for a in self.attributes if a not in ATTRIBUTES_BY_NAME]
+    def __init__(self, model: str, attributes: list[str], **spec: Any) -> None:
+        super().__init__(model=model, attributes=attributes, **spec)
+
+    @field_validator("attributes")
+    @classmethod
+    def _known(cls, attributes: list[str]) -> list[str]:
+        unknown = [a for a in attributes if a not in ATTRIBUTES_BY_NAME]
         if unknown:
             raise ValueError(f"unknown attributes {unknown}; valid: {', '.join(ATTRIBUTES_BY_NAME)}")
-        if not self.attributes:
+        if not attributes:
             raise ValueError("ground at least one attribute")
-        if self.tune not in TUNE_MODES:
-            raise ValueError(f"tune must be one of {TUNE_MODES}, got {self.tune!r}")
+        return attributes
 
 
 class ImageEmbedder(nn.Module):
@@ -226,7 +223,7 @@ def save_model(folder: str | Path, model: GroundingModel, scaler: AttributeScale
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model.trainable_state(), folder / WEIGHTS_FILE)
-    payload = {"settings": asdict(model.settings), "scaler": asdict(scaler), **(extra or {})}
+    payload = {"settings": model.settings.model_dump(), "scaler": asdict(scaler), **(extra or {})}
     (folder / SETTINGS_FILE).write_text(json.dumps(payload, indent=2))
 
 

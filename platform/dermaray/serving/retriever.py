@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dermaray.config import ModelsConfig, ServeConfig
+from dermaray.grounding.classifier import SETTINGS_FILE as CLASSIFIER_FILE
 from dermaray.grounding.data import decode_rgb
 from dermaray.grounding.embed import PREDICTED_PREFIX, LesionEmbedder
 from dermaray.retrieval import VectorIndex
@@ -60,7 +61,7 @@ class Retriever:
         embeddings = read_parquet(settings.embeddings, options, columns=["lesion_id", *predicted])
         self.gallery = Gallery.build(self.index.ids, lesions, embeddings, self.embedder.attributes, settings.thumbnail_px)
         self.classifier = self.text_encoder = self.text_index = None
-        if settings.classifier and not present(settings.classifier, "classifier.json", options):
+        if settings.classifier and not present(settings.classifier, CLASSIFIER_FILE, options):
             # An optional part: search by image and attribute still work without it.
             log.warning("serve.classifier %s holds no classifier: no diagnosis prediction or text search", settings.classifier)
         elif settings.classifier:
