@@ -50,6 +50,7 @@ from dermaray.diffusion.pipeline import (
 from dermaray.grounding.data import decode_rgb
 from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.models.registry import is_preset, model_folder, resolve_model
+from dermaray.schema import written_notes
 from dermaray.storage import absolute, exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
 from jobs.common import init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs
@@ -67,9 +68,7 @@ def lesion_caption(diagnosis: str | None, lesion: dict[str, Any], size_words: bo
 
 def lesion_notes(uri: str, storage_options: dict) -> dict[str, str]:
     """{lesion id: note} of a notes Parquet (jobs.notes), notes written without error only."""
-    notes = read_parquet(uri, storage_options, columns=["lesion_id", "note", "error"])
-    ok = pc.and_(pc.is_null(notes["error"]), pc.is_valid(notes["note"]))
-    notes = notes.filter(ok)
+    notes = written_notes(read_parquet(uri, storage_options, columns=["lesion_id", "note", "error"]))
     return dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist()))
 
 

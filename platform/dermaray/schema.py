@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # One SLICE-3D tile covers a 15 x 15 mm field of view.
 TILE_FIELD_OF_VIEW_MM = 15.0
@@ -158,3 +159,10 @@ NOTES_SCHEMA = pa.schema(
         pa.field("shard", pa.int32(), nullable=False),
     ]
 )
+
+
+def written_notes(notes: pa.Table) -> pa.Table:
+    """The rows of a notes table (`NOTES_SCHEMA` columns) that hold a note: written without error, with text.
+
+    What every reader of notes uses (the classifier, diffusion captions): a failed row is never read as a note."""
+    return notes.filter(pc.and_(pc.is_null(notes["error"]), pc.is_valid(notes["note"])))
