@@ -158,6 +158,7 @@ def run(cfg: DermarayConfig) -> dict:
             compute=ray.data.ActorPoolStrategy(size=n.concurrency),
             num_cpus=n.num_cpus,
             num_gpus=n.num_gpus,
+            runtime_env={"env_vars": n.engine_env},  # before the actor's process imports torch and vLLM
             **({'resources': n.resources} if n.resources else {}),  # resources=None is an error in Ray
         )
         for row in results.iter_rows():

@@ -52,6 +52,10 @@ class NoteWriter:
         self.llm, self.dtype = None, None
         if cfg.strategy != "M" and with_model:
             os.environ.update(cfg.engine_env)  # read by vLLM at import and engine start
+            if "OMP_NUM_THREADS" in cfg.engine_env:  # torch read it at import: in-process, tell torch too
+                import torch
+
+                torch.set_num_threads(int(cfg.engine_env["OMP_NUM_THREADS"]))
             from vllm import LLM, SamplingParams
 
             self.dtype = engine_dtype(cfg.dtype)
