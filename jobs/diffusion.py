@@ -47,7 +47,7 @@ from dermaray.diffusion.pipeline import (
     save_lora,
     tokenize,
 )
-from dermaray.grounding.data import decode_rgb
+from dermaray.images import decode_rgb
 from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.models.registry import is_preset, model_folder, resolve_model
 from dermaray.schema import written_notes

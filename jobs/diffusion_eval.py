@@ -35,7 +35,8 @@ from dermaray.diffusion.captions import caption
 from dermaray.diffusion.evaluate import class_relevance, image_grid, kid, lesion_area_mm2, size_faithfulness
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
 from dermaray.grounding.classifier import classifier_settings, load_classifier, require_diagnosis_classifier
-from dermaray.grounding.data import CLASS_CODES, decode_rgb
+from dermaray.grounding.data import CLASS_CODES
+from dermaray.images import decode_rgb
 from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.models.registry import model_folder, resolve_model
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes

@@ -140,8 +140,7 @@ def generation_class(max_adapters: int) -> type:
         def __init__(self, config: dict):
             from dermaray.models.registry import resolve_model
             from dermaray.serving.adapters import AdapterBank
-            from dermaray.serving.retriever import present
-            from dermaray.storage import download_folder, join
+            from dermaray.storage import download_folder, join, present
 
             cfg = DermarayConfig.model_validate(config)
             _match_torch_threads_to_cpus()

@@ -79,7 +79,7 @@ def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = Tr
 def build_diffusion(root: Path, cache_dir: Path, lesions: pa.Table) -> None:
     from dermaray.diffusion.captions import caption
     from dermaray.diffusion.pipeline import add_lora, load_pipeline, lora_parameters, pretrain_base, save_lora
-    from dermaray.grounding.data import decode_rgb
+    from dermaray.images import decode_rgb
     from dermaray.config import ModelsConfig
     from dermaray.models import resolve_model
 

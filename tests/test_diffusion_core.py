@@ -39,7 +39,7 @@ from dermaray.diffusion.pipeline import (
     save_lora,
     tokenize,
 )
-from dermaray.grounding.data import decode_rgb
+from dermaray.images import decode_rgb
 from dermaray.config import ModelsConfig
 from dermaray.models import resolve_model
 from dermaray.schema import DIAGNOSES

@@ -101,6 +101,15 @@ def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     return fs.exists(path)
 
 
+def present(uri: str, marker: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether `<uri>/<marker>` exists, for an optional part; True when storage cannot be asked (the load will say why)."""
+    fs, path = filesystem(join(uri, marker), storage_options)
+    try:
+        return fs.exists(path)
+    except Exception:
+        return True
+
+
 def require(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) of an input that must exist; one clear error if it is absent or unreachable."""
     fs, path = filesystem(uri, storage_options)

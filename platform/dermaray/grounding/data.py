@@ -6,27 +6,21 @@ over the lesion table and a test calls it on a handful of rows.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from dermaray.config import ModelsConfig
 from dermaray.grounding.labels import LABELS
 from dermaray.grounding.model import AttributeScaler
+from dermaray.images import decode_rgb
 
 CLASS_CODES: tuple[str, ...] = LABELS["diagnosis"].classes
 
 PIXELS = "pixel_values"
 TARGETS = "targets"
 LABEL = "label"
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
 
 
 class Preprocessor:

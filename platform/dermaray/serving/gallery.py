@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from dermaray.grounding.data import decode_rgb
 from dermaray.grounding.embed import PREDICTED_PREFIX
+from dermaray.images import decode_rgb
 from dermaray.schema import ATTRIBUTE_NAMES, ATTRIBUTES_BY_NAME, DIAGNOSES_BY_CODE
 
 LESION_COLUMNS = ["lesion_id", "diagnosis", *ATTRIBUTE_NAMES, "image_bytes"]

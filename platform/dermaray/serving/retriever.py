@@ -26,27 +26,16 @@ import torch
 
 from dermaray.config import ModelsConfig, ServeConfig
 from dermaray.grounding.classifier import SETTINGS_FILE as CLASSIFIER_FILE
-from dermaray.grounding.data import decode_rgb
 from dermaray.grounding.embed import PREDICTED_PREFIX, LesionEmbedder
+from dermaray.images import decode_rgb
 from dermaray.retrieval import VectorIndex
 from dermaray.schema import DIAGNOSES_BY_CODE
 from dermaray.serving.checks import RequestError, check_k, check_text, decode_upload
 from dermaray.serving.gallery import LESION_COLUMNS, Gallery, attribute_dict, diagnosis_name
-from dermaray.storage import download_folder, read_parquet
+from dermaray.storage import download_folder, present, read_parquet
 
 GALLERY_BATCH = 64  # images per forward pass when the gallery is embedded for text search
 log = logging.getLogger(__name__)
-
-
-def present(uri: str, marker: str, storage_options: dict | None = None) -> bool:
-    """Whether `<uri>/<marker>` exists (True when storage cannot be asked: the load will say why)."""
-    from dermaray.storage import filesystem, join
-
-    fs, path = filesystem(join(uri, marker), storage_options)
-    try:
-        return fs.exists(path)
-    except Exception:
-        return True
 
 
 class Retriever:
