@@ -500,3 +500,17 @@ def test_sites_cover_the_schema():
     for site in ANATOMIC_SITES:
         facts = extract_facts(f"A lesion on the {SITE_PHRASES[site]}.")
         assert [allowed for _, allowed in facts.sites] == [frozenset({site})]
+
+
+def test_the_lexicon_names_only_sites_codes_and_words_that_exist():
+    from dermaray.notes.audit import _compile_terms
+    from dermaray.notes.lexicon import Fact, Words
+
+    with pytest.raises(ValueError, match="upper limb"):  # sites are looked up by name
+        _compile_terms((), [(r"arm", ("upper limb",))])
+    with pytest.raises(ValueError, match="XYZ"):
+        _compile_terms([Fact("diagnosis", (Words("XYZ", (r"xyz",)),))], ())
+    with pytest.raises(ValueError, match="huge"):  # size words are the size categories of prompts.py
+        _compile_terms([Fact("size_word", (Words("huge", (r"huge",)),))], ())
+    with pytest.raises(ValueError, match="asymmetric"):
+        _compile_terms([Fact("symmetry", (Words("symmetric", (r"symmetric",)),), contradictions=(("symmetric", "asymmetric"),))], ())

@@ -25,8 +25,9 @@ the malignancy statement out of the note altogether.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from dermaray.schema import DIAGNOSES, DIAGNOSES_BY_CODE
 
@@ -125,7 +126,7 @@ NO_METADATA = MetadataSwitches(False, False, False)
 # --- Row access --------------------------------------------------------------------------
 
 
-def _number(row: Mapping[str, Any], key: str) -> float | None:
+def finite_number(row: Mapping[str, Any], key: str) -> float | None:
     """A finite float, or None for missing / NaN (readers may leave either)."""
     value = row.get(key)
     if value is None:
@@ -136,10 +137,10 @@ def _number(row: Mapping[str, Any], key: str) -> float | None:
 
 def lesion_diameter_mm(row: Mapping[str, Any]) -> float | None:
     """Long diameter in mm; the disc-equivalent diameter of the area when it is missing."""
-    diameter = _number(row, "long_diam_mm")
+    diameter = finite_number(row, "long_diam_mm")
     if diameter is not None:
         return diameter
-    area = _number(row, "area_mm2")
+    area = finite_number(row, "area_mm2")
     return 2 * math.sqrt(area / math.pi) if area is not None and area >= 0 else None
 
 
@@ -225,17 +226,17 @@ def describe_attributes(row: Mapping[str, Any]) -> dict[str, str]:
         ("symmetry", "symm_2axis", symmetry_word),
         ("border", "norm_border", border_word),
     ):
-        value = _number(row, column)
+        value = finite_number(row, column)
         if value is not None:
             words[key] = word(value)
-    lab = [_number(row, c) for c in ("lesion_L", "lesion_A", "lesion_B")]
+    lab = [finite_number(row, c) for c in ("lesion_L", "lesion_A", "lesion_B")]
     if None not in lab:
         words["colour"] = colour_name(*lab)
     for key, column, word in (
         ("colour_variation", "norm_color", colour_variation_word),
         ("contrast", "delta_lb_norm", contrast_word),
     ):
-        value = _number(row, column)
+        value = finite_number(row, column)
         if value is not None:
             words[key] = word(value)
     return words
@@ -256,7 +257,7 @@ def _label(row: Mapping[str, Any]) -> tuple[str, str | None, str | None] | None:
 
 
 def _age_text(row: Mapping[str, Any]) -> str | None:
-    age = _number(row, "age_approx")
+    age = finite_number(row, "age_approx")
     return f"{age:.0f}-year-old" if age is not None else None
 
 
