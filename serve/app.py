@@ -36,9 +36,9 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from dermaray.config import DermarayConfig, load_config
-from dermaray.schema import ATTRIBUTE_NAMES, DIAGNOSES_BY_CODE
-from dermaray.serving.checks import (MULTIPART_OVERHEAD, BodyLimit, RequestError, check_api_key, check_count, check_upload_size,
-                                     resolve_api_key)
+from dermaray.schema import DIAGNOSES_BY_CODE
+from dermaray.serving.checks import (MULTIPART_OVERHEAD, BodyLimit, RequestError, check_api_key, check_count, check_k,
+                                     check_upload_size, resolve_api_key)
 from dermaray.serving.status import public_location, public_model, unschedulable_reason
 from dermaray.serving.chain import chain_diagnosis
 from dermaray.storage import is_remote
@@ -252,8 +252,13 @@ class Ingress:
         self._state: tuple[float, asyncio.Future] | None = None  # the last look at Serve's state, shared by waiting calls
         self._app = serve.get_replica_context().app_name
         self.default_steps = min(s.steps, s.max_steps)
-        api.add_middleware(BodyLimit, max_bytes=s.max_upload_bytes + MULTIPART_OVERHEAD)
         self.page = PAGE.read_text()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """Serve's hook, called once per replica after __init__: the app this replica serves (Serve's frozen copy
+        of `api`), with the body limit of this replica's config in front of every route."""
+        self.app.add_middleware(BodyLimit, max_bytes=self.settings.max_upload_bytes + MULTIPART_OVERHEAD)
+        return self.app
 
     # -- plumbing --
 
@@ -321,16 +326,9 @@ class Ingress:
         check_upload_size(len(data), self.settings.max_upload_bytes)
         return data
 
-    def _k(self, k: int) -> int:
-        if k > self.settings.max_k:
-            raise RequestError(422, f"k must be between 1 and {self.settings.max_k}, got {k}")
-        return k
-
     async def _generate(self, code: str, count: int, seed: int, steps: int | None) -> dict[str, Any]:
         if self.generation is None:
             raise RequestError(503, "generation is not deployed (serve.diffusion is null)")
-        if code not in DIAGNOSES_BY_CODE:
-            raise RequestError(422, f"unknown diagnosis code; valid codes: {', '.join(DIAGNOSES_BY_CODE)}")
         check_count(count, self.settings.max_images)
         steps = steps or self.default_steps
         if steps > self.settings.max_steps:
@@ -374,7 +372,8 @@ class Ingress:
                      api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
         upload = await self._read(file)
-        return JSONBytes(await self._call(self.retrieval.search_image.remote(upload, self._k(k), thumbnails), self.settings.call_timeout_s))
+        k = check_k(k, self.settings.max_k)
+        return JSONBytes(await self._call(self.retrieval.search_image.remote(upload, k, thumbnails), self.settings.call_timeout_s))
 
     @api.post("/search/attribute", summary="Lesions whose predicted attribute is closest to the upload's")
     async def search_attribute(self, file: UploadFile = File(...), attribute: str = Query(..., examples=["area_mm2"]),
@@ -382,13 +381,15 @@ class Ingress:
                                api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
         upload = await self._read(file)
-        return JSONBytes(await self._call(self.retrieval.search_attribute.remote(upload, attribute, self._k(k), thumbnails),
+        k = check_k(k, self.settings.max_k)
+        return JSONBytes(await self._call(self.retrieval.search_attribute.remote(upload, attribute, k, thumbnails),
                                           self.settings.call_timeout_s))
 
     @api.post("/search/text", summary="Lesions matching a clinical note (classifier's shared image-text space)")
     async def search_text(self, query: TextQuery, api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
-        return JSONBytes(await self._call(self.retrieval.search_text.remote(query.text, self._k(query.k), query.thumbnails),
+        k = check_k(query.k, self.settings.max_k)
+        return JSONBytes(await self._call(self.retrieval.search_text.remote(query.text, k, query.thumbnails),
                                           self.settings.call_timeout_s))
 
     @api.post("/predict", summary="Predicted attributes (grounded heads) and diagnosis (classifier) of an image")
@@ -437,7 +438,8 @@ class Ingress:
         check_count(count, self.settings.max_images)
         upload = await self._read(file)
         started = time.perf_counter()
-        found = json.loads(await self._call(self.retrieval.search_image.remote(upload, self._k(k), True), self.settings.call_timeout_s))
+        k = check_k(k, self.settings.max_k)
+        found = json.loads(await self._call(self.retrieval.search_image.remote(upload, k, True), self.settings.call_timeout_s))
         searched = time.perf_counter()
         # The classifier's diagnosis, else the one most similar cases share; None when there is neither
         # (then no references are generated, and the answer says why).
@@ -509,4 +511,4 @@ def build_app(args: dict[str, str]) -> Any:
     return app_from_config(load_config(base / path if path else None, overrides), base)
 
 
-__all__ = ["ATTRIBUTE_NAMES", "Ingress", "Retrieval", "app_from_config", "build_app", "generation_class"]
+__all__ = ["Ingress", "Retrieval", "app_from_config", "build_app", "generation_class"]

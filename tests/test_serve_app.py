@@ -159,6 +159,9 @@ def test_bad_uploads_and_limits_get_clear_4xx(client, gallery) -> None:
     assert bomb.status_code == 422 and "pixels" in bomb.json()["detail"]
     too_big = client.post("/search", files=upload(b"\xff" * (2 * 1024 * 1024)))
     assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
+    # The replica's body limit (serve.max_upload_bytes + multipart overhead) answers before FastAPI parses a body.
+    huge = client.post("/search/text", content=b" " * (2 * 1024 * 1024), headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and "request body" in huge.json()["detail"]
     assert client.post("/search", params={"k": 21}, files=upload(gallery[0]["image_bytes"])).status_code == 422  # serve.max_k
     assert client.post("/search", params={"k": 0}, files=upload(gallery[0]["image_bytes"])).status_code == 422
     assert client.post("/search").status_code == 422  # no file

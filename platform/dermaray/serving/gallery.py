@@ -19,7 +19,7 @@ from PIL import Image
 
 from dermaray.grounding.embed import PREDICTED_PREFIX
 from dermaray.images import decode_rgb
-from dermaray.schema import ATTRIBUTE_NAMES, ATTRIBUTES_BY_NAME, DIAGNOSES_BY_CODE
+from dermaray.schema import ATTRIBUTE_NAMES, DIAGNOSES_BY_CODE
 
 LESION_COLUMNS = ["lesion_id", "diagnosis", *ATTRIBUTE_NAMES, "image_bytes"]
 
@@ -107,10 +107,6 @@ class Gallery:
         gap = np.abs(column - value)
         order = np.argsort(gap, kind="stable")[:k]
         return [(int(r), float(gap[r])) for r in order]
-
-
-def attribute_units() -> dict[str, str]:
-    return {name: ATTRIBUTES_BY_NAME[name].unit for name in ATTRIBUTE_NAMES}
 
 
 def _rows_by_id(table: pa.Table, what: str) -> dict[str, int]:
