@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import Ridge
 
 from dermaray.grounding.embed import PREDICTED_PREFIX
 from dermaray.grounding.metrics import cosine_knn, regression_metrics, retrieval_metrics
@@ -33,11 +34,9 @@ def matrix(frame: pd.DataFrame, column: str = "embedding") -> np.ndarray:
 
 
 def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Closed-form ridge on centred features: (weights [D, A], intercept [A])."""
-    mean_x, mean_y = train_x.mean(axis=0), train_y.mean(axis=0)
-    x = train_x - mean_x
-    weights = np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T @ (train_y - mean_y))
-    return weights, mean_y - mean_x @ weights
+    """Ridge regression with an unpenalised intercept: (weights [D, A], intercept [A])."""
+    ridge = Ridge(alpha=alpha).fit(train_x, train_y)
+    return ridge.coef_.T, ridge.intercept_
 
 
 def probe_predictions(train: pd.DataFrame, evaluated: pd.DataFrame, attributes: Sequence[str]) -> np.ndarray:
