@@ -18,7 +18,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,13 +39,14 @@ from dermaray.grounding.classifier import (
     save_classifier,
 )
 from dermaray.grounding.data import LABEL, PIXELS, Preprocessor
+from dermaray.grounding.evaluate import classifier_markdown
 from dermaray.grounding.labels import LabelSpec, balanced_class_weights, label_spec, tally
 from dermaray.grounding.metrics import class_retrieval_metrics, classification_metrics, partial_auc_above_tpr
 from dermaray.grounding.model import augment
 from dermaray.grounding.text import TextEncoder
 from dermaray.notes.prompts import states_label
 from dermaray.schema import written_notes
-from dermaray.stats import bootstrap_ci, format_ci
+from dermaray.stats import bootstrap_ci
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs, unwrap
@@ -173,34 +173,6 @@ def evaluate_set(model: MultimodalClassifier, ds: ray.data.Dataset, spec: LabelS
     return result
 
 
-def _score(value: float | None, ci: Sequence[float] | None = None) -> str:
-    if value is None:
-        return "-"
-    return format_ci(ci) if ci is not None else f"{value:.3f}"
-
-
-def markdown(results: dict[str, dict[str, Any]]) -> str:
-    label = next(iter(results.values()), {}).get("label", "diagnosis")  # summaries before classifier.label: diagnosis
-    pauc = label == "malignant"
-    lines = [f"Label: {label}. Brackets: 95% bootstrap intervals over the lesions." + (" pAUC: the ISIC 2024 challenge's partial AUC above 80% TPR (0.2 perfect, 0.02 chance)."
-                                   if pauc else ""), ""]
-    lines += ["| set | lesions | excluded (no label) | head | accuracy | balanced accuracy | macro F1 |" + (" pAUC |" if pauc else ""),
-              "|---|---|---|---|---|---|---|" + ("---|" if pauc else "")]
-    for name, r in results.items():
-        for head, title in (("image", "image only"), ("fused", "image + note")):
-            m = r.get(head)  # absent when the set had no labelled lesion
-            keys = ("accuracy", "balanced_accuracy", "macro_f1")
-            cells = [_score(m[k], m.get(f"{k}_ci")) for k in keys] if m else ["-"] * 3
-            cells += [_score(m and m.get("pauc"))] if pauc else []
-            lines.append(f"| {name} | {r['lesions']} | {r.get('excluded_unlabelled', 0)} | {title} | " + " | ".join(cells) + " |")
-    lines += ["", "| set | direction | P@1 | P@5 | P@10 | mAP |", "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        for key, title in (("image_to_note", "image → note"), ("note_to_image", "note → image")):
-            m = r.get(key, {})
-            lines.append(f"| {name} | {title} | " + " | ".join(_score(m.get(k)) for k in ("P@1", "P@5", "P@10", "mAP")) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # --- On the driver ----------------------------------------------------------------------------
 
 
@@ -246,7 +218,7 @@ def run(cfg: DermarayConfig) -> dict:
         shifted_unlabelled = sum(lesion_tally(c.shifted_input, shifted_notes, spec, options)["excluded_unlabelled"].values())
         eval_sets["shifted domain"] = (inputs(c.shifted_input, shifted_notes, None, cfg, False), shifted_unlabelled)
     results = {name: evaluate_set(model, ds, spec, excluded) for name, (ds, excluded) in eval_sets.items()}
-    write_bytes(join(c.output, "classifier_eval.md"), markdown(results).encode(), options)
+    write_bytes(join(c.output, "classifier_eval.md"), classifier_markdown(results).encode(), options)
     # lesions_with_note: the lesions used (with the label and a note), per split; excluded_unlabelled:
     # without the label; lesions_without_note: with the label but no usable note. Together: every lesion.
     summary = {"model": model_uri, "label": spec.kind, "classes": list(spec.classes), "class_weights": weights,
@@ -260,4 +232,4 @@ def run(cfg: DermarayConfig) -> dict:
 
 if __name__ == "__main__":
     setup_logging()
-    print(markdown(run(config_from_argv(sys.argv[1:], prog="python -m jobs.classifier"))["eval"]))
+    print(classifier_markdown(run(config_from_argv(sys.argv[1:], prog="python -m jobs.classifier"))["eval"]))

@@ -35,6 +35,7 @@ import torch
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, DiffusionConfig, ModelsConfig
+from dermaray.diffusion.base import base_resolution, prepared_base_uri
 from dermaray.diffusion.captions import caption, lesion_size_word
 from dermaray.diffusion.pipeline import (
     DiffusionObjective,
@@ -48,10 +49,10 @@ from dermaray.diffusion.pipeline import (
     tokenize,
 )
 from dermaray.images import decode_rgb
-from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
-from dermaray.models.registry import is_preset, model_folder, resolve_model
+from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
+from dermaray.models.registry import model_folder, resolve_model
 from dermaray.schema import written_notes
-from dermaray.storage import absolute, exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
+from dermaray.storage import exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
 from jobs.common import init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs
 
@@ -127,12 +128,6 @@ def pretrain_task(models: ModelsConfig, target: str, storage_options: dict, rows
     return losses
 
 
-def prepared_base_uri(cfg: DermarayConfig) -> str:
-    """What the adapters adapt: the tiny preset pre-trained to <output>/base, or the base preset as it is."""
-    tiny_pretrained = cfg.models.diffusion_base == "tiny" and cfg.diffusion.pretrain.steps > 0
-    return absolute(join(cfg.diffusion.output, DIFFUSION_BASE)) if tiny_pretrained else cfg.models.diffusion_base
-
-
 def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
     """(the base to adapt: a preset, or the URI of the pre-trained tiny base; pre-training losses or None).
 
@@ -152,17 +147,6 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
     losses = ray.get(pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
         cfg.models, target, options, rows, d.pretrain.model_dump(), d.size_words, d.resolution, d.train.seed))
     return target, losses
-
-
-def base_resolution(base: str, models: ModelsConfig, storage_options: dict) -> int:
-    """The base's native image size, from its UNet and VAE configs (the driver never loads a hub base)."""
-    if base != "tiny" and is_preset("diffusion_base", base):
-        raise ValueError(f"set diffusion.resolution for the hub base {base} (512 for SD 1.5, 1024 for SDXL)")
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = model_folder("diffusion_base", base, models, storage_options, scratch)
-        unet = json.loads(Path(folder, "unet", "config.json").read_text())
-        vae = json.loads(Path(folder, "vae", "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 # --- The LoRA task, run on the Ray Train workers --------------------------------------------------

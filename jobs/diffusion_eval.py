@@ -32,7 +32,8 @@ import torch
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, ModelsConfig
 from dermaray.diffusion.captions import caption
-from dermaray.diffusion.evaluate import class_relevance, image_grid, kid, lesion_area_mm2, size_faithfulness
+from dermaray.diffusion.base import base_resolution, prepared_base_uri
+from dermaray.diffusion.evaluate import class_relevance, image_grid, kid, lesion_area_mm2, markdown, size_faithfulness
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
 from dermaray.grounding.classifier import classifier_settings, load_classifier, require_diagnosis_classifier
 from dermaray.grounding.data import CLASS_CODES
@@ -41,7 +42,6 @@ from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.models.registry import model_folder, resolve_model
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
 from jobs.common import init_ray, log, write_summary
-from jobs.diffusion import base_resolution, prepared_base_uri
 
 
 class ImageJudge:
@@ -136,28 +136,6 @@ def _evaluate(base: str, adapter: str, judge_folder: str, models: ModelsConfig, 
     results["diagnoses_without_adapter"] = without_adapter
     results["chance"] = 1 / len(judge.classes)
     return results
-
-
-def markdown(r: dict[str, Any]) -> str:
-    real = r["real"]["class_relevance"]
-    lora = "LoRA (shared adapter)" if r["adapters"] == "shared" else "LoRA (one adapter per diagnosis)"
-    lines = ["| images | class relevance | of the real images' | KID (mean ± sd) |", "|---|---|---|---|"]
-    for name, label in (("base", "base"), ("lora", lora)):
-        m = r[name]
-        relevance = m["class_relevance"]["relevance"]
-        of_real = f"{relevance / real['relevance']:.2f}" if real["relevance"] else "-"
-        lines.append(f"| {label} | {relevance:.3f} | {of_real} | {m['kid']['mean']:.4f} ± {m['kid']['std']:.4f} |")
-    lines.append(f"| held-out real images | {real['relevance']:.3f} | 1.00 | - |")
-    lines += ["", f"Chance level for the classifier: {r['chance']:.3f}. The judge is the image head of the classifier "
-              "trained on real lesions; its accuracy on held-out real images at the generation size bounds what a "
-              "generator can score.", "", "| diagnosis | base | LoRA | real images |", "|---|---|---|---|"]
-    for code, share in r["lora"]["class_relevance"]["per_class"].items():
-        lines.append(f"| {code} | {r['base']['class_relevance']['per_class'].get(code, 0):.2f} | {share:.2f} | "
-                     f"{real['per_class'].get(code, float('nan')):.2f} |")
-    s = r["lora"]["size_faithfulness"]
-    lines += ["", f"Size faithfulness (LoRA): 'large' prompts {s['mean_large_mm2']:.1f} mm² vs 'small' {s['mean_small_mm2']:.1f} mm² "
-              f"(ratio {s['ratio']:.2f}, AUC {s['auc']:.2f}, one-sided Mann-Whitney p = {s['p_value']:.3g})."]
-    return "\n".join(lines) + "\n"
 
 
 def run(cfg: DermarayConfig) -> dict:

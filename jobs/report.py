@@ -120,12 +120,12 @@ def _note_samples(w: Workdir, uri: str, n: int) -> list[dict]:
 
 def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     """(the report's HTML, section -> whether its stage's outputs were found)."""
-    # Imported here: the table layouts live with the jobs that write the .md files, one definition each.
+    # Imported when a report is built, not with this module: the evaluation modules bring torch and scipy.
+    from dermaray.diffusion.evaluate import markdown as diffusion_markdown
+    from dermaray.grounding.evaluate import classifier_markdown
     from dermaray.grounding.evaluate import markdown as grounding_markdown
     from dermaray.notes.study import classifier_markdown as notes_classifier_markdown
     from dermaray.notes.study import markdown as notes_study_markdown
-    from jobs.classifier import markdown as classifier_markdown
-    from jobs.diffusion_eval import markdown as diffusion_markdown
 
     r = cfg.report
     w = Workdir(r.workdir, cfg.storage_options)

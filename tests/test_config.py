@@ -42,7 +42,7 @@ def test_cli_reports_bad_config_in_one_line():
 
 def test_cli_prints_resolved_config():
     result = subprocess.run(
-        [sys.executable, "-m", "dermaray.cli", "synth", "--print-config", "synth.seed=7"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "jobs", "synth", "--print-config", "synth.seed=7"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "seed: 7" in result.stdout

@@ -166,7 +166,7 @@ def test_chain_diagnosis_from_classifier_similar_cases_or_none() -> None:
 
 
 def test_classifier_tables_for_every_label_kind() -> None:
-    from jobs.classifier import markdown
+    from dermaray.grounding.evaluate import classifier_markdown as markdown
 
     head = {"accuracy": 0.9, "balanced_accuracy": 0.6, "macro_f1": 0.55, "pauc": 0.125}
     text = markdown({"in-domain (test split)": {"label": "malignant", "lesions": 40, "excluded_unlabelled": 0, "image": head,

@@ -1,33 +1,24 @@
-"""`dermaray <stage> [--config FILE] [key=value ...]`: run a job from `jobs/` locally.
+"""`dermaray models ...`, `dermaray check-cluster ...`: the library's commands (no Ray, no repository needed).
 
-The same modules run under `ray job submit -- python -m jobs.<stage> ...` on a cluster.
+Stages run from the repository, `python -m jobs <stage> ...` (or `python -m jobs.<stage>`, as under
+`ray job submit`); they read their config with `config_from_argv` below.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from dermaray.config import DermarayConfig, dump_config, load_config
 
-STAGES = {
-    "synth": "render synthetic SLICE-3D-like lesions in the ISIC 2024 layout",
-    "ingest": "read a source into canonical Parquet shards plus a quarantine table",
-    "notes": "write and audit a clinical note per lesion with vLLM (resumable)",
-    "grounding": "ground the MLLM image embedding in lesion attributes with Ray Train (resumable)",
-    "embeddings": "embed every lesion (grounded or frozen) and build a vector index",
-    "grounding_eval": "frozen vs grounded: attribute prediction and retrieval tables",
-    "classifier": "train and evaluate the image + note classifier with Ray Train",
-    "diffusion": "train a diagnosis-conditioned LoRA adapter on Stable Diffusion with Ray Train (resumable)",
-    "diffusion_eval": "base vs LoRA generation: class relevance, KID, size faithfulness, sample grids",
-    "report": "one self-contained HTML report of a pipeline workdir (tables, curves, galleries, grids)",
-    "pipeline": "run every stage end to end",
-}
+USAGE = """usage: dermaray models list | pull ROLE/NAME | push ROLE/NAME [--config FILE] [key=value ...]
+       dermaray check-cluster --config configs/cluster.yaml --cluster cluster.yaml [--serve serve/config.yaml]
+
+Stages run from the repository root: python -m jobs <stage> [--config FILE] [key=value ...]"""
 
 
-def config_from_argv(argv: list[str], prog: str = "dermaray") -> DermarayConfig:
+def config_from_argv(argv: list[str], prog: str = "python -m jobs") -> DermarayConfig:
     parser = argparse.ArgumentParser(prog=prog, description="Run with a YAML config and key=value overrides.")
     parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -49,7 +40,7 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "models":  # model cache and store, not a stage
+    if argv and argv[0] == "models":  # model cache and store
         from dermaray.models.cli import main as models_main
 
         return models_main(argv[1:])
@@ -57,14 +48,12 @@ def main(argv: list[str] | None = None) -> None:
         from dermaray.cluster_check import main as check_main
 
         sys.exit(check_main(argv[1:]))
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        print("usage: dermaray <stage> [--config FILE] [key=value ...]\n       dermaray models list | pull ROLE/NAME | push ROLE/NAME\n"
-              "       dermaray check-cluster --config configs/cluster.yaml --cluster cluster.yaml [--serve serve/config.yaml]\n\nstages:")
-        for name, text in STAGES.items():
-            print(f"  {name:15s} {text}")
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    setup_logging()
-    job = importlib.import_module(f"jobs.{argv[0]}")
-    job.run(config_from_argv(argv[1:], prog=f"dermaray {argv[0]}"))
+    help_asked = bool(argv) and argv[0] in ("-h", "--help")
+    if argv and not help_asked:
+        print(f"dermaray: unknown command {argv[0]!r}", file=sys.stderr)
+    print(USAGE)
+    sys.exit(0 if help_asked else 2)
+
+
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -263,3 +264,27 @@ def image_grid(
             # Centred on the row by its measured box: bitmap fonts do not support text anchors.
             draw.text((pad, row * cell_h + (cell_h - (bottom - top)) // 2 - top), str(text), fill="black", font=font)
     return grid
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The diffusion evaluation (jobs.diffusion_eval) as Markdown: base vs LoRA class relevance and KID, per
+    diagnosis, and the LoRA's size faithfulness."""
+    real = r["real"]["class_relevance"]
+    lora = "LoRA (shared adapter)" if r["adapters"] == "shared" else "LoRA (one adapter per diagnosis)"
+    lines = ["| images | class relevance | of the real images' | KID (mean ± sd) |", "|---|---|---|---|"]
+    for name, label in (("base", "base"), ("lora", lora)):
+        m = r[name]
+        relevance = m["class_relevance"]["relevance"]
+        of_real = f"{relevance / real['relevance']:.2f}" if real["relevance"] else "-"
+        lines.append(f"| {label} | {relevance:.3f} | {of_real} | {m['kid']['mean']:.4f} ± {m['kid']['std']:.4f} |")
+    lines.append(f"| held-out real images | {real['relevance']:.3f} | 1.00 | - |")
+    lines += ["", f"Chance level for the classifier: {r['chance']:.3f}. The judge is the image head of the classifier "
+              "trained on real lesions; its accuracy on held-out real images at the generation size bounds what a "
+              "generator can score.", "", "| diagnosis | base | LoRA | real images |", "|---|---|---|---|"]
+    for code, share in r["lora"]["class_relevance"]["per_class"].items():
+        lines.append(f"| {code} | {r['base']['class_relevance']['per_class'].get(code, 0):.2f} | {share:.2f} | "
+                     f"{real['per_class'].get(code, float('nan')):.2f} |")
+    s = r["lora"]["size_faithfulness"]
+    lines += ["", f"Size faithfulness (LoRA): 'large' prompts {s['mean_large_mm2']:.1f} mm² vs 'small' {s['mean_small_mm2']:.1f} mm² "
+              f"(ratio {s['ratio']:.2f}, AUC {s['auc']:.2f}, one-sided Mann-Whitney p = {s['p_value']:.3g})."]
+    return "\n".join(lines) + "\n"

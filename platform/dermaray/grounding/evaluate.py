@@ -1,4 +1,5 @@
-"""Frozen vs grounded embeddings, side by side: attribute prediction and attribute-specific retrieval.
+"""Frozen vs grounded embeddings, side by side: attribute prediction and attribute-specific retrieval;
+and the image + note classifier's evaluation table.
 
 Inputs are embeddings tables (jobs.embeddings) as pandas frames; the output is plain dicts and
 a Markdown table. Retrieval is leave-one-out within the evaluation set (held-out lesions, or the
@@ -25,6 +26,7 @@ from dermaray.grounding.embed import PREDICTED_PREFIX
 from dermaray.grounding.metrics import cosine_knn, regression_metrics, retrieval_metrics
 from dermaray.grounding.model import AttributeScaler
 from dermaray.schema import ATTRIBUTES_BY_NAME
+from dermaray.stats import format_ci
 
 K = 10
 
@@ -110,3 +112,32 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _score(value: float | None, ci: Sequence[float] | None = None) -> str:
+    if value is None:
+        return "-"
+    return format_ci(ci) if ci is not None else f"{value:.3f}"
+
+
+def classifier_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """The classifier's evaluation (jobs.classifier): per set, image only vs image + note, then cross-modal retrieval."""
+    label = next(iter(results.values()), {}).get("label", "diagnosis")  # summaries before classifier.label: diagnosis
+    pauc = label == "malignant"
+    lines = [f"Label: {label}. Brackets: 95% bootstrap intervals over the lesions." + (" pAUC: the ISIC 2024 challenge's partial AUC above 80% TPR (0.2 perfect, 0.02 chance)."
+                                   if pauc else ""), ""]
+    lines += ["| set | lesions | excluded (no label) | head | accuracy | balanced accuracy | macro F1 |" + (" pAUC |" if pauc else ""),
+              "|---|---|---|---|---|---|---|" + ("---|" if pauc else "")]
+    for name, r in results.items():
+        for head, title in (("image", "image only"), ("fused", "image + note")):
+            m = r.get(head)  # absent when the set had no labelled lesion
+            keys = ("accuracy", "balanced_accuracy", "macro_f1")
+            cells = [_score(m[k], m.get(f"{k}_ci")) for k in keys] if m else ["-"] * 3
+            cells += [_score(m and m.get("pauc"))] if pauc else []
+            lines.append(f"| {name} | {r['lesions']} | {r.get('excluded_unlabelled', 0)} | {title} | " + " | ".join(cells) + " |")
+    lines += ["", "| set | direction | P@1 | P@5 | P@10 | mAP |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for key, title in (("image_to_note", "image → note"), ("note_to_image", "note → image")):
+            m = r.get(key, {})
+            lines.append(f"| {name} | {title} | " + " | ".join(_score(m.get(k)) for k in ("P@1", "P@5", "P@10", "mAP")) + " |")
+    return "\n".join(lines) + "\n"
