@@ -163,7 +163,7 @@ def evaluate_set(model: MultimodalClassifier, ds: ray.data.Dataset, spec: LabelS
         result[head] = classification_metrics(labels, predicted, n_classes=len(spec.classes))
         for name in ("accuracy", "balanced_accuracy", "macro_f1"):  # 95% bootstrap intervals over the lesions
             result[head][f"{name}_ci"] = bootstrap_ci(
-                lambda i: classification_metrics(labels[i], predicted[i], n_classes=len(spec.classes))[name], len(labels))
+                lambda i, p=predicted, k=name: classification_metrics(labels[i], p[i], n_classes=len(spec.classes))[k], len(labels))
         if spec.kind == "malignant":  # the ISIC 2024 challenge metric; undefined with one class present
             both = len(set(labels.tolist())) == 2
             result[head]["pauc"] = partial_auc_above_tpr(labels, malignant_probability(s[f"{head}_logits"])) if both else None
