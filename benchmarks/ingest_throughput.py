@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import time
+from pathlib import Path
 
 import h5py
 import ray
@@ -21,8 +23,9 @@ from PIL import Image
 
 from dermaray.config import load_config
 from dermaray.data.readers import _hdf5_bytes
-from jobs import ingest, synth
-from jobs.common import init_ray
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/ lives in the repository, not in site-packages
+from jobs import ingest, synth  # noqa: E402
+from jobs.common import init_ray  # noqa: E402
 
 
 def decode_rate(blobs: list[bytes]) -> float:

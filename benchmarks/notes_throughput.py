@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/ lives in the repository, not in site-packages
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

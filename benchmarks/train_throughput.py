@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,10 +27,11 @@ from dermaray.config import load_config
 from dermaray.grounding.data import PIXELS, TARGETS
 from dermaray.config import ModelsConfig
 from dermaray.grounding.model import GroundingModel, GroundingSettings, augment, loss_fn
-from jobs import ingest, synth
-from jobs.common import init_ray
-from jobs.grounding import GROUNDING, fit_scaler, split_dataset
-from jobs.training import fit, warmup_cosine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/ lives in the repository, not in site-packages
+from jobs import ingest, synth  # noqa: E402
+from jobs.common import init_ray  # noqa: E402
+from jobs.grounding import GROUNDING, fit_scaler, split_dataset  # noqa: E402
+from jobs.training import fit, warmup_cosine  # noqa: E402
 
 
 def bare_loop(settings: GroundingSettings, models: ModelsConfig, pixels: torch.Tensor, targets: torch.Tensor, batch_size: int,
