@@ -51,6 +51,7 @@ def shape(s3_options, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the whole pipeline on three nodes: about 6-8 minutes idle, more on a loaded box
 def test_pipeline_on_nodes_without_the_drivers_files(shape, s3_options):
     import s3fs
 
