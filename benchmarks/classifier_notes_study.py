@@ -46,10 +46,20 @@ def main() -> None:
     from jobs.common import init_ray
 
     root = join(os.path.abspath(args.workdir), "classifier_notes_study")
-    cfg = load_config("configs/local.yaml", [f"models.note_writer={args.model}", f"classifier.train.epochs={args.epochs}",
-                                             "classifier.init_from=null", "synth.seed=11"])
+    cfg = load_config(
+        "configs/local.yaml",
+        [
+            f"models.note_writer={args.model}",
+            f"classifier.train.epochs={args.epochs}",
+            "classifier.init_from=null",
+            "synth.seed=11",
+        ],
+    )
     init_ray(cfg.ray)
-    with_ = lambda c, section, **v: c.model_copy(update={section: getattr(c, section).model_copy(update=v)})  # noqa: E731
+
+    def with_(c, section, **v):
+        return c.model_copy(update={section: getattr(c, section).model_copy(update=v)})
+
     lesions = {}
     for domain, n in (("clinic", args.lesions), ("shifted", args.shifted)):
         source, canonical = join(root, "synthetic", domain), join(root, "ingest", domain)
@@ -66,13 +76,28 @@ def main() -> None:
             notes.run(with_(cfg, "notes", input=lesions[domain], output=written[domain], **settings))
         seconds[f"notes ({kind})"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
-        summary = classifier.run(with_(cfg, "classifier", input=lesions["clinic"], notes=written["clinic"],
-                                       shifted_input=lesions["shifted"], shifted_notes=written["shifted"],
-                                       output=join(root, f"classifier_{kind}"), run_name=f"classifier_{kind}"))
+        summary = classifier.run(
+            with_(
+                cfg,
+                "classifier",
+                input=lesions["clinic"],
+                notes=written["clinic"],
+                shifted_input=lesions["shifted"],
+                shifted_notes=written["shifted"],
+                output=join(root, f"classifier_{kind}"),
+                run_name=f"classifier_{kind}",
+            )
+        )
         seconds[f"classifier ({kind})"] = round(time.perf_counter() - start, 1)
         results[kind] = summary["eval"]
-    out = {"lesions": args.lesions, "shifted": args.shifted, "model": args.model, "epochs": args.epochs,
-           "results": results, "seconds": seconds}
+    out = {
+        "lesions": args.lesions,
+        "shifted": args.shifted,
+        "model": args.model,
+        "epochs": args.epochs,
+        "results": results,
+        "seconds": seconds,
+    }
     reports = Layout(os.path.abspath(args.workdir)).classifier_notes_study
     write_bytes(join(reports, "classifier_notes_study.json"), json.dumps(out, indent=2, default=float).encode())
     text = classifier_markdown(out)

@@ -44,7 +44,9 @@ class Mixture:
         for start in range(0, n, CHUNK):
             rows = min(CHUNK, n - start)
             label = rng.choice(len(self.means), rows, p=self.weights)
-            x = self.means[label] + self.spread[label, None] * self.scale * rng.standard_normal((rows, len(self.scale)), dtype=np.float32)
+            x = self.means[label] + self.spread[label, None] * self.scale * rng.standard_normal(
+                (rows, len(self.scale)), dtype=np.float32
+            )
             out[start : start + rows] = x / np.linalg.norm(x, axis=1, keepdims=True)
         return out
 
@@ -65,7 +67,7 @@ def numpy_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found.tolist(), truth.tolist())]))
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found.tolist(), truth.tolist(), strict=True)]))
 
 
 def timed_search(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]:
@@ -92,7 +94,9 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, default=4096, help="ivf lists")
     parser.add_argument("--nprobe", type=ints, default=[8, 16, 32, 64], help="ivf lists scanned per query, comma-separated sweep")
     parser.add_argument("--hnsw-m", type=int, default=32, help="hnsw links per node")
-    parser.add_argument("--ef-search", type=ints, default=[32, 64, 128, 256], help="hnsw candidates per query, comma-separated sweep")
+    parser.add_argument(
+        "--ef-search", type=ints, default=[32, 64, 128, 256], help="hnsw candidates per query, comma-separated sweep"
+    )
     parser.add_argument("--centres", type=int, default=2000, help="mixture components")
     parser.add_argument("--noise", type=float, default=1.0, help="noise norm relative to a centre's (~1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="for faiss (OpenMP) and numpy (BLAS) alike")
@@ -104,15 +108,19 @@ def main() -> None:
     mixture = Mixture(args.dim, args.centres, args.noise, args.seed)
     vectors = mixture.sample(args.n, args.seed + 1)
     queries = mixture.sample(args.queries, args.seed + 2)
-    print(f"data: {args.n:,} x {args.dim} float32 ({vectors.nbytes / 2**30:.2f} GiB), {args.centres} centres, "
-          f"{args.queries} queries, k={args.k}, {args.threads} threads; generated in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    print(
+        f"data: {args.n:,} x {args.dim} float32 ({vectors.nbytes / 2**30:.2f} GiB), {args.centres} centres, "
+        f"{args.queries} queries, k={args.k}, {args.threads} threads; generated in {time.perf_counter() - start:.1f} s"
+    )
 
     start = time.perf_counter()
     with threadpool_limits(args.threads):
         truth_scores, truth = numpy_top_k(vectors, queries, args.k)
     numpy_seconds = time.perf_counter() - start
-    print(f"numpy brute force: {numpy_seconds:.2f} s ({args.queries / numpy_seconds:,.0f} queries/s); "
-          f"exact neighbour cosine: 1st {truth_scores[:, 0].mean():.3f}, {args.k}th {truth_scores[:, -1].mean():.3f}")  # fmt: skip
+    print(
+        f"numpy brute force: {numpy_seconds:.2f} s ({args.queries / numpy_seconds:,.0f} queries/s); "
+        f"exact neighbour cosine: 1st {truth_scores[:, 0].mean():.3f}, {args.k}th {truth_scores[:, -1].mean():.3f}"
+    )
 
     ids = [str(i) for i in range(args.n)]
     start = time.perf_counter()
@@ -130,8 +138,10 @@ def main() -> None:
         seconds, rows = timed_search(index, queries, args.k)
         results.append((setting, seconds, numpy_seconds / seconds, recall(rows, truth)))
         name, value = next(iter(setting.items()))
-        print(f"{name}={value}: {seconds:.4f} s ({args.queries / seconds:,.0f} queries/s), "
-              f"{numpy_seconds / seconds:.1f}x numpy, recall@{args.k} {results[-1][3]:.3f}")  # fmt: skip
+        print(
+            f"{name}={value}: {seconds:.4f} s ({args.queries / seconds:,.0f} queries/s), "
+            f"{numpy_seconds / seconds:.1f}x numpy, recall@{args.k} {results[-1][3]:.3f}"
+        )
 
     good = [r for r in results if r[3] >= GOAL_RECALL]
     if not good:
@@ -140,8 +150,10 @@ def main() -> None:
     setting, seconds, ratio, best_recall = max(good, key=lambda r: r[2])
     name, value = next(iter(setting.items()))
     verdict = "met" if ratio >= GOAL_RATIO else "not met"
-    print(f"best: {args.kind} {name}={value} at recall@{args.k} {best_recall:.3f} is {ratio:.1f}x numpy brute force "
-          f"({seconds:.4f} s vs {numpy_seconds:.2f} s); goal >= {GOAL_RATIO:.0f}x at recall >= {GOAL_RECALL}: {verdict}")  # fmt: skip
+    print(
+        f"best: {args.kind} {name}={value} at recall@{args.k} {best_recall:.3f} is {ratio:.1f}x numpy brute force "
+        f"({seconds:.4f} s vs {numpy_seconds:.2f} s); goal >= {GOAL_RATIO:.0f}x at recall >= {GOAL_RECALL}: {verdict}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from PIL import Image
 
 from dermaray.config import load_config
 from dermaray.data.readers import _hdf5_bytes
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/ lives in the repository, not in site-packages
-from jobs import ingest, synth  # noqa: E402
-from jobs.common import init_ray  # noqa: E402
+from jobs import ingest, synth
+from jobs.common import init_ray
 
 
 def decode_rate(blobs: list[bytes]) -> float:
@@ -45,7 +46,12 @@ def main() -> None:
     source = f"{args.workdir}/synthetic-{args.lesions}-{args.image_size}px"
     cfg = load_config(
         None,
-        [f"synth.n_lesions={args.lesions}", f"synth.output={source}", "synth.shard_size=250", f"synth.image_size={args.image_size}"],
+        [
+            f"synth.n_lesions={args.lesions}",
+            f"synth.output={source}",
+            "synth.shard_size=250",
+            f"synth.image_size={args.image_size}",
+        ],
     )
     init_ray(cfg.ray)
     if not os.path.exists(f"{source}/synth_manifest.json"):

@@ -50,10 +50,21 @@ def main() -> None:
 
     root = join(os.path.abspath(args.workdir), "notes_study")
     source, canonical = join(root, "synthetic"), join(root, "ingest")
-    cfg = load_config("configs/local.yaml", [
-        f"models.note_writer={args.model}", "notes.model_lesions=null", f"notes.sampling.max_tokens={args.max_tokens}",
-        f"synth.n_lesions={args.lesions}", f"synth.output={source}", "synth.seed=7", f"ingest.input={source}",
-        f"ingest.output={canonical}", f"notes.input={canonical}/lesions", f"notes.limit={args.lesions}"])
+    cfg = load_config(
+        "configs/local.yaml",
+        [
+            f"models.note_writer={args.model}",
+            "notes.model_lesions=null",
+            f"notes.sampling.max_tokens={args.max_tokens}",
+            f"synth.n_lesions={args.lesions}",
+            f"synth.output={source}",
+            "synth.seed=7",
+            f"ingest.input={source}",
+            f"ingest.output={canonical}",
+            f"notes.input={canonical}/lesions",
+            f"notes.limit={args.lesions}",
+        ],
+    )
     init_ray(cfg.ray)
     if not Path(canonical, "ingest_summary.json").exists():
         synth.run(cfg)
@@ -62,7 +73,9 @@ def main() -> None:
 
     results, sample, dtypes = {}, [], set()
     for strategy in args.strategies.split(","):
-        run_cfg = cfg.model_copy(update={"notes": cfg.notes.model_copy(update={"strategy": strategy, "output": join(root, "notes", strategy)})})
+        run_cfg = cfg.model_copy(
+            update={"notes": cfg.notes.model_copy(update={"strategy": strategy, "output": join(root, "notes", strategy)})}
+        )
         start = time.perf_counter()
         summary = notes.run(run_cfg)
         seconds = summary["seconds_this_run"] - summary["engine_start_seconds"] if summary["shards_written_now"] else None
@@ -72,11 +85,24 @@ def main() -> None:
         print(f"{strategy}: {len(rows)} notes in {time.perf_counter() - start:.0f} s")
         ok = [r for r in rows if r["error"] is None]
         for r in random.Random(strategy).sample(ok, min(args.label_sample, len(ok))):
-            sample.append({"id": f"{strategy}-{r['lesion_id']}", "strategy": strategy, "prompt_id": r["prompt_id"],
-                           "row": lesions[r["lesion_id"]], "note": r["note"]})
+            sample.append(
+                {
+                    "id": f"{strategy}-{r['lesion_id']}",
+                    "strategy": strategy,
+                    "prompt_id": r["prompt_id"],
+                    "row": lesions[r["lesion_id"]],
+                    "note": r["note"],
+                }
+            )
 
-    out = {"model": args.model, "lesions": args.lesions, "max_tokens": args.max_tokens,
-           "dtype": ",".join(sorted(d for d in dtypes if d)) or None, "strategies": results, "skipped": SKIPPED}
+    out = {
+        "model": args.model,
+        "lesions": args.lesions,
+        "max_tokens": args.max_tokens,
+        "dtype": ",".join(sorted(d for d in dtypes if d)) or None,
+        "strategies": results,
+        "skipped": SKIPPED,
+    }
     if Path(args.fixture).is_file():
         out["fixture"] = Path(args.fixture).name
         out["audit_agreement"] = agreement_by_part(load_labelled(args.fixture))

@@ -96,9 +96,14 @@ def main() -> None:
     print(f"hugging face generate, one at a time: {hf_rate:8.2f} prompts/s ({args.hf_prompts} prompts)")
     print(f"bare LLM.generate in-process:         {bare_rate:8.2f} prompts/s")
     print(f"notes job (Ray Data + vLLM actor):    {job_rate:8.2f} prompts/s end to end, {job_seconds:.1f} s")
-    print(f"  of which engine start in the actor: {summary['engine_start_seconds']:.1f} s (paid once per actor; "
-          f"{engine_start:.1f} s in this process)")
-    print(f"ratio job / bare vLLM = {job_rate / bare_rate:.2f} end to end, {warm_rate / bare_rate:.2f} without the engine start  (goal >= 0.9)")
+    print(
+        f"  of which engine start in the actor: {summary['engine_start_seconds']:.1f} s (paid once per actor; "
+        f"{engine_start:.1f} s in this process)"
+    )
+    print(
+        f"ratio job / bare vLLM = {job_rate / bare_rate:.2f} end to end, "
+        f"{warm_rate / bare_rate:.2f} without the engine start  (goal >= 0.9)"
+    )
     print(f"ratio job / HF one-at-a-time = {job_rate / hf_rate:.1f}  (goal >= 20)")
 
 

@@ -37,8 +37,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.serve_artifacts for the tiny fallback
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import httpx
+import numpy as np
 
 GOAL = 1.3
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -94,12 +94,15 @@ def best_in_process(retriever, image: bytes, k: int, requests: int, concurrency:
     return best
 
 
-async def load(url: str, image: bytes, k: int, headers: dict, requests: int, concurrency: int) -> tuple[list[float], Counter, float]:
+async def load(
+    url: str, image: bytes, k: int, headers: dict, requests: int, concurrency: int
+) -> tuple[list[float], Counter, float]:
     latencies: list[float] = []
     statuses: Counter = Counter()
     remaining = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as client:
+
         async def worker() -> None:
             for _ in remaining:
                 started = time.perf_counter()
@@ -151,18 +154,24 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
         serve.run(app_from_config(cfg), name="dermaray", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-    print(f"app: {url}  gallery image: {len(image)} bytes  k={args.k}  cores: {os.cpu_count()}  "
-          f"load average: {os.getloadavg()[0]:.1f} (other processes share these cores)")
+    print(
+        f"app: {url}  gallery image: {len(image)} bytes  k={args.k}  cores: {os.cpu_count()}  "
+        f"load average: {os.getloadavg()[0]:.1f} (other processes share these cores)"
+    )
 
     from dermaray.serving.retriever import Retriever
 
     retriever = Retriever(cfg.serve, cfg.models, cfg.storage_options)
     one, _, threads = best_in_process(retriever, image, args.k, args.sequential, 1)
-    print(f"in-process Retriever.search_image (decode, embed, diagnose, search, shape), sequential: "
-          f"p50 {1000 * one:.2f} ms (torch threads {threads})")
+    print(
+        f"in-process Retriever.search_image (decode, embed, diagnose, search, shape), sequential: "
+        f"p50 {1000 * one:.2f} ms (torch threads {threads})"
+    )
     many, many_latencies, threads_many = best_in_process(retriever, image, args.k, args.requests, args.concurrency)
-    print(f"in-process at concurrency {args.concurrency} ({args.requests} calls, threads): p50 {1000 * many:.1f} ms  "
-          f"p99 {1000 * percentile(many_latencies, 99):.1f} ms (torch threads {threads_many})")
+    print(
+        f"in-process at concurrency {args.concurrency} ({args.requests} calls, threads): p50 {1000 * many:.1f} ms  "
+        f"p99 {1000 * percentile(many_latencies, 99):.1f} ms (torch threads {threads_many})"
+    )
     del retriever
 
     with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
@@ -176,13 +185,17 @@ def main() -> int:
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     errors = sum(n for status, n in statuses.items() if status != "2xx")
     server_errors = sum(n for status, n in statuses.items() if not status.startswith(("2", "4")))
-    print(f"/search at concurrency {args.concurrency} ({args.requests} requests): p50 {1000 * p50:.1f} ms  "
-          f"p99 {1000 * p99:.1f} ms  {args.requests / seconds:.0f} req/s  by status: {dict(sorted(statuses.items()))}  "
-          f"errors: {errors}  5xx or transport: {server_errors}")
+    print(
+        f"/search at concurrency {args.concurrency} ({args.requests} requests): p50 {1000 * p50:.1f} ms  "
+        f"p99 {1000 * p99:.1f} ms  {args.requests / seconds:.0f} req/s  by status: {dict(sorted(statuses.items()))}  "
+        f"errors: {errors}  5xx or transport: {server_errors}"
+    )
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    print(f"ratio /search p50 / in-process p50: concurrency 1 {p50_one / one:.2f}x; concurrency {args.concurrency} "
-          f"{p50 / many:.2f}x against in-process at the same concurrency, {p50 / one:.2f}x against sequential "
-          f"in-process (goal <= {GOAL}x)")
+    print(
+        f"ratio /search p50 / in-process p50: concurrency 1 {p50_one / one:.2f}x; concurrency {args.concurrency} "
+        f"{p50 / many:.2f}x against in-process at the same concurrency, {p50 / one:.2f}x against sequential "
+        f"in-process (goal <= {GOAL}x)"
+    )
     if args.url is None:
         serve.shutdown()
         ray.shutdown()

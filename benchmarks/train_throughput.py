@@ -17,25 +17,34 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from dermaray.config import load_config
+from dermaray.config import ModelsConfig, load_config
 from dermaray.grounding.data import PIXELS, TARGETS
-from dermaray.config import ModelsConfig
 from dermaray.grounding.model import GroundingModel, GroundingSettings, augment, loss_fn
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/ lives in the repository, not in site-packages
-from jobs import ingest, synth  # noqa: E402
-from jobs.common import init_ray  # noqa: E402
-from jobs.grounding import GROUNDING, fit_scaler, split_dataset  # noqa: E402
-from jobs.training import fit, warmup_cosine  # noqa: E402
+from jobs import ingest, synth
+from jobs.common import init_ray
+from jobs.grounding import GROUNDING, fit_scaler, split_dataset
+from jobs.training import fit, warmup_cosine
 
 
-def bare_loop(settings: GroundingSettings, models: ModelsConfig, pixels: torch.Tensor, targets: torch.Tensor, batch_size: int,
-              epochs: int, lr: float, total_steps: int) -> float:
+def bare_loop(
+    settings: GroundingSettings,
+    models: ModelsConfig,
+    pixels: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    total_steps: int,
+) -> float:
     """Steps per second of a plain single-process loop over in-memory tensors."""
     torch.manual_seed(0)
     model = GroundingModel.from_settings(settings, models).train()
@@ -68,13 +77,23 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/dermaray-bench")
     args = parser.parse_args()
     source, canonical = f"{args.workdir}/synthetic-{args.lesions}-128px", f"{args.workdir}/ingest-{args.lesions}"
-    cfg = load_config(None, [
-        f"synth.n_lesions={args.lesions}", f"synth.output={source}", "synth.shard_size=250",
-        f"ingest.input={source}", f"ingest.output={canonical}",
-        f"grounding.input={canonical}/lesions", f"grounding.output={args.workdir}/grounding-bench", "grounding.tune=full",
-        f"grounding.train.epochs={args.epochs}", f"grounding.train.batch_size={args.batch_size}",
-        f"grounding.train.cpus_per_worker={args.threads}", f"ray.num_cpus={args.threads}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"synth.n_lesions={args.lesions}",
+            f"synth.output={source}",
+            "synth.shard_size=250",
+            f"ingest.input={source}",
+            f"ingest.output={canonical}",
+            f"grounding.input={canonical}/lesions",
+            f"grounding.output={args.workdir}/grounding-bench",
+            "grounding.tune=full",
+            f"grounding.train.epochs={args.epochs}",
+            f"grounding.train.batch_size={args.batch_size}",
+            f"grounding.train.cpus_per_worker={args.threads}",
+            f"ray.num_cpus={args.threads}",
+        ],
+    )
     init_ray(cfg.ray)
     if not os.path.exists(f"{source}/synth_manifest.json"):
         synth.run(cfg)  # data preparation, not timed
@@ -93,24 +112,48 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     bare_before = bare_loop(settings, cfg.models, pixels, targets, args.batch_size, args.epochs, tc.lr, total_steps)
-    config = {"settings": asdict(settings), "scaler": asdict(scaler), "weights": [1.0] * len(g.attributes), "models": cfg.models.model_dump()}
+    config = {
+        "settings": asdict(settings),
+        "scaler": asdict(scaler),
+        "weights": [1.0] * len(g.attributes),
+        "models": cfg.models.model_dump(),
+    }
     started = time.perf_counter()
-    _, history = fit(GROUNDING, config, tc, {"train": train, "val": val}, counts["train"], g.output, f"bench-{time.time_ns()}", {})
+    _, history = fit(
+        GROUNDING, config, tc, {"train": train, "val": val}, counts["train"], g.output, f"bench-{time.time_ns()}", {}
+    )
     wall = time.perf_counter() - started
     bare_after = bare_loop(settings, cfg.models, pixels, targets, args.batch_size, args.epochs, tc.lr, total_steps)
 
     train_seconds = sum(h["train_seconds"] for h in history)
     ray_rate = history[-1]["step"] / train_seconds
     later = history[1:]  # the first epoch also starts Ray Data's split coordinator and iterators
-    later_rate = sum(h["step"] - e["step"] for h, e in zip(later, history)) / sum(h["train_seconds"] for h in later) if later else float("nan")
+    later_rate = (
+        sum(b["step"] - a["step"] for a, b in pairwise(history)) / sum(h["train_seconds"] for h in later)
+        if later
+        else float("nan")
+    )
     baseline = (bare_before + bare_after) / 2
-    print(f"data: {counts['train']} training lesions, batch {args.batch_size}, {args.epochs} epochs = {total_steps} steps, {args.threads} threads")
+    print(
+        f"data: {counts['train']} training lesions, batch {args.batch_size}, "
+        f"{args.epochs} epochs = {total_steps} steps, {args.threads} threads"
+    )
     print(f"bare PyTorch loop: {bare_before:.1f} / {bare_after:.1f} steps/s (before / after)")
-    print(f"Ray Train: {ray_rate:.1f} steps/s in training epochs ({train_seconds:.1f} s); "
-          f"fit() wall {wall:.1f} s incl. start-up and validation")
-    print(f"Ray Train after the first epoch: {later_rate:.1f} steps/s; per epoch: "
-          + ", ".join(f"{(h['step'] - (e['step'] if e else 0)) / h['train_seconds']:.1f}" for h, e in zip(history, [None, *history])))
-    print(f"ratio Ray Train / bare = {ray_rate / baseline:.2f} over all epochs, {later_rate / baseline:.2f} after the first  (goal >= 0.9)")
+    print(
+        f"Ray Train: {ray_rate:.1f} steps/s in training epochs ({train_seconds:.1f} s); "
+        f"fit() wall {wall:.1f} s incl. start-up and validation"
+    )
+    print(
+        f"Ray Train after the first epoch: {later_rate:.1f} steps/s; per epoch: "
+        + ", ".join(
+            f"{(h['step'] - (e['step'] if e else 0)) / h['train_seconds']:.1f}"
+            for h, e in zip(history, [None, *history], strict=False)
+        )
+    )
+    print(
+        f"ratio Ray Train / bare = {ray_rate / baseline:.2f} over all epochs, "
+        f"{later_rate / baseline:.2f} after the first  (goal >= 0.9)"
+    )
     ray.shutdown()
 
 

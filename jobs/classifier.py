@@ -29,7 +29,7 @@ import ray
 import torch
 
 from dermaray.cli import config_from_argv, setup_logging
-from dermaray.config import ClassifierConfig, DermarayConfig, ModelsConfig
+from dermaray.config import DermarayConfig, ModelsConfig
 from dermaray.grounding.classifier import (
     WEIGHTS_FILE,
     ClassifierSettings,
@@ -58,9 +58,11 @@ def usable_notes(uri: str, allow_labelled: bool, storage_options: dict) -> pa.Ta
     notes = read_parquet(uri, storage_options, columns=["lesion_id", "prompt_id", "note", "error"])
     leaking = sorted({p for p in notes["prompt_id"].to_pylist() if states_label(p)})
     if leaking and not allow_labelled:
-        raise ValueError(f"{uri}: notes written with the label in the prompt ({', '.join(leaking)}) make the "
-                         "classification trivial; write them with notes.strategy=M notes.label_hierarchy=false "
-                         "(or set classifier.allow_labelled_notes=true for an ablation)")
+        raise ValueError(
+            f"{uri}: notes written with the label in the prompt ({', '.join(leaking)}) make the "
+            "classification trivial; write them with notes.strategy=M notes.label_hierarchy=false "
+            "(or set classifier.allow_labelled_notes=true for an ablation)"
+        )
     return written_notes(notes).select(["lesion_id", "note"])
 
 
@@ -72,7 +74,7 @@ class ClassifierInputs:
     def __init__(self, models: ModelsConfig, notes: pa.Table, label: str = "diagnosis"):
         self.pixels = Preprocessor(models.grounding_mllm, models, keep=())
         self.text = TextEncoder(models.text_encoder, models)
-        self.notes = dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist()))
+        self.notes = dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist(), strict=True))
         self.label = label_spec(label)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -85,10 +87,20 @@ class ClassifierInputs:
         return out
 
 
-def inputs(uri: str, notes: pa.Table, split: str | None, cfg: DermarayConfig, materialize: bool, max_actors: int = 2) -> ray.data.Dataset:
+def inputs(
+    uri: str, notes: pa.Table, split: str | None, cfg: DermarayConfig, materialize: bool, max_actors: int = 2
+) -> ray.data.Dataset:
     spec = label_spec(cfg.classifier.label)
-    return split_inputs(uri, ["lesion_id", "split", "image_bytes", spec.column], split, ClassifierInputs,
-                        (cfg.models, notes, spec.kind), cfg.storage_options, materialize, max_actors)
+    return split_inputs(
+        uri,
+        ["lesion_id", "split", "image_bytes", spec.column],
+        split,
+        ClassifierInputs,
+        (cfg.models, notes, spec.kind),
+        cfg.storage_options,
+        materialize,
+        max_actors,
+    )
 
 
 # --- The task, run on the Ray Train workers ---------------------------------------------------
@@ -102,8 +114,7 @@ def build(config: dict) -> MultimodalClassifier:
 
 
 def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
-    return classifier_loss(unwrap(model),
-                           model(augment(batch[PIXELS]), batch[TEXT]), batch[LABEL])
+    return classifier_loss(unwrap(model), model(augment(batch[PIXELS]), batch[TEXT]), batch[LABEL])
 
 
 @torch.no_grad()
@@ -113,11 +124,17 @@ def evaluate(model: MultimodalClassifier, shard: Any, config: dict, device: torc
     model.train()
     if not len(scores["label"]):
         return {}
-    out = {f"val_accuracy_{head}": float((scores[f"{head}_logits"].argmax(1) == scores["label"]).mean())
-           for head in ("image", "fused")}
+    out = {
+        f"val_accuracy_{head}": float((scores[f"{head}_logits"].argmax(1) == scores["label"]).mean())
+        for head in ("image", "fused")
+    }
     if config["settings"].get("label") == "malignant" and len(set(scores["label"].tolist())) == 2:
-        out.update({f"val_pauc_{head}": partial_auc_above_tpr(scores["label"], malignant_probability(scores[f"{head}_logits"]))
-                    for head in ("image", "fused")})
+        out.update(
+            {
+                f"val_pauc_{head}": partial_auc_above_tpr(scores["label"], malignant_probability(scores[f"{head}_logits"]))
+                for head in ("image", "fused")
+            }
+        )
     return out
 
 
@@ -151,7 +168,9 @@ def malignant_probability(logits: np.ndarray) -> np.ndarray:
     return np.exp(shifted[:, 1]) / np.exp(shifted).sum(axis=1)
 
 
-def evaluate_set(model: MultimodalClassifier, ds: ray.data.Dataset, spec: LabelSpec, excluded_unlabelled: int = 0) -> dict[str, Any]:
+def evaluate_set(
+    model: MultimodalClassifier, ds: ray.data.Dataset, spec: LabelSpec, excluded_unlabelled: int = 0
+) -> dict[str, Any]:
     with torch.no_grad():
         s = score_batches(model, ds.iter_batches(batch_size=256, batch_format="numpy"))
     labels = s["label"]
@@ -163,7 +182,9 @@ def evaluate_set(model: MultimodalClassifier, ds: ray.data.Dataset, spec: LabelS
         result[head] = classification_metrics(labels, predicted, n_classes=len(spec.classes))
         for name in ("accuracy", "balanced_accuracy", "macro_f1"):  # 95% bootstrap intervals over the lesions
             result[head][f"{name}_ci"] = bootstrap_ci(
-                lambda i, p=predicted, k=name: classification_metrics(labels[i], p[i], n_classes=len(spec.classes))[k], len(labels))
+                lambda i, p=predicted, k=name: classification_metrics(labels[i], p[i], n_classes=len(spec.classes))[k],
+                len(labels),
+            )
         if spec.kind == "malignant":  # the ISIC 2024 challenge metric; undefined with one class present
             both = len(set(labels.tolist())) == 2
             result[head]["pauc"] = partial_auc_above_tpr(labels, malignant_probability(s[f"{head}_logits"])) if both else None
@@ -192,20 +213,38 @@ def run(cfg: DermarayConfig) -> dict:
     counts = {s: counted["used"].get(s, 0) for s in ("train", "val", "test")}
     unlabelled = {s: counted["excluded_unlabelled"].get(s, 0) for s in ("train", "val", "test")}
     without_note = sum(counted["unusable"].values())
-    log.info("classifier: label %s; lesions used by split %s; left out: %s without the label, %d without a note",
-             spec.kind, counts, unlabelled, without_note)
+    log.info(
+        "classifier: label %s; lesions used by split %s; left out: %s without the label, %d without a note",
+        spec.kind,
+        counts,
+        unlabelled,
+        without_note,
+    )
     if not counts["train"]:
-        raise ValueError(f"{c.input} has no training-split lesion with a {spec.kind} label and a usable note "
-                         f"({unlabelled['train']} without the label); choose another classifier.label")
+        raise ValueError(
+            f"{c.input} has no training-split lesion with a {spec.kind} label and a usable note "
+            f"({unlabelled['train']} without the label); choose another classifier.label"
+        )
     train_classes = counted["class_counts"].get("train", [0] * len(spec.classes))
     weights = balanced_class_weights(train_classes) if c.class_weights == "balanced" else None
     datasets = {s: inputs(c.input, notes, s, cfg, tc.materialize, max_actors=2 * tc.num_workers) for s in ("train", "val")}
     text_dim = TextEncoder(cfg.models.text_encoder, cfg.models).dim
-    settings = ClassifierSettings(model=cfg.models.grounding_mllm, classes=list(spec.classes), text_encoder=cfg.models.text_encoder,
-                                  text_dim=text_dim, projection_dim=c.projection_dim, tune_image=c.tune_image, label=spec.kind,
-                                  class_weights=weights)
-    config = {"settings": asdict(settings), "init_from": absolute(c.init_from) if c.init_from else None, "storage_options": options,
-              "models": cfg.models.model_dump()}
+    settings = ClassifierSettings(
+        model=cfg.models.grounding_mllm,
+        classes=list(spec.classes),
+        text_encoder=cfg.models.text_encoder,
+        text_dim=text_dim,
+        projection_dim=c.projection_dim,
+        tune_image=c.tune_image,
+        label=spec.kind,
+        class_weights=weights,
+    )
+    config = {
+        "settings": asdict(settings),
+        "init_from": absolute(c.init_from) if c.init_from else None,
+        "storage_options": options,
+        "models": cfg.models.model_dump(),
+    }
     started = time.perf_counter()
     checkpoint, history = fit(CLASSIFIER, config, tc, datasets, counts["train"], c.output, c.run_name, options)
     model_uri = export_model(checkpoint, c.output, options)
@@ -221,11 +260,21 @@ def run(cfg: DermarayConfig) -> dict:
     write_bytes(join(c.output, "classifier_eval.md"), classifier_markdown(results).encode(), options)
     # lesions_with_note: the lesions used (with the label and a note), per split; excluded_unlabelled:
     # without the label; lesions_without_note: with the label but no usable note. Together: every lesion.
-    summary = {"model": model_uri, "label": spec.kind, "classes": list(spec.classes), "class_weights": weights,
-               "class_counts_train": dict(zip(spec.classes, train_classes)), "lesions_with_note": counts,
-               "excluded_unlabelled": unlabelled, "lesions_without_note": without_note,
-               "epochs": history[-1]["epoch"], "steps": history[-1]["step"], "history": history, "eval": results,
-               "seconds_this_run": round(time.perf_counter() - started, 2)}
+    summary = {
+        "model": model_uri,
+        "label": spec.kind,
+        "classes": list(spec.classes),
+        "class_weights": weights,
+        "class_counts_train": dict(zip(spec.classes, train_classes, strict=True)),
+        "lesions_with_note": counts,
+        "excluded_unlabelled": unlabelled,
+        "lesions_without_note": without_note,
+        "epochs": history[-1]["epoch"],
+        "steps": history[-1]["step"],
+        "history": history,
+        "eval": results,
+        "seconds_this_run": round(time.perf_counter() - started, 2),
+    }
     write_summary(join(c.output, "classifier_summary.json"), summary, options)
     return summary
 

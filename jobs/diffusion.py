@@ -70,14 +70,22 @@ def lesion_caption(diagnosis: str | None, lesion: dict[str, Any], size_words: bo
 def lesion_notes(uri: str, storage_options: dict) -> dict[str, str]:
     """{lesion id: note} of a notes Parquet (jobs.notes), notes written without error only."""
     notes = written_notes(read_parquet(uri, storage_options, columns=["lesion_id", "note", "error"]))
-    return dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist()))
+    return dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist(), strict=True))
 
 
 class DiffusionInputs:
     """Lesion rows -> pixels in [-1, 1] at the training resolution and caption token ids."""
 
-    def __init__(self, base: str, models: ModelsConfig, storage_options: dict, resolution: int, size_words: bool,
-                 only: set[str] | None = None, notes: str | None = None):
+    def __init__(
+        self,
+        base: str,
+        models: ModelsConfig,
+        storage_options: dict,
+        resolution: int,
+        size_words: bool,
+        only: set[str] | None = None,
+        notes: str | None = None,
+    ):
         # `base`: a preset or the pre-trained base's URI, fetched on this node; `only`: the lesion ids to
         # keep (a split's first `limit`, or one diagnosis' lesions); `notes`: a notes URI: each lesion's
         # note follows its caption
@@ -91,8 +99,13 @@ class DiffusionInputs:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Class captions need the diagnosis: a lesion without one trains no adapter (split_ids counts them).
-        keep = np.array([code is not None and (self.only is None or i in self.only)
-                         for i, code in zip(batch["lesion_id"], batch["diagnosis"])], dtype=bool)
+        keep = np.array(
+            [
+                code is not None and (self.only is None or i in self.only)
+                for i, code in zip(batch["lesion_id"], batch["diagnosis"], strict=True)
+            ],
+            dtype=bool,
+        )
         if not keep.all():
             batch = {k: v[keep] for k, v in batch.items()}
             if not keep.any():
@@ -100,11 +113,13 @@ class DiffusionInputs:
                 return {PIXELS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}
         images = [decode_rgb(b) for b in batch["image_bytes"]]
         lengths = batch.get("long_diam_mm", np.full(len(batch["diagnosis"]), np.nan))  # without it: sized by the area
-        captions = [lesion_caption(d, {"long_diam_mm": n, "area_mm2": a}, self.size_words)
-                    for d, n, a in zip(batch["diagnosis"], lengths, batch["area_mm2"])]
+        captions = [
+            lesion_caption(d, {"long_diam_mm": n, "area_mm2": a}, self.size_words)
+            for d, n, a in zip(batch["diagnosis"], lengths, batch["area_mm2"], strict=True)
+        ]
         # The tokenizer cuts captions at the text encoder's length (77 tokens for CLIP): the
         # diagnosis words come first so they always survive.
-        captions = [f"{c}, {self.notes[i]}" if i in self.notes else c for c, i in zip(captions, batch["lesion_id"])]
+        captions = [f"{c}, {self.notes[i]}" if i in self.notes else c for c, i in zip(captions, batch["lesion_id"], strict=True)]
         return {PIXELS: image_tensor(images, self.resolution).numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}
 
 
@@ -112,17 +127,34 @@ class DiffusionInputs:
 
 
 @ray.remote
-def pretrain_task(models: ModelsConfig, target: str, storage_options: dict, rows: list[dict], p: dict, size_words: bool,
-                  resolution: int | None, seed: int) -> dict:
+def pretrain_task(
+    models: ModelsConfig,
+    target: str,
+    storage_options: dict,
+    rows: list[dict],
+    p: dict,
+    size_words: bool,
+    resolution: int | None,
+    seed: int,
+) -> dict:
     """Pre-train the tiny base on this node and write it to `target` (any URI), PRETRAIN_FILE last."""
     setup_logging()  # the step losses, every 50 steps, in the worker's log (and the driver's, with log_to_driver)
     images = [decode_rgb(r["image_bytes"]) for r in rows]
     with_diagnosis = p["captions"] == "diagnosis"
     captions = [lesion_caption(r["diagnosis"] if with_diagnosis else None, r, size_words) for r in rows]
     with tempfile.TemporaryDirectory(prefix="diffusion-base-") as staging:
-        losses = pretrain_base(resolve_model("diffusion_base", models.diffusion_base, models), staging, images, captions,
-                               steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed,
-                               log_every=max(1, min(50, p["steps"])), resolution=resolution)
+        losses = pretrain_base(
+            resolve_model("diffusion_base", models.diffusion_base, models),
+            staging,
+            images,
+            captions,
+            steps=p["steps"],
+            batch_size=p["batch_size"],
+            lr=p["lr"],
+            seed=seed,
+            log_every=max(1, min(50, p["steps"])),
+            resolution=resolution,
+        )
         Path(staging, PRETRAIN_FILE).write_text(json.dumps(losses))
         upload_folder(staging, target, storage_options, last=PRETRAIN_FILE)
     return losses
@@ -144,8 +176,11 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
     rows = random.Random(d.train.seed).sample(rows, min(len(rows), d.pretrain.max_images))
     log.info("diffusion: pre-training the tiny base on %d lesions for %d steps", len(rows), d.pretrain.steps)
     remove_tree(target, options)  # an earlier run's partial upload (no PRETRAIN_FILE)
-    losses = ray.get(pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
-        cfg.models, target, options, rows, d.pretrain.model_dump(), d.size_words, d.resolution, d.train.seed))
+    losses = ray.get(
+        pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
+            cfg.models, target, options, rows, d.pretrain.model_dump(), d.size_words, d.resolution, d.train.seed
+        )
+    )
     return target, losses
 
 
@@ -154,8 +189,9 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
 
 def build(config: dict) -> DiffusionObjective:
     with tempfile.TemporaryDirectory(prefix="diffusion-base-") as scratch:  # weights are in memory once loaded
-        pipe = load_pipeline(model_folder("diffusion_base", config["base"], ModelsConfig(**config["models"]),
-                                          config["storage_options"], scratch))
+        pipe = load_pipeline(
+            model_folder("diffusion_base", config["base"], ModelsConfig(**config["models"]), config["storage_options"], scratch)
+        )
     add_lora(pipe.unet, rank=config["rank"], alpha=config["alpha"], targets=tuple(config["targets"]), seed=config["seed"])
     return DiffusionObjective(pipe, "lora")
 
@@ -195,7 +231,7 @@ def split_ids(d: DiffusionConfig, storage_options: dict) -> tuple[dict[str, dict
     Lesions without a diagnosis (most of ISIC 2024) are left out of every adapter and counted; `limit`
     takes the first lesions with a diagnosis of each split."""
     table = read_parquet(d.input, storage_options, columns=["lesion_id", "split", "diagnosis"])
-    rows = sorted(zip(table["lesion_id"].to_pylist(), table["split"].to_pylist(), table["diagnosis"].to_pylist()))
+    rows = sorted(zip(table["lesion_id"].to_pylist(), table["split"].to_pylist(), table["diagnosis"].to_pylist(), strict=True))
     ids: dict[str, dict[str, list[str]]] = {}
     unlabelled = {}
     for split in ("train", "val"):
@@ -206,14 +242,16 @@ def split_ids(d: DiffusionConfig, storage_options: dict) -> tuple[dict[str, dict
     return ids, unlabelled
 
 
-def split_dataset(d: DiffusionConfig, split: str, ids: list[str], base: str, models: ModelsConfig, resolution: int,
-                  storage_options: dict) -> ray.data.Dataset:
+def split_dataset(
+    d: DiffusionConfig, split: str, ids: list[str], base: str, models: ModelsConfig, resolution: int, storage_options: dict
+) -> ray.data.Dataset:
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2", "long_diam_mm"]
     every_row = d.adapters == "shared" and d.limit is None  # no id set to ship to the actors
     only = None if every_row else set(ids)
     args = (base, models, storage_options, resolution, d.size_words, only, d.notes)
-    return split_inputs(d.input, columns, split, DiffusionInputs, args, storage_options, d.train.materialize,
-                        max(2, 2 * d.train.num_workers))
+    return split_inputs(
+        d.input, columns, split, DiffusionInputs, args, storage_options, d.train.materialize, max(2, 2 * d.train.num_workers)
+    )
 
 
 def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str, list[str]], run_name: str, name: str) -> dict:
@@ -222,13 +260,29 @@ def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str
     if not ids["train"]:
         raise ValueError(f"{d.input} has no training-split lesions for adapter {name}")
     datasets = {s: split_dataset(d, s, ids[s], base, cfg.models, resolution, options) for s in ("train", "val")}
-    config = {"base": base, "base_name": cfg.models.diffusion_base, "models": cfg.models.model_dump(), "storage_options": options,
-              "rank": d.lora_rank, "alpha": d.lora_alpha, "targets": list(d.lora_targets), "seed": d.train.seed, "resolution": resolution, "size_words": d.size_words}
+    config = {
+        "base": base,
+        "base_name": cfg.models.diffusion_base,
+        "models": cfg.models.model_dump(),
+        "storage_options": options,
+        "rank": d.lora_rank,
+        "alpha": d.lora_alpha,
+        "targets": list(d.lora_targets),
+        "seed": d.train.seed,
+        "resolution": resolution,
+        "size_words": d.size_words,
+    }
     checkpoint, history = fit(LORA, config, d.train, datasets, len(ids["train"]), d.output, run_name, options)
-    return {"adapter": export_model(checkpoint, d.output, options, name=name), "lesions_train": len(ids["train"]),
-            "epochs": history[-1]["epoch"], "steps": history[-1]["step"],
-            "resumed_from_epoch": history[-1]["started_at_epoch"], "resumed_from_step": history[-1]["started_at_step"],
-            "final": history[-1], "history": history}
+    return {
+        "adapter": export_model(checkpoint, d.output, options, name=name),
+        "lesions_train": len(ids["train"]),
+        "epochs": history[-1]["epoch"],
+        "steps": history[-1]["step"],
+        "resumed_from_epoch": history[-1]["started_at_epoch"],
+        "resumed_from_step": history[-1]["started_at_step"],
+        "final": history[-1],
+        "history": history,
+    }
 
 
 def run(cfg: DermarayConfig) -> dict:
@@ -244,10 +298,18 @@ def run(cfg: DermarayConfig) -> dict:
     if d.notes:
         with_note = set(lesion_notes(d.notes, options))
         in_splits = {i for split in by_class.values() for ids in split.values() for i in ids}
-        log.info("diffusion: captions with the lesion's note for %d of %d lesions (the rest: diagnosis caption only)",
-                 len(in_splits & with_note), len(in_splits))
-    summary: dict[str, Any] = {"base": base, "pretrain": pretrain_losses, "resolution": resolution, "adapters": d.adapters,
-                               "lesions_without_diagnosis": unlabelled}  # excluded from every adapter, not captioned
+        log.info(
+            "diffusion: captions with the lesion's note for %d of %d lesions (the rest: diagnosis caption only)",
+            len(in_splits & with_note),
+            len(in_splits),
+        )
+    summary: dict[str, Any] = {
+        "base": base,
+        "pretrain": pretrain_losses,
+        "resolution": resolution,
+        "adapters": d.adapters,
+        "lesions_without_diagnosis": unlabelled,
+    }  # excluded from every adapter, not captioned
     if d.adapters == "shared":
         ids = {s: sorted(i for split in by_class.values() for i in split[s]) for s in ("train", "val")}
         summary.update(train_adapter(cfg, base, resolution, ids, d.run_name, SHARED_ADAPTER))
@@ -256,21 +318,31 @@ def run(cfg: DermarayConfig) -> dict:
         if unknown:
             raise ValueError(f"diffusion.diagnoses {unknown} have no lesions in {d.input}; it has {sorted(by_class)}")
         wanted = {code: ids for code, ids in sorted(by_class.items()) if d.diagnoses is None or code in d.diagnoses}
-        summary["skipped"] = {code: {"lesions_train": len(ids["train"]), "reason": f"fewer than {d.min_lesions} training lesions"}
-                              for code, ids in wanted.items() if len(ids["train"]) < d.min_lesions}
+        summary["skipped"] = {
+            code: {"lesions_train": len(ids["train"]), "reason": f"fewer than {d.min_lesions} training lesions"}
+            for code, ids in wanted.items()
+            if len(ids["train"]) < d.min_lesions
+        }
         if summary["skipped"]:
-            log.info("diffusion: no adapter for %s (fewer than diffusion.min_lesions=%d training lesions)",
-                     {c: s["lesions_train"] for c, s in summary["skipped"].items()}, d.min_lesions)
+            log.info(
+                "diffusion: no adapter for %s (fewer than diffusion.min_lesions=%d training lesions)",
+                {c: s["lesions_train"] for c, s in summary["skipped"].items()},
+                d.min_lesions,
+            )
         if len(summary["skipped"]) == len(wanted):
             counts = {c: s["lesions_train"] for c, s in summary["skipped"].items()}
-            raise ValueError(f"no diagnosis in {d.input} has diffusion.min_lesions={d.min_lesions} training lesions ({counts}); "
-                             "lower it or use diffusion.adapters=shared")
+            raise ValueError(
+                f"no diagnosis in {d.input} has diffusion.min_lesions={d.min_lesions} training lesions ({counts}); "
+                "lower it or use diffusion.adapters=shared"
+            )
         summary["per_diagnosis"] = {}
         for code, ids in wanted.items():
             if code in summary["skipped"]:
                 continue
             log.info("diffusion: adapter for %s on %d training lesions", code, len(ids["train"]))
-            summary["per_diagnosis"][code] = train_adapter(cfg, base, resolution, ids, f"{d.run_name}-{code}", f"{PER_DIAGNOSIS_ADAPTERS}/{code}")
+            summary["per_diagnosis"][code] = train_adapter(
+                cfg, base, resolution, ids, f"{d.run_name}-{code}", f"{PER_DIAGNOSIS_ADAPTERS}/{code}"
+            )
     summary["seconds_this_run"] = round(time.perf_counter() - started, 2)
     write_summary(join(d.output, "diffusion_summary.json"), summary, options)
     return summary

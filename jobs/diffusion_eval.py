@@ -31,8 +31,8 @@ import torch
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, ModelsConfig
-from dermaray.diffusion.captions import caption
 from dermaray.diffusion.base import base_resolution, prepared_base_uri
+from dermaray.diffusion.captions import caption
 from dermaray.diffusion.evaluate import class_relevance, image_grid, kid, lesion_area_mm2, markdown, size_faithfulness
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
 from dermaray.grounding.classifier import classifier_settings, load_classifier, require_diagnosis_classifier
@@ -86,24 +86,52 @@ def generate_by_class(pipe: Any, adapters: dict[str, str | None], n: int, settin
     """`n` images per diagnosis (class-major), each diagnosis with its adapter; image i is seeded `seed + i`."""
     images = []
     for index, (code, adapter) in enumerate(adapters.items()):
-        images += generate(pipe, [caption(code, size)], n, seed=settings["seed"] + index * n, steps=settings["steps"],
-                           guidance_scale=settings["guidance_scale"], adapter_folder=adapter, resolution=settings["resolution"])
+        images += generate(
+            pipe,
+            [caption(code, size)],
+            n,
+            seed=settings["seed"] + index * n,
+            steps=settings["steps"],
+            guidance_scale=settings["guidance_scale"],
+            adapter_folder=adapter,
+            resolution=settings["resolution"],
+        )
     return images
 
 
 @ray.remote
-def evaluate_generation(base: str, adapter: str, judge: str, models: ModelsConfig, storage_options: dict,
-                        real_images: list[bytes], real_labels: list[str], settings: dict) -> dict[str, Any]:
+def evaluate_generation(
+    base: str,
+    adapter: str,
+    judge: str,
+    models: ModelsConfig,
+    storage_options: dict,
+    real_images: list[bytes],
+    real_labels: list[str],
+    settings: dict,
+) -> dict[str, Any]:
     """On the node Ray picks (a GPU node on clusters): fetch base, adapters and judge there, evaluate on its device."""
     with tempfile.TemporaryDirectory(prefix="diffusion-eval-") as scratch:
-        return _evaluate(model_folder("diffusion_base", base, models, storage_options, str(Path(scratch, "base"))),
-                         download_folder(adapter, str(Path(scratch, "adapter")), storage_options),
-                         download_folder(judge, str(Path(scratch, "judge")), storage_options), models, real_images, real_labels,
-                         settings)
+        return _evaluate(
+            model_folder("diffusion_base", base, models, storage_options, str(Path(scratch, "base"))),
+            download_folder(adapter, str(Path(scratch, "adapter")), storage_options),
+            download_folder(judge, str(Path(scratch, "judge")), storage_options),
+            models,
+            real_images,
+            real_labels,
+            settings,
+        )
 
 
-def _evaluate(base: str, adapter: str, judge_folder: str, models: ModelsConfig, real_images: list[bytes], real_labels: list[str],
-              settings: dict) -> dict[str, Any]:
+def _evaluate(
+    base: str,
+    adapter: str,
+    judge_folder: str,
+    models: ModelsConfig,
+    real_images: list[bytes],
+    real_labels: list[str],
+    settings: dict,
+) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     judge = ImageJudge(judge_folder, models, device)
     size, n, codes = settings["resolution"], settings["images_per_class"], settings["classes"]
@@ -124,13 +152,19 @@ def _evaluate(base: str, adapter: str, judge_folder: str, models: ModelsConfig, 
     for name, adapters in (("base", dict.fromkeys(codes)), ("lora", lora)):
         images = generate_by_class(pipe, adapters, n, settings)
         predicted, features = judge(images)
-        results[name] = {"class_relevance": class_relevance(prompted, predicted),
-                         "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(images), len(real)))))}
+        results[name] = {
+            "class_relevance": class_relevance(prompted, predicted),
+            "kid": dict(
+                zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(images), len(real))), strict=True)
+            ),
+        }
         columns = min(n, 8)
         rows = [img for i in range(len(codes)) for img in images[i * n : i * n + columns]]
         results["grids"][name] = png(image_grid(rows, columns, labels=list(codes), cell=max(64, size)))
-    sizes = {word: [lesion_area_mm2(img) for img in generate_by_class(pipe, lora, max(1, n // 2), settings, word)]
-             for word in ("large", "small")}
+    sizes = {
+        word: [lesion_area_mm2(img) for img in generate_by_class(pipe, lora, max(1, n // 2), settings, word)]
+        for word in ("large", "small")
+    }
     results["lora"]["size_faithfulness"] = size_faithfulness(sizes["large"], sizes["small"])
     results["adapters"] = "shared" if shared else "per_diagnosis"
     results["diagnoses_without_adapter"] = without_adapter
@@ -150,13 +184,27 @@ def run(cfg: DermarayConfig) -> dict:
         raise ValueError(f"{ev.real} has {held_out.num_rows} test-split lesions; KID needs held-out real images")
     # URIs and presets only: the task fetches what it needs on its own node.
     base = ev.base or prepared_base_uri(cfg)
-    settings = {"resolution": d.resolution or base_resolution(base, cfg.models, options), "images_per_class": ev.images_per_class,
-                "seed": ev.seed, "steps": ev.steps, "guidance_scale": ev.guidance_scale,
-                "classes": [c for c in CLASS_CODES if c in set(held_out["diagnosis"].to_pylist())]}
+    settings = {
+        "resolution": d.resolution or base_resolution(base, cfg.models, options),
+        "images_per_class": ev.images_per_class,
+        "seed": ev.seed,
+        "steps": ev.steps,
+        "guidance_scale": ev.guidance_scale,
+        "classes": [c for c in CLASS_CODES if c in set(held_out["diagnosis"].to_pylist())],
+    }
     log.info("diffusion_eval: %d images per class for %s, base vs LoRA", ev.images_per_class, settings["classes"])
-    results = ray.get(evaluate_generation.options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus).remote(
-        base, absolute(adapter), absolute(ev.classifier), cfg.models, options, held_out["image_bytes"].to_pylist()[: ev.real_images],
-        held_out["diagnosis"].to_pylist()[: ev.real_images], settings))
+    results = ray.get(
+        evaluate_generation.options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus).remote(
+            base,
+            absolute(adapter),
+            absolute(ev.classifier),
+            cfg.models,
+            options,
+            held_out["image_bytes"].to_pylist()[: ev.real_images],
+            held_out["diagnosis"].to_pylist()[: ev.real_images],
+            settings,
+        )
+    )
     for name, data in results.pop("grids").items():
         write_bytes(join(ev.output, f"grid_{name}.png"), data, options)
     write_bytes(join(ev.output, "diffusion_eval.md"), markdown(results).encode(), options)

@@ -34,9 +34,12 @@ def run(cfg: DermarayConfig) -> dict:
     embedded = lesions.map_batches(
         LesionEmbedder,
         fn_constructor_args=(e.model, cfg.models.grounding_mllm, cfg.models, options),
-        batch_size=e.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=e.concurrency), num_cpus=e.num_cpus, num_gpus=e.num_gpus,
-        **({'resources': e.resources} if e.resources else {}),  # resources=None is an error in Ray
+        batch_size=e.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=e.concurrency),
+        num_cpus=e.num_cpus,
+        num_gpus=e.num_gpus,
+        **({"resources": e.resources} if e.resources else {}),  # resources=None is an error in Ray
     )
     target = embeddings_table(e.output)
     remove_tree(target, options)  # rewritten whole: a re-run never mixes two models' vectors
@@ -46,12 +49,18 @@ def run(cfg: DermarayConfig) -> dict:
     rows_in = lesions.count()
     if table.num_rows != rows_in:
         raise RuntimeError(f"embeddings: {rows_in} lesions in, {table.num_rows} embeddings out")
-    summary = {"input": e.input, "model": e.model, "embeddings": target, "lesions": rows_in,
-               "dim": len(table["embedding"][0]) if table.num_rows else 0}
+    summary = {
+        "input": e.input,
+        "model": e.model,
+        "embeddings": target,
+        "lesions": rows_in,
+        "dim": len(table["embedding"][0]) if table.num_rows else 0,
+    }
     if e.index is not None and table.num_rows:
         vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        index = VectorIndex.build(vectors, table["lesion_id"].to_pylist(), kind=e.index.kind, nlist=e.index.nlist,
-                                  nprobe=e.index.nprobe, model=e.model)
+        index = VectorIndex.build(
+            vectors, table["lesion_id"].to_pylist(), kind=e.index.kind, nlist=e.index.nlist, nprobe=e.index.nprobe, model=e.model
+        )
         index.save(embeddings_index(e.output), options)
         summary["index"] = {"uri": embeddings_index(e.output), "kind": e.index.kind, "count": len(index)}
     summary["seconds"] = round(time.perf_counter() - started, 2)

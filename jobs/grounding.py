@@ -43,8 +43,12 @@ from jobs.training import Task, export_model, fit, split_inputs
 def settings_of(cfg: DermarayConfig) -> GroundingSettings:
     g = cfg.grounding
     return GroundingSettings(
-        model=cfg.models.grounding_mllm, attributes=list(g.attributes), tune=g.tune,
-        lora_rank=g.lora_rank, lora_alpha=g.lora_alpha, lora_targets=list(g.lora_targets),
+        model=cfg.models.grounding_mllm,
+        attributes=list(g.attributes),
+        tune=g.tune,
+        lora_rank=g.lora_rank,
+        lora_alpha=g.lora_alpha,
+        lora_targets=list(g.lora_targets),
     )
 
 
@@ -74,7 +78,10 @@ def evaluate(model: GroundingModel, shard: Any, config: dict, device: torch.devi
         return {}
     p, t = torch.cat(predicted), torch.cat(target)
     errors = np.abs(scaler.inverse(p.numpy()) - scaler.inverse(t.numpy())).mean(axis=0)
-    return {"val_loss": float(loss_fn(p, t)), **{f"val_mae_{name}": float(e) for name, e in zip(scaler.names, errors)}}
+    return {
+        "val_loss": float(loss_fn(p, t)),
+        **{f"val_mae_{name}": float(e) for name, e in zip(scaler.names, errors, strict=True)},
+    }
 
 
 def save(folder: Path, model: GroundingModel, config: dict) -> None:
@@ -101,8 +108,16 @@ def fit_scaler(g: GroundingConfig, storage_options: dict) -> tuple[AttributeScal
     return AttributeScaler.fit(g.attributes, values, log_sizes=g.log_sizes), counts
 
 
-def split_dataset(uri: str, split: str, model: str, models: ModelsConfig, scaler: AttributeScaler, storage_options: dict,
-                  materialize: bool, max_actors: int = 2) -> ray.data.Dataset:
+def split_dataset(
+    uri: str,
+    split: str,
+    model: str,
+    models: ModelsConfig,
+    scaler: AttributeScaler,
+    storage_options: dict,
+    materialize: bool,
+    max_actors: int = 2,
+) -> ray.data.Dataset:
     """One split of the lesion table as model inputs (pixels, z-scored targets, class label)."""
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", *scaler.names]
     return split_inputs(uri, columns, split, Preprocessor, (model, models, scaler, ()), storage_options, materialize, max_actors)
@@ -113,20 +128,38 @@ def run(cfg: DermarayConfig) -> dict:
     init_ray(cfg.ray)
     settings = settings_of(cfg)
     scaler, counts = fit_scaler(g, options)
-    log.info("grounding: %s on %d train / %d val lesions, attributes %s, tune=%s", settings.model, counts["train"], counts["val"], g.attributes, g.tune)
-    datasets = {s: split_dataset(g.input, s, settings.model, cfg.models, scaler, options, tc.materialize, max_actors=2 * tc.num_workers)
-                for s in ("train", "val")}
+    log.info(
+        "grounding: %s on %d train / %d val lesions, attributes %s, tune=%s",
+        settings.model,
+        counts["train"],
+        counts["val"],
+        g.attributes,
+        g.tune,
+    )
+    datasets = {
+        s: split_dataset(g.input, s, settings.model, cfg.models, scaler, options, tc.materialize, max_actors=2 * tc.num_workers)
+        for s in ("train", "val")
+    }
     config = {
-        "settings": settings.model_dump(), "scaler": asdict(scaler), "weights": [float(g.attribute_weights.get(a, 1.0)) for a in g.attributes],
+        "settings": settings.model_dump(),
+        "scaler": asdict(scaler),
+        "weights": [float(g.attribute_weights.get(a, 1.0)) for a in g.attributes],
         "models": cfg.models.model_dump(),  # each worker resolves the base model on its own node
     }
     started = time.perf_counter()
     checkpoint, history = fit(GROUNDING, config, tc, datasets, counts["train"], g.output, g.run_name, options)
     summary = {
-        "model": export_model(checkpoint, g.output, options), "base": settings.model, "tune": g.tune,
-        "attributes": list(g.attributes), "lesions": counts, "epochs": history[-1]["epoch"], "steps": history[-1]["step"],
+        "model": export_model(checkpoint, g.output, options),
+        "base": settings.model,
+        "tune": g.tune,
+        "attributes": list(g.attributes),
+        "lesions": counts,
+        "epochs": history[-1]["epoch"],
+        "steps": history[-1]["step"],
         "resumed_from_epoch": history[-1]["started_at_epoch"],  # 0: trained from scratch in one go
-        "final": history[-1], "history": history, "seconds_this_run": round(time.perf_counter() - started, 2),
+        "final": history[-1],
+        "history": history,
+        "seconds_this_run": round(time.perf_counter() - started, 2),
     }
     write_summary(join(g.output, "grounding_summary.json"), summary, options)
     return summary

@@ -34,7 +34,9 @@ def run(cfg: DermarayConfig) -> dict:
     if not attributes:
         raise ValueError(f"{ev.grounded}/{home} has no predicted attributes: embed it with a grounding model, not 'frozen'")
     probe_train = frozen_home[frozen_home.split == "train"]
-    sets = {f"{home} held-out (test split)": (frozen_home[frozen_home.split == "test"], grounded_home[grounded_home.split == "test"])}
+    sets = {
+        f"{home} held-out (test split)": (frozen_home[frozen_home.split == "test"], grounded_home[grounded_home.split == "test"])
+    }
     for domain in ev.domains[1:]:
         sets[f"{domain} (domain shift, all lesions)"] = (table(ev.frozen, domain), table(ev.grounded, domain))
     results = {}

@@ -69,7 +69,9 @@ def run(cfg: DermarayConfig) -> dict:
     written_quarantine = read_parquet(join(c.output, "quarantine"), cfg.storage_options, columns=["reason"])
     reasons = Counter(written_quarantine.column("reason").to_pylist())
     rows_quarantined = written_quarantine.num_rows
-    labels = read_parquet(join(c.output, "lesions"), cfg.storage_options, columns=["diagnosis", "diagnosis_superclass", "malignant"])
+    labels = read_parquet(
+        join(c.output, "lesions"), cfg.storage_options, columns=["diagnosis", "diagnosis_superclass", "malignant"]
+    )
     summary = {
         "source": c.source,
         "input": c.input,
@@ -79,9 +81,11 @@ def run(cfg: DermarayConfig) -> dict:
         "rows_quarantined": rows_quarantined,
         "quarantine_reasons": dict(sorted(reasons.items())),
         # Lesions that carry each label (the rest have it null: ISIC 2024 rows mostly lack a diagnosis).
-        "labelled": {"diagnosis": rows_out - labels["diagnosis"].null_count,
-                     "superclass": rows_out - labels["diagnosis_superclass"].null_count,
-                     "malignant": rows_out - labels["malignant"].null_count},
+        "labelled": {
+            "diagnosis": rows_out - labels["diagnosis"].null_count,
+            "superclass": rows_out - labels["diagnosis_superclass"].null_count,
+            "malignant": rows_out - labels["malignant"].null_count,
+        },
     }
     write_summary(join(c.output, "ingest_summary.json"), summary, cfg.storage_options)
     if rows_in != rows_out + rows_quarantined:

@@ -61,11 +61,20 @@ class ShardWriter:
             part = batch.filter(pc.equal(batch.column(SHARD), shard))
             by_model = part.column(BY_MODEL).to_pylist()
             notes = [{**n, "shard": shard} for n in self.writer.write(part.drop_columns([SHARD, BY_MODEL]).to_pylist(), by_model)]
-            write_parquet_atomic(pa.Table.from_pylist(notes, schema=NOTES_SCHEMA), shard_uri(self.output, shard), self.storage_options)
+            write_parquet_atomic(
+                pa.Table.from_pylist(notes, schema=NOTES_SCHEMA), shard_uri(self.output, shard), self.storage_options
+            )
             log.info("notes: shard %d, %d notes in %.1f s", shard, len(notes), time.perf_counter() - start)
             errors = sum(n["error"] is not None for n in notes)
-            done.append({"shard": shard, "notes": len(notes), "errors": errors, "engine_start_s": self.engine_start_s,
-                         "dtype": self.writer.dtype})
+            done.append(
+                {
+                    "shard": shard,
+                    "notes": len(notes),
+                    "errors": errors,
+                    "engine_start_s": self.engine_start_s,
+                    "dtype": self.writer.dtype,
+                }
+            )
         return pa.Table.from_pylist(done)
 
 
@@ -80,7 +89,7 @@ def chosen_for_model(lesions: pa.Table, model_lesions: int | None) -> set[str]:
     ids = lesions.column("lesion_id").to_pylist()
     if model_lesions is None:
         return set(ids)
-    order = sorted(zip((split != "test" for split in lesions.column("split").to_pylist()), ids))
+    order = sorted(zip((split != "test" for split in lesions.column("split").to_pylist()), ids, strict=True))
     return {lesion_id for _, lesion_id in order[:model_lesions]}
 
 
@@ -111,7 +120,9 @@ def claim_output(cfg: NotesConfig, plan: dict, storage_options: dict) -> None:
         existing = json.loads(read_bytes(plan_uri, storage_options))
         if existing != plan:
             changed = sorted(k for k in plan if existing.get(k) != plan[k])
-            raise ValueError(f"{cfg.output} holds notes of another plan (differs in {changed}); use a new notes.output or delete it")
+            raise ValueError(
+                f"{cfg.output} holds notes of another plan (differs in {changed}); use a new notes.output or delete it"
+            )
     else:
         write_bytes(plan_uri, json.dumps(plan, indent=2).encode(), storage_options)
 
@@ -128,7 +139,9 @@ def finished_shards(output: str, storage_options: dict) -> set[int]:
 def run(cfg: DermarayConfig) -> dict:
     n, options = cfg.notes, cfg.storage_options
     if n.strategy == "P3" and not n.with_image:
-        raise ValueError("strategy P3 gives the model no metadata: it needs notes.with_image=true and an image-capable note_writer")
+        raise ValueError(
+            "strategy P3 gives the model no metadata: it needs notes.with_image=true and an image-capable note_writer"
+        )
     lesions = read_parquet(n.input, options, columns=input_columns(n)).sort_by("lesion_id")
     if n.limit:
         lesions = lesions.slice(0, n.limit)
@@ -140,7 +153,14 @@ def run(cfg: DermarayConfig) -> dict:
     n_shards = -(-len(ids) // n.shard_size)
     done = finished_shards(n.output, options)
     pending = [s for s in range(n_shards) if s not in done]
-    log.info("notes: %d lesions in %d shards, %d already done, %d to write (%s)", len(ids), n_shards, len(done), len(pending), n.strategy)
+    log.info(
+        "notes: %d lesions in %d shards, %d already done, %d to write (%s)",
+        len(ids),
+        n_shards,
+        len(done),
+        len(pending),
+        n.strategy,
+    )
 
     start, engine_start_s, dtypes = time.perf_counter(), 0.0, set()
     if pending:
@@ -159,7 +179,7 @@ def run(cfg: DermarayConfig) -> dict:
             num_cpus=n.num_cpus,
             num_gpus=n.num_gpus,
             runtime_env={"env_vars": n.engine_env},  # before the actor's process imports torch and vLLM
-            **({'resources': n.resources} if n.resources else {}),  # resources=None is an error in Ray
+            **({"resources": n.resources} if n.resources else {}),  # resources=None is an error in Ray
         )
         for row in results.iter_rows():
             log.info("notes: shard %d written (%d notes, %d errors)", row["shard"], row["notes"], row["errors"])
@@ -167,8 +187,11 @@ def run(cfg: DermarayConfig) -> dict:
             dtypes.add(row["dtype"])
     elapsed = time.perf_counter() - start
 
-    notes = read_parquet(n.output, options, columns=["lesion_id", "model_id", "error", "finish_reason", "hallucinated",
-                                                     "audit_flags", "output_tokens"])
+    notes = read_parquet(
+        n.output,
+        options,
+        columns=["lesion_id", "model_id", "error", "finish_reason", "hallucinated", "audit_flags", "output_tokens"],
+    )
     written = notes.column("lesion_id").to_pylist()
     if sorted(written) != ids:
         raise RuntimeError(f"notes output does not hold each lesion exactly once ({len(written)} rows for {len(ids)} lesions)")

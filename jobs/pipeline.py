@@ -60,8 +60,9 @@ def run(cfg: DermarayConfig) -> dict:
             model_lesions = cfg.notes.model_lesions
             if domain == SHIFTED_DOMAIN and cfg.pipeline.shifted_model_lesions is not None:
                 model_lesions = cfg.pipeline.shifted_model_lesions
-            results[f"notes/{domain}"] = notes.run(_with(cfg, "notes", input=lesions[domain], output=at.notes(domain),
-                                                         model_lesions=model_lesions))
+            results[f"notes/{domain}"] = notes.run(
+                _with(cfg, "notes", input=lesions[domain], output=at.notes(domain), model_lesions=model_lesions)
+            )
             lap(f"notes/{domain}")
 
     if "grounding" in stages:
@@ -72,11 +73,20 @@ def run(cfg: DermarayConfig) -> dict:
         for name, model in (("frozen", FROZEN), ("grounded", at.grounding_model)):
             for domain in domains(cfg):
                 results[f"embeddings/{name}/{domain}"] = embeddings.run(
-                    _with(cfg, "embeddings", input=lesions[domain], output=at.embeddings(name, domain), model=model))
+                    _with(cfg, "embeddings", input=lesions[domain], output=at.embeddings(name, domain), model=model)
+                )
         lap("embeddings")
     if "grounding_eval" in stages:
-        grounding_eval.run(_with(cfg, "grounding_eval", frozen=at.embeddings("frozen"), domains=list(domains(cfg)),
-                                 grounded=at.embeddings("grounded"), output=at.grounding_eval))
+        grounding_eval.run(
+            _with(
+                cfg,
+                "grounding_eval",
+                frozen=at.embeddings("frozen"),
+                domains=list(domains(cfg)),
+                grounded=at.embeddings("grounded"),
+                output=at.grounding_eval,
+            )
+        )
         results["grounding_eval"] = join(at.grounding_eval, "grounding_eval.md")
         lap("grounding_eval")
     if "classifier" in stages:
@@ -87,11 +97,18 @@ def run(cfg: DermarayConfig) -> dict:
             blind = {d: at.notes_blind(d) for d in domains(cfg)}
             for domain in domains(cfg):
                 notes.run(_with(cfg, "notes", input=lesions[domain], output=blind[domain], strategy="M", label_hierarchy=False))
-        summary = classifier.run(_with(
-            cfg, "classifier", input=lesions[MAIN_DOMAIN], notes=blind[MAIN_DOMAIN], output=at.classifier,
-            shifted_input=lesions.get(SHIFTED_DOMAIN), shifted_notes=blind.get(SHIFTED_DOMAIN),
-            init_from=at.grounding_model if "grounding" in stages else cfg.classifier.init_from,
-        ))
+        summary = classifier.run(
+            _with(
+                cfg,
+                "classifier",
+                input=lesions[MAIN_DOMAIN],
+                notes=blind[MAIN_DOMAIN],
+                output=at.classifier,
+                shifted_input=lesions.get(SHIFTED_DOMAIN),
+                shifted_notes=blind.get(SHIFTED_DOMAIN),
+                init_from=at.grounding_model if "grounding" in stages else cfg.classifier.init_from,
+            )
+        )
         results["classifier"] = {k: v for k, v in summary.items() if k != "history"}
         lap("classifier")
     if "diffusion" in stages:
@@ -99,9 +116,15 @@ def run(cfg: DermarayConfig) -> dict:
         results["diffusion"] = {k: v for k, v in summary.items() if k != "history"}
         lap("diffusion")
     if "diffusion_eval" in stages:
-        evaluated = diffusion_eval.run(_with(
-            _with(cfg, "diffusion", output=at.diffusion), "diffusion_eval",
-            classifier=at.classifier_model, real=lesions[MAIN_DOMAIN], output=at.diffusion_eval))
+        evaluated = diffusion_eval.run(
+            _with(
+                _with(cfg, "diffusion", output=at.diffusion),
+                "diffusion_eval",
+                classifier=at.classifier_model,
+                real=lesions[MAIN_DOMAIN],
+                output=at.diffusion_eval,
+            )
+        )
         results["diffusion_eval"] = {name: evaluated[name]["class_relevance"]["relevance"] for name in ("base", "lora")}
         lap("diffusion_eval")
     results["stage_seconds"] = seconds

@@ -30,6 +30,7 @@ from dermaray.retrieval import VectorIndex
 from dermaray.storage import arrow_filesystem, filesystem, join, parquet_files, read_bytes, write_bytes
 from jobs.common import log
 
+
 class Workdir:
     """Reads a pipeline workdir, at URIs its `Layout` (`self.at`) names; anything missing is None."""
 
@@ -73,8 +74,11 @@ class Workdir:
 
 def _gallery(w: Workdir, n_queries: int, k: int, thumb_px: int) -> list[report.GalleryRow]:
     """Held-out queries spread over lesion area, with their neighbours under the grounded and the frozen embedding."""
-    embedded = {name: w.at.embeddings(name, MAIN_DOMAIN) for name in ("grounded", "frozen")
-                if w.exists(join(embeddings_index(w.at.embeddings(name, MAIN_DOMAIN)), "meta.json"))}
+    embedded = {
+        name: w.at.embeddings(name, MAIN_DOMAIN)
+        for name in ("grounded", "frozen")
+        if w.exists(join(embeddings_index(w.at.embeddings(name, MAIN_DOMAIN)), "meta.json"))
+    }
     if "grounded" not in embedded or n_queries <= 0:
         return []
     meta = w.table(embeddings_table(embedded["grounded"]), columns=["lesion_id", "split", "diagnosis", "area_mm2"]).to_pandas()
@@ -84,16 +88,21 @@ def _gallery(w: Workdir, n_queries: int, k: int, thumb_px: int) -> list[report.G
         return []
     found: dict[str, list[list[tuple[str, float]]]] = {}
     for name, output in embedded.items():
-        rows = w.table(embeddings_table(output), columns=["lesion_id", "embedding"], filters=[("lesion_id", "in", queries)]).to_pydict()
-        by_id = dict(zip(rows["lesion_id"], rows["embedding"]))
+        rows = w.table(
+            embeddings_table(output), columns=["lesion_id", "embedding"], filters=[("lesion_id", "in", queries)]
+        ).to_pydict()
+        by_id = dict(zip(rows["lesion_id"], rows["embedding"], strict=True))
         vectors = np.asarray([by_id[q] for q in queries], dtype=np.float32)
         found[name] = report.neighbours(VectorIndex.load(embeddings_index(output), w.options), vectors, queries, k)
     shown = set(queries) | {i for hits in found.values() for row in hits for i, _ in row}
     pictures = {}
     if w.exists(w.at.lesions(MAIN_DOMAIN)):
-        images_ = w.table(w.at.lesions(MAIN_DOMAIN), columns=["lesion_id", "image_bytes"],
-                          filters=[("lesion_id", "in", sorted(shown))]).to_pydict()
-        pictures = {i: report.thumbnail_png(b, thumb_px) for i, b in zip(images_["lesion_id"], images_["image_bytes"]) if b}
+        images_ = w.table(
+            w.at.lesions(MAIN_DOMAIN), columns=["lesion_id", "image_bytes"], filters=[("lesion_id", "in", sorted(shown))]
+        ).to_pydict()
+        pictures = {
+            i: report.thumbnail_png(b, thumb_px) for i, b in zip(images_["lesion_id"], images_["image_bytes"], strict=True) if b
+        }
     facts = meta.set_index("lesion_id")
 
     def item(lesion_id: str, score: float | None) -> report.GalleryItem:
@@ -101,8 +110,10 @@ def _gallery(w: Workdir, n_queries: int, k: int, thumb_px: int) -> list[report.G
         diagnosis = row.diagnosis if isinstance(row.diagnosis, str) else None  # most ISIC 2024 lesions have none
         return report.GalleryItem(lesion_id, diagnosis, float(row.area_mm2), score, pictures.get(lesion_id))
 
-    return [report.GalleryRow(item(q, None), {name: [item(i, s) for i, s in hits[n]] for name, hits in found.items()})
-            for n, q in enumerate(queries)]
+    return [
+        report.GalleryRow(item(q, None), {name: [item(i, s) for i, s in hits[n]] for name, hits in found.items()})
+        for n, q in enumerate(queries)
+    ]
 
 
 def _note_samples(w: Workdir, uri: str, n: int) -> list[dict]:
@@ -138,7 +149,9 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     notes_summaries = {name: w.json(join(uri, "notes_summary.json")) for name, uri in notes_outputs.items()}
     samples = {name: _note_samples(w, uri, r.sample_notes) for name, uri in notes_outputs.items() if name.startswith("notes/")}
     notes_study = w.json(join(at.notes_study, "notes_study.json"))  # benchmarks/notes_study.py, when run
-    notes_classifier = w.json(join(at.classifier_notes_study, "classifier_notes_study.json"))  # benchmarks/classifier_notes_study.py
+    notes_classifier = w.json(
+        join(at.classifier_notes_study, "classifier_notes_study.json")
+    )  # benchmarks/classifier_notes_study.py
     grounding = w.json(join(at.grounding, "grounding_summary.json"))
     grounding_eval = w.json(join(at.grounding_eval, "grounding_eval.json"))
     classifier = w.json(join(at.classifier, "classifier_summary.json"))
@@ -146,47 +159,109 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     diffusion_eval = w.json(join(at.diffusion_eval, "diffusion_eval.json"))
     rows = _gallery(w, r.gallery_queries, r.gallery_k, r.thumbnail_px)
 
-    diffusion_body = report.training(diffusion, "diffusion", [
-        ("LoRA denoising loss", {"train": "train_loss", "validation": "val_loss"}, "loss", False)])
+    diffusion_body = report.training(
+        diffusion, "diffusion", [("LoRA denoising loss", {"train": "train_loss", "validation": "val_loss"}, "loss", False)]
+    )
     if diffusion and diffusion.get("pretrain"):
         pre = diffusion["pretrain"]
         if isinstance(pre, dict) and isinstance(pre.get("history"), list):
-            diffusion_body += report.line_chart({k: [(h["step"], h[k]) for h in pre["history"] if k in h] for k in ("vae", "unet")},
-                                                "tiny base pre-training", "step", "loss")
+            diffusion_body += report.line_chart(
+                {k: [(h["step"], h[k]) for h in pre["history"] if k in h] for k in ("vae", "unet")},
+                "tiny base pre-training",
+                "step",
+                "loss",
+            )
         elif isinstance(pre, dict):
             diffusion_body += "<h4>Tiny base pre-training, final losses</h4>" + report.table(
-                ["loss", "value"], [[k, v] for k, v in pre.items() if isinstance(v, (int, float))])
-    diffusion_body += "<h3>Base vs LoRA</h3>" + markdown_section(diffusion_eval, "diffusion_eval", "diffusion_eval.json", diffusion_markdown)
+                ["loss", "value"], [[k, v] for k, v in pre.items() if isinstance(v, (int, float))]
+            )
+    diffusion_body += "<h3>Base vs LoRA</h3>" + markdown_section(
+        diffusion_eval, "diffusion_eval", "diffusion_eval.json", diffusion_markdown
+    )
     captions = {"base": "base (no adapter)", "lora": "LoRA adapter"}
-    grids = {captions.get(name, name): w.bytes(join(at.diffusion_eval, f"grid_{name}.png"))
-             for name in sorted(w.names(at.diffusion_eval, "grid_*.png"), key=lambda n: (n not in captions, n))}
+    grids = {
+        captions.get(name, name): w.bytes(join(at.diffusion_eval, f"grid_{name}.png"))
+        for name in sorted(w.names(at.diffusion_eval, "grid_*.png"), key=lambda n: (n not in captions, n))
+    }
     diffusion_body += images(grids)
 
     sections = [
         ("run", "Run summary", report.run_summary(pipeline, ingest, synth)),
-        ("notes", "Clinical notes", report.notes(notes_summaries, samples)
-         + ("<h3>Prompt strategies on the same lesions (benchmarks/notes_study.py)</h3>"
-            + markdown_section(notes_study, "notes study", "notes_study.json", notes_study_markdown) if notes_study else "")),
-        ("grounding", "Grounding", report.training(grounding, "grounding", [
-            ("attribute loss (z space)", {"train": "train_loss", "validation": "val_loss"}, "Huber loss", True),
-            ("validation MAE, area", {"area mm²": "val_mae_area_mm2"}, "mm²", False)])
-         + "<h3>Frozen vs grounded embedding</h3>"
-         + markdown_section(grounding_eval, "grounding_eval", "grounding_eval.json", grounding_markdown)),
+        (
+            "notes",
+            "Clinical notes",
+            report.notes(notes_summaries, samples)
+            + (
+                "<h3>Prompt strategies on the same lesions (benchmarks/notes_study.py)</h3>"
+                + markdown_section(notes_study, "notes study", "notes_study.json", notes_study_markdown)
+                if notes_study
+                else ""
+            ),
+        ),
+        (
+            "grounding",
+            "Grounding",
+            report.training(
+                grounding,
+                "grounding",
+                [
+                    ("attribute loss (z space)", {"train": "train_loss", "validation": "val_loss"}, "Huber loss", True),
+                    ("validation MAE, area", {"area mm²": "val_mae_area_mm2"}, "mm²", False),
+                ],
+            )
+            + "<h3>Frozen vs grounded embedding</h3>"
+            + markdown_section(grounding_eval, "grounding_eval", "grounding_eval.json", grounding_markdown),
+        ),
         ("retrieval", "Retrieval gallery (held-out queries, top 5 by cosine)", report.gallery(rows, r.thumbnail_px)),
-        ("classifier", "Image + note classifier", report.training(classifier, "classifier", [
-            ("training loss (CLIP + cross-entropy)", {"train": "train_loss"}, "loss", False),
-            ("validation accuracy", {"image only": "val_accuracy_image", "image + note": "val_accuracy_fused"}, "accuracy", False),
-            *([("validation pAUC above 80% TPR", {"image only": "val_pauc_image", "image + note": "val_pauc_fused"}, "pAUC", False)]
-              if (classifier or {}).get("label") == "malignant" else [])])
-         + "<h3>Evaluation</h3>"
-         + markdown_section((classifier or {}).get("eval"), "classifier", "classifier_summary.json", classifier_markdown)
-         + ("<h3>Template notes vs LLM notes (benchmarks/classifier_notes_study.py)</h3>"
-            + markdown_section(notes_classifier, "classifier notes study", "classifier_notes_study.json", notes_classifier_markdown)
-            if notes_classifier else "")),
+        (
+            "classifier",
+            "Image + note classifier",
+            report.training(
+                classifier,
+                "classifier",
+                [
+                    ("training loss (CLIP + cross-entropy)", {"train": "train_loss"}, "loss", False),
+                    (
+                        "validation accuracy",
+                        {"image only": "val_accuracy_image", "image + note": "val_accuracy_fused"},
+                        "accuracy",
+                        False,
+                    ),
+                    *(
+                        [
+                            (
+                                "validation pAUC above 80% TPR",
+                                {"image only": "val_pauc_image", "image + note": "val_pauc_fused"},
+                                "pAUC",
+                                False,
+                            )
+                        ]
+                        if (classifier or {}).get("label") == "malignant"
+                        else []
+                    ),
+                ],
+            )
+            + "<h3>Evaluation</h3>"
+            + markdown_section((classifier or {}).get("eval"), "classifier", "classifier_summary.json", classifier_markdown)
+            + (
+                "<h3>Template notes vs LLM notes (benchmarks/classifier_notes_study.py)</h3>"
+                + markdown_section(
+                    notes_classifier, "classifier notes study", "classifier_notes_study.json", notes_classifier_markdown
+                )
+                if notes_classifier
+                else ""
+            ),
+        ),
         ("diffusion", "Diffusion LoRA", diffusion_body),
     ]
-    found = {"run": bool(ingest), "notes": any(notes_summaries.values()), "grounding": bool(grounding and grounding_eval),
-             "retrieval": bool(rows), "classifier": bool(classifier), "diffusion": bool(diffusion and diffusion_eval)}
+    found = {
+        "run": bool(ingest),
+        "notes": any(notes_summaries.values()),
+        "grounding": bool(grounding and grounding_eval),
+        "retrieval": bool(rows),
+        "classifier": bool(classifier),
+        "diffusion": bool(diffusion and diffusion_eval),
+    }
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return report.page("dermaray pipeline report", f"Outputs under {r.workdir}, report written {stamp}.", sections), found
 

@@ -33,7 +33,13 @@ def render_batch(batch: dict[str, np.ndarray], cfg: SynthConfig) -> dict[str, li
     rows, images = [], []
     for index in batch["id"]:
         row, jpeg, _, _ = synthesize_lesion(
-            cfg.seed, int(index), cfg.domain, cfg.image_size, cfg.lesions_per_patient, cfg.class_weights, cfg.jpeg_quality,
+            cfg.seed,
+            int(index),
+            cfg.domain,
+            cfg.image_size,
+            cfg.lesions_per_patient,
+            cfg.class_weights,
+            cfg.jpeg_quality,
             cfg.unlabelled_fraction,
         )
         rows.append(json.dumps(row))
@@ -58,7 +64,7 @@ def run(cfg: DermarayConfig) -> dict:
         hdf5_path = Path(tmp) / "train-image.hdf5"
         with h5py.File(hdf5_path, "w") as store, tqdm(total=s.n_lesions, desc="synth: lesions", unit="lesion") as bar:
             for batch in ds.iter_batches(batch_size=s.shard_size, batch_format="numpy"):
-                for index, row_json, jpeg in zip(batch["index"], batch["row"], batch["jpeg"]):
+                for index, row_json, jpeg in zip(batch["index"], batch["row"], batch["jpeg"], strict=True):
                     row, kind = json.loads(row_json), defects.get(int(index))
                     blob = corrupt_image(kind, bytes(jpeg)) if kind in IMAGE_DEFECTS else bytes(jpeg)
                     if blob is not None:

@@ -102,15 +102,19 @@ def train_loop(config: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory() as folder:
             task.save(Path(folder) / MODEL, unwrap(model), config)
-            torch.save({**state, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "rng": torch.get_rng_state()}, Path(folder) / TRAIN_STATE)
+            torch.save(
+                {**state, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state()},
+                Path(folder) / TRAIN_STATE,
+            )
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
     for epoch in range(state["epoch"], tc.epochs):
         model.train()
         started, losses = time.perf_counter(), []
         batches = train_shard.iter_torch_batches(
-            batch_size=tc.batch_size, device=device, local_shuffle_buffer_size=4 * tc.batch_size,
+            batch_size=tc.batch_size,
+            device=device,
+            local_shuffle_buffer_size=4 * tc.batch_size,
             local_shuffle_seed=tc.seed + epoch,
         )
         for index, batch in enumerate(batches):
@@ -125,12 +129,22 @@ def train_loop(config: dict[str, Any]) -> None:
             state["batch"] = index + 1
             losses.append(float(loss.detach()))
             if tc.checkpoint_every_steps and state["step"] % tc.checkpoint_every_steps == 0:
-                report({"epoch": epoch, "step": state["step"], "train_loss": float(np.mean(losses[-tc.checkpoint_every_steps:])),
-                        **started_at})
+                report(
+                    {
+                        "epoch": epoch,
+                        "step": state["step"],
+                        "train_loss": float(np.mean(losses[-tc.checkpoint_every_steps :])),
+                        **started_at,
+                    }
+                )
         metrics = {
-            "epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "train_seconds": time.perf_counter() - started, "lr": schedule.get_last_lr()[0],
-            **started_at, **task.evaluate(unwrap(model), val_shard, config, device),
+            "epoch": epoch + 1,
+            "step": state["step"],
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_seconds": time.perf_counter() - started,
+            "lr": schedule.get_last_lr()[0],
+            **started_at,
+            **task.evaluate(unwrap(model), val_shard, config, device),
         }
         state.update(epoch=epoch + 1, batch=0)
         state["history"].append(metrics)
@@ -138,27 +152,39 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def scaling(tc: TrainConfig) -> ScalingConfig:
-    return ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                         resources_per_worker={"CPU": tc.cpus_per_worker, **tc.resources})
+    return ScalingConfig(
+        num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker, **tc.resources}
+    )
 
 
 def fit(
-    task: Task, config: dict[str, Any], tc: TrainConfig, datasets: dict[str, ray.data.Dataset], n_train: int,
-    output: str, run_name: str, storage_options: dict,
+    task: Task,
+    config: dict[str, Any],
+    tc: TrainConfig,
+    datasets: dict[str, ray.data.Dataset],
+    n_train: int,
+    output: str,
+    run_name: str,
+    storage_options: dict,
 ) -> tuple[Checkpoint, list[dict]]:
     """Train under `<output>/runs/<run_name>` (resuming a run of that name); (last checkpoint, history)."""
     steps_per_epoch = math.ceil(math.ceil(n_train / tc.num_workers) / tc.batch_size)
     if not is_remote(output) and sum(node["Alive"] for node in ray.nodes()) > 1:
         # Workers on other nodes write checkpoints to this path on *their* disks unless it is a shared mount.
-        log.warning("training output %s is a local path on a cluster of several nodes: checkpoints and resume need it "
-                    "on a filesystem every node shares, or on object storage (s3://, gs://)", output)
+        log.warning(
+            "training output %s is a local path on a cluster of several nodes: checkpoints and resume need it "
+            "on a filesystem every node shares, or on object storage (s3://, gs://)",
+            output,
+        )
     storage_fs, storage_path = arrow_filesystem(join(output, "runs"), storage_options)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={**config, "task": task, "train": tc.model_dump(), "total_steps": steps_per_epoch * tc.epochs},
         scaling_config=scaling(tc),
         run_config=RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
@@ -173,16 +199,27 @@ def fit(
 
 
 def split_inputs(
-    uri: str, columns: list[str], split: str | None, prepare: type, args: tuple, storage_options: dict,
-    materialize: bool, max_actors: int = 2,
+    uri: str,
+    columns: list[str],
+    split: str | None,
+    prepare: type,
+    args: tuple,
+    storage_options: dict,
+    materialize: bool,
+    max_actors: int = 2,
 ) -> ray.data.Dataset:
     """One split of the lesion table (every row when `split` is None) mapped to model inputs by an actor pool of `prepare`."""
     fs, root = arrow_filesystem(uri, storage_options)
     ds = ray.data.read_parquet(root, filesystem=fs, columns=columns)
     if split is not None:
         ds = ds.filter(expr=f"split == '{split}'")
-    ds = ds.map_batches(prepare, fn_constructor_args=args, batch_size=256, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors))
+    ds = ds.map_batches(
+        prepare,
+        fn_constructor_args=args,
+        batch_size=256,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+    )
     return ds.materialize() if materialize else ds
 
 

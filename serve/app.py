@@ -37,10 +37,18 @@ from ray.serve.handle import DeploymentHandle
 
 from dermaray.config import DermarayConfig, load_config
 from dermaray.schema import DIAGNOSES_BY_CODE
-from dermaray.serving.checks import (MULTIPART_OVERHEAD, BodyLimit, RequestError, check_api_key, check_count, check_k,
-                                     check_upload_size, resolve_api_key)
-from dermaray.serving.status import public_location, public_model, unschedulable_reason
 from dermaray.serving.chain import chain_diagnosis
+from dermaray.serving.checks import (
+    MULTIPART_OVERHEAD,
+    BodyLimit,
+    RequestError,
+    check_api_key,
+    check_count,
+    check_k,
+    check_upload_size,
+    resolve_api_key,
+)
+from dermaray.serving.status import public_location, public_model, unschedulable_reason
 from dermaray.storage import is_remote
 
 log = logging.getLogger("ray.serve")
@@ -55,6 +63,7 @@ UNSCHEDULABLE_CONFIRM_S = 1.0
 
 
 # --- Retrieval ----------------------------------------------------------------------------
+
 
 def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
@@ -120,6 +129,7 @@ class Retrieval:
 
 # --- Generation ---------------------------------------------------------------------------
 
+
 class LoadedAdapter:
     """What the multiplexer caches per diagnosis; Serve calls __del__ when it evicts it."""
 
@@ -169,8 +179,11 @@ def generation_class(max_adapters: int) -> type:
 
         async def generate(self, code: str, count: int, seed: int, steps: int) -> dict[str, Any]:
             if self.bank is None:
-                raise RequestError(503, "generation is unavailable: serve.diffusion holds no diffusion pipeline "
-                                        "(run the diffusion job, or set serve.diffusion)")
+                raise RequestError(
+                    503,
+                    "generation is unavailable: serve.diffusion holds no diffusion pipeline "
+                    "(run the diffusion job, or set serve.diffusion)",
+                )
             await self.adapter(code)  # the request's multiplexed model id is `code` (set by the ingress)
             pngs, info = await asyncio.to_thread(self.bank.generate, code, count, seed, steps, self.settings.guidance_scale)
             return {**info, "pngs": pngs}
@@ -182,6 +195,7 @@ def generation_class(max_adapters: int) -> type:
 
 
 # --- Ingress ------------------------------------------------------------------------------
+
 
 class TextQuery(BaseModel):
     text: str = Field(min_length=1, max_length=20000, description="note text; never logged")
@@ -245,9 +259,13 @@ class Ingress:
         for warning in warnings:
             log.warning(warning)
         self.public = {  # what /info says of the configuration: names and remote URIs, never this server's paths
-            "models": {role: public_model(getattr(cfg.models, role)) for role in ("grounding_mllm", "text_encoder", "diffusion_base")},
-            "artifacts": {name: public_location(getattr(s, name))
-                          for name in ("grounding_model", "index", "embeddings", "lesions", "classifier", "diffusion")},
+            "models": {
+                role: public_model(getattr(cfg.models, role)) for role in ("grounding_mllm", "text_encoder", "diffusion_base")
+            },
+            "artifacts": {
+                name: public_location(getattr(s, name))
+                for name in ("grounding_model", "index", "embeddings", "lesions", "classifier", "diffusion")
+            },
         }
         self._state: tuple[float, asyncio.Future] | None = None  # the last look at Serve's state, shared by waiting calls
         self._app = serve.get_replica_context().app_name
@@ -265,6 +283,7 @@ class Ingress:
     async def _call(self, response: Any, timeout: float, handle: DeploymentHandle | None = None) -> Any:
         """The result of a call made through `handle` (default: Retrieval); 504 past `timeout`, or 503 with the
         reason as soon as that deployment is seen unable to run (no replica running or placed, no node with room)."""
+
         async def result() -> Any:
             return await response
 
@@ -298,6 +317,7 @@ class Ingress:
         """(this app's deployment details, free resources per alive node), at most SCHEDULE_POLL_S old."""
         loop = asyncio.get_running_loop()
         if self._state is None or loop.time() - self._state[0] > SCHEDULE_POLL_S:
+
             def fetch() -> tuple[dict[str, Any], list[dict[str, float]]]:
                 import ray
                 from ray._private.state import available_resources_per_node
@@ -334,7 +354,9 @@ class Ingress:
         if steps > self.settings.max_steps:
             raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
         handle = self.generation.options(multiplexed_model_id=code)
-        return await self._call(handle.generate.remote(code, count, seed, steps), self.settings.generation_timeout_s, self.generation)
+        return await self._call(
+            handle.generate.remote(code, count, seed, steps), self.settings.generation_timeout_s, self.generation
+        )
 
     # -- page and metadata --
 
@@ -356,41 +378,64 @@ class Ingress:
             try:
                 deployments, _ = await self._serve_state()
                 details = _plain(deployments.get(self.generation.deployment_name) or {})
-                generation.update(status=details.get("status"),
-                                  running_replicas=sum(r.get("state") == "RUNNING" for r in details.get("replicas") or []))
+                generation.update(
+                    status=details.get("status"),
+                    running_replicas=sum(r.get("state") == "RUNNING" for r in details.get("replicas") or []),
+                )
             except Exception as exc:  # Serve's state unreadable: /info without it
                 log.warning("could not read Serve's state: %r", exc)
                 self._state = None
-        return {**info, **self.public, "generation": generation, "max_images": s.max_images,
-                "max_upload_bytes": s.max_upload_bytes, "api_key_required": bool(self.api_key)}
+        return {
+            **info,
+            **self.public,
+            "generation": generation,
+            "max_images": s.max_images,
+            "max_upload_bytes": s.max_upload_bytes,
+            "api_key_required": bool(self.api_key),
+        }
 
     # -- retrieval --
 
     @api.post("/search", summary="Similar lesions to an uploaded image (grounded embedding, vector index)")
-    async def search(self, file: UploadFile = File(..., description="JPEG, PNG or WebP"),
-                     k: int = Query(10, ge=1, le=HARD_MAX_K), thumbnails: bool = Query(False, description="inline JPEG data URLs"),
-                     api_key: str | None = Security(api_key_header)) -> Response:
+    async def search(
+        self,
+        file: UploadFile = File(..., description="JPEG, PNG or WebP"),
+        k: int = Query(10, ge=1, le=HARD_MAX_K),
+        thumbnails: bool = Query(False, description="inline JPEG data URLs"),
+        api_key: str | None = Security(api_key_header),
+    ) -> Response:
         check_api_key(self.api_key, api_key)
         upload = await self._read(file)
         k = check_k(k, self.settings.max_k)
-        return JSONBytes(await self._call(self.retrieval.search_image.remote(upload, k, thumbnails), self.settings.call_timeout_s))
+        return JSONBytes(
+            await self._call(self.retrieval.search_image.remote(upload, k, thumbnails), self.settings.call_timeout_s)
+        )
 
     @api.post("/search/attribute", summary="Lesions whose predicted attribute is closest to the upload's")
-    async def search_attribute(self, file: UploadFile = File(...), attribute: str = Query(..., examples=["area_mm2"]),
-                               k: int = Query(10, ge=1, le=HARD_MAX_K), thumbnails: bool = Query(False),
-                               api_key: str | None = Security(api_key_header)) -> Response:
+    async def search_attribute(
+        self,
+        file: UploadFile = File(...),
+        attribute: str = Query(..., examples=["area_mm2"]),
+        k: int = Query(10, ge=1, le=HARD_MAX_K),
+        thumbnails: bool = Query(False),
+        api_key: str | None = Security(api_key_header),
+    ) -> Response:
         check_api_key(self.api_key, api_key)
         upload = await self._read(file)
         k = check_k(k, self.settings.max_k)
-        return JSONBytes(await self._call(self.retrieval.search_attribute.remote(upload, attribute, k, thumbnails),
-                                          self.settings.call_timeout_s))
+        return JSONBytes(
+            await self._call(
+                self.retrieval.search_attribute.remote(upload, attribute, k, thumbnails), self.settings.call_timeout_s
+            )
+        )
 
     @api.post("/search/text", summary="Lesions matching a clinical note (classifier's shared image-text space)")
     async def search_text(self, query: TextQuery, api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
         k = check_k(query.k, self.settings.max_k)
-        return JSONBytes(await self._call(self.retrieval.search_text.remote(query.text, k, query.thumbnails),
-                                          self.settings.call_timeout_s))
+        return JSONBytes(
+            await self._call(self.retrieval.search_text.remote(query.text, k, query.thumbnails), self.settings.call_timeout_s)
+        )
 
     @api.post("/predict", summary="Predicted attributes (grounded heads) and diagnosis (classifier) of an image")
     async def predict(self, file: UploadFile = File(...), api_key: str | None = Security(api_key_header)) -> Response:
@@ -398,13 +443,18 @@ class Ingress:
         return JSONBytes(await self._call(self.retrieval.predict.remote(await self._read(file)), self.settings.call_timeout_s))
 
     @api.get("/lesions/{lesion_id}", summary="One gallery lesion: diagnosis and attributes")
-    async def lesion(self, lesion_id: str, thumbnails: bool = Query(False),
-                     api_key: str | None = Security(api_key_header)) -> Response:
+    async def lesion(
+        self, lesion_id: str, thumbnails: bool = Query(False), api_key: str | None = Security(api_key_header)
+    ) -> Response:
         check_api_key(self.api_key, api_key)
         return JSONBytes(await self._call(self.retrieval.lesion.remote(lesion_id, thumbnails), self.settings.call_timeout_s))
 
-    @api.get("/lesions/{lesion_id}/thumbnail", summary="A gallery lesion's thumbnail (JPEG)",
-             responses={200: {"content": {"image/jpeg": {}}}}, response_class=Response)
+    @api.get(
+        "/lesions/{lesion_id}/thumbnail",
+        summary="A gallery lesion's thumbnail (JPEG)",
+        responses={200: {"content": {"image/jpeg": {}}}},
+        response_class=Response,
+    )
     async def thumbnail(self, lesion_id: str, api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
         data = await self._call(self.retrieval.thumbnail.remote(lesion_id), self.settings.call_timeout_s)
@@ -418,11 +468,19 @@ class Ingress:
         out = await self._generate(request.diagnosis, request.count, request.seed, request.steps)
         return {**{k: v for k, v in out.items() if k != "pngs"}, "images": [_data_url(p) for p in out["pngs"]]}
 
-    @api.get("/generate/{diagnosis}.png", summary="One reference image of a diagnosis",
-             responses={200: {"content": {"image/png": {}}}}, response_class=Response)
-    async def generate_png(self, diagnosis: DiagnosisCode, seed: int = Query(0, ge=0, le=2**31 - 1),
-                           steps: int | None = Query(None, ge=1, le=1000),
-                           api_key: str | None = Security(api_key_header)) -> Response:
+    @api.get(
+        "/generate/{diagnosis}.png",
+        summary="One reference image of a diagnosis",
+        responses={200: {"content": {"image/png": {}}}},
+        response_class=Response,
+    )
+    async def generate_png(
+        self,
+        diagnosis: DiagnosisCode,
+        seed: int = Query(0, ge=0, le=2**31 - 1),
+        steps: int | None = Query(None, ge=1, le=1000),
+        api_key: str | None = Security(api_key_header),
+    ) -> Response:
         check_api_key(self.api_key, api_key)
         out = await self._generate(diagnosis, 1, seed, steps)
         return Response(out["pngs"][0], media_type="image/png", headers={"X-Adapter": out["adapter"]})
@@ -430,10 +488,15 @@ class Ingress:
     # -- the chain --
 
     @api.post("/chain", summary="Upload -> predicted diagnosis and attributes -> similar cases -> generated references")
-    async def chain(self, file: UploadFile = File(...), k: int = Query(8, ge=1, le=HARD_MAX_K),
-                    count: int = Query(2, ge=1, le=HARD_MAX_IMAGES), seed: int = Query(0, ge=0, le=2**31 - 1),
-                    steps: int | None = Query(None, ge=1, le=1000),
-                    api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
+    async def chain(
+        self,
+        file: UploadFile = File(...),
+        k: int = Query(8, ge=1, le=HARD_MAX_K),
+        count: int = Query(2, ge=1, le=HARD_MAX_IMAGES),
+        seed: int = Query(0, ge=0, le=2**31 - 1),
+        steps: int | None = Query(None, ge=1, le=1000),
+        api_key: str | None = Security(api_key_header),
+    ) -> dict[str, Any]:
         check_api_key(self.api_key, api_key)
         check_count(count, self.settings.max_images)
         upload = await self._read(file)
@@ -453,9 +516,14 @@ class Ingress:
             out = await self._generate(diagnosis["code"], count, seed, steps)
             generated = {**{k: v for k, v in out.items() if k != "pngs"}, "images": [_data_url(p) for p in out["pngs"]]}
         done = time.perf_counter()
-        return {"query": found["query"], "diagnosis": diagnosis, "similar": found["results"], "generated": generated,
-                "not_generated": not_generated,
-                "timings_ms": {"search": round(1000 * (searched - started), 1), "generate": round(1000 * (done - searched), 1)}}
+        return {
+            "query": found["query"],
+            "diagnosis": diagnosis,
+            "similar": found["results"],
+            "generated": generated,
+            "not_generated": not_generated,
+            "timings_ms": {"search": round(1000 * (searched - started), 1), "generate": round(1000 * (done - searched), 1)},
+        }
 
 
 # --- Building the application ---------------------------------------------------------------
@@ -465,6 +533,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def _absolute_local(cfg: DermarayConfig, base: Path) -> DermarayConfig:
     """Local paths made absolute against `base`: replicas do not run in the directory the app was built from."""
+
     def resolve(value: str) -> str:
         if is_remote(value):
             return value
@@ -489,8 +558,10 @@ def app_from_config(cfg: DermarayConfig, base: Path | None = None, options: dict
     generation = None
     if cfg.serve.diffusion:
         generation_deployment = serve.deployment(
-            generation_class(cfg.serve.max_adapters_per_replica), name="Generation",
-            ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8,
+            generation_class(cfg.serve.max_adapters_per_replica),
+            name="Generation",
+            ray_actor_options={"num_cpus": 0.5},
+            max_ongoing_requests=8,
             autoscaling_config={"min_replicas": 0, "max_replicas": 1, "initial_replicas": 1, "target_ongoing_requests": 2},
         )
         generation = generation_deployment.options(**options.get("Generation", {})).bind(config)

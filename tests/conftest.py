@@ -56,10 +56,10 @@ def s3_endpoint():
         try:
             urllib.request.urlopen(url, timeout=1)
             break
-        except Exception:
+        except Exception as err:
             if time.time() > deadline or server.poll() is not None:
                 server.kill()
-                raise RuntimeError("moto server did not start")
+                raise RuntimeError("moto server did not start") from err
             time.sleep(0.2)
     yield url
     server.terminate()
@@ -95,7 +95,9 @@ def ingested_on_s3(synthetic_on_s3, s3_options):
     from dermaray.config import load_config
     from jobs import ingest
 
-    cfg = load_config(None, ["ingest.input=s3://dermaray/synth/isic", "ingest.output=s3://dermaray/ingest", "ingest.batch_size=128"])
+    cfg = load_config(
+        None, ["ingest.input=s3://dermaray/synth/isic", "ingest.output=s3://dermaray/ingest", "ingest.batch_size=128"]
+    )
     cfg.storage_options = s3_options
     return ingest.run(cfg)
 

@@ -25,9 +25,11 @@ def kill_driver_after_first_checkpoint(job: str, args: list[str], run_dir, s3_op
     import time
 
     options = [f"storage_options.{k}={v}" for k, v in s3_options.items()]
-    driver = subprocess.Popen([sys.executable, "-m", f"jobs.{job}", *args, *options,
-                               f"ray.address={ray_cluster.get_runtime_context().gcs_address}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", f"jobs.{job}", *args, *options, f"ray.address={ray_cluster.get_runtime_context().gcs_address}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
     deadline = time.time() + 300
     while not snapshot.exists() and driver.poll() is None and time.time() < deadline:

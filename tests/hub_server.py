@@ -61,14 +61,18 @@ class LoopbackHub:
                 siblings = [{"rfilename": f} for f in self.files(repo)]
                 return self._send(request, json.dumps({"id": repo, "sha": COMMIT, "siblings": siblings}).encode(), body)
             if path.startswith(f"/api/models/{repo}/tree/"):
-                tree = [{"type": "file", "path": f, "size": (self.repos[repo] / f).stat().st_size, "oid": self._oid(repo, f)}
-                        for f in self.files(repo)]
+                tree = [
+                    {"type": "file", "path": f, "size": (self.repos[repo] / f).stat().st_size, "oid": self._oid(repo, f)}
+                    for f in self.files(repo)
+                ]
                 return self._send(request, json.dumps(tree).encode(), body)
             if path.startswith(f"/{repo}/resolve/"):
                 name = path.removeprefix(f"/{repo}/resolve/").split("/", 1)[1]
                 file = self.repos[repo] / name
                 if file.is_file():
-                    return self._send(request, file.read_bytes(), body, {"X-Repo-Commit": COMMIT, "ETag": f'"{self._oid(repo, name)}"'})
+                    return self._send(
+                        request, file.read_bytes(), body, {"X-Repo-Commit": COMMIT, "ETag": f'"{self._oid(repo, name)}"'}
+                    )
         request.send_response(404)
         request.send_header("X-Error-Code", "EntryNotFound")
         request.send_header("Content-Length", "0")

@@ -45,8 +45,13 @@ def node_env() -> dict[str, str]:
     """The venv first on PATH, so `python` in a job's entrypoint is the project's interpreter."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        RAY_AUTH_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
     return env
 
 
@@ -83,14 +88,32 @@ class LocalCluster:
         """The header an HTTP client of the dashboard (Jobs API) sends when token authentication is on."""
         return {"Authorization": f"Bearer {self.token_path.read_text().strip()}"} if self.token_path else {}
 
-    def _start(self, name: str, args: list[str], num_cpus: int, resources: str | None, private: list[Path] = (),
-               env: dict[str, str] | None = None) -> Node:
+    def _start(
+        self,
+        name: str,
+        args: list[str],
+        num_cpus: int,
+        resources: str | None,
+        private: list[Path] = (),
+        env: dict[str, str] | None = None,
+    ) -> Node:
         first = next(_worker_ports)
-        command = [RAY, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-                   f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                   f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                   f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                   f"--min-worker-port={first}", f"--max-worker-port={first + 199}", *args]
+        command = [
+            RAY,
+            "start",
+            "--block",
+            f"--num-cpus={num_cpus}",
+            "--disable-usage-stats",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--min-worker-port={first}",
+            f"--max-worker-port={first + 199}",
+            *args,
+        ]
         if resources:
             command.append(f"--resources={resources}")
         if private:  # a node with a filesystem of its own: an empty tmpfs over each of these folders
@@ -106,8 +129,9 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
-    def add_worker(self, name: str, num_cpus: int = 1, timeout: float = 180, private: list[Path] = (),
-                   env: dict[str, str] | None = None) -> Node:
+    def add_worker(
+        self, name: str, num_cpus: int = 1, timeout: float = 180, private: list[Path] = (), env: dict[str, str] | None = None
+    ) -> Node:
         """Join a worker node (the job of an autoscaler); returns once the cluster counts it alive.
 
         `private`: folders this node does not share with the machine (an empty tmpfs over each, in the
@@ -116,8 +140,14 @@ class LocalCluster:
         On a busy machine a raylet can miss Ray's startup deadline and `ray start` exits: start it once more.
         """
         for attempt in range(2):
-            node = self._start(name, [f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1"], num_cpus,
-                               f'{{"node_{name}": 1}}', private, env)
+            node = self._start(
+                name,
+                [f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1"],
+                num_cpus,
+                f'{{"node_{name}": 1}}',
+                private,
+                env,
+            )
             try:
                 self.wait_until(lambda names: name in names, f"node {name} alive", timeout, node.process)
                 return node
@@ -196,17 +226,32 @@ def start_cluster(head_cpus: int = 0, head_resources: str | None = None, timeout
         cluster.token_path = temp_dir / "auth_token"
         cluster.token_path.write_text(secrets.token_hex(32))
         cluster.token_path.chmod(0o600)
-    head = cluster._start("head", ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-                                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                                   f"--ray-client-server-port={free_port()}"], head_cpus, head_resources)
+    head = cluster._start(
+        "head",
+        [
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={free_port()}",
+        ],
+        head_cpus,
+        head_resources,
+    )
     deadline = time.time() + timeout
     while True:  # the dashboard answers last
         try:
-            urllib.request.urlopen(urllib.request.Request(f"{cluster.dashboard_url}/api/version", headers=cluster.auth_headers),
-                                   timeout=2)
+            urllib.request.urlopen(
+                urllib.request.Request(f"{cluster.dashboard_url}/api/version", headers=cluster.auth_headers), timeout=2
+            )
             return cluster
-        except Exception:
+        except Exception as err:
             if head.process.poll() is not None or time.time() > deadline:
                 cluster.shutdown()
-                raise RuntimeError(f"the head node did not start: {head.log.read_text()[-2000:] if head.log.exists() else ''}")
+                raise RuntimeError(
+                    f"the head node did not start: {head.log.read_text()[-2000:] if head.log.exists() else ''}"
+                ) from err
             time.sleep(0.5)

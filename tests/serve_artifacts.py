@@ -28,20 +28,29 @@ def lesion_table(n: int, image_size: int = 64) -> pa.Table:
     reader, rows = Isic2024Reader(), []
     for index in range(n):
         row, jpeg, _, _ = synthesize_lesion(0, index, image_size=image_size)
-        rows.append({**reader.to_canonical({k: str(v) for k, v in row.items()}), "lesion_id": row["isic_id"],
-                     "source": "isic2024", "image_bytes": jpeg, "image_format": "JPEG", "image_width": image_size,
-                     "image_height": image_size, "split": "train"})
+        rows.append(
+            {
+                **reader.to_canonical({k: str(v) for k, v in row.items()}),
+                "lesion_id": row["isic_id"],
+                "source": "isic2024",
+                "image_bytes": jpeg,
+                "image_format": "JPEG",
+                "image_width": image_size,
+                "image_height": image_size,
+                "split": "train",
+            }
+        )
     return pa.Table.from_pylist(rows, schema=LESION_SCHEMA)
 
 
 def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = True, lesions: pa.Table | None = None) -> list[str]:
     """Write every artifact under `root` (over `lesions`, else `n_lesions` synthetic ones); returns the `serve.*`
     overrides that point at them."""
+    from dermaray.config import ModelsConfig
     from dermaray.grounding.classifier import ClassifierSettings, MultimodalClassifier, save_classifier
     from dermaray.grounding.data import CLASS_CODES
     from dermaray.grounding.embed import LesionEmbedder
     from dermaray.grounding.model import AttributeScaler, GroundingModel, GroundingSettings, save_model
-    from dermaray.config import ModelsConfig
     from dermaray.retrieval import VectorIndex
 
     models = ModelsConfig(cache_dir=str(cache_dir))
@@ -65,9 +74,14 @@ def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = Tr
     settings = ClassifierSettings(model="tiny", classes=list(CLASS_CODES), text_encoder="minilm", text_dim=384)
     save_classifier(root / "classifier", MultimodalClassifier.build(settings, models).eval())
 
-    overrides = [f"serve.grounding_model={root / 'grounding'}", f"serve.index={root / 'index'}",
-                 f"serve.embeddings={root / 'embeddings'}", f"serve.lesions={root / 'lesions'}",
-                 f"serve.classifier={root / 'classifier'}", f"models.cache_dir={cache_dir}"]
+    overrides = [
+        f"serve.grounding_model={root / 'grounding'}",
+        f"serve.index={root / 'index'}",
+        f"serve.embeddings={root / 'embeddings'}",
+        f"serve.lesions={root / 'lesions'}",
+        f"serve.classifier={root / 'classifier'}",
+        f"models.cache_dir={cache_dir}",
+    ]
     if diffusion:
         build_diffusion(root / "diffusion", cache_dir, lesions)
         overrides += [f"serve.diffusion={root / 'diffusion'}", "serve.resolution=32", "serve.steps=2"]
@@ -77,16 +91,26 @@ def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = Tr
 
 
 def build_diffusion(root: Path, cache_dir: Path, lesions: pa.Table) -> None:
+    from dermaray.config import ModelsConfig
     from dermaray.diffusion.captions import caption
     from dermaray.diffusion.pipeline import add_lora, load_pipeline, lora_parameters, pretrain_base, save_lora
     from dermaray.images import decode_rgb
-    from dermaray.config import ModelsConfig
     from dermaray.models import resolve_model
 
     images = [decode_rgb(b) for b in lesions["image_bytes"].to_pylist()[:4]]
     prompts = [caption(code) for code in lesions["diagnosis"].to_pylist()[:4]]
-    pretrain_base(resolve_model("diffusion_base", "tiny", ModelsConfig(cache_dir=str(cache_dir))), root / "base", images, prompts, steps=1,
-                  batch_size=2, lr=1e-3, seed=0, log_every=1, resolution=16)
+    pretrain_base(
+        resolve_model("diffusion_base", "tiny", ModelsConfig(cache_dir=str(cache_dir))),
+        root / "base",
+        images,
+        prompts,
+        steps=1,
+        batch_size=2,
+        lr=1e-3,
+        seed=0,
+        log_every=1,
+        resolution=16,
+    )
     for seed, folder in ((1, root / "adapter"), (2, root / "adapters" / PER_DIAGNOSIS)):
         pipe = load_pipeline(root / "base")
         add_lora(pipe.unet, rank=4, seed=seed)

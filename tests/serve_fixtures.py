@@ -33,9 +33,28 @@ class ServedApp:
 
         st = shutil.which("st", path=str(Path(sys.executable).parent))
         assert st, "schemathesis's `st` command is missing from the venv (pip install -e '.[dev]')"
-        command = [st, "run", f"{self.url}/openapi.json", "--checks", "not_a_server_error", "-H", f"X-API-Key: {self.api_key}",
-                   "--max-examples", "5", "--seed", "0", "--max-time", str(max_seconds), "--request-timeout", "60", "--no-color",
-                   "--report", "junit", "--report-dir", str(folder)]
+        command = [
+            st,
+            "run",
+            f"{self.url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "-H",
+            f"X-API-Key: {self.api_key}",
+            "--max-examples",
+            "5",
+            "--seed",
+            "0",
+            "--max-time",
+            str(max_seconds),
+            "--request-timeout",
+            "60",
+            "--no-color",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(folder),
+        ]
         run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=folder)  # its cache dir lands there
         summary = run.stdout[-3000:]
         assert run.returncode == 0, summary
@@ -62,8 +81,13 @@ def start(root: Path, cache_dir: Path, extra_overrides: list[str] | None = None,
     key_file = root / "api-key"  # the key as a cluster gives it: a secret file the ingress reads on its node
     key_file.write_text(API_KEY + "\n")
     overrides = serve_artifacts.build(root, cache_dir, **artifacts) + [
-        f"serve.api_key_file={key_file}", "serve.max_k=20", "serve.max_upload_bytes=1048576",
-        "serve.max_adapters_per_replica=1", "serve.max_images=3", *(extra_overrides or [])]
+        f"serve.api_key_file={key_file}",
+        "serve.max_k=20",
+        "serve.max_upload_bytes=1048576",
+        "serve.max_adapters_per_replica=1",
+        "serve.max_images=3",
+        *(extra_overrides or []),
+    ]
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     serve.run(app_from_config(load_config(None, overrides)), name=APP_NAME, route_prefix="/", blocking=False)
@@ -74,9 +98,9 @@ def start(root: Path, cache_dir: Path, extra_overrides: list[str] | None = None,
             with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
                 if response.status == 200:
                     break
-        except OSError:
+        except OSError as err:
             if time.time() > deadline:
-                raise RuntimeError("the Serve app did not answer /healthz within 180 s")
+                raise RuntimeError("the Serve app did not answer /healthz within 180 s") from err
             time.sleep(0.5)
     return ServedApp(url, API_KEY, root, overrides)
 

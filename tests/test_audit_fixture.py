@@ -25,7 +25,9 @@ def labelled():
 def test_the_fixture_is_what_it_says(labelled):
     assert len(labelled) >= 150 and len({item["id"] for item in labelled}) == len(labelled)
     assert Counter(item["strategy"] for item in labelled).keys() == {"M", "P1", "P2", "LF"}
-    assert all(fact["kind"] in FLAG_CODES and isinstance(fact["contradicts"], bool) for item in labelled for fact in item["labels"])
+    assert all(
+        fact["kind"] in FLAG_CODES and isinstance(fact["contradicts"], bool) for item in labelled for fact in item["labels"]
+    )
     contradicting = Counter(fact["kind"] for item in labelled for fact in item["labels"] if fact["contradicts"])
     assert len(contradicting) >= 10  # nearly every kind occurs in real notes
     assert not any(fact["contradicts"] for item in labelled if item["strategy"] == "M" for fact in item["labels"])

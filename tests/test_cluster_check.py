@@ -83,8 +83,14 @@ def test_an_unknown_instance_type_must_declare_its_cpus() -> None:
 
 
 def test_the_cli_prints_one_line_per_problem_and_exits_1(capsys) -> None:
-    args = ["--config", str(ROOT / "configs" / "cluster.yaml"), "--cluster", str(ROOT / "cluster.yaml"),
-            "notes.concurrency=5", "serve.index=out/index"]
+    args = [
+        "--config",
+        str(ROOT / "configs" / "cluster.yaml"),
+        "--cluster",
+        str(ROOT / "cluster.yaml"),
+        "notes.concurrency=5",
+        "serve.index=out/index",
+    ]
     assert main(args) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("notes.concurrency: ") and lines[1].startswith("serve.index: ")

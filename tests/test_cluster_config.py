@@ -32,10 +32,16 @@ def test_the_cluster_job_config_asks_only_for_resources_the_cluster_has():
     from jobs.training import scaling
 
     root = Path(__file__).parents[1]
-    provided = {r for t in yaml.safe_load((root / "cluster.yaml").read_text())["available_node_types"].values() for r in t["resources"]}
+    provided = {
+        r for t in yaml.safe_load((root / "cluster.yaml").read_text())["available_node_types"].values() for r in t["resources"]
+    }
     cfg = load_config(root / "configs" / "cluster.yaml", [])
     trainers = {name: getattr(cfg, name).train for name in ("grounding", "classifier", "diffusion")}
-    asked = {"notes": cfg.notes.resources, "embeddings": cfg.embeddings.resources, **{n: t.resources for n, t in trainers.items()}}
+    asked = {
+        "notes": cfg.notes.resources,
+        "embeddings": cfg.embeddings.resources,
+        **{n: t.resources for n, t in trainers.items()},
+    }
     assert all(asked.values()), f"every GPU stage should be pinned to a node type: {asked}"
     assert {r for wanted in asked.values() for r in wanted} <= provided
     for train in trainers.values():  # and Ray Train passes them on with the CPUs and the GPU

@@ -16,7 +16,6 @@ any summary the stages wrote.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import urllib.request
@@ -58,15 +57,36 @@ def test_pipeline_on_nodes_without_the_drivers_files(shape, s3_options):
     cluster, scratch, secrets = shape
     log = scratch / "pipeline.log"
     command = [
-        sys.executable, "-m", "jobs.pipeline", "--config", "configs/local.yaml", f"ray.address={cluster.gcs_address}",
-        "ray.log_to_driver=false", f"pipeline.workdir={WORKDIR}", f"pipeline.stages={STAGES}", "pipeline.shifted_lesions=0",
-        f"storage_options.endpoint_url={s3_options['endpoint_url']}", f"storage_options.secrets_file={secrets}",
-        f"models.cache_dir={scratch / 'models'}", "synth.n_lesions=120", "synth.shard_size=60",
-        "models.note_writer=tiny", "notes.sampling.max_tokens=8", "grounding.train.epochs=1", "grounding.train.batch_size=16",
-        "classifier.train.epochs=1", "classifier.train.batch_size=16",
-        "diffusion.pretrain.steps=2", "diffusion.pretrain.batch_size=4", "diffusion.pretrain.max_images=16",
-        "diffusion.limit=16", "diffusion.train.epochs=1", "diffusion.train.batch_size=8",
-        "diffusion_eval.images_per_class=2", "diffusion_eval.steps=2", "diffusion_eval.real_images=8",
+        sys.executable,
+        "-m",
+        "jobs.pipeline",
+        "--config",
+        "configs/local.yaml",
+        f"ray.address={cluster.gcs_address}",
+        "ray.log_to_driver=false",
+        f"pipeline.workdir={WORKDIR}",
+        f"pipeline.stages={STAGES}",
+        "pipeline.shifted_lesions=0",
+        f"storage_options.endpoint_url={s3_options['endpoint_url']}",
+        f"storage_options.secrets_file={secrets}",
+        f"models.cache_dir={scratch / 'models'}",
+        "synth.n_lesions=120",
+        "synth.shard_size=60",
+        "models.note_writer=tiny",
+        "notes.sampling.max_tokens=8",
+        "grounding.train.epochs=1",
+        "grounding.train.batch_size=16",
+        "classifier.train.epochs=1",
+        "classifier.train.batch_size=16",
+        "diffusion.pretrain.steps=2",
+        "diffusion.pretrain.batch_size=4",
+        "diffusion.pretrain.max_images=16",
+        "diffusion.limit=16",
+        "diffusion.train.epochs=1",
+        "diffusion.train.batch_size=8",
+        "diffusion_eval.images_per_class=2",
+        "diffusion_eval.steps=2",
+        "diffusion_eval.real_images=8",
     ]
     with open(log, "wb") as out:
         # Train's run state on (off by default): the dashboard then serves each run's train_loop_config.
@@ -91,12 +111,24 @@ def test_pipeline_on_nodes_without_the_drivers_files(shape, s3_options):
     # The secret is in no state the dashboard serves, no log, no summary.
     from ray.util.state import list_actors, list_nodes, list_tasks
 
-    state = [json.dumps([a.__dict__ for a in list_actors(address=cluster.dashboard_url, detail=True, limit=10000,
-                                                         raise_on_missing_output=False)], default=str),
-             json.dumps([t.__dict__ for t in list_tasks(address=cluster.dashboard_url, detail=True, limit=10000,
-                                                        raise_on_missing_output=False)], default=str),
-             json.dumps([n.__dict__ for n in list_nodes(address=cluster.dashboard_url, detail=True)], default=str),
-             urllib.request.urlopen(f"{cluster.dashboard_url}/api/train/v2/runs/v1", timeout=30).read().decode()]
+    state = [
+        json.dumps(
+            [
+                a.__dict__
+                for a in list_actors(address=cluster.dashboard_url, detail=True, limit=10000, raise_on_missing_output=False)
+            ],
+            default=str,
+        ),
+        json.dumps(
+            [
+                t.__dict__
+                for t in list_tasks(address=cluster.dashboard_url, detail=True, limit=10000, raise_on_missing_output=False)
+            ],
+            default=str,
+        ),
+        json.dumps([n.__dict__ for n in list_nodes(address=cluster.dashboard_url, detail=True)], default=str),
+        urllib.request.urlopen(f"{cluster.dashboard_url}/api/train/v2/runs/v1", timeout=30).read().decode(),
+    ]
     assert "train_loop_config" in state[3] and "endpoint_url" in state[3]  # the Train runs, with their configs, were read
     assert all(SECRET not in text for text in state)
     logs = [p for p in cluster.temp_dir.rglob("*") if p.is_file() and not p.is_symlink()]

@@ -10,7 +10,10 @@ from dermaray.config import load_config, parse_override
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("synth:\n  n_lesions: 10\n  seed: 3\ningest:\n  source: ham10000\n")
-    cfg = load_config(path, ["synth.n_lesions=42", "storage_options.endpoint_url=http://127.0.0.1:9000", "ingest.split_fractions=[0.5, 0.25, 0.25]"])
+    cfg = load_config(
+        path,
+        ["synth.n_lesions=42", "storage_options.endpoint_url=http://127.0.0.1:9000", "ingest.split_fractions=[0.5, 0.25, 0.25]"],
+    )
     assert cfg.synth.n_lesions == 42 and cfg.synth.seed == 3
     assert cfg.ingest.source == "ham10000"
     assert cfg.storage_options == {"endpoint_url": "http://127.0.0.1:9000"}
@@ -19,7 +22,13 @@ def test_yaml_then_overrides(tmp_path):
 
 @pytest.mark.parametrize(
     "override",
-    ["synth.n_lesionz=5", "synth.n_lesions=zero", "synth.n_lesions=0", "ingest.source=dicom", "ingest.split_fractions=[0.5, 0.5, 0.5]"],
+    [
+        "synth.n_lesionz=5",
+        "synth.n_lesions=zero",
+        "synth.n_lesions=0",
+        "ingest.source=dicom",
+        "ingest.split_fractions=[0.5, 0.5, 0.5]",
+    ],
 )
 def test_bad_overrides_are_errors(override):
     with pytest.raises(ValidationError):

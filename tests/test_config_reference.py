@@ -14,8 +14,12 @@ def test_reference_is_current():
 
 def test_every_leaf_key_is_listed_and_overridable():
     cfg = DermarayConfig()
-    keys = [key for name in DermarayConfig.model_fields if name != "storage_options"
-            for key, *_ in rows(getattr(cfg, name), f"{name}.")]
+    keys = [
+        key
+        for name in DermarayConfig.model_fields
+        if name != "storage_options"
+        for key, *_ in rows(getattr(cfg, name), f"{name}.")
+    ]
     assert "grounding.train.epochs" in keys and "report.gallery_k" in keys and "notes.sampling.max_tokens" in keys
     for key in keys:
         assert f"| `{key}` |" in DOC.read_text()

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dermaray.config import ModelsConfig
 from dermaray.data.synthetic import synthesize_lesion
 from dermaray.diffusion.captions import caption, size_word
 from dermaray.diffusion.pipeline import (
@@ -40,7 +41,6 @@ from dermaray.diffusion.pipeline import (
     tokenize,
 )
 from dermaray.images import decode_rgb
-from dermaray.config import ModelsConfig
 from dermaray.models import resolve_model
 from dermaray.schema import DIAGNOSES
 
@@ -78,9 +78,7 @@ def pretrained(base: str, lesions, tmp_path_factory: pytest.TempPathFactory) -> 
     """The tiny base after two pre-training steps: the base every LoRA test adapts."""
     out = tmp_path_factory.mktemp("pretrained") / "base"
     images, prompts = lesions
-    losses = pretrain_base(
-        base, out, images, prompts, steps=2, batch_size=2, lr=1e-3, seed=0, log_every=1, resolution=TRAIN_PX
-    )
+    losses = pretrain_base(base, out, images, prompts, steps=2, batch_size=2, lr=1e-3, seed=0, log_every=1, resolution=TRAIN_PX)
     return out, losses
 
 
@@ -101,8 +99,14 @@ def lora(pretrained, lesions, tmp_path_factory: pytest.TempPathFactory) -> dict:
         optimizer.step()
     folder = tmp_path_factory.mktemp("adapter") / "lora"
     save_lora(pipe, folder)
-    return {"pipe": pipe, "base_before": base_before, "lora_before": lora_before, "trainable": trainable,
-            "folder": folder, "loss": float(loss.detach())}
+    return {
+        "pipe": pipe,
+        "base_before": base_before,
+        "lora_before": lora_before,
+        "trainable": trainable,
+        "folder": folder,
+        "loss": float(loss.detach()),
+    }
 
 
 def unet_probe(pipe) -> torch.Tensor:
@@ -245,7 +249,7 @@ def test_add_lora_trains_only_the_adapter(lora: dict) -> None:
     assert math.isfinite(lora["loss"])
     after = dict(pipe.unet.named_parameters())
     assert all(torch.equal(after[n], before) for n, before in lora["base_before"].items())
-    changed = [not torch.equal(p, before) for p, before in zip(lora_parameters(pipe.unet), lora["lora_before"])]
+    changed = [not torch.equal(p, before) for p, before in zip(lora_parameters(pipe.unet), lora["lora_before"], strict=True)]
     assert all(changed)
     with pytest.raises(ValueError, match="already has adapters"):
         add_lora(pipe.unet)

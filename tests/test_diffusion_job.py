@@ -14,9 +14,16 @@ from jobs.diffusion_eval import adapters_by_class
 from tests.helpers import kill_driver_after_first_checkpoint
 
 LESIONS = "s3://dermaray/ingest/lesions"
-FAST = ["diffusion.resolution=32", "diffusion.pretrain.steps=6", "diffusion.pretrain.batch_size=8",
-        "diffusion.pretrain.max_images=64", "diffusion.train.batch_size=64", "diffusion.train.cpus_per_worker=1",
-        "diffusion.lora_rank=4", "diffusion.limit=320"]
+FAST = [
+    "diffusion.resolution=32",
+    "diffusion.pretrain.steps=6",
+    "diffusion.pretrain.batch_size=8",
+    "diffusion.pretrain.max_images=64",
+    "diffusion.train.batch_size=64",
+    "diffusion.train.cpus_per_worker=1",
+    "diffusion.lora_rank=4",
+    "diffusion.limit=320",
+]
 
 
 def _config(s3_options, *overrides):
@@ -33,7 +40,6 @@ def _steps_per_epoch(s3_options) -> int:
 def trained(ingested_on_s3, s3_options, tmp_path_factory):
     out = tmp_path_factory.mktemp("diffusion")
     return out, diffusion.run(_config(s3_options, f"diffusion.output={out}", "diffusion.train.epochs=2"))
-
 
 
 def test_adapter_trains_and_loads_in_a_plain_diffusers_pipeline(trained, s3_options):
@@ -90,8 +96,15 @@ def test_per_diagnosis_adapters_each_load_and_serve_their_diagnosis(trained, s3_
     out = tmp_path / "per_diagnosis"
     out.mkdir()
     (out / "base").symlink_to(base_out / "base", target_is_directory=True)
-    summary = diffusion.run(_config(s3_options, f"diffusion.output={out}", "diffusion.adapters=per_diagnosis",
-                                    "diffusion.diagnoses=[MEL,NEV]", "diffusion.train.epochs=1"))
+    summary = diffusion.run(
+        _config(
+            s3_options,
+            f"diffusion.output={out}",
+            "diffusion.adapters=per_diagnosis",
+            "diffusion.diagnoses=[MEL,NEV]",
+            "diffusion.train.epochs=1",
+        )
+    )
     table = read_parquet(LESIONS, s3_options, columns=["lesion_id", "split", "diagnosis"]).to_pylist()
     first = sorted(r["lesion_id"] for r in table if r["split"] == "train")[:320]  # diffusion.limit
     of_class = {c: sum(r["diagnosis"] == c for r in table if r["lesion_id"] in set(first)) for c in ("MEL", "NEV")}
@@ -102,14 +115,22 @@ def test_per_diagnosis_adapters_each_load_and_serve_their_diagnosis(trained, s3_
     assert adapters_by_class(str(out / "adapters"), ["MEL", "NEV"]) == {c: str(out / "adapters" / c) for c in ("MEL", "NEV")}
     with pytest.raises(FileNotFoundError, match="BCC"):
         adapters_by_class(str(out / "adapters"), ["MEL", "BCC"])
-    assert adapters_by_class(str(base_out / "adapter"), ["MEL", "BCC"]) == dict.fromkeys(["MEL", "BCC"], str(base_out / "adapter"))
+    assert adapters_by_class(str(base_out / "adapter"), ["MEL", "BCC"]) == dict.fromkeys(
+        ["MEL", "BCC"], str(base_out / "adapter")
+    )
 
     pipe = load_pipeline(out / "base")
-    images = {c: generate(pipe, ["a dermoscopic photo of melanoma, skin lesion"], 1, seed=3, steps=2, adapter_folder=out / "adapters" / c)
-              for c in ("MEL", "NEV")}
+    images = {
+        c: generate(
+            pipe, ["a dermoscopic photo of melanoma, skin lesion"], 1, seed=3, steps=2, adapter_folder=out / "adapters" / c
+        )
+        for c in ("MEL", "NEV")
+    }
     assert not np.array_equal(np.asarray(images["MEL"][0]), np.asarray(images["NEV"][0]))  # two different adapters
     with pytest.raises(ValueError, match="XYZ"):
-        diffusion.run(_config(s3_options, f"diffusion.output={out}", "diffusion.adapters=per_diagnosis", "diffusion.diagnoses=[XYZ]"))
+        diffusion.run(
+            _config(s3_options, f"diffusion.output={out}", "diffusion.adapters=per_diagnosis", "diffusion.diagnoses=[XYZ]")
+        )
 
 
 def test_note_captions_follow_the_diagnosis_caption(trained, tmp_path):
@@ -121,10 +142,16 @@ def test_note_captions_follow_the_diagnosis_caption(trained, tmp_path):
     base = trained[0] / "base"
     notes = tmp_path / "notes"
     notes.mkdir()
-    pq.write_table(pa.table({"lesion_id": ["a", "b"], "note": ["brown plaque on the back", None],
-                             "error": [None, "prompt too long"]}), notes / "part-0.parquet")
-    rows = {"lesion_id": np.array(["a", "b"], dtype=object), "diagnosis": np.array(["MEL", "NEV"], dtype=object),
-            "area_mm2": np.array([20.0, 3.0]), "image_bytes": np.array([_png(), _png()], dtype=object)}
+    pq.write_table(
+        pa.table({"lesion_id": ["a", "b"], "note": ["brown plaque on the back", None], "error": [None, "prompt too long"]}),
+        notes / "part-0.parquet",
+    )
+    rows = {
+        "lesion_id": np.array(["a", "b"], dtype=object),
+        "diagnosis": np.array(["MEL", "NEV"], dtype=object),
+        "area_mm2": np.array([20.0, 3.0]),
+        "image_bytes": np.array([_png(), _png()], dtype=object),
+    }
     models = ModelsConfig(cache_dir=str(tmp_path / "cache"))
     out = DiffusionInputs(str(base), models, {}, 32, True, None, str(notes))(rows)
     tokenizer = DiffusionInputs(str(base), models, {}, 32, True).tokenizer

@@ -53,13 +53,20 @@ def test_scaler_refuses_what_it_cannot_scale() -> None:
 
 @pytest.mark.parametrize(
     ("tune", "trains"),
-    [("frozen", {"heads"}), ("projector", {"heads", "projector"}), ("lora", {"heads", "projector", "lora"}), ("full", {"heads", "projector", "tower"})],
+    [
+        ("frozen", {"heads"}),
+        ("projector", {"heads", "projector"}),
+        ("lora", {"heads", "projector", "lora"}),
+        ("full", {"heads", "projector", "tower"}),
+    ],
 )
 def test_tune_mode_decides_what_trains(models: ModelsConfig, tune: str, trains: set[str]) -> None:
     model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune=tune), models)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    kinds = {"heads" if n.startswith("heads.") else "projector" if ".projector." in n else "lora" if "lora_" in n else "tower"
-             for n in trainable}
+    kinds = {
+        "heads" if n.startswith("heads.") else "projector" if ".projector." in n else "lora" if "lora_" in n else "tower"
+        for n in trainable
+    }
     assert kinds == trains
     out = model(torch.randn(3, 3, 64, 64))
     assert out["embedding"].shape == (3, model.embedder.dim) and out["attributes"].shape == (3, 2)
@@ -94,7 +101,9 @@ def test_checkpoint_files_restore_the_same_predictions(models: ModelsConfig, tmp
 
 def test_augment_is_a_flip_or_quarter_turn_of_the_batch() -> None:
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    symmetries = [torch.rot90(x, k, dims=(-2, -1)).flip(-1) if f else torch.rot90(x, k, dims=(-2, -1)) for k in range(4) for f in (0, 1)]
+    symmetries = [
+        torch.rot90(x, k, dims=(-2, -1)).flip(-1) if f else torch.rot90(x, k, dims=(-2, -1)) for k in range(4) for f in (0, 1)
+    ]
     seen = set()
     for seed in range(40):
         y = augment(x, torch.Generator().manual_seed(seed))
@@ -143,8 +152,10 @@ def _frames(n: int = 300, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     area, ecc = rng.lognormal(2, 0.5, n), rng.uniform(0.1, 0.9, n)
     base = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(n)], "area_mm2": area, "eccentricity": ecc})
     grounded_vectors = np.stack([np.log(area), ecc * 3, np.ones(n)], axis=1) + rng.normal(0, 0.01, (n, 3))
-    grounded = base.assign(embedding=list(grounded_vectors.astype(np.float32)),
-                           **{PREDICTED_PREFIX + "area_mm2": area * 1.02, PREDICTED_PREFIX + "eccentricity": ecc})
+    grounded = base.assign(
+        embedding=list(grounded_vectors.astype(np.float32)),
+        **{PREDICTED_PREFIX + "area_mm2": area * 1.02, PREDICTED_PREFIX + "eccentricity": ecc},
+    )
     frozen = base.assign(embedding=list(rng.normal(size=(n, 3)).astype(np.float32)))
     return frozen, grounded
 

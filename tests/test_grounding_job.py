@@ -32,8 +32,14 @@ def _train_count(s3_options) -> int:
 @pytest.fixture(scope="module")
 def grounded(ingested_on_s3, s3_options):
     """Two epochs of LoRA grounding on the 2,000 lesions on S3, checkpoints and model on S3."""
-    cfg = _config(s3_options, *FAST, f"grounding.input={LESIONS}", "grounding.output=s3://dermaray/grounding",
-                  "grounding.tune=lora", "grounding.train.epochs=2")
+    cfg = _config(
+        s3_options,
+        *FAST,
+        f"grounding.input={LESIONS}",
+        "grounding.output=s3://dermaray/grounding",
+        "grounding.tune=lora",
+        "grounding.train.epochs=2",
+    )
     return grounding.run(cfg)
 
 
@@ -51,8 +57,15 @@ def test_grounding_trains_checkpoints_and_exports_to_s3(grounded, s3_options):
 def test_embeddings_index_and_evaluation(grounded, s3_options, tmp_path):
     out = {}
     for name, model in (("grounded", "s3://dermaray/grounding/model"), ("frozen", "frozen")):
-        out[name] = embeddings.run(_config(s3_options, f"embeddings.input={LESIONS}", f"embeddings.output=s3://dermaray/emb/{name}/clinic",
-                                           f"embeddings.model={model}", "embeddings.index.kind=ivf"))
+        out[name] = embeddings.run(
+            _config(
+                s3_options,
+                f"embeddings.input={LESIONS}",
+                f"embeddings.output=s3://dermaray/emb/{name}/clinic",
+                f"embeddings.model={model}",
+                "embeddings.index.kind=ivf",
+            )
+        )
     lesions = read_parquet(LESIONS, s3_options, columns=["lesion_id"]).num_rows
     assert out["grounded"]["lesions"] == out["frozen"]["lesions"] == lesions
     table = read_parquet("s3://dermaray/emb/grounded/clinic/embeddings", s3_options)
@@ -65,9 +78,15 @@ def test_embeddings_index_and_evaluation(grounded, s3_options, tmp_path):
     hits = index.search_ids(vectors[:5], k=3)
     assert [h[0][0] for h in hits] == table["lesion_id"].to_pylist()[:5]  # each finds itself first
 
-    results = grounding_eval.run(_config(s3_options, "grounding_eval.frozen=s3://dermaray/emb/frozen",
-                                         "grounding_eval.grounded=s3://dermaray/emb/grounded",
-                                         "grounding_eval.domains=[clinic]", f"grounding_eval.output={tmp_path}/report"))
+    results = grounding_eval.run(
+        _config(
+            s3_options,
+            "grounding_eval.frozen=s3://dermaray/emb/frozen",
+            "grounding_eval.grounded=s3://dermaray/emb/grounded",
+            "grounding_eval.domains=[clinic]",
+            f"grounding_eval.output={tmp_path}/report",
+        )
+    )
     (held_out,) = results.values()
     area = held_out["attributes"]["area_mm2"]
     assert set(area["retrieval"]) == {"frozen", "grounded", "grounded_head"}
@@ -78,7 +97,13 @@ def test_embeddings_index_and_evaluation(grounded, s3_options, tmp_path):
 def test_killed_driver_resumes_from_the_last_checkpoint(ingested_on_s3, s3_options, ray_cluster, tmp_path):
     """SIGKILL the training driver after its first checkpoint; the re-run continues to the same final step."""
     out, epochs = tmp_path / "g", 6
-    args = [*FAST, f"grounding.input={LESIONS}", f"grounding.output={out}", "grounding.tune=full", f"grounding.train.epochs={epochs}"]
+    args = [
+        *FAST,
+        f"grounding.input={LESIONS}",
+        f"grounding.output={out}",
+        "grounding.tune=full",
+        f"grounding.train.epochs={epochs}",
+    ]
     kill_driver_after_first_checkpoint("grounding", args, out / "runs" / "grounding", s3_options, ray_cluster)
 
     summary = grounding.run(_config(s3_options, *args))
@@ -91,13 +116,28 @@ def test_killed_driver_resumes_from_the_last_checkpoint(ingested_on_s3, s3_optio
 
 def test_classifier_image_vs_image_and_note(grounded, s3_options, tmp_path):
     for domain in ("clinic",):
-        notes.run(_config(s3_options, "notes.strategy=M", "notes.label_hierarchy=false", f"notes.input={LESIONS}",
-                          f"notes.output={tmp_path}/notes/{domain}"))
-    summary = classifier.run(_config(
-        s3_options, "models.text_encoder=tiny", f"classifier.input={LESIONS}", f"classifier.notes={tmp_path}/notes/clinic",
-        "classifier.shifted_input=null", f"classifier.output={tmp_path}/clf", "classifier.init_from=s3://dermaray/grounding/model",
-        "classifier.train.epochs=2", "classifier.train.batch_size=64",
-    ))
+        notes.run(
+            _config(
+                s3_options,
+                "notes.strategy=M",
+                "notes.label_hierarchy=false",
+                f"notes.input={LESIONS}",
+                f"notes.output={tmp_path}/notes/{domain}",
+            )
+        )
+    summary = classifier.run(
+        _config(
+            s3_options,
+            "models.text_encoder=tiny",
+            f"classifier.input={LESIONS}",
+            f"classifier.notes={tmp_path}/notes/clinic",
+            "classifier.shifted_input=null",
+            f"classifier.output={tmp_path}/clf",
+            "classifier.init_from=s3://dermaray/grounding/model",
+            "classifier.train.epochs=2",
+            "classifier.train.batch_size=64",
+        )
+    )
     assert summary["lesions_without_note"] == 0 and summary["epochs"] == 2
     (result,) = summary["eval"].values()
     assert result["lesions"] == summary["lesions_with_note"]["test"] > 0
@@ -108,8 +148,10 @@ def test_classifier_image_vs_image_and_note(grounded, s3_options, tmp_path):
 
 
 def test_classifier_refuses_notes_that_state_the_label(tmp_path):
-    pq.write_table(pa.table({"lesion_id": ["a"], "prompt_id": ["P2+label+demo+attr"], "note": ["Melanoma."], "error": [None]}),
-                   tmp_path / "notes.parquet")
+    pq.write_table(
+        pa.table({"lesion_id": ["a"], "prompt_id": ["P2+label+demo+attr"], "note": ["Melanoma."], "error": [None]}),
+        tmp_path / "notes.parquet",
+    )
     with pytest.raises(ValueError, match="make the classification trivial"):
         classifier.usable_notes(str(tmp_path / "notes.parquet"), False, {})
     assert classifier.usable_notes(str(tmp_path / "notes.parquet"), True, {}).num_rows == 1

@@ -160,7 +160,10 @@ def test_relevant_counts_match_dense(exclude_self):
         dense = (np.abs(q[:, None] - g[None, :]) <= tau).sum(axis=1) - int(exclude_self)
         np.testing.assert_array_equal(relevant_counts(q, g, tau=tau, exclude_self=exclude_self), dense)
     edges = quantile_bin_edges(g, 5)
-    bins = lambda v: np.digitize(v, edges[1:-1])  # noqa: E731
+
+    def bins(v):
+        return np.digitize(v, edges[1:-1])
+
     dense = (bins(q)[:, None] == bins(g)[None, :]).sum(axis=1) - int(exclude_self)
     np.testing.assert_array_equal(relevant_counts(q, g, bin_edges=edges, exclude_self=exclude_self), dense)
 

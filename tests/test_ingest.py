@@ -14,7 +14,7 @@ from dermaray.config import load_config
 from dermaray.data.readers import READERS, MissingColumnsError
 from dermaray.schema import LESION_SCHEMA, QUARANTINE_SCHEMA
 from jobs import ingest
-from tests.helpers import PLANTED_DEFECTS as DEFECTS  # noqa: N811
+from tests.helpers import PLANTED_DEFECTS as DEFECTS
 from tests.helpers import read_table as _read_table
 
 
@@ -60,7 +60,9 @@ def test_canonical_rows_keep_attributes_images_and_split_by_patient(ingested_on_
 
 
 def test_ingest_writes_local_output_and_rereads_its_own_parquet(ingested_on_s3, s3_options, tmp_path):
-    cfg = load_config(None, ["ingest.source=parquet", "ingest.input=s3://dermaray/ingest/lesions", f"ingest.output={tmp_path}/again"])
+    cfg = load_config(
+        None, ["ingest.source=parquet", "ingest.input=s3://dermaray/ingest/lesions", f"ingest.output={tmp_path}/again"]
+    )
     cfg.storage_options = s3_options
     summary = ingest.run(cfg)
     assert summary["rows_in"] == summary["rows_out"] == ingested_on_s3["rows_out"]
@@ -69,7 +71,8 @@ def test_ingest_writes_local_output_and_rereads_its_own_parquet(ingested_on_s3, 
     original = _read_table(s3fs.S3FileSystem(**s3_options), "dermaray/ingest/lesions")
     cols = ["lesion_id", "split", "area_mm2", "diagnosis"]
     pd.testing.assert_frame_equal(
-        again[cols].sort_values("lesion_id").reset_index(drop=True), original[cols].sort_values("lesion_id").reset_index(drop=True)
+        again[cols].sort_values("lesion_id").reset_index(drop=True),
+        original[cols].sort_values("lesion_id").reset_index(drop=True),
     )
 
 
@@ -87,4 +90,7 @@ def test_unreachable_or_missing_uri_is_a_clear_error(s3_options):
     with pytest.raises(FileNotFoundError, match="image HDF5"):
         READERS["isic2024"].load_metadata("s3://dermaray/only-csv", s3_options)
     with pytest.raises(FileNotFoundError, match="does not exist or cannot be reached"):
-        READERS["parquet"].load_metadata("s3://dermaray/x", {**s3_options, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}})
+        READERS["parquet"].load_metadata(
+            "s3://dermaray/x",
+            {**s3_options, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}},
+        )

@@ -149,7 +149,9 @@ def test_synthetic_unlabelled_rows_look_like_isic_2024() -> None:
     labelled_row, jpeg, _, _ = synthesize_lesion(0, 0, image_size=32)
     row, same_jpeg, _, _ = synthesize_lesion(0, 0, image_size=32, unlabelled_fraction=1.0)
     assert same_jpeg == jpeg and row["iddx_3"] == "" and labelled_row["iddx_3"]
-    assert {k: v for k, v in row.items() if not k.startswith("iddx")} == {k: v for k, v in labelled_row.items() if not k.startswith("iddx")}
+    assert {k: v for k, v in row.items() if not k.startswith("iddx")} == {
+        k: v for k, v in labelled_row.items() if not k.startswith("iddx")
+    }
 
 
 # ----------------------------------------------------------------------------- the chain
@@ -169,13 +171,24 @@ def test_classifier_tables_for_every_label_kind() -> None:
     from dermaray.grounding.evaluate import classifier_markdown as markdown
 
     head = {"accuracy": 0.9, "balanced_accuracy": 0.6, "macro_f1": 0.55, "pauc": 0.125}
-    text = markdown({"in-domain (test split)": {"label": "malignant", "lesions": 40, "excluded_unlabelled": 0, "image": head,
-                                                "fused": {**head, "pauc": None}},
-                     "shifted domain": {"label": "malignant", "lesions": 0, "excluded_unlabelled": 12}})
+    text = markdown(
+        {
+            "in-domain (test split)": {
+                "label": "malignant",
+                "lesions": 40,
+                "excluded_unlabelled": 0,
+                "image": head,
+                "fused": {**head, "pauc": None},
+            },
+            "shifted domain": {"label": "malignant", "lesions": 0, "excluded_unlabelled": 12},
+        }
+    )
     assert "Label: malignant." in text and "| pAUC |" in text
     assert "| in-domain (test split) | 40 | 0 | image only | 0.900 | 0.600 | 0.550 | 0.125 |" in text
     assert "| shifted domain | 0 | 12 | image only | - | - | - | - |" in text
-    old = markdown({"in-domain (test split)": {"lesions": 5, "image": head, "fused": head, "image_to_note": {"P@1": 1, "mAP": 0.5}}})
+    old = markdown(
+        {"in-domain (test split)": {"lesions": 5, "image": head, "fused": head, "image_to_note": {"P@1": 1, "mAP": 0.5}}}
+    )
     assert "Label: diagnosis." in old and "pAUC" not in old  # a summary written before classifier.label
 
 
@@ -194,11 +207,22 @@ def isic(ray_cluster, tmp_path_factory):
     from jobs import ingest, notes, synth
 
     root = tmp_path_factory.mktemp("isic")
-    manifest = synth.run(_config(f"synth.output={root}/synth", "synth.n_lesions=240", "synth.image_size=64", "synth.shard_size=120",
-                                 "synth.unlabelled_fraction=0.75", f"synth.class_weights={CLASS_WEIGHTS}"))
+    manifest = synth.run(
+        _config(
+            f"synth.output={root}/synth",
+            "synth.n_lesions=240",
+            "synth.image_size=64",
+            "synth.shard_size=120",
+            "synth.unlabelled_fraction=0.75",
+            f"synth.class_weights={CLASS_WEIGHTS}",
+        )
+    )
     summary = ingest.run(_config(f"ingest.input={root}/synth", f"ingest.output={root}/ingest", "ingest.batch_size=120"))
-    notes.run(_config("notes.strategy=M", "notes.label_hierarchy=false", f"notes.input={root}/ingest/lesions",
-                      f"notes.output={root}/notes"))
+    notes.run(
+        _config(
+            "notes.strategy=M", "notes.label_hierarchy=false", f"notes.input={root}/ingest/lesions", f"notes.output={root}/notes"
+        )
+    )
     lesions = pq.read_table(root / "ingest" / "lesions").to_pylist()
     return {"root": root, "manifest": manifest, "ingest": summary, "lesions": lesions}
 
@@ -208,7 +232,9 @@ def test_ingest_keeps_lesions_without_a_diagnosis(isic) -> None:
     assert summary["rows_in"] == summary["rows_out"] == 240 and summary["rows_quarantined"] == 0  # a missing label is no defect
     unlabelled = [r for r in lesions if r["diagnosis"] is None]
     assert len(unlabelled) == isic["manifest"]["unlabelled_rows"] and 150 <= len(unlabelled) <= 210
-    assert all(r["diagnosis_superclass"] in ("Benign", "Indeterminate", "Malignant") and r["malignant"] is not None for r in lesions)
+    assert all(
+        r["diagnosis_superclass"] in ("Benign", "Indeterminate", "Malignant") and r["malignant"] is not None for r in lesions
+    )
     assert all(r["malignant"] == (r["diagnosis_superclass"] == "Malignant") for r in lesions)
     assert summary["labelled"] == {"diagnosis": 240 - len(unlabelled), "superclass": 240, "malignant": 240}
 
@@ -217,10 +243,20 @@ def _train_classifier(isic, label: str, *overrides) -> dict:
     from jobs import classifier
 
     root = isic["root"]
-    return classifier.run(_config(
-        "models.text_encoder=tiny", f"classifier.input={root}/ingest/lesions", f"classifier.notes={root}/notes",
-        "classifier.shifted_input=null", f"classifier.output={root}/{label}/classifier", "classifier.init_from=null",
-        f"classifier.label={label}", "classifier.train.epochs=1", "classifier.train.batch_size=64", *overrides))
+    return classifier.run(
+        _config(
+            "models.text_encoder=tiny",
+            f"classifier.input={root}/ingest/lesions",
+            f"classifier.notes={root}/notes",
+            "classifier.shifted_input=null",
+            f"classifier.output={root}/{label}/classifier",
+            "classifier.init_from=null",
+            f"classifier.label={label}",
+            "classifier.train.epochs=1",
+            "classifier.train.batch_size=64",
+            *overrides,
+        )
+    )
 
 
 def _count(lesions, split, predicate) -> int:
@@ -262,8 +298,14 @@ def test_diffusion_eval_refuses_a_judge_not_trained_on_diagnoses(isic, malignant
     from jobs import diffusion_eval
 
     with pytest.raises(ValueError, match="predicts 'malignant'.*classifier.label=diagnosis"):
-        diffusion_eval.run(_config(f"diffusion_eval.classifier={malignant_classifier['model']}", f"diffusion_eval.real={isic['root']}/ingest/lesions",
-                                   f"diffusion.output={tmp_path}", f"diffusion_eval.output={tmp_path}/eval"))
+        diffusion_eval.run(
+            _config(
+                f"diffusion_eval.classifier={malignant_classifier['model']}",
+                f"diffusion_eval.real={isic['root']}/ingest/lesions",
+                f"diffusion.output={tmp_path}",
+                f"diffusion_eval.output={tmp_path}/eval",
+            )
+        )
 
 
 def test_classifier_on_diagnosis_excludes_and_counts_unlabelled_lesions(isic) -> None:
@@ -289,17 +331,31 @@ def test_per_diagnosis_diffusion_skips_unlabelled_lesions_and_small_classes(isic
     per_class = Counter(r["diagnosis"] for r in lesions if r["split"] == "train" and r["diagnosis"])
     minimum = max(per_class.values())  # only the largest class (or the classes tied with it) get an adapter
     out = isic["root"] / "diffusion"
-    summary = diffusion.run(_config(
-        f"diffusion.input={isic['root']}/ingest/lesions", f"diffusion.output={out}", "diffusion.adapters=per_diagnosis",
-        f"diffusion.min_lesions={minimum}", "diffusion.resolution=32", "diffusion.pretrain.steps=0", "diffusion.train.epochs=1",
-        "diffusion.train.batch_size=64", "diffusion.train.cpus_per_worker=1", "diffusion.lora_rank=4"))
+    summary = diffusion.run(
+        _config(
+            f"diffusion.input={isic['root']}/ingest/lesions",
+            f"diffusion.output={out}",
+            "diffusion.adapters=per_diagnosis",
+            f"diffusion.min_lesions={minimum}",
+            "diffusion.resolution=32",
+            "diffusion.pretrain.steps=0",
+            "diffusion.train.epochs=1",
+            "diffusion.train.batch_size=64",
+            "diffusion.train.cpus_per_worker=1",
+            "diffusion.lora_rank=4",
+        )
+    )
     trained = {c for c, n in per_class.items() if n >= minimum}
     assert set(summary["per_diagnosis"]) == trained and len(per_class) > len(trained)
-    assert {c: s["lesions_train"] for c, s in summary["skipped"].items()} == {c: n for c, n in per_class.items() if c not in trained}
+    assert {c: s["lesions_train"] for c, s in summary["skipped"].items()} == {
+        c: n for c, n in per_class.items() if c not in trained
+    }
     for code in trained:
         assert summary["per_diagnosis"][code]["lesions_train"] == per_class[code]
         assert summary["per_diagnosis"][code]["steps"] == -(-per_class[code] // 64)
-    assert summary["lesions_without_diagnosis"] == {s: _count(lesions, s, lambda r: r["diagnosis"] is None) for s in ("train", "val")}
+    assert summary["lesions_without_diagnosis"] == {
+        s: _count(lesions, s, lambda r: r["diagnosis"] is None) for s in ("train", "val")
+    }
     assert sorted(p.name for p in (out / "adapters").iterdir()) == sorted(trained)  # no "None", no skipped class
 
 
@@ -313,12 +369,17 @@ def test_serve_over_a_mostly_unlabelled_gallery(isic, malignant_classifier, tmp_
     from tests import serve_fixtures
 
     gallery = pa.Table.from_pylist(isic["lesions"], schema=LESION_SCHEMA)
-    app = serve_fixtures.start(tmp_path_factory.mktemp("serve-isic"), Path(".cache/models").resolve(),
-                               [f"serve.classifier={malignant_classifier['model']}"], lesions=gallery)
+    app = serve_fixtures.start(
+        tmp_path_factory.mktemp("serve-isic"),
+        Path(".cache/models").resolve(),
+        [f"serve.classifier={malignant_classifier['model']}"],
+        lesions=gallery,
+    )
     try:
         unlabelled = next(r for r in isic["lesions"] if r["diagnosis"] is None)
         labelled = next(r for r in isic["lesions"] if r["diagnosis"] is not None)
         with httpx.Client(base_url=app.url, headers=app.headers, timeout=120) as client:
+
             def upload(row):
                 return {"file": ("lesion.jpg", row["image_bytes"], "image/jpeg")}
 
@@ -332,8 +393,11 @@ def test_serve_over_a_mostly_unlabelled_gallery(isic, malignant_classifier, tmp_
 
             found = client.post("/chain", params={"k": 1, "count": 1}, files=upload(labelled))
             assert found.status_code == 200, found.text
-            assert found.json()["diagnosis"] == {"code": labelled["diagnosis"], "name": found.json()["diagnosis"]["name"],
-                                                 "source": "similar cases"}
+            assert found.json()["diagnosis"] == {
+                "code": labelled["diagnosis"],
+                "name": found.json()["diagnosis"]["name"],
+                "source": "similar cases",
+            }
             assert len(found.json()["generated"]["images"]) == 1
 
             answers = {
@@ -348,7 +412,9 @@ def test_serve_over_a_mostly_unlabelled_gallery(isic, malignant_classifier, tmp_
                 "chain k=20": client.post("/chain", params={"k": 20, "count": 1}, files=upload(unlabelled)),
             }
             assert {name: r.status_code for name, r in answers.items()} == dict.fromkeys(answers, 200)
-            assert answers["lesion"].json()["diagnosis"] is None and answers["predict"].json()["prediction"]["label"] == "malignant"
+            assert (
+                answers["lesion"].json()["diagnosis"] is None and answers["predict"].json()["prediction"]["label"] == "malignant"
+            )
             missing = client.get("/lesions/ISIC_none")
             assert missing.status_code == 404
         app.schemathesis(tmp_path_factory.mktemp("schemathesis-isic"), max_seconds=30)  # and no 5xx for generated requests

@@ -34,15 +34,21 @@ def test_submitted_job_runs_the_submitted_code_to_success(head, tmp_path):
 
     client = JobSubmissionClient(head.dashboard_url)
     where = "import dermaray.config, jobs; print('CODE', jobs.__file__, dermaray.config.__file__)"
-    entrypoint = " && ".join([  # the main job, cut to synth + ingest + report, with the config file that travels along
-        f'python -c "{where}"',
-        f"python -m jobs.pipeline --config configs/local.yaml pipeline.workdir={tmp_path} pipeline.shifted_lesions=0 "
-        "synth.n_lesions=40 synth.shard_size=20 'pipeline.stages=[synth,ingest,report]'",
-    ])
+    entrypoint = " && ".join(
+        [  # the main job, cut to synth + ingest + report, with the config file that travels along
+            f'python -c "{where}"',
+            f"python -m jobs.pipeline --config configs/local.yaml pipeline.workdir={tmp_path} pipeline.shifted_lesions=0 "
+            "synth.n_lesions=40 synth.shard_size=20 'pipeline.stages=[synth,ingest,report]'",
+        ]
+    )
     job = client.submit_job(
         entrypoint=entrypoint,
-        runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "py_modules": [str(REPO / "platform" / "dermaray")],
-                     "env_vars": {"HF_HUB_OFFLINE": "1"}},
+        runtime_env={
+            "working_dir": str(REPO),
+            "excludes": EXCLUDES,
+            "py_modules": [str(REPO / "platform" / "dermaray")],
+            "env_vars": {"HF_HUB_OFFLINE": "1"},
+        },
     )
     deadline, status = time.time() + 240, None
     while time.time() < deadline:
@@ -75,8 +81,17 @@ def test_a_head_with_token_authentication_takes_jobs_only_with_its_token():
     cluster = start_cluster(head_cpus=1, auth=True)
     try:
         # The driver joins the cluster too (ray.init on the head): the token reached the node's processes.
-        submit = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--", "python", "-c",
-                  "import ray; ray.init(); print('JOINED', len(ray.nodes()))"]
+        submit = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard_url,
+            "--",
+            "python",
+            "-c",
+            "import ray; ray.init(); print('JOINED', len(ray.nodes()))",
+        ]
         ran = subprocess.run(submit, env={**node_env(), **cluster.auth_env}, capture_output=True, text=True, timeout=180)
         assert ran.returncode == 0 and "JOINED 1" in ran.stdout, ran.stdout[-2000:] + ran.stderr[-2000:]
 
@@ -86,7 +101,9 @@ def test_a_head_with_token_authentication_takes_jobs_only_with_its_token():
         with pytest.raises(AuthenticationError, match="Authentication required"):
             JobSubmissionClient(cluster.dashboard_url).submit_job(entrypoint="echo no token")
         with pytest.raises(AuthenticationError, match="Authentication failed"):
-            JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": "Bearer " + "0" * 64}).submit_job(entrypoint="echo")
+            JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": "Bearer " + "0" * 64}).submit_job(
+                entrypoint="echo"
+            )
         client = JobSubmissionClient(cluster.dashboard_url, headers=cluster.auth_headers)
         jobs = client.list_jobs()
         assert [j.status for j in jobs] == [JobStatus.SUCCEEDED], "only the job sent with the token was taken"

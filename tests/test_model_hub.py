@@ -49,7 +49,11 @@ def online_env(hub: LoopbackHub) -> dict[str, str]:
 
 
 def fetched(hub: LoopbackHub) -> set[str]:
-    return {path.rsplit("/resolve/", 1)[1].split("/", 1)[1] for method, path in hub.requests if method == "GET" and "/resolve/" in path}
+    return {
+        path.rsplit("/resolve/", 1)[1].split("/", 1)[1]
+        for method, path in hub.requests
+        if method == "GET" and "/resolve/" in path
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +70,22 @@ def test_a_job_fetches_a_hub_model_once_per_node_and_reuses_it(hub, tmp_path):
     cache = tmp_path / "cache"
 
     def notes_job(output: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "jobs.notes", "--config", "configs/local.yaml", f"notes.input={lesions}",
-                   f"notes.output={tmp_path / output}", "notes.strategy=P2", "notes.sampling.max_tokens=8", "notes.num_cpus=1",
-                   "models.offline=false", f"models.note_writer=hub:{LLAMA}", f"models.cache_dir={cache}", "ray.num_cpus=2"]
+        command = [
+            sys.executable,
+            "-m",
+            "jobs.notes",
+            "--config",
+            "configs/local.yaml",
+            f"notes.input={lesions}",
+            f"notes.output={tmp_path / output}",
+            "notes.strategy=P2",
+            "notes.sampling.max_tokens=8",
+            "notes.num_cpus=1",
+            "models.offline=false",
+            f"models.note_writer=hub:{LLAMA}",
+            f"models.cache_dir={cache}",
+            "ray.num_cpus=2",
+        ]
         return subprocess.run(command, cwd=REPO, env=online_env(hub), capture_output=True, text=True, timeout=300)
 
     first = notes_job("first")
@@ -92,10 +109,22 @@ def test_a_job_fetches_a_hub_model_once_per_node_and_reuses_it(hub, tmp_path):
 def test_push_to_the_store_then_an_offline_node_pulls_from_it(hub, s3_options, tmp_path):
     store = "s3://dermaray/model-store"
     push = subprocess.run(
-        [str(Path(sys.executable).with_name("dermaray")), "models", "push", f"text_encoder/hub:{BERT}", "models.offline=false",
-         f"models.store={store}", f"models.store_options.endpoint_url={s3_options['endpoint_url']}",
-         f"models.cache_dir={tmp_path / 'pusher'}"],
-        cwd=REPO, env=online_env(hub), capture_output=True, text=True, timeout=120)
+        [
+            str(Path(sys.executable).with_name("dermaray")),
+            "models",
+            "push",
+            f"text_encoder/hub:{BERT}",
+            "models.offline=false",
+            f"models.store={store}",
+            f"models.store_options.endpoint_url={s3_options['endpoint_url']}",
+            f"models.cache_dir={tmp_path / 'pusher'}",
+        ],
+        cwd=REPO,
+        env=online_env(hub),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert push.returncode == 0, push.stderr[-3000:]
     assert push.stdout.strip().endswith(f"{store}/text_encoder/{BERT.replace('/', '--')}")
 
@@ -116,7 +145,9 @@ def test_push_to_the_store_then_an_offline_node_pulls_from_it(hub, s3_options, t
 
 def test_offline_without_cache_or_store_says_how_to_fetch(tmp_path):
     models = ModelsConfig(cache_dir=str(tmp_path), offline=True)
-    with pytest.raises(FileNotFoundError, match=rf"note_writer/qwen2.5-7b .*models.offline is true.*dermaray models pull note_writer/qwen2.5-7b"):
+    with pytest.raises(
+        FileNotFoundError, match=r"note_writer/qwen2.5-7b .*models.offline is true.*dermaray models pull note_writer/qwen2.5-7b"
+    ):
         resolve_model("note_writer", "qwen2.5-7b", models)
     # Online by config but offline by the submitter's environment (as in this test process): the environment wins, said plainly.
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):

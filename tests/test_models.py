@@ -85,7 +85,10 @@ def test_concurrent_builds_run_the_builder_once(tmp_path: Path) -> None:
     preset = ModelPreset("note_writer", "fake", None, slow_builder, "test builder")
     target = tmp_path / "note_writer" / "fake"
     results: list[Path] = []
-    build = lambda: results.append(_once(target, lambda staging: preset.builder(staging, 0), {"seed": 0}, resume=False))  # noqa: E731
+
+    def build():
+        return results.append(_once(target, lambda staging: preset.builder(staging, 0), {"seed": 0}, resume=False))
+
     threads = [threading.Thread(target=build) for _ in range(2)]
     for t in threads:
         t.start()
@@ -218,7 +221,10 @@ def test_tiny_diffusion_pipeline_generates_64px(cache_dir: Path, models: ModelsC
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 32
     image = pipe(
-        "a dark brown irregular lesion", num_inference_steps=2, height=64, width=64,
+        "a dark brown irregular lesion",
+        num_inference_steps=2,
+        height=64,
+        width=64,
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (64, 64)

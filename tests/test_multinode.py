@@ -14,7 +14,6 @@ with it. Every node runs in its own process group, killed at the end.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -46,9 +45,20 @@ def worker_nodes(cluster) -> set[str]:
 def driver(cluster, module: str, *args: str, log: Path) -> subprocess.Popen:
     """`python -m <module> args` joined to the cluster, as `ray job submit` would run it on the head."""
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", module, *args, f"ray.address={cluster.gcs_address}",
-                                 f"models.cache_dir={CACHE}", "ray.log_to_driver=false"],
-                                stdout=out, stderr=subprocess.STDOUT, env=node_env())
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                module,
+                *args,
+                f"ray.address={cluster.gcs_address}",
+                f"models.cache_dir={CACHE}",
+                "ray.log_to_driver=false",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=node_env(),
+        )
 
 
 def finish(process: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -63,8 +73,18 @@ def finish(process: subprocess.Popen, log: Path, timeout: float) -> None:
 @pytest.fixture(scope="module")
 def lesions(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
-    p = driver(cluster, "jobs.pipeline", "--config", "configs/local.yaml", f"pipeline.workdir={root}", "pipeline.shifted_lesions=0",
-               "synth.n_lesions=300", "synth.shard_size=100", "pipeline.stages=[synth,ingest]", log=root / "data.log")
+    p = driver(
+        cluster,
+        "jobs.pipeline",
+        "--config",
+        "configs/local.yaml",
+        f"pipeline.workdir={root}",
+        "pipeline.shifted_lesions=0",
+        "synth.n_lesions=300",
+        "synth.shard_size=100",
+        "pipeline.stages=[synth,ingest]",
+        log=root / "data.log",
+    )
     finish(p, root / "data.log", 180)
     return root / "ingest" / "clinic" / "lesions"
 
@@ -72,9 +92,19 @@ def lesions(cluster, tmp_path_factory):
 def test_training_survives_a_lost_worker_node(cluster, lesions, tmp_path):
     out = tmp_path / "grounding"
     log = tmp_path / "grounding.log"
-    p = driver(cluster, "jobs.grounding", f"grounding.input={lesions}", f"grounding.output={out}", "grounding.tune=full",
-               f"grounding.train.epochs={EPOCHS}", "grounding.train.num_workers=2", f"grounding.train.cpus_per_worker={SLOT}",
-               "grounding.train.batch_size=32", "grounding.train.max_failures=3", log=log)
+    p = driver(
+        cluster,
+        "jobs.grounding",
+        f"grounding.input={lesions}",
+        f"grounding.output={out}",
+        "grounding.tune=full",
+        f"grounding.train.epochs={EPOCHS}",
+        "grounding.train.num_workers=2",
+        f"grounding.train.cpus_per_worker={SLOT}",
+        "grounding.train.batch_size=32",
+        "grounding.train.max_failures=3",
+        log=log,
+    )
     try:
         # Training asks for two worker slots once its data is ready: two worker nodes join.
         deadline = time.time() + 240
@@ -107,9 +137,20 @@ def test_notes_survive_a_lost_engine_node(cluster, lesions, tmp_path):
     limit, shard = 240, 20
     for name in ("d", "e")[: max(0, 2 - len(worker_nodes(cluster)))]:  # two engine slots (when run alone)
         cluster.add_worker(name, num_cpus=SLOT)
-    p = driver(cluster, "jobs.notes", f"notes.input={lesions}", f"notes.output={out}", "notes.strategy=P2",
-               f"notes.limit={limit}", f"notes.shard_size={shard}", "notes.concurrency=2", f"notes.num_cpus={SLOT}",
-               "notes.sampling.max_tokens=16", "notes.max_model_len=1024", log=log)
+    p = driver(
+        cluster,
+        "jobs.notes",
+        f"notes.input={lesions}",
+        f"notes.output={out}",
+        "notes.strategy=P2",
+        f"notes.limit={limit}",
+        f"notes.shard_size={shard}",
+        "notes.concurrency=2",
+        f"notes.num_cpus={SLOT}",
+        "notes.sampling.max_tokens=16",
+        "notes.max_model_len=1024",
+        log=log,
+    )
     try:
         deadline = time.time() + 240
         engines: set[str] = set()

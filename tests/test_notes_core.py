@@ -80,56 +80,120 @@ HANDWRITTEN: list[tuple[str, dict]] = [
         "A 45-year-old woman presents with a small, symmetric, light brown macule on her upper back, measuring "
         "2.5 mm. Borders are regular and well-defined, and the pigmentation is uniform. There is no evidence of "
         "malignancy. Findings are consistent with a benign melanocytic nevus; melanoma is unlikely. Routine follow-up.",
-        _row(age_approx=45, sex="female", anatom_site="posterior torso", diagnosis="NEV", long_diam_mm=2.5,
-             symm_2axis=0.02, norm_border=0.4, norm_color=2.0),
+        _row(
+            age_approx=45,
+            sex="female",
+            anatom_site="posterior torso",
+            diagnosis="NEV",
+            long_diam_mm=2.5,
+            symm_2axis=0.02,
+            norm_border=0.4,
+            norm_color=2.0,
+        ),
     ),
     (
         "Clinical note: 65-year-old man with a 7.8 mm asymmetric, dark brown to black lesion on the left thigh. "
         "The border is irregular and notched, with variegated pigmentation. Dermoscopic features are suspicious "
         "for melanoma. This is likely malignant; excision is recommended.",
-        _row(age_approx=65, sex="male", anatom_site="lower extremity", diagnosis="MEL", long_diam_mm=7.8,
-             symm_2axis=0.11, norm_border=2.2, norm_color=4.1),
+        _row(
+            age_approx=65,
+            sex="male",
+            anatom_site="lower extremity",
+            diagnosis="MEL",
+            long_diam_mm=7.8,
+            symm_2axis=0.11,
+            norm_border=2.2,
+            norm_color=4.1,
+        ),
     ),
     (
         "Aged 70, male. Pink, pearly papule on the nose measuring approximately 4 mm, with rolled, irregular "
         "borders and arborizing vessels. Not asymmetric. Impression: basal cell carcinoma, a malignant lesion. "
         "Rule out squamous cell carcinoma.",
-        _row(age_approx=70, sex="male", anatom_site="head/neck", diagnosis="BCC", long_diam_mm=4.3,
-             symm_2axis=0.03, norm_border=1.4, norm_color=3.0),
+        _row(
+            age_approx=70,
+            sex="male",
+            anatom_site="head/neck",
+            diagnosis="BCC",
+            long_diam_mm=4.3,
+            symm_2axis=0.03,
+            norm_border=1.4,
+            norm_color=3.0,
+        ),
     ),
     (
         "The patient, a 38-year-old female, has a firm 3.5 mm tan-brown papule on the lower leg. It is symmetric "
         "with a regular border and uniform colour; no signs of ulceration, bleeding or malignancy. Dimple sign "
         "positive. Diagnosis: dermatofibroma (benign).",
-        _row(age_approx=40, sex="female", anatom_site="lower extremity", diagnosis="DF", long_diam_mm=3.3,
-             symm_2axis=0.025, norm_border=0.5, norm_color=2.1),
+        _row(
+            age_approx=40,
+            sex="female",
+            anatom_site="lower extremity",
+            diagnosis="DF",
+            long_diam_mm=3.3,
+            symm_2axis=0.025,
+            norm_border=0.5,
+            norm_color=2.1,
+        ),
     ),
     (
         "70-year-old man with a rough, scaly pink patch on the scalp, 5 mm in diameter, with ill-defined borders. "
         "Symmetric and homogeneous. Clinically an actinic keratosis, a premalignant lesion; no features of "
         "invasive squamous cell carcinoma.",
-        _row(age_approx=70, sex="male", anatom_site="head/neck", diagnosis="ACK", long_diam_mm=5.4,
-             symm_2axis=0.04, norm_border=1.2, norm_color=2.2),
+        _row(
+            age_approx=70,
+            sex="male",
+            anatom_site="head/neck",
+            diagnosis="ACK",
+            long_diam_mm=5.4,
+            symm_2axis=0.04,
+            norm_border=1.2,
+            norm_color=2.2,
+        ),
     ),
     (
         "A bright red to purple, well-circumscribed 2 mm papule on the chest of a 30-year-old female. Symmetric, "
         "regular borders, homogeneous colour. Cherry angioma; benign, not malignant. Melanoma was ruled out.",
-        _row(age_approx=30, sex="female", anatom_site="anterior torso", diagnosis="VASC", long_diam_mm=2.1,
-             symm_2axis=0.02, norm_border=0.3, norm_color=1.9),
+        _row(
+            age_approx=30,
+            sex="female",
+            anatom_site="anterior torso",
+            diagnosis="VASC",
+            long_diam_mm=2.1,
+            symm_2axis=0.02,
+            norm_border=0.3,
+            norm_color=1.9,
+        ),
     ),
     (
         "Stuck-on, waxy, light brown plaque on the back of a 68 year old male, 6.5 mm across, with a sharply "
         "demarcated but slightly irregular border and variegated colour. Asymmetric. Seborrheic keratosis, "
         "benign; the differential includes melanoma.",
-        _row(age_approx=70, sex="male", anatom_site="posterior torso", diagnosis="SEK", long_diam_mm=6.6,
-             symm_2axis=0.07, norm_border=1.3, norm_color=3.4),
+        _row(
+            age_approx=70,
+            sex="male",
+            anatom_site="posterior torso",
+            diagnosis="SEK",
+            long_diam_mm=6.6,
+            symm_2axis=0.07,
+            norm_border=1.3,
+            norm_color=3.4,
+        ),
     ),
     (
         "An 80-year-old male with a 9 x 6 mm keratotic nodule on the dorsum of his right hand. It is asymmetrical "
         "with irregular borders and variegated pink-red colour. Impression: invasive squamous cell carcinoma, "
         "malignant. No history of melanoma.",
-        _row(age_approx=80, sex="male", anatom_site="upper extremity", diagnosis="SCC", long_diam_mm=9.2,
-             symm_2axis=0.09, norm_border=1.9, norm_color=3.8),
+        _row(
+            age_approx=80,
+            sex="male",
+            anatom_site="upper extremity",
+            diagnosis="SCC",
+            long_diam_mm=9.2,
+            symm_2axis=0.09,
+            norm_border=1.9,
+            norm_color=3.8,
+        ),
     ),
     # What P1, P2 and P3 outputs look like.
     (
@@ -167,7 +231,8 @@ _SITE_REPLACEMENTS = {"forearm": "upper extremity", "thigh": "lower extremity", 
 _DIAGNOSIS_WORDS = {d.code: [d.name] for d in DIAGNOSES} | {
     "NEV": ["Nevus", "nevus"], "MEL": ["Melanoma, NOS", "melanoma"], "BCC": ["Basal cell carcinoma", "basal cell carcinoma"],
     "DF": ["Dermatofibroma", "dermatofibroma"], "ACK": ["Solar or actinic keratosis", "actinic keratosis"],
-    "VASC": ["Hemangioma", "angioma"], "SEK": ["Seborrheic keratosis"], "SCC": ["Squamous cell carcinoma, NOS", "squamous cell carcinoma"],
+    "VASC": ["Hemangioma", "angioma"], "SEK": ["Seborrheic keratosis"],
+    "SCC": ["Squamous cell carcinoma, NOS", "squamous cell carcinoma"],
 }  # fmt: skip
 KINDS = ("sex", "age", "site", "diagnosis", "malignancy", "symmetry", "border", "diameter", "pair")
 EXPECTED_CODE = {
@@ -215,15 +280,24 @@ def plant(note: str, row: dict, kind: str, rng: random.Random) -> str | None:
         return _swap_words(note, pattern, swap) if re.search(pattern, note, re.I) else None
     if kind == "symmetry":
         pattern = r"\ba?symmetric(?:al)?\b"
-        swap = lambda w: w[1:] if w.startswith("a") else "a" + w  # noqa: E731
+
+        def swap(w):
+            return w[1:] if w.startswith("a") else "a" + w
+
         return _swap_words(note, pattern, swap) if re.search(pattern, note, re.I) else None
     if kind == "border":
         pattern = r"\b(?:ir)?regular\b"
-        swap = lambda w: w[2:] if w.startswith("ir") else "ir" + w  # noqa: E731
+
+        def swap(w):
+            return w[2:] if w.startswith("ir") else "ir" + w
+
         return _swap_words(note, pattern, swap) if re.search(pattern, note, re.I) else None
     if kind == "diameter":
         pattern = r"\d+(?:\.\d+)?(?=\s*(?:x\s*\d+(?:\.\d+)?\s*)?mm)"
-        triple = lambda m: f"{float(m.group(0)) * 3:.1f}"  # noqa: E731
+
+        def triple(m):
+            return f"{float(m.group(0)) * 3:.1f}"
+
         return re.sub(pattern, triple, note) if re.search(pattern, note) else None
     # "pair": restate an attribute the note already states, with the opposite word.
     options = []
@@ -389,7 +463,7 @@ def test_planted_contradictions_are_caught(rows):
     assert len(planted) >= 300
     assert len({kind for kind, _, _ in planted}) == len(KINDS)
     caught = [EXPECTED_CODE[kind] in audit_note(note, row).codes for kind, note, row in planted]
-    missed = [(kind, note) for (kind, note, _), ok in zip(planted, caught) if not ok]
+    missed = [(kind, note) for (kind, note, _), ok in zip(planted, caught, strict=True) if not ok]
     assert sum(caught) / len(caught) >= 0.95, missed[:10]
     assert not missed, missed[:10]  # today every planted contradiction is caught
 
@@ -408,7 +482,12 @@ PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
         ("No evidence of malignancy.", dict(diagnosis="ACK"), {"malignancy": ("not-malignant",)}, ()),
         ("No signs of ulceration, bleeding, or malignancy.", NEV, {"malignancy": ("not-malignant",), "history": ()}, ()),
         ("Dermoscopy to rule out melanoma; clinically a benign nevus.", NEV, {"diagnoses": ("NEV",)}, ()),
-        ("Family history of melanoma. Nevus on the back.", NEV, {"diagnoses": ("NEV",), "history": ("family history of",)}, ("invented_history",)),
+        (
+            "Family history of melanoma. Nevus on the back.",
+            NEV,
+            {"diagnoses": ("NEV",), "history": ("family history of",)},
+            ("invented_history",),
+        ),
         ("Melanoma is unlikely; features of a benign nevus.", NEV, {"diagnoses": ("NEV",)}, ()),
         ("Melanoma was ruled out.", NEV, {"diagnoses": ()}, ()),
         ("Differential diagnosis includes dermatofibroma, melanoma and angioma. Final: nevus.", NEV, {"diagnoses": ("NEV",)}, ()),
@@ -423,7 +502,12 @@ PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
         ("High contrast with the surrounding skin.", PINK, {"contrasts": ("high",)}, ()),
         ("Contrast with the surrounding skin: low.", PINK, {"contrasts": ("low",)}, ("contrast_mismatch",)),
         # History, symptoms and procedures are never in the metadata; plans and negations are not history.
-        ("The lesion has been bleeding and is rapidly growing.", NEV, {"history": ("bleeding", "rapidly growing")}, ("invented_history",)),
+        (
+            "The lesion has been bleeding and is rapidly growing.",
+            NEV,
+            {"history": ("bleeding", "rapidly growing")},
+            ("invented_history",),
+        ),
         ("The patient underwent a biopsy last year.", NEV, {"history": ("underwent", "last year")}, ("invented_history",)),
         ("No itching or bleeding. Excision is recommended to confirm.", NEV, {"history": ()}, ()),
         ("Diagnosed with melanoma.", dict(diagnosis="MEL"), {"history": (), "diagnoses": ("MEL",)}, ()),
@@ -437,12 +521,24 @@ PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
         ("Benign seberrheic keratoses.", dict(diagnosis="SEK"), {"diagnoses": ("SEK",)}, ()),
         ("The lesion is not asymmetric.", NEV, {"symmetry": ("symmetric",)}, ()),
         ("The lesion is not asymmetric.", dict(NEV, symm_2axis=0.12), {}, ("symmetry_mismatch",)),
-        ("Asymmetry: symmetric\nBorder: regular\nColour variation: uniform", NEV,
-         {"symmetry": ("symmetric",), "borders": ("regular",), "colour_variation": ("uniform",)}, ()),
-        ("There is no asymmetry, border irregularity or colour variegation.", NEV,
-         {"symmetry": ("symmetric",), "borders": ("regular",), "colour_variation": ("uniform",)}, ()),
-        ("Not asymmetric, with an irregular border.", NEV, {"symmetry": ("symmetric",), "borders": ("irregular",)},
-         ("border_mismatch",)),
+        (
+            "Asymmetry: symmetric\nBorder: regular\nColour variation: uniform",
+            NEV,
+            {"symmetry": ("symmetric",), "borders": ("regular",), "colour_variation": ("uniform",)},
+            (),
+        ),
+        (
+            "There is no asymmetry, border irregularity or colour variegation.",
+            NEV,
+            {"symmetry": ("symmetric",), "borders": ("regular",), "colour_variation": ("uniform",)},
+            (),
+        ),
+        (
+            "Not asymmetric, with an irregular border.",
+            NEV,
+            {"symmetry": ("symmetric",), "borders": ("irregular",)},
+            ("border_mismatch",),
+        ),
         ("Lack of symmetry is noted.", NEV, {"symmetry": ("asymmetric",)}, ("symmetry_mismatch",)),
         ("Regular follow-up in a small number of cases.", NEV, {"borders": (), "size_words": ()}, ()),
         ("Non-uniform pigmentation.", NEV, {"colour_variation": ("variegated",)}, ("colour_variation_mismatch",)),
@@ -451,22 +547,47 @@ PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
         ("Malignant lesion.", dict(diagnosis="ACK"), {}, ("malignancy_mismatch",)),
         ("A woman in her 40s.", dict(age_approx=45, sex="female"), {"ages": ((40.0, 49.0),)}, ()),
         ("A woman in her 40s.", dict(age_approx=70, sex="female"), {}, ("age_mismatch",)),
-        ("On the other hand, the lesion on the back of his hand is small.", dict(anatom_site="upper extremity"),
-         {"sexes": ("male",)}, ()),
-        ("Area 12.5 mm², Diameter: small (under 3 mm).", dict(long_diam_mm=2.4),
-         {"diameters_mm": (), "diameter_bounds_mm": ((0.0, 3.0),), "size_words": ("small",)}, ()),
-        ("Diameter: medium (between 3 and 6 mm).", dict(long_diam_mm=4.0),
-         {"diameters_mm": (), "diameter_bounds_mm": ((3.0, 6.0),), "size_words": ("medium",)}, ()),
+        (
+            "On the other hand, the lesion on the back of his hand is small.",
+            dict(anatom_site="upper extremity"),
+            {"sexes": ("male",)},
+            (),
+        ),
+        (
+            "Area 12.5 mm², Diameter: small (under 3 mm).",
+            dict(long_diam_mm=2.4),
+            {"diameters_mm": (), "diameter_bounds_mm": ((0.0, 3.0),), "size_words": ("small",)},
+            (),
+        ),
+        (
+            "Diameter: medium (between 3 and 6 mm).",
+            dict(long_diam_mm=4.0),
+            {"diameters_mm": (), "diameter_bounds_mm": ((3.0, 6.0),), "size_words": ("medium",)},
+            (),
+        ),
         ("Larger than 18 mm.", dict(long_diam_mm=7.0), {"diameter_bounds_mm": ((18.0, float("inf")),)}, ("size_mismatch",)),
         ("Measuring 2-3 mm.", dict(long_diam_mm=7.0), {"diameter_bounds_mm": ((2.0, 3.0),)}, ("size_mismatch",)),
         ("A 4 mm lesion with 2 mm margins, 0.4 mm thick.", dict(long_diam_mm=4.1), {"diameters_mm": (4.0,)}, ()),
         ("A large lesion.", dict(long_diam_mm=2.0), {}, ("size_mismatch",)),
         ("Measures 0.5 cm.", dict(long_diam_mm=5.2), {"diameters_mm": (5.0,)}, ()),
-        ("Symmetric lesion. It is asymmetric on the left.", NEV, {"contradictions": ("symmetric/asymmetric",)},
-         ("symmetry_mismatch", "self_contradiction")),
-        ("Benign features; however, it is malignant.", NEV, {"contradictions": ("benign/malignant",)},
-         ("malignancy_mismatch", "self_contradiction")),
-        ("Well-defined and ill-defined borders.", NEV, {"contradictions": ("well-defined/ill-defined",)}, ("self_contradiction",)),
+        (
+            "Symmetric lesion. It is asymmetric on the left.",
+            NEV,
+            {"contradictions": ("symmetric/asymmetric",)},
+            ("symmetry_mismatch", "self_contradiction"),
+        ),
+        (
+            "Benign features; however, it is malignant.",
+            NEV,
+            {"contradictions": ("benign/malignant",)},
+            ("malignancy_mismatch", "self_contradiction"),
+        ),
+        (
+            "Well-defined and ill-defined borders.",
+            NEV,
+            {"contradictions": ("well-defined/ill-defined",)},
+            ("self_contradiction",),
+        ),
         ("Lesion on the left shin.", dict(anatom_site="upper extremity"), {}, ("site_mismatch",)),
         ("The lesion came back after cryotherapy.", dict(anatom_site="upper extremity"), {"sites": ()}, ()),
         ("Seborrheic keratosis.", dict(diagnosis="BKL"), {"diagnoses": ("SEK",)}, ()),
@@ -513,4 +634,6 @@ def test_the_lexicon_names_only_sites_codes_and_words_that_exist():
     with pytest.raises(ValueError, match="huge"):  # size words are the size categories of prompts.py
         _compile_terms([Fact("size_word", (Words("huge", (r"huge",)),))], ())
     with pytest.raises(ValueError, match="asymmetric"):
-        _compile_terms([Fact("symmetry", (Words("symmetric", (r"symmetric",)),), contradictions=(("symmetric", "asymmetric"),))], ())
+        _compile_terms(
+            [Fact("symmetry", (Words("symmetric", (r"symmetric",)),), contradictions=(("symmetric", "asymmetric"),))], ()
+        )

@@ -61,7 +61,9 @@ def test_vllm_notes_for_2000_lesions_written_to_s3(ingested_on_s3, s3_options):
 def test_rerun_with_another_plan_is_refused(ingested_on_s3, s3_options, tmp_path):
     notes.run(_config(s3_options, "notes.strategy=M", f"notes.input={LESIONS}", f"notes.output={tmp_path}/x", "notes.limit=10"))
     with pytest.raises(ValueError, match="another plan"):
-        notes.run(_config(s3_options, "notes.strategy=M", f"notes.input={LESIONS}", f"notes.output={tmp_path}/x", "notes.limit=20"))
+        notes.run(
+            _config(s3_options, "notes.strategy=M", f"notes.input={LESIONS}", f"notes.output={tmp_path}/x", "notes.limit=20")
+        )
 
 
 def test_one_bad_row_does_not_fail_the_batch(ingested_on_s3, s3_options):
@@ -104,7 +106,16 @@ def test_killed_driver_resumes_exactly_once(ingested_on_s3, s3_options, ray_clus
     before = _settled(out)  # Ray stops the dead driver's engine actor; it may finish one more shard first
     assert 3 <= len(before) < 15, "the kill must land mid-run"
 
-    summary = notes.run(_config(s3_options, "notes.strategy=P2", f"notes.input={LESIONS}", f"notes.output={out}", "notes.limit=600", "notes.shard_size=40"))
+    summary = notes.run(
+        _config(
+            s3_options,
+            "notes.strategy=P2",
+            f"notes.input={LESIONS}",
+            f"notes.output={out}",
+            "notes.limit=600",
+            "notes.shard_size=40",
+        )
+    )
     after = _shards(out)
     assert len(after) == 15 and summary["shards_written_now"] == 15 - len(before)
     assert all(after[name] == mtime for name, mtime in before.items())  # finished work was not redone
@@ -123,7 +134,11 @@ def test_killed_engine_actor_loses_nothing(ingested_on_s3, s3_options, ray_clust
         # Find the engine actor first (the state API is slow), then kill it the moment a shard lands.
         deadline, pids = time.time() + 240, []
         while not pids and time.time() < deadline:
-            pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True) if "ShardWriter" in a.class_name and a.pid]
+            pids = [
+                a.pid
+                for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+                if "ShardWriter" in a.class_name and a.pid
+            ]
             time.sleep(0.2)
         while not _shards(out) and time.time() < deadline:
             time.sleep(0.05)
@@ -133,7 +148,16 @@ def test_killed_engine_actor_loses_nothing(ingested_on_s3, s3_options, ray_clust
 
     killer = threading.Thread(target=kill_engine_after_first_shard, daemon=True)
     killer.start()
-    summary = notes.run(_config(s3_options, "notes.strategy=P2", f"notes.input={LESIONS}", f"notes.output={out}", "notes.limit=400", "notes.shard_size=40"))
+    summary = notes.run(
+        _config(
+            s3_options,
+            "notes.strategy=P2",
+            f"notes.input={LESIONS}",
+            f"notes.output={out}",
+            "notes.limit=400",
+            "notes.shard_size=40",
+        )
+    )
     killer.join(timeout=10)
     assert killed, "no engine actor was found to kill"
     assert summary["notes"] == 400 and summary["errors"] == 0
@@ -141,15 +165,23 @@ def test_killed_engine_actor_loses_nothing(ingested_on_s3, s3_options, ray_clust
 
 
 def test_label_free_notes_by_the_model_for_a_count_templates_for_the_rest(ingested_on_s3, s3_options, tmp_path):
-    cfg = _config(s3_options, "notes.strategy=LF", "notes.model_lesions=30", "notes.limit=200",
-                  f"notes.input={LESIONS}", f"notes.output={tmp_path}/lf")
+    cfg = _config(
+        s3_options,
+        "notes.strategy=LF",
+        "notes.model_lesions=30",
+        "notes.limit=200",
+        f"notes.input={LESIONS}",
+        f"notes.output={tmp_path}/lf",
+    )
     summary = notes.run(cfg)
     written = read_parquet(str(tmp_path / "lf")).to_pandas()
     lesions = read_parquet(LESIONS, s3_options, columns=["lesion_id", "split"]).to_pandas().set_index("lesion_id")
     by_model = written[written.model_id != "template"]
     assert summary["lesions"] == 200 == summary["notes"] + summary["errors"]
     assert len(by_model) == 30 and summary["notes_by_model"] + summary["notes_by_template"] == summary["notes"]
-    assert (by_model.prompt_id == "LF+demo+attr").all() and (written[written.model_id == "template"].prompt_id == "M+demo+attr").all()
+    assert (by_model.prompt_id == "LF+demo+attr").all() and (
+        written[written.model_id == "template"].prompt_id == "M+demo+attr"
+    ).all()
     # The test split is written by the model first (the classifier is evaluated there).
     tests = lesions.loc[written.lesion_id].split.eq("test").to_numpy()
     assert tests[written.model_id.ne("template").to_numpy()].all() or tests.sum() < 30
@@ -174,7 +206,9 @@ def test_a_note_without_text_is_an_error_row_with_its_reason():
     from dermaray.notes.engine import note_or_error
 
     def completion(text, tokens, reason="stop"):
-        return CompletionOutput(index=0, text=text, token_ids=tokens, cumulative_logprob=None, logprobs=None, finish_reason=reason)
+        return CompletionOutput(
+            index=0, text=text, token_ids=tokens, cumulative_logprob=None, logprobs=None, finish_reason=reason
+        )
 
     assert note_or_error(completion("", [])) == (None, "no_text: the model ended the note before its first token")
     assert note_or_error(completion(" \n\t ", [220, 198, 197]))[1].startswith("empty_note: 3 tokens")
@@ -182,6 +216,15 @@ def test_a_note_without_text_is_an_error_row_with_its_reason():
 
 
 def test_a_run_without_lesions_for_the_model_starts_no_engine(ingested_on_s3, s3_options, tmp_path):
-    summary = notes.run(_config(s3_options, "notes.strategy=LF", "notes.model_lesions=0", "notes.limit=20",
-                                "models.note_writer=/nonexistent/model", f"notes.input={LESIONS}", f"notes.output={tmp_path}/none"))
+    summary = notes.run(
+        _config(
+            s3_options,
+            "notes.strategy=LF",
+            "notes.model_lesions=0",
+            "notes.limit=20",
+            "models.note_writer=/nonexistent/model",
+            f"notes.input={LESIONS}",
+            f"notes.output={tmp_path}/none",
+        )
+    )
     assert summary["notes_by_model"] == 0 and summary["notes_by_template"] == 20 and summary["dtype"] is None

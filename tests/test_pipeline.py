@@ -13,11 +13,24 @@ def test_pipeline_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths, as in `make run`: workers must not depend on the directory
     cfg = load_config(
         config,
-        ["pipeline.workdir=out", f"models.cache_dir={cache}", "synth.n_lesions=240", "pipeline.shifted_lesions=40", "notes.strategy=M",
-         "grounding.train.epochs=2", "classifier.train.epochs=1", "models.text_encoder=tiny",
-         "grounding.train.cpus_per_worker=1", "classifier.train.cpus_per_worker=1",
-         "diffusion.pretrain.steps=2", "diffusion.limit=64", "diffusion.train.epochs=1", "diffusion.train.cpus_per_worker=1",
-         "diffusion_eval.images_per_class=2", "diffusion_eval.steps=2"],
+        [
+            "pipeline.workdir=out",
+            f"models.cache_dir={cache}",
+            "synth.n_lesions=240",
+            "pipeline.shifted_lesions=40",
+            "notes.strategy=M",
+            "grounding.train.epochs=2",
+            "classifier.train.epochs=1",
+            "models.text_encoder=tiny",
+            "grounding.train.cpus_per_worker=1",
+            "classifier.train.cpus_per_worker=1",
+            "diffusion.pretrain.steps=2",
+            "diffusion.limit=64",
+            "diffusion.train.epochs=1",
+            "diffusion.train.cpus_per_worker=1",
+            "diffusion_eval.images_per_class=2",
+            "diffusion_eval.steps=2",
+        ],
     )
     results = pipeline.run(cfg)
     tmp_path = tmp_path / "out"

@@ -47,13 +47,29 @@ def test_ham10000(ray_cluster, tmp_path):
     assert pd.isna(lesions.loc["ISIC_0031633", "sex"]) and pd.isna(lesions.loc["ISIC_0031633", "anatom_site"])
     # Two images of one lesion share a split (the lesion stands in for the patient).
     assert lesions.loc["ISIC_0027419", "split"] == lesions.loc["ISIC_0025030", "split"]
-    assert quarantine.reason.to_dict() == {"ISIC_0029176": "invalid_value", "ISIC_0025837": "invalid_value", "ISIC_0025276": "image_missing"}
+    assert quarantine.reason.to_dict() == {
+        "ISIC_0029176": "invalid_value",
+        "ISIC_0025837": "invalid_value",
+        "ISIC_0025276": "image_missing",
+    }
 
 
 def test_pad_ufes_20(ray_cluster, tmp_path):
     root = tmp_path / "pad"
     (root / "images").mkdir(parents=True)
-    header = ["patient_id", "lesion_id", "smoke", "age", "gender", "region", "diameter_1", "diameter_2", "diagnostic", "img_id", "biopsed"]
+    header = [
+        "patient_id",
+        "lesion_id",
+        "smoke",
+        "age",
+        "gender",
+        "region",
+        "diameter_1",
+        "diameter_2",
+        "diagnostic",
+        "img_id",
+        "biopsed",
+    ]
     rows = [
         ["PAT_1516", "1765", "False", "8", "FEMALE", "ARM", "6.0", "5.0", "NEV", "PAT_1516_1765_530.png", "False"],
         ["PAT_46", "881", "False", "55", "MALE", "NECK", "", "", "BCC", "PAT_46_881_939.png", "True"],
@@ -69,7 +85,12 @@ def test_pad_ufes_20(ray_cluster, tmp_path):
     assert list(lesions.index) == ["PAT_1516_1765_530.png", "PAT_46_881_939.png"]
     nev = lesions.loc["PAT_1516_1765_530.png"]
     assert (nev.diagnosis, nev.sex, nev.anatom_site, nev.long_diam_mm, nev.minor_axis_mm, nev.image_format) == (
-        "NEV", "female", "upper extremity", 6.0, 5.0, "PNG"
+        "NEV",
+        "female",
+        "upper extremity",
+        6.0,
+        5.0,
+        "PNG",
     )
     assert sorted(quarantine.reason) == ["duplicate_id", "invalid_value", "not_an_image"]
 

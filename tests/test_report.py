@@ -58,11 +58,19 @@ def small_run(ray_cluster, tmp_path_factory):
     """240 lesions through every stage up to the grounding evaluation; the classifier and diffusion not run."""
     root = tmp_path_factory.mktemp("run")
     cache = Path(".cache/models").resolve()
-    cfg = load_config(Path("configs/local.yaml").resolve(), [
-        f"pipeline.workdir={root}", f"models.cache_dir={cache}", "synth.n_lesions=240", "pipeline.shifted_lesions=0",
-        "notes.strategy=M", f"grounding.train.epochs={EPOCHS}", "grounding.train.cpus_per_worker=1",
-        "pipeline.stages=[synth,ingest,notes,grounding,embeddings,grounding_eval,report]",
-    ])
+    cfg = load_config(
+        Path("configs/local.yaml").resolve(),
+        [
+            f"pipeline.workdir={root}",
+            f"models.cache_dir={cache}",
+            "synth.n_lesions=240",
+            "pipeline.shifted_lesions=0",
+            "notes.strategy=M",
+            f"grounding.train.epochs={EPOCHS}",
+            "grounding.train.cpus_per_worker=1",
+            "pipeline.stages=[synth,ingest,notes,grounding,embeddings,grounding_eval,report]",
+        ],
+    )
     results = pipeline.run(cfg)
     return root, results, (root / "reports" / "report.html").read_text()
 
@@ -88,8 +96,16 @@ def test_sections_hold_the_runs_figures(small_run):
         assert f">{value:,}<" in parts["run"]
     assert "decompression_bomb" in parts["run"]
     seconds = json.loads((root / "pipeline_summary.json").read_text())["stage_seconds"]
-    assert set(seconds) == {"ray start", "synth/clinic", "ingest/clinic", "notes/clinic", "grounding", "embeddings",
-                            "grounding_eval", "report"}
+    assert set(seconds) == {
+        "ray start",
+        "synth/clinic",
+        "ingest/clinic",
+        "notes/clinic",
+        "grounding",
+        "embeddings",
+        "grounding_eval",
+        "report",
+    }
     assert all(stage in parts["run"] for stage in seconds if stage != "report")  # the report times itself after writing
     assert "0.0%" in parts["notes"] and "Sample notes" in parts["notes"]  # template notes audit clean
     # Grounding: the eval table from its JSON, and training curves with one point per epoch.
@@ -141,7 +157,13 @@ def test_report_reads_a_workdir_on_s3(small_run, s3_options, tmp_path):
     cfg = load_config(None, ["report.workdir=s3://dermaray/reportrun", "report.output=s3://dermaray/reportrun/reports/r.html"])
     cfg.storage_options = s3_options
     summary = report.run(cfg)
-    assert summary["sections"] == {"run": True, "notes": True, "grounding": True, "retrieval": True, "classifier": False,
-                                   "diffusion": False}
+    assert summary["sections"] == {
+        "run": True,
+        "notes": True,
+        "grounding": True,
+        "retrieval": True,
+        "classifier": False,
+        "diffusion": False,
+    }
     parts = sections_of(fs.cat_file("dermaray/reportrun/reports/r.html").decode())
     assert parts["retrieval"].count("<img") == 4 * (1 + 2 * 5) and "not run" in parts["classifier"]

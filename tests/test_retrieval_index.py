@@ -29,7 +29,7 @@ def _exact_top(vectors, queries, k):
 
 
 def _recall(rows, truth):
-    return np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(rows.tolist(), truth.tolist())])
+    return np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(rows.tolist(), truth.tolist(), strict=True)])
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_search_ids_returns_lesion_ids_with_their_scores(small):
     scores, rows = index.search(queries, k=3)
     hits = index.search_ids(queries, k=3)
     assert len(hits) == 20 and all(len(h) == 3 for h in hits)
-    assert hits[0] == [(f"ISIC_{r:07d}", pytest.approx(float(s))) for r, s in zip(rows[0], scores[0])]
+    assert hits[0] == [(f"ISIC_{r:07d}", pytest.approx(float(s))) for r, s in zip(rows[0], scores[0], strict=True)]
     assert index.search_ids(vectors[7], k=1)[0][0] == ("ISIC_0000007", pytest.approx(1.0))
 
 
@@ -113,7 +113,7 @@ def test_local_round_trip_gives_identical_results(tmp_path, clustered, kind):
 
     loaded = VectorIndex.load(str(tmp_path / "index"))
     assert loaded.meta == index.meta and loaded.meta["model"] == "tiny-clip@v1" and loaded.ids == index.ids
-    for got, expected in zip(loaded.search(queries, 10), index.search(queries, 10)):
+    for got, expected in zip(loaded.search(queries, 10), index.search(queries, 10), strict=True):
         np.testing.assert_array_equal(got, expected)
 
 
@@ -129,7 +129,7 @@ def test_s3_round_trip_gives_identical_results_and_overwrites(s3_options, small,
     loaded = VectorIndex.load(uri, s3_options)
     assert loaded.meta == index.meta and loaded.ids == index.ids
     assert loaded.search_ids(queries, 5) == index.search_ids(queries, 5)
-    for got, expected in zip(loaded.search(queries, 5), index.search(queries, 5)):
+    for got, expected in zip(loaded.search(queries, 5), index.search(queries, 5), strict=True):
         np.testing.assert_array_equal(got, expected)
 
 

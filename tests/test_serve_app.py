@@ -46,7 +46,9 @@ def test_search_by_image_finds_the_same_lesion_first(client, gallery) -> None:
     results = body["results"]
     assert len(results) == 4 and results[0]["lesion_id"] == lesion["lesion_id"] and results[0]["score"] > 0.999
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
-    assert results[0]["diagnosis"] == lesion["diagnosis"] and results[0]["attributes"]["area_mm2"] == pytest.approx(lesion["area_mm2"], rel=1e-3)
+    assert results[0]["diagnosis"] == lesion["diagnosis"] and results[0]["attributes"]["area_mm2"] == pytest.approx(
+        lesion["area_mm2"], rel=1e-3
+    )
     thumbnail = Image.open(io.BytesIO(base64.b64decode(results[0]["thumbnail"].split(",", 1)[1])))
     assert thumbnail.format == "JPEG" and max(thumbnail.size) <= 96
     assert set(body["query"]["attributes"]) == set(GROUNDED)
@@ -139,7 +141,9 @@ def test_chain_goes_from_upload_to_references_in_one_request(client, gallery) ->
     body = response.json()
     code = body["query"]["diagnosis"]["code"]
     assert body["diagnosis"] == {"code": code, "name": body["query"]["diagnosis"]["name"], "source": "classifier"}
-    assert [r["lesion_id"] for r in body["similar"]][0] == gallery[4]["lesion_id"] and all("thumbnail" in r for r in body["similar"])
+    assert [r["lesion_id"] for r in body["similar"]][0] == gallery[4]["lesion_id"] and all(
+        "thumbnail" in r for r in body["similar"]
+    )
     assert body["generated"]["diagnosis"] == code and len(body["generated"]["images"]) == 2
     assert body["generated"]["adapter"] == ("per_diagnosis" if code == PER_DIAGNOSIS else "shared")
 
@@ -148,8 +152,12 @@ def _png_declaring(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_bad_uploads_and_limits_get_clear_4xx(client, gallery) -> None:
@@ -179,7 +187,9 @@ def test_api_key_is_required_when_configured(served_app, gallery) -> None:
 
 def test_openapi_documents_every_endpoint(client) -> None:
     spec = client.get("/openapi.json").json()
-    assert {"/search", "/search/attribute", "/search/text", "/predict", "/lesions/{lesion_id}", "/generate", "/chain"} <= set(spec["paths"])
+    assert {"/search", "/search/attribute", "/search/text", "/predict", "/lesions/{lesion_id}", "/generate", "/chain"} <= set(
+        spec["paths"]
+    )
     assert "APIKeyHeader" in spec["components"]["securitySchemes"]
     assert client.get("/docs").status_code == 200
 
@@ -204,7 +214,9 @@ def test_note_text_and_attribute_values_stay_out_of_the_logs(client, gallery, ra
     logs = Path(ray_cluster._private.worker._global_node.get_logs_dir_path())
     deadline = time.time() + 30
     while True:  # access lines reach the files asynchronously
-        text = "\n".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err"))
+        text = "\n".join(
+            p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")
+        )
         if text.count("/search/text") >= 3 or time.time() > deadline:
             break
         time.sleep(1)
@@ -228,9 +240,18 @@ def test_retriever_loads_every_artifact_from_s3(served_app, s3_options, gallery)
     for name in ("grounding", "index", "embeddings", "lesions", "classifier"):
         fs.put(str(served_app.root / name), f"dermaray/serve/{name}", recursive=True)
     local = load_config(None, served_app.overrides).serve
-    settings = local.model_copy(update={name: f"s3://dermaray/serve/{folder}" for name, folder in (
-        ("grounding_model", "grounding"), ("index", "index"), ("embeddings", "embeddings"), ("lesions", "lesions"),
-        ("classifier", "classifier"))})
+    settings = local.model_copy(
+        update={
+            name: f"s3://dermaray/serve/{folder}"
+            for name, folder in (
+                ("grounding_model", "grounding"),
+                ("index", "index"),
+                ("embeddings", "embeddings"),
+                ("lesions", "lesions"),
+                ("classifier", "classifier"),
+            )
+        }
+    )
     retriever = Retriever(settings, load_config(None, served_app.overrides).models, s3_options)
     found = retriever.search_image(gallery[7]["image_bytes"], k=3)
     assert found["results"][0]["lesion_id"] == gallery[7]["lesion_id"] and retriever.text_index is not None

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
-                                reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+pytestmark = pytest.mark.skipif(
+    not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
 
 
 @pytest.fixture
@@ -25,9 +27,19 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -37,7 +49,8 @@ def browser(tmp_path):
 
 def _loaded_images(driver, selector: str) -> int:
     return driver.execute_script(
-        "return [...document.querySelectorAll(arguments[0])].filter(i => i.complete && i.naturalWidth > 0).length", selector)
+        "return [...document.querySelectorAll(arguments[0])].filter(i => i.complete && i.naturalWidth > 0).length", selector
+    )
 
 
 def test_upload_shows_attributes_similar_lesions_and_references(browser, served_app, tmp_path) -> None:
@@ -60,8 +73,14 @@ def test_upload_shows_attributes_similar_lesions_and_references(browser, served_
     status = browser.find_element(By.ID, "status")
     assert status.text.startswith("done"), status.text
 
-    wait.until(lambda d: _loaded_images(d, "#similar img.similar-thumb") == 5 and _loaded_images(d, "#generated img.generated-image") == 2)
-    attributes = {row.find_elements(By.TAG_NAME, "td")[0].text for row in browser.find_elements(By.CSS_SELECTOR, "#attributes tr.attribute")}
+    wait.until(
+        lambda d: (
+            _loaded_images(d, "#similar img.similar-thumb") == 5 and _loaded_images(d, "#generated img.generated-image") == 2
+        )
+    )
+    attributes = {
+        row.find_elements(By.TAG_NAME, "td")[0].text for row in browser.find_elements(By.CSS_SELECTOR, "#attributes tr.attribute")
+    }
     assert attributes == {"area_mm2", "eccentricity", "color_std_mean"}
     assert "p = " in browser.find_element(By.ID, "diagnosis").text
     captions = [f.text for f in browser.find_elements(By.CSS_SELECTOR, "#similar figure")]

@@ -110,8 +110,12 @@ def test_the_app_refuses_to_start_without_a_key(served_app, monkeypatch) -> None
     monkeypatch.delenv("DERMARAY_API_KEY", raising=False)
     try:
         with pytest.raises(Exception, match="Deploying application nokey failed"):
-            _small_app(served_app, "nokey", ["serve.diffusion=null", "serve.classifier=null"],
-                       {"Retrieval": {"ray_actor_options": {"num_cpus": 0.05}}, "Ingress": {"ray_actor_options": {"num_cpus": 0.05}}})
+            _small_app(
+                served_app,
+                "nokey",
+                ["serve.diffusion=null", "serve.classifier=null"],
+                {"Retrieval": {"ray_actor_options": {"num_cpus": 0.05}}, "Ingress": {"ray_actor_options": {"num_cpus": 0.05}}},
+            )
         ingress = serve.status().applications["nokey"].deployments["Ingress"]
         assert ingress.status == "DEPLOY_FAILED" and "refuses to start: no API key" in ingress.message, ingress.message[-2000:]
         assert "DERMARAY_API_KEY" in ingress.message and "serve.api_key_file" in ingress.message
@@ -126,11 +130,17 @@ def test_an_unschedulable_generation_answers_503_with_the_reason_at_once(served_
     from ray import serve
 
     small = {"ray_actor_options": {"num_cpus": 0.05}}
-    unschedulable = {"ray_actor_options": {"num_cpus": 2},
-                     "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "target_ongoing_requests": 1}}
+    unschedulable = {
+        "ray_actor_options": {"num_cpus": 2},
+        "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "target_ongoing_requests": 1},
+    }
     try:
-        _small_app(served_app, "tight", ["serve.allow_anonymous=true", "serve.generation_timeout_s=120"],
-                   {"Retrieval": small, "Ingress": small, "Generation": unschedulable})
+        _small_app(
+            served_app,
+            "tight",
+            ["serve.allow_anonymous=true", "serve.generation_timeout_s=120"],
+            {"Retrieval": small, "Ingress": small, "Generation": unschedulable},
+        )
         with httpx.Client(base_url=f"{served_app.url}/tight", timeout=150) as client:
             started = time.perf_counter()
             response = client.post("/generate", json={"diagnosis": "MEL", "count": 1})
@@ -167,8 +177,11 @@ def test_generation_with_a_base_of_its_own_reads_only_the_adapters(served_app, s
     for part in ("adapter", "adapters"):  # no base/ on the store
         fs.put(str(local / part), f"dermaray/served-adapters/{part}", recursive=True)
     fs.pipe("dermaray/served-adapters/runs/checkpoint/huge.bin", b"0" * 1024)  # training runs: never fetched
-    cfg = load_config(None, [o for o in served_app.overrides if not o.startswith("serve.diffusion")]
-                      + ["serve.diffusion=s3://dermaray/served-adapters", f"models.diffusion_base={local / 'base'}"])
+    cfg = load_config(
+        None,
+        [o for o in served_app.overrides if not o.startswith("serve.diffusion")]
+        + ["serve.diffusion=s3://dermaray/served-adapters", f"models.diffusion_base={local / 'base'}"],
+    )
     cfg.storage_options = s3_options
 
     @ray_cluster.remote(num_cpus=0)

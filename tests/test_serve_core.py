@@ -37,6 +37,7 @@ def encoded(fmt: str, size: tuple[int, int] = (32, 24)) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width x height pixels in a few hundred bytes (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -148,8 +149,14 @@ def test_body_limit_refuses_declared_and_streamed_oversize_bodies() -> None:
 
 def _gallery() -> Gallery:
     ids = ["L3", "L1", "L2"]
-    lesions = pa.table({"lesion_id": ["L1", "L2", "L3"], "diagnosis": ["MEL", "NEV", None],
-                        **{a: [1.0, 2.0, None] for a in ATTRIBUTE_NAMES}, "image_bytes": [encoded("JPEG", (64, 48))] * 3})
+    lesions = pa.table(
+        {
+            "lesion_id": ["L1", "L2", "L3"],
+            "diagnosis": ["MEL", "NEV", None],
+            **{a: [1.0, 2.0, None] for a in ATTRIBUTE_NAMES},
+            "image_bytes": [encoded("JPEG", (64, 48))] * 3,
+        }
+    )
     embeddings = pa.table({"lesion_id": ["L2", "L3", "L1"], "predicted_area_mm2": [5.0, 9.0, 1.0]})
     return Gallery.build(ids, lesions, embeddings, ["area_mm2", "eccentricity"], thumbnail_px=16)
 
@@ -199,7 +206,11 @@ def test_serve_config_file_is_valid_and_names_the_app_deployments() -> None:
     from serve.app import build_app
 
     text = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(text) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(text)
+    schema = (
+        ServeDeploySchema.model_validate(text)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(text)
+    )
     [app] = schema.applications
     deployments = {d.name: d for d in app.deployments}
     assert deployments["Generation"].autoscaling_config["min_replicas"] == 0

@@ -12,10 +12,15 @@ from dermaray.storage import arrow_filesystem, read_bytes, with_secrets, write_b
 SECRET = "secret-from-file-Jx81"
 
 
-@pytest.mark.parametrize("override", [
-    "storage_options.secret=abc", "storage_options.key=abc", "storage_options.client_kwargs.aws_secret_access_key=abc",
-    "models.store_options.token=abc",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "storage_options.secret=abc",
+        "storage_options.key=abc",
+        "storage_options.client_kwargs.aws_secret_access_key=abc",
+        "models.store_options.token=abc",
+    ],
+)
 def test_a_credential_in_the_config_is_refused_with_where_it_goes(override):
     with pytest.raises(ValueError, match="credentials do not go in a config.*secrets_file"):
         load_config(None, [override])
@@ -24,8 +29,11 @@ def test_a_credential_in_the_config_is_refused_with_where_it_goes(override):
 def test_secrets_file_options_are_read_where_the_filesystem_is_made(tmp_path):
     secrets = tmp_path / "s3.yaml"
     secrets.write_text(f"key: k\nsecret: {SECRET}\n")
-    assert with_secrets({"endpoint_url": "http://x", "secrets_file": str(secrets)}) == {"endpoint_url": "http://x", "key": "k",
-                                                                                       "secret": SECRET}
+    assert with_secrets({"endpoint_url": "http://x", "secrets_file": str(secrets)}) == {
+        "endpoint_url": "http://x",
+        "key": "k",
+        "secret": SECRET,
+    }
     with pytest.raises(FileNotFoundError, match="secrets_file .* cannot be read on this node"):
         with_secrets({"secrets_file": str(tmp_path / "absent.yaml")})
 

@@ -51,7 +51,9 @@ def test_declared_size_limit_is_configurable():
         inspect_image(_jpeg((200, 200)), max_pixels=100 * 100, max_bytes=1 << 20)
 
 
-@pytest.mark.parametrize("value, reason", [("NaN", "invalid_value"), ("-3.2", "invalid_value"), ("big", "invalid_value"), ("", "missing_value")])
+@pytest.mark.parametrize(
+    "value, reason", [("NaN", "invalid_value"), ("-3.2", "invalid_value"), ("big", "invalid_value"), ("", "missing_value")]
+)
 def test_required_attribute_rejections(value, reason):
     with pytest.raises(RowRejected) as caught:
         parse_attribute("area_mm2", value, required=True)

@@ -33,9 +33,16 @@ from dermaray.storage import is_remote
 # vCPUs, GPUs, GiB of RAM of the instance types this project's cluster.yaml uses (AWS's published
 # figures); another type must declare CPU and GPU in its node type's `resources`.
 INSTANCE_TYPES: dict[str, tuple[int, int, int]] = {
-    "m6i.2xlarge": (8, 0, 32), "m6i.4xlarge": (16, 0, 64), "m6i.8xlarge": (32, 0, 128), "m6i.16xlarge": (64, 0, 256),
-    "g5.xlarge": (4, 1, 16), "g5.12xlarge": (48, 4, 192), "g6e.xlarge": (4, 1, 32), "g6e.12xlarge": (48, 4, 384),
-    "p4d.24xlarge": (96, 8, 1152), "p5.48xlarge": (192, 8, 2048),
+    "m6i.2xlarge": (8, 0, 32),
+    "m6i.4xlarge": (16, 0, 64),
+    "m6i.8xlarge": (32, 0, 128),
+    "m6i.16xlarge": (64, 0, 256),
+    "g5.xlarge": (4, 1, 16),
+    "g5.12xlarge": (48, 4, 192),
+    "g6e.xlarge": (4, 1, 32),
+    "g6e.12xlarge": (48, 4, 384),
+    "p4d.24xlarge": (96, 8, 1152),
+    "p5.48xlarge": (192, 8, 2048),
 }
 # Ray's `memory` resource on a node: what is left after the object store (30% of RAM by default).
 MEMORY_FRACTION = 0.7
@@ -45,8 +52,15 @@ DEFAULT_SERVE_CPUS = 1.0  # a Serve replica's num_cpus when ray_actor_options do
 # Free-text string settings that name no location; every other string setting (outside the
 # sections below) is a location and must be on object storage on a cluster. A new string setting
 # that is not a location belongs here, or the check on configs/cluster.yaml says so.
-NOT_LOCATIONS = {"ray.address", "notes.dtype", "grounding.run_name", "classifier.run_name", "diffusion.run_name",
-                 "serve.api_key", "serve.api_key_env"}
+NOT_LOCATIONS = {
+    "ray.address",
+    "notes.dtype",
+    "grounding.run_name",
+    "classifier.run_name",
+    "diffusion.run_name",
+    "serve.api_key",
+    "serve.api_key_env",
+}
 # Per node by design: each node keeps its own model cache and reads its own secret file.
 NODE_LOCAL = {"models.cache_dir", "serve.api_key_file"}
 SKIPPED_SECTIONS = {"storage_options", "notes.engine_env", "notes.engine_kwargs"}
@@ -91,9 +105,13 @@ def node_types(cluster: dict[str, Any]) -> tuple[list[NodeType], list[Problem]]:
             cpus, gpus, gib = INSTANCE_TYPES[instance]
             capacity = {"CPU": cpus, "GPU": gpus, "memory": MEMORY_FRACTION * gib * GIB}
         elif "CPU" not in declared:
-            problems.append(Problem(f"cluster.yaml available_node_types.{name}",
-                                    f"instance type {instance!r} is not one this check knows: declare its CPU and GPU "
-                                    f"in `resources` (e.g. {{CPU: 8, GPU: 1}})"))
+            problems.append(
+                Problem(
+                    f"cluster.yaml available_node_types.{name}",
+                    f"instance type {instance!r} is not one this check knows: declare its CPU and GPU "
+                    f"in `resources` (e.g. {{CPU: 8, GPU: 1}})",
+                )
+            )
         capacity.update(declared)
         workers = min(int(spec.get("max_workers", cluster_max)), cluster_max)
         types.append(NodeType(name, capacity, workers + (1 if name == head else 0)))
@@ -106,9 +124,20 @@ def asks(cfg: DermarayConfig, serve_config: dict[str, Any] | None) -> list[Ask]:
     """Everything the jobs and the Serve app ask the cluster for."""
     n, e = cfg.notes, cfg.embeddings
     out = [
-        Ask("notes", "vLLM engine actor", {"CPU": n.num_cpus, "GPU": n.num_gpus, **n.resources}, n.concurrency, "notes.concurrency"),
-        Ask("embeddings", "embedding actor", {"CPU": e.num_cpus, "GPU": e.num_gpus, **e.resources}, e.concurrency,
-            "embeddings.concurrency"),
+        Ask(
+            "notes",
+            "vLLM engine actor",
+            {"CPU": n.num_cpus, "GPU": n.num_gpus, **n.resources},
+            n.concurrency,
+            "notes.concurrency",
+        ),
+        Ask(
+            "embeddings",
+            "embedding actor",
+            {"CPU": e.num_cpus, "GPU": e.num_gpus, **e.resources},
+            e.concurrency,
+            "embeddings.concurrency",
+        ),
     ]
     for section in ("grounding", "classifier", "diffusion"):
         t = getattr(cfg, section).train
@@ -119,8 +148,12 @@ def asks(cfg: DermarayConfig, serve_config: dict[str, Any] | None) -> list[Ask]:
     for app in (serve_config or {}).get("applications") or []:
         for d in app.get("deployments") or []:
             options = d.get("ray_actor_options") or {}
-            per_replica = {"CPU": float(options.get("num_cpus", DEFAULT_SERVE_CPUS)), "GPU": float(options.get("num_gpus", 0)),
-                           "memory": float(options.get("memory", 0)), **(options.get("resources") or {})}
+            per_replica = {
+                "CPU": float(options.get("num_cpus", DEFAULT_SERVE_CPUS)),
+                "GPU": float(options.get("num_gpus", 0)),
+                "memory": float(options.get("memory", 0)),
+                **(options.get("resources") or {}),
+            }
             scaling = d.get("autoscaling_config") or {}
             replicas = int(scaling.get("max_replicas", d.get("num_replicas", 1)) or 1)
             key = f"serve/config.yaml {app.get('name', '?')}.{d['name']}"
@@ -136,23 +169,38 @@ def check_ask(ask: Ask, types: list[NodeType]) -> list[Problem]:
     wanted = {k: float(v) for k, v in ask.per_unit.items() if v}
     missing = sorted(k for k in wanted if not any(t.capacity.get(k, 0) > 0 for t in types))
     if missing:
-        return [Problem(ask.key, f"a {ask.what} asks for {', '.join(missing)}, which no node type of cluster.yaml provides: "
-                                 f"add it to a node type's `resources`, or ask for resources the cluster has")]
+        return [
+            Problem(
+                ask.key,
+                f"a {ask.what} asks for {', '.join(missing)}, which no node type of cluster.yaml provides: "
+                f"add it to a node type's `resources`, or ask for resources the cluster has",
+            )
+        ]
     hosts = [t for t in types if all(t.capacity.get(k, 0) >= v for k, v in wanted.items())]
     if not hosts:
         most = {k: max(t.capacity.get(k, 0) for t in types) for k in wanted}
         short = {k: m for k, m in most.items() if m < wanted[k]}
         why = f"the most one node has: {_fmt(short)}" if short else "no one node type has all of it"
-        return [Problem(ask.key, f"a {ask.what} asks for {_fmt(wanted)}, more than one node of any type holds ({why}): "
-                                 f"ask for less per {ask.what}, or add a larger node type")]
-    per_node = {t.name: min(math.floor(t.capacity[k] / v + 1e-9) for k, v in wanted.items()) if wanted else math.inf
-                for t in hosts}
+        return [
+            Problem(
+                ask.key,
+                f"a {ask.what} asks for {_fmt(wanted)}, more than one node of any type holds ({why}): "
+                f"ask for less per {ask.what}, or add a larger node type",
+            )
+        ]
+    per_node = {
+        t.name: min(math.floor(t.capacity[k] / v + 1e-9) for k, v in wanted.items()) if wanted else math.inf for t in hosts
+    }
     room = sum(per_node[t.name] * t.max_nodes for t in hosts)
     if ask.count > room:
         where = ", ".join(f"{t.name}: {t.max_nodes} node(s) x {per_node[t.name]}" for t in hosts)
-        return [Problem(ask.count_key or ask.key,
-                        f"{ask.count} {ask.what}s at once, but the node types that can host one hold at most {room} "
-                        f"({where}): lower {ask.count_key or 'the count'} to {room}, or raise those node types' max_workers")]
+        return [
+            Problem(
+                ask.count_key or ask.key,
+                f"{ask.count} {ask.what}s at once, but the node types that can host one hold at most {room} "
+                f"({where}): lower {ask.count_key or 'the count'} to {room}, or raise those node types' max_workers",
+            )
+        ]
     return []
 
 
@@ -161,7 +209,9 @@ def _is_text(annotation: Any) -> bool:
     if annotation is str:
         return True
     args = typing.get_args(annotation)
-    return bool(args) and str in args and all(a in (str, type(None)) for a in args) and typing.get_origin(annotation) is not Literal
+    return (
+        bool(args) and str in args and all(a in (str, type(None)) for a in args) and typing.get_origin(annotation) is not Literal
+    )
 
 
 def locations(model: BaseModel, prefix: str = "") -> list[tuple[str, str]]:
@@ -179,9 +229,15 @@ def locations(model: BaseModel, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def check_locations(cfg: DermarayConfig) -> list[Problem]:
-    return [Problem(key, f"{value!r} is a path on one machine; the cluster's nodes share no filesystem: "
-                         f"use object storage (s3://YOUR-BUCKET/..., gs://...)")
-            for key, value in locations(cfg) if not is_remote(value)]
+    return [
+        Problem(
+            key,
+            f"{value!r} is a path on one machine; the cluster's nodes share no filesystem: "
+            f"use object storage (s3://YOUR-BUCKET/..., gs://...)",
+        )
+        for key, value in locations(cfg)
+        if not is_remote(value)
+    ]
 
 
 def check_models(cfg: DermarayConfig) -> list[Problem]:
@@ -192,8 +248,13 @@ def check_models(cfg: DermarayConfig) -> list[Problem]:
         try:
             preset = get_preset(role, name)
         except ValueError as exc:
-            problems.append(Problem(f"models.{role}", f"{exc}; a folder exists on one machine only: on a cluster name a "
-                                                      f"preset, which every node fetches into models.cache_dir"))
+            problems.append(
+                Problem(
+                    f"models.{role}",
+                    f"{exc}; a folder exists on one machine only: on a cluster name a "
+                    f"preset, which every node fetches into models.cache_dir",
+                )
+            )
             continue
         if preset.hub_id is not None:
             hub.append(f"models.{role}")
@@ -201,9 +262,14 @@ def check_models(cfg: DermarayConfig) -> list[Problem]:
     if store and not is_remote(store):
         problems.append(Problem("models.store", f"{store!r} is a path on one machine: use s3://... or gs://..."))
     if hub and getattr(cfg.models, "offline", False) and not store:
-        problems.append(Problem("models.offline", f"true, while {', '.join(hub)} name hub models and models.store is not set: "
-                                                  f"a fresh node has none of them cached; set models.offline=false, or "
-                                                  f"models.store after `dermaray models push`"))
+        problems.append(
+            Problem(
+                "models.offline",
+                f"true, while {', '.join(hub)} name hub models and models.store is not set: "
+                f"a fresh node has none of them cached; set models.offline=false, or "
+                f"models.store after `dermaray models push`",
+            )
+        )
     return problems
 
 
@@ -228,8 +294,11 @@ def main(argv: list[str] | None = None, prog: str = "dermaray check-cluster") ->
     parser = argparse.ArgumentParser(prog=prog, description="Check a dermaray config against a Ray autoscaler config.")
     parser.add_argument("--config", "-c", required=True, help="the dermaray config the jobs run with (configs/cluster.yaml)")
     parser.add_argument("--cluster", required=True, help="the Ray autoscaler config (cluster.yaml)")
-    parser.add_argument("--serve", default=None, help="the Serve config whose replicas must fit (default: serve/config.yaml "
-                                                      "beside the config's folder, when present)")
+    parser.add_argument(
+        "--serve",
+        default=None,
+        help="the Serve config whose replicas must fit (default: serve/config.yaml beside the config's folder, when present)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value, as for the jobs")
     args = parser.parse_args(argv)
     try:

@@ -32,27 +32,43 @@ class RayConfig(Section):
 
 # Option names that carry a credential. Credentials never sit in a config: a config travels in task
 # and actor arguments and in Ray Train's run state, which the dashboard serves.
-CREDENTIAL_KEYS = frozenset({
-    "key", "secret", "token", "password", "session_token", "aws_access_key_id", "aws_secret_access_key",
-    "aws_session_token", "access_key", "secret_key", "account_key", "sas_token", "client_secret",
-})
+CREDENTIAL_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "access_key",
+        "secret_key",
+        "account_key",
+        "sas_token",
+        "client_secret",
+    }
+)
 SECRETS_FILE_KEY = "secrets_file"  # storage option: a YAML/JSON file of credentials, read on the node that uses it
 
 
 def refuse_credentials(options: dict[str, Any], where: str) -> dict[str, Any]:
     """`options` unchanged, or an error naming the credential keys found at any depth."""
+
     def found(node: Any, prefix: str) -> list[str]:
         if not isinstance(node, dict):
             return []
         return [f"{prefix}{k}" for k in node if str(k).lower() in CREDENTIAL_KEYS] + [
-            name for k, v in node.items() for name in found(v, f"{prefix}{k}.")]
+            name for k, v in node.items() for name in found(v, f"{prefix}{k}.")
+        ]
 
     keys = found(options, f"{where}.")
     if keys:
         raise ValueError(
             f"{', '.join(keys)}: credentials do not go in a config (it travels in task arguments and Ray Train's run "
             f"state). Use the standard chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an instance role, a profile) "
-            f"or name a credentials file: {where}.{SECRETS_FILE_KEY}: /path/on/every/node.yaml")
+            f"or name a credentials file: {where}.{SECRETS_FILE_KEY}: /path/on/every/node.yaml"
+        )
     return options
 
 
@@ -189,8 +205,16 @@ class TrainConfig(Section):
 
 
 GROUNDED_ATTRIBUTES = [
-    "area_mm2", "perimeter_mm", "minor_axis_mm", "eccentricity", "area_perim_ratio",
-    "color_std_mean", "delta_lb_norm", "symm_2axis", "norm_border", "norm_color",
+    "area_mm2",
+    "perimeter_mm",
+    "minor_axis_mm",
+    "eccentricity",
+    "area_perim_ratio",
+    "color_std_mean",
+    "delta_lb_norm",
+    "symm_2axis",
+    "norm_border",
+    "norm_color",
 ]
 
 
@@ -336,9 +360,29 @@ class PipelineConfig(Section):
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
     # notes.model_lesions for the shifted clinic's notes (None: the same as the clinic's; 0: templates only)
     shifted_model_lesions: int | None = Field(default=None, ge=0)
-    stages: list[Literal["synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion",
-                         "diffusion_eval", "report"]] = [
-        "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion", "diffusion_eval",
+    stages: list[
+        Literal[
+            "synth",
+            "ingest",
+            "notes",
+            "grounding",
+            "embeddings",
+            "grounding_eval",
+            "classifier",
+            "diffusion",
+            "diffusion_eval",
+            "report",
+        ]
+    ] = [
+        "synth",
+        "ingest",
+        "notes",
+        "grounding",
+        "embeddings",
+        "grounding_eval",
+        "classifier",
+        "diffusion",
+        "diffusion_eval",
         "report",
     ]
 
@@ -348,7 +392,9 @@ class ServeConfig(Section):
 
     grounding_model: str = _OUT.grounding_model  # image -> embedding + predicted attributes
     index: str = embeddings_index(_OUT.embeddings("grounded", MAIN_DOMAIN))  # the vector index over that model's embeddings
-    embeddings: str = embeddings_table(_OUT.embeddings("grounded", MAIN_DOMAIN))  # gallery's predicted attributes (attribute search)
+    embeddings: str = embeddings_table(
+        _OUT.embeddings("grounded", MAIN_DOMAIN)
+    )  # gallery's predicted attributes (attribute search)
     lesions: str = _OUT.lesions(MAIN_DOMAIN)  # gallery metadata and thumbnails
     classifier: str | None = _OUT.classifier_model  # diagnosis prediction and text search; None: neither
     diffusion: str | None = _OUT.diffusion  # <diffusion>/base, /adapter, /adapters/<code>; None: no generation

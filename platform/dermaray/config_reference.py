@@ -32,8 +32,11 @@ def _comments(cls: type) -> dict[str, str]:
     """Field name -> the comment on its line, or the comment lines just above it."""
     source = inspect.getsource(cls)
     lines = source.splitlines()
-    trailing = {t.start[0]: t.string.lstrip("# ").strip() for t in tokenize.generate_tokens(io.StringIO(source).readline)
-                if t.type == tokenize.COMMENT}
+    trailing = {
+        t.start[0]: t.string.lstrip("# ").strip()
+        for t in tokenize.generate_tokens(io.StringIO(source).readline)
+        if t.type == tokenize.COMMENT
+    }
     found = {}
     for node in ast.parse(source).body[0].body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
@@ -41,13 +44,19 @@ def _comments(cls: type) -> dict[str, str]:
             while row >= 1 and lines[row - 1].strip().startswith("#"):
                 above.insert(0, trailing.get(row, ""))
                 row -= 1
-            found[node.target.id] = " ".join(above + [trailing.get(node.end_lineno, "")] if node.end_lineno in trailing else above)
+            found[node.target.id] = " ".join(
+                above + [trailing.get(node.end_lineno, "")] if node.end_lineno in trailing else above
+            )
     return found
 
 
 def _annotations(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls)).body[0]
-    return {n.target.id: ast.unparse(n.annotation) for n in tree.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    return {
+        n.target.id: ast.unparse(n.annotation)
+        for n in tree.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
 
 
 def _default(value: Any) -> str:
@@ -59,7 +68,7 @@ def rows(model: BaseModel, prefix: str) -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, comment) for every leaf of `model`, nested sections flattened."""
     cls = type(model)
     comments, annotations = {}, {}
-    for own in reversed(cls.__mro__[:cls.__mro__.index(BaseModel)]):  # inherited fields are written in a base class
+    for own in reversed(cls.__mro__[: cls.__mro__.index(BaseModel)]):  # inherited fields are written in a base class
         comments |= _comments(own)
         annotations |= _annotations(own)
     out = []
@@ -69,8 +78,15 @@ def rows(model: BaseModel, prefix: str) -> list[tuple[str, str, str, str]]:
             out += rows(value, f"{key}.")
         else:
             dumped = value if not isinstance(value, BaseModel) else value.model_dump(mode="json")
-            out.append((key, annotations.get(name, ""), _default(json.loads(json.dumps(dumped, default=str))), comments.get(name, "")))
+            out.append(
+                (key, annotations.get(name, ""), _default(json.loads(json.dumps(dumped, default=str))), comments.get(name, ""))
+            )
     return out
+
+
+def _escape_pipes(text: str) -> str:
+    """A pipe inside a markdown table cell must be escaped."""
+    return text.replace("|", "\\|")
 
 
 def reference() -> str:
@@ -83,11 +99,16 @@ def reference() -> str:
         parts.append(f"## `{name}`" + (f" ({type(value).__name__})" if isinstance(value, BaseModel) else ""))
         if doc:
             parts.append(doc)
-        section_rows = rows(value, f"{name}.") if isinstance(value, BaseModel) else [
-            (name, _annotations(DermarayConfig).get(name, ""), _default(value), _comments(DermarayConfig).get(name, ""))]
+        section_rows = (
+            rows(value, f"{name}.")
+            if isinstance(value, BaseModel)
+            else [(name, _annotations(DermarayConfig).get(name, ""), _default(value), _comments(DermarayConfig).get(name, ""))]
+        )
         table = ["| key | type | default | notes |", "|---|---|---|---|"]
-        table += [f"| `{k}` | `{t.replace('|', chr(92) + '|')}` | {d.replace('|', chr(92) + '|')} | {c.replace('|', '/').replace('<', '&lt;')} |"
-                  for k, t, d, c in section_rows]  # a pipe inside a table cell must be escaped
+        table += [
+            f"| `{k}` | `{_escape_pipes(t)}` | {_escape_pipes(d)} | {c.replace('|', '/').replace('<', '&lt;')} |"
+            for k, t, d, c in section_rows
+        ]
         parts.append("\n".join(table))
     return "\n\n".join(parts) + "\n"
 

@@ -36,9 +36,13 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("long_diam_mm", "clin_size_long_diam_mm", "mm", "major axis of the moment-equivalent ellipse", 0.0),
     Attribute("eccentricity", "tbp_lv_eccentricity", "", "eccentricity of the moment-equivalent ellipse", 0.0, 1.0),
     Attribute("area_perim_ratio", "tbp_lv_area_perim_ratio", "", "border jaggedness: perimeter² / area (4π for a disc)", 0.0),
-    Attribute("color_std_mean", "tbp_lv_color_std_mean", "", "colour irregularity: mean per-channel L*a*b* std inside the lesion", 0.0),
+    Attribute(
+        "color_std_mean", "tbp_lv_color_std_mean", "", "colour irregularity: mean per-channel L*a*b* std inside the lesion", 0.0
+    ),
     Attribute("delta_lb_norm", "tbp_lv_deltaLBnorm", "", "contrast: L*b* distance between lesion and surrounding skin", 0.0),
-    Attribute("symm_2axis", "tbp_lv_symm_2axis", "", "border asymmetry about the principal axes (0 symmetric, 1 disjoint)", 0.0, 1.0),
+    Attribute(
+        "symm_2axis", "tbp_lv_symm_2axis", "", "border asymmetry about the principal axes (0 symmetric, 1 disjoint)", 0.0, 1.0
+    ),
     Attribute("norm_border", "tbp_lv_norm_border", "", "border irregularity, 0-10 scale", 0.0, 10.0),
     Attribute("norm_color", "tbp_lv_norm_color", "", "colour variation, 0-10 scale", 0.0, 10.0),
     Attribute("lesion_L", "tbp_lv_L", "", "mean L* inside the lesion", 0.0, 100.0),

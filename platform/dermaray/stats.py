@@ -34,7 +34,7 @@ def mean_ci(values: Sequence[float] | np.ndarray, **kwargs) -> tuple[float, floa
 
 
 def format_ci(ci: tuple[float, float, float], percent: bool = False, digits: int = 3) -> str:
-    """"0.123 [0.100, 0.150]" or "12.3% [10.0, 15.0]"."""
+    """ "0.123 [0.100, 0.150]" or "12.3% [10.0, 15.0]"."""
     value, low, high = ci
     if percent:
         return f"{100 * value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"

@@ -31,7 +31,9 @@ def with_secrets(storage_options: dict[str, Any] | None) -> dict[str, Any]:
         try:
             secrets = yaml.safe_load(Path(secrets_file).expanduser().read_text())
         except OSError as exc:
-            raise FileNotFoundError(f"storage_options.{SECRETS_FILE_KEY} {secrets_file} cannot be read on this node: {exc}") from exc
+            raise FileNotFoundError(
+                f"storage_options.{SECRETS_FILE_KEY} {secrets_file} cannot be read on this node: {exc}"
+            ) from exc
         if not isinstance(secrets, dict):
             raise ValueError(f"storage_options.{SECRETS_FILE_KEY} {secrets_file} must hold a mapping of fsspec options")
         options.update(secrets)
@@ -133,7 +135,9 @@ def download_folder(uri: str, target: str, storage_options: dict[str, Any] | Non
     return target
 
 
-def upload_folder(folder: str | os.PathLike, uri: str, storage_options: dict[str, Any] | None = None, last: str | None = None) -> str:
+def upload_folder(
+    folder: str | os.PathLike, uri: str, storage_options: dict[str, Any] | None = None, last: str | None = None
+) -> str:
     """Copy a local folder's files to `uri` (any URI); the file named `last` goes last, so its presence means complete."""
     files = sorted((p for p in Path(folder).rglob("*") if p.is_file()), key=lambda p: (p.name == last, p.as_posix()))
     for file in files:

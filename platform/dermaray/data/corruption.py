@@ -31,7 +31,7 @@ def plan_defects(n_lesions: int, plan: CorruptionPlan, seed: int) -> dict[int, s
     if len(kinds) > n_lesions:
         raise ValueError(f"cannot plant {len(kinds)} defects in {n_lesions} lesions")
     chosen = lesion_rng(seed, 0, "defects").choice(n_lesions, size=len(kinds), replace=False)
-    return {int(i): kind for i, kind in zip(chosen, kinds)}
+    return {int(i): kind for i, kind in zip(chosen, kinds, strict=True)}
 
 
 @lru_cache(maxsize=1)

@@ -17,7 +17,16 @@ import pyarrow as pa
 
 from dermaray.config import IngestConfig
 from dermaray.data.validate import RowRejected, inspect_image, parse_age, parse_attribute, parse_number, parse_text
-from dermaray.schema import ATTRIBUTES, DIAGNOSES, DIAGNOSES_BY_CODE, LESION_SCHEMA, QUARANTINE_SCHEMA, SEXES, SPLITS, SUPERCLASSES
+from dermaray.schema import (
+    ATTRIBUTES,
+    DIAGNOSES,
+    DIAGNOSES_BY_CODE,
+    LESION_SCHEMA,
+    QUARANTINE_SCHEMA,
+    SEXES,
+    SPLITS,
+    SUPERCLASSES,
+)
 from dermaray.storage import filesystem, join, read_parquet, require
 
 ROW_INDEX = "_row_index"
@@ -317,7 +326,9 @@ class CanonicalParquetReader(Reader):
         }
 
 
-READERS: dict[str, Reader] = {r.name: r for r in (Isic2024Reader(), Ham10000Reader(), PadUfes20Reader(), CanonicalParquetReader())}
+READERS: dict[str, Reader] = {
+    r.name: r for r in (Isic2024Reader(), Ham10000Reader(), PadUfes20Reader(), CanonicalParquetReader())
+}
 
 
 def assign_split(key: str, fractions: tuple[float, float, float]) -> str:

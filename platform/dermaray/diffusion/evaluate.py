@@ -88,7 +88,7 @@ def class_relevance(prompted: Sequence[int | str], predicted: Sequence[int | str
         raise ValueError(f"prompted and predicted differ in length: {len(prompted)} vs {len(predicted)}")
     if not prompted:
         raise ValueError("class_relevance needs at least one image")
-    hits = np.array([a == b for a, b in zip(prompted, predicted)])
+    hits = np.array([a == b for a, b in zip(prompted, predicted, strict=True)])
     labels = np.array(prompted, dtype=object)
     per_class, n_per_class = {}, {}
     for label in dict.fromkeys(prompted):  # first-appearance order
@@ -260,7 +260,7 @@ def image_grid(
         grid.paste(image, (margin + col * cell_w, row * cell_h))
     if labels is not None:
         draw = ImageDraw.Draw(grid)
-        for row, (text, (_, top, _, bottom)) in enumerate(zip(labels, boxes)):
+        for row, (text, (_, top, _, bottom)) in enumerate(zip(labels, boxes, strict=True)):
             # Centred on the row by its measured box: bitmap fonts do not support text anchors.
             draw.text((pad, row * cell_h + (cell_h - (bottom - top)) // 2 - top), str(text), fill="black", font=font)
     return grid
@@ -278,13 +278,24 @@ def markdown(r: dict[str, Any]) -> str:
         of_real = f"{relevance / real['relevance']:.2f}" if real["relevance"] else "-"
         lines.append(f"| {label} | {relevance:.3f} | {of_real} | {m['kid']['mean']:.4f} ± {m['kid']['std']:.4f} |")
     lines.append(f"| held-out real images | {real['relevance']:.3f} | 1.00 | - |")
-    lines += ["", f"Chance level for the classifier: {r['chance']:.3f}. The judge is the image head of the classifier "
-              "trained on real lesions; its accuracy on held-out real images at the generation size bounds what a "
-              "generator can score.", "", "| diagnosis | base | LoRA | real images |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Chance level for the classifier: {r['chance']:.3f}. The judge is the image head of the classifier "
+        "trained on real lesions; its accuracy on held-out real images at the generation size bounds what a "
+        "generator can score.",
+        "",
+        "| diagnosis | base | LoRA | real images |",
+        "|---|---|---|---|",
+    ]
     for code, share in r["lora"]["class_relevance"]["per_class"].items():
-        lines.append(f"| {code} | {r['base']['class_relevance']['per_class'].get(code, 0):.2f} | {share:.2f} | "
-                     f"{real['per_class'].get(code, float('nan')):.2f} |")
+        lines.append(
+            f"| {code} | {r['base']['class_relevance']['per_class'].get(code, 0):.2f} | {share:.2f} | "
+            f"{real['per_class'].get(code, float('nan')):.2f} |"
+        )
     s = r["lora"]["size_faithfulness"]
-    lines += ["", f"Size faithfulness (LoRA): 'large' prompts {s['mean_large_mm2']:.1f} mm² vs 'small' {s['mean_small_mm2']:.1f} mm² "
-              f"(ratio {s['ratio']:.2f}, AUC {s['auc']:.2f}, one-sided Mann-Whitney p = {s['p_value']:.3g})."]
+    lines += [
+        "",
+        f"Size faithfulness (LoRA): 'large' prompts {s['mean_large_mm2']:.1f} mm² vs 'small' {s['mean_small_mm2']:.1f} mm² "
+        f"(ratio {s['ratio']:.2f}, AUC {s['auc']:.2f}, one-sided Mann-Whitney p = {s['p_value']:.3g}).",
+    ]
     return "\n".join(lines) + "\n"

@@ -45,9 +45,7 @@ KL_WEIGHT = 1e-6
 CALIBRATION_IMAGES = 64  # images whose latents set the tiny base's scaling factor
 
 
-def load_pipeline(
-    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
-) -> Any:
+def load_pipeline(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
     """A `StableDiffusionPipeline` from a local folder or hub id, without safety checker or progress bars."""
     from diffusers import StableDiffusionPipeline
 
@@ -86,7 +84,10 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     """
     _check_prompts(prompts)
     return tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
     ).input_ids
 
@@ -128,8 +129,16 @@ def pretrain_base_step(
 
 
 def pretrain_base(
-    path_in: str | Path, path_out: str | Path, images: Sequence[Image.Image], prompts: Sequence[str], steps: int,
-    batch_size: int, lr: float, seed: int, log_every: int = 50, device: str | torch.device | None = None,
+    path_in: str | Path,
+    path_out: str | Path,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_every: int = 50,
+    device: str | torch.device | None = None,
     resolution: int | None = None,
 ) -> dict[str, float]:
     """Pre-train a base pipeline's VAE and UNet on (image, caption) pairs and save it to `path_out`.
@@ -189,18 +198,18 @@ def calibrate_latent_scale(
         raise ValueError(f"pixels must be [B >= 2, 3, H, W] to measure a spread, got {tuple(pixels.shape)}")
     vae = pipe.vae
     with torch.no_grad():
-        latents = torch.cat([
-            vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
-            for chunk in pixels.split(batch_size)
-        ])
+        latents = torch.cat(
+            [
+                vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
+                for chunk in pixels.split(batch_size)
+            ]
+        )
     scale = 1.0 / float(latents.float().std())
     vae.register_to_config(scaling_factor=scale)
     return scale
 
 
-def add_lora(
-    unet: Any, rank: int = 4, alpha: float | None = None, targets: Sequence[str] = LORA_TARGETS, seed: int = 0
-) -> None:
+def add_lora(unet: Any, rank: int = 4, alpha: float | None = None, targets: Sequence[str] = LORA_TARGETS, seed: int = 0) -> None:
     """Freeze the UNet and add one LoRA adapter (peft, via diffusers' `add_adapter`); only it trains.
 
     `alpha` defaults to `rank` (scale 1). A and B start as in diffusers' training scripts
@@ -216,7 +225,9 @@ def add_lora(
     if getattr(unet, "peft_config", None):
         raise ValueError(f"the UNet already has adapters {list(unet.peft_config)}; LoRA training uses exactly one")
     config = LoraConfig(
-        r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights="gaussian",
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        init_lora_weights="gaussian",
         target_modules=list(targets),
     )
     unet.requires_grad_(False)
@@ -264,9 +275,7 @@ def load_lora_state(unet: Any, state: dict[str, torch.Tensor]) -> None:
     current = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
     if missing or unexpected:
-        raise ValueError(
-            f"adapter state does not match the UNet's adapter: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise ValueError(f"adapter state does not match the UNet's adapter: missing {missing[:5]}, unexpected {unexpected[:5]}")
     wrong = [k for k in current if current[k].shape != state[k].shape]
     if wrong:
         raise ValueError(f"adapter state has the wrong shapes for {wrong[:5]} (a different rank?)")
@@ -288,8 +297,11 @@ def save_lora(pipe_or_unet: Any, folder: str | Path) -> Path:
     _require_adapter(unet)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
     StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(folder), unet_lora_layers=layers, safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(), weight_name=LORA_WEIGHT_NAME,
+        save_directory=str(folder),
+        unet_lora_layers=layers,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
+        weight_name=LORA_WEIGHT_NAME,
     )
     return Path(folder) / LORA_WEIGHT_NAME
 
@@ -309,8 +321,14 @@ def read_lora(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def generate(
-    pipe: Any, prompts: Sequence[str], n_per_prompt: int, seed: int, steps: int = 20, guidance_scale: float = 7.5,
-    adapter_folder: str | Path | None = None, resolution: int | None = None,
+    pipe: Any,
+    prompts: Sequence[str],
+    n_per_prompt: int,
+    seed: int,
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    adapter_folder: str | Path | None = None,
+    resolution: int | None = None,
 ) -> list[Image.Image]:
     """`n_per_prompt` images per prompt at `resolution` (default: the native one), prompt-major.
 
@@ -332,8 +350,14 @@ def generate(
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * n_per_prompt)]
         size = resolution or native_resolution(pipe)
         return pipe(
-            prompt=list(prompts), num_images_per_prompt=n_per_prompt, generator=generators, height=size, width=size,
-            num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pil",
+            prompt=list(prompts),
+            num_images_per_prompt=n_per_prompt,
+            generator=generators,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            output_type="pil",
         ).images
     finally:
         if adapter_folder is not None:
@@ -367,9 +391,7 @@ class DiffusionObjective(torch.nn.Module):
         return {"unet": loss, "loss": loss}
 
 
-def _denoising_loss(
-    pipe: Any, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
+def _denoising_loss(pipe: Any, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """DDPM epsilon MSE: noise the scaled latents at random timesteps, predict the noise."""
     from diffusers import DDPMScheduler
     from diffusers.utils.torch_utils import randn_tensor
@@ -382,7 +404,10 @@ def _denoising_loss(
     latents = latents * pipe.vae.config.scaling_factor
     noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+        0,
+        noise_scheduler.config.num_train_timesteps,
+        (latents.shape[0],),
+        generator=generator,
         device=generator.device if generator is not None else latents.device,
     ).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)

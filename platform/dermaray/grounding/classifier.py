@@ -72,7 +72,8 @@ class MultimodalClassifier(nn.Module):
     def forward(self, pixel_values: torch.Tensor, text_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         image, text = self.encode_image(pixel_values), self.encode_text(text_embedding)
         return {
-            "image": image, "text": text,
+            "image": image,
+            "text": text,
             "image_logits": self.image_head(image),
             "fused_logits": self.fused_head(torch.cat([image, text], dim=-1)),
         }
@@ -98,8 +99,10 @@ def classifier_loss(model: MultimodalClassifier, out: dict[str, torch.Tensor], l
 def require_diagnosis_classifier(settings: ClassifierSettings, what: str) -> None:
     """Refuse a classifier trained on another label where diagnoses are needed (e.g. as a judge of generated diagnoses)."""
     if settings.label != "diagnosis":
-        raise ValueError(f"{what} predicts {settings.label!r} ({', '.join(settings.classes)}), not diagnoses; "
-                         "train one with classifier.label=diagnosis")
+        raise ValueError(
+            f"{what} predicts {settings.label!r} ({', '.join(settings.classes)}), not diagnoses; "
+            "train one with classifier.label=diagnosis"
+        )
 
 
 def classifier_settings(uri: str, storage_options: dict | None = None) -> ClassifierSettings:

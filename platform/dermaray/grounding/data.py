@@ -26,7 +26,9 @@ LABEL = "label"
 class Preprocessor:
     """Decodes `image_bytes` with the model's own image processor; adds z-scored targets."""
 
-    def __init__(self, model: str, models: ModelsConfig, scaler: AttributeScaler | None = None, keep: Sequence[str] = ("lesion_id",)):
+    def __init__(
+        self, model: str, models: ModelsConfig, scaler: AttributeScaler | None = None, keep: Sequence[str] = ("lesion_id",)
+    ):
         """`model`: the grounding MLLM (a preset or folder), resolved on the node this runs on."""
         from transformers import AutoImageProcessor
 

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dermaray.grounding.data import PIXELS, Preprocessor
 from dermaray.config import ModelsConfig
+from dermaray.grounding.data import PIXELS, Preprocessor
 from dermaray.grounding.model import AttributeScaler, GroundingModel, ImageEmbedder, load_model
 from dermaray.models.registry import resolve_model
 from dermaray.schema import ATTRIBUTE_NAMES
@@ -28,7 +28,9 @@ PREDICTED_PREFIX = "predicted_"
 class LesionEmbedder:
     """`model`: a grounding model folder (any URI), or "frozen" for the untuned base `base`."""
 
-    def __init__(self, model: str, base: str, models: ModelsConfig, storage_options: dict | None = None, device: str | None = None):
+    def __init__(
+        self, model: str, base: str, models: ModelsConfig, storage_options: dict | None = None, device: str | None = None
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.scaler: AttributeScaler | None = None
         if model == FROZEN:

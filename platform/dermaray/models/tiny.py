@@ -17,55 +17,196 @@ from typing import Any
 # --- A built-in corpus of dermatology / clinical-note text, for training the tokenizers. -------
 
 _SITES = [
-    "face", "scalp", "neck", "chest", "upper back", "lower back", "abdomen", "left forearm",
-    "right forearm", "left upper arm", "right upper arm", "left thigh", "right thigh", "left shin",
-    "right shin", "calf", "palm", "sole", "trunk", "shoulder", "cheek", "nose", "ear", "lip",
-    "dorsal hand", "dorsal foot", "great toe nail", "fingernail", "forehead", "temple", "flank",
-    "buttock", "groin", "axilla", "knee", "ankle", "wrist", "eyelid", "chin", "mucosa",
+    "face",
+    "scalp",
+    "neck",
+    "chest",
+    "upper back",
+    "lower back",
+    "abdomen",
+    "left forearm",
+    "right forearm",
+    "left upper arm",
+    "right upper arm",
+    "left thigh",
+    "right thigh",
+    "left shin",
+    "right shin",
+    "calf",
+    "palm",
+    "sole",
+    "trunk",
+    "shoulder",
+    "cheek",
+    "nose",
+    "ear",
+    "lip",
+    "dorsal hand",
+    "dorsal foot",
+    "great toe nail",
+    "fingernail",
+    "forehead",
+    "temple",
+    "flank",
+    "buttock",
+    "groin",
+    "axilla",
+    "knee",
+    "ankle",
+    "wrist",
+    "eyelid",
+    "chin",
+    "mucosa",
 ]
 _DIAGNOSES = [
-    "melanoma", "melanoma in situ", "basal cell carcinoma", "squamous cell carcinoma",
-    "actinic keratosis", "seborrheic keratosis", "dermatofibroma", "benign nevus",
-    "dysplastic nevus", "blue nevus", "Spitz nevus", "vascular lesion", "cherry angioma",
-    "pyogenic granuloma", "solar lentigo", "lentigo maligna", "psoriasis", "atopic eczema",
-    "contact dermatitis", "lichen planus", "keratoacanthoma", "Bowen disease", "wart",
-    "molluscum contagiosum", "sebaceous hyperplasia", "epidermal cyst", "lipoma", "vitiligo",
-    "rosacea", "tinea corporis", "urticaria", "hemangioma", "onychomycosis",
+    "melanoma",
+    "melanoma in situ",
+    "basal cell carcinoma",
+    "squamous cell carcinoma",
+    "actinic keratosis",
+    "seborrheic keratosis",
+    "dermatofibroma",
+    "benign nevus",
+    "dysplastic nevus",
+    "blue nevus",
+    "Spitz nevus",
+    "vascular lesion",
+    "cherry angioma",
+    "pyogenic granuloma",
+    "solar lentigo",
+    "lentigo maligna",
+    "psoriasis",
+    "atopic eczema",
+    "contact dermatitis",
+    "lichen planus",
+    "keratoacanthoma",
+    "Bowen disease",
+    "wart",
+    "molluscum contagiosum",
+    "sebaceous hyperplasia",
+    "epidermal cyst",
+    "lipoma",
+    "vitiligo",
+    "rosacea",
+    "tinea corporis",
+    "urticaria",
+    "hemangioma",
+    "onychomycosis",
 ]
 _COLORS = [
-    "light brown", "dark brown", "black", "blue", "blue-gray", "gray", "red", "pink", "tan",
-    "skin-colored", "white", "purple", "yellow", "variegated", "pearly", "erythematous",
+    "light brown",
+    "dark brown",
+    "black",
+    "blue",
+    "blue-gray",
+    "gray",
+    "red",
+    "pink",
+    "tan",
+    "skin-colored",
+    "white",
+    "purple",
+    "yellow",
+    "variegated",
+    "pearly",
+    "erythematous",
 ]
 _MORPHOLOGY = [
-    "macule", "papule", "plaque", "nodule", "patch", "vesicle", "pustule", "ulcer", "erosion",
-    "crusted papule", "scaly plaque", "pigmented lesion", "exophytic nodule", "flat lesion",
+    "macule",
+    "papule",
+    "plaque",
+    "nodule",
+    "patch",
+    "vesicle",
+    "pustule",
+    "ulcer",
+    "erosion",
+    "crusted papule",
+    "scaly plaque",
+    "pigmented lesion",
+    "exophytic nodule",
+    "flat lesion",
 ]
 _FEATURES = [
-    "an atypical pigment network", "a regular pigment network", "irregular dots and globules",
-    "regular globules", "radial streaming", "pseudopods", "a blue-white veil",
-    "regression structures", "arborizing vessels", "dotted vessels", "hairpin vessels",
-    "milia-like cysts", "comedo-like openings", "a central white patch", "leaf-like areas",
-    "shiny white lines", "structureless areas", "peripheral brown dots", "ulceration",
-    "a starburst pattern", "a homogeneous blue pattern", "fingerprint-like structures",
-    "rosettes", "scale", "crust", "a cobblestone pattern", "asymmetry in two axes",
+    "an atypical pigment network",
+    "a regular pigment network",
+    "irregular dots and globules",
+    "regular globules",
+    "radial streaming",
+    "pseudopods",
+    "a blue-white veil",
+    "regression structures",
+    "arborizing vessels",
+    "dotted vessels",
+    "hairpin vessels",
+    "milia-like cysts",
+    "comedo-like openings",
+    "a central white patch",
+    "leaf-like areas",
+    "shiny white lines",
+    "structureless areas",
+    "peripheral brown dots",
+    "ulceration",
+    "a starburst pattern",
+    "a homogeneous blue pattern",
+    "fingerprint-like structures",
+    "rosettes",
+    "scale",
+    "crust",
+    "a cobblestone pattern",
+    "asymmetry in two axes",
 ]
 _SYMPTOMS = [
-    "itching", "bleeding", "pain", "tenderness", "burning", "recent growth", "change in color",
-    "change in shape", "no symptoms", "crusting", "oozing", "scaling", "a non-healing sore",
+    "itching",
+    "bleeding",
+    "pain",
+    "tenderness",
+    "burning",
+    "recent growth",
+    "change in color",
+    "change in shape",
+    "no symptoms",
+    "crusting",
+    "oozing",
+    "scaling",
+    "a non-healing sore",
 ]
 _DURATIONS = ["2 weeks", "1 month", "3 months", "6 months", "1 year", "several years", "10 days"]
 _HISTORY = [
-    "melanoma", "basal cell carcinoma", "blistering sunburns", "tanning bed use", "organ transplant",
-    "immunosuppression", "atypical moles", "a family history of melanoma", "actinic damage",
-    "outdoor work", "no prior skin cancer", "radiation therapy",
+    "melanoma",
+    "basal cell carcinoma",
+    "blistering sunburns",
+    "tanning bed use",
+    "organ transplant",
+    "immunosuppression",
+    "atypical moles",
+    "a family history of melanoma",
+    "actinic damage",
+    "outdoor work",
+    "no prior skin cancer",
+    "radiation therapy",
 ]
 _PLANS = [
-    "excisional biopsy with 2 mm margins", "shave biopsy", "punch biopsy", "wide local excision",
-    "Mohs surgery", "cryotherapy", "topical fluorouracil", "topical imiquimod",
-    "sequential digital dermoscopy in 3 months", "total body photography", "reassurance",
-    "follow-up in 6 months", "follow-up in 12 months", "referral to surgical oncology",
-    "sentinel lymph node biopsy discussion", "sun protection counseling", "patch testing",
-    "topical corticosteroid", "photodynamic therapy", "no further action",
+    "excisional biopsy with 2 mm margins",
+    "shave biopsy",
+    "punch biopsy",
+    "wide local excision",
+    "Mohs surgery",
+    "cryotherapy",
+    "topical fluorouracil",
+    "topical imiquimod",
+    "sequential digital dermoscopy in 3 months",
+    "total body photography",
+    "reassurance",
+    "follow-up in 6 months",
+    "follow-up in 12 months",
+    "referral to surgical oncology",
+    "sentinel lymph node biopsy discussion",
+    "sun protection counseling",
+    "patch testing",
+    "topical corticosteroid",
+    "photodynamic therapy",
+    "no further action",
 ]
 _TEMPLATES = [
     "{age}-year-old {sex} presents with a {size} mm {color} {morph} on the {site}.",
@@ -90,16 +231,31 @@ def clinical_corpus(n_sentences: int = 1500, seed: int = 0) -> list[str]:
     c = rng.choice
     lines = []
     for _ in range(n_sentences):
-        lines.append(c(_TEMPLATES).format(
-            age=rng.randint(18, 92), sex=c(["male", "female", "man", "woman", "patient"]),
-            size=round(rng.uniform(1, 25), c([0, 1])), size2=rng.randint(1, 30), color=c(_COLORS),
-            morph=c(_MORPHOLOGY), site=c(_SITES), feature=c(_FEATURES), feature2=c(_FEATURES),
-            dx=c(_DIAGNOSES), dx2=c(_DIAGNOSES), dx3=c(_DIAGNOSES), plan=c(_PLANS),
-            symptom=c(_SYMPTOMS), duration=c(_DURATIONS), ft=c(["I", "II", "III", "IV", "V", "VI"]),
-            hist=c(_HISTORY), border=c(["regular", "irregular", "ill-defined", "well-defined"]),
-            margin=c(["clear", "involved", "close"]), yn=c(["yes", "no"]),
-            change=c(["no change", "enlargement", "new regression", "new color", "new streaks"]),
-        ))
+        lines.append(
+            c(_TEMPLATES).format(
+                age=rng.randint(18, 92),
+                sex=c(["male", "female", "man", "woman", "patient"]),
+                size=round(rng.uniform(1, 25), c([0, 1])),
+                size2=rng.randint(1, 30),
+                color=c(_COLORS),
+                morph=c(_MORPHOLOGY),
+                site=c(_SITES),
+                feature=c(_FEATURES),
+                feature2=c(_FEATURES),
+                dx=c(_DIAGNOSES),
+                dx2=c(_DIAGNOSES),
+                dx3=c(_DIAGNOSES),
+                plan=c(_PLANS),
+                symptom=c(_SYMPTOMS),
+                duration=c(_DURATIONS),
+                ft=c(["I", "II", "III", "IV", "V", "VI"]),
+                hist=c(_HISTORY),
+                border=c(["regular", "irregular", "ill-defined", "well-defined"]),
+                margin=c(["clear", "involved", "close"]),
+                yn=c(["yes", "no"]),
+                change=c(["no change", "enlargement", "new regression", "new color", "new streaks"]),
+            )
+        )
     alphabet = "abcdefghijklmnopqrstuvwxyz"
     lines.append(" ".join(alphabet + alphabet.upper() + "0123456789") + " .,;:!?()[]{}'\"-+*/=%<>#&@_")
     return lines
@@ -132,19 +288,25 @@ def build_lm_tokenizer(vocab_size: int = 2000, extra_special: tuple[str, ...] = 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no <unk> in practice
     )
     tok.train_from_iterator(clinical_corpus(), trainer=trainer)
     bos = tok.token_to_id("<s>")
     # Plain prompts get <s> like Llama; chat prompts carry it in the template (rendered, then
     # tokenized without special tokens by transformers and vLLM).
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=specials[4:], chat_template=_CHAT_TEMPLATE, model_max_length=2048,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=specials[4:],
+        chat_template=_CHAT_TEMPLATE,
+        model_max_length=2048,
     )
 
 
@@ -182,9 +344,7 @@ def build_clip_tokenizer(vocab_size: int = 1000) -> Any:
     # Seeded as in build_bert_tokenizer: fixed ids for every byte and byte</w>, so training is
     # deterministic and any text encodes without <unk>.
     seeded = byte_chars + [ch + "</w>" for ch in byte_chars]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, end_of_word_suffix="</w>", special_tokens=seeded, show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, end_of_word_suffix="</w>", special_tokens=seeded, show_progress=False)
     tok.train_from_iterator(clinical_corpus(), trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     vocab = dict(model["vocab"])
@@ -218,11 +378,18 @@ def _tiny_llama_config(tokenizer: Any) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
         head_dim=32,  # not hidden/heads = 16: vLLM's CPU attention supports head sizes of 32 and up
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
 
 
@@ -235,8 +402,10 @@ def build_note_writer(out_dir: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_tiny_llama_config(tokenizer)).to(torch.float32)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_new_tokens=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=128,
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -250,22 +419,33 @@ def build_grounding_mllm(out_dir: Path, seed: int) -> None:
 
     tokenizer = build_lm_tokenizer(extra_special=("<image>",))
     vision = CLIPVisionConfig(
-        image_size=64, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, projection_dim=32,
+        image_size=64,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=_tiny_llama_config(tokenizer),
+        vision_config=vision,
+        text_config=_tiny_llama_config(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default",  # as llava-1.5
-        image_seq_length=(64 // 8) ** 2, tie_word_embeddings=False,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",  # as llava-1.5
+        image_seq_length=(64 // 8) ** 2,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
     model.save_pretrained(out_dir)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLIP's CLS token
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token
         chat_template=_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
@@ -278,8 +458,13 @@ def build_text_encoder(out_dir: Path, seed: int) -> None:
 
     tokenizer = build_bert_tokenizer()
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     BertModel(config).to(torch.float32).save_pretrained(out_dir)
@@ -298,29 +483,59 @@ def build_diffusion_base(out_dir: Path, seed: int) -> None:
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
     vae = AutoencoderKL(  # two blocks: one downsampling, so 64 px -> 32 latent
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64,
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=32,
+        sample_size=64,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     scheduler = DDIMScheduler(  # SD-1.5's noise schedule
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _save_clip_vocab_files(tokenizer, out_dir / "tokenizer")

@@ -71,8 +71,13 @@ class NoteWriter:
             s = cfg.sampling
             # The seed goes to the engine, not to each request: per-request seeds fail on
             # vLLM's CPU backend ("CPU Generator does not use offset") once requests batch.
-            self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                         repetition_penalty=s.repetition_penalty, ignore_eos=s.ignore_eos)
+            self.params = SamplingParams(
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                repetition_penalty=s.repetition_penalty,
+                ignore_eos=s.ignore_eos,
+            )
 
     def engine_input(self, row: dict[str, Any]) -> tuple[Any, int]:
         """(vLLM prompt, prompt length in tokens) for one lesion; raises on a bad row."""
@@ -112,7 +117,7 @@ class NoteWriter:
         """
         if by_model is None:
             by_model = [True] * len(rows)
-        records = [self._record(row, model and self.llm is not None) for row, model in zip(rows, by_model)]
+        records = [self._record(row, model and self.llm is not None) for row, model in zip(rows, by_model, strict=True)]
         pending = []
         for i, row in enumerate(rows):
             if records[i]["model_id"] == TEMPLATE_MODEL_ID:
@@ -124,14 +129,17 @@ class NoteWriter:
                 records[i]["error"] = _error_text(exc)
         for start in range(0, len(pending), self.cfg.batch_size):
             chunk = pending[start : start + self.cfg.batch_size]
-            for (i, _, n_prompt), output in zip(chunk, self._generate([p for _, p, _ in chunk])):
+            for (i, _, n_prompt), output in zip(chunk, self._generate([p for _, p, _ in chunk]), strict=True):
                 records[i]["prompt_tokens"] = n_prompt
                 if isinstance(output, Exception):
                     records[i]["error"] = _error_text(output)
                     continue
                 completion = output.outputs[0]
-                records[i].update(prompt_tokens=len(output.prompt_token_ids), output_tokens=len(completion.token_ids),
-                                  finish_reason=completion.finish_reason)
+                records[i].update(
+                    prompt_tokens=len(output.prompt_token_ids),
+                    output_tokens=len(completion.token_ids),
+                    finish_reason=completion.finish_reason,
+                )
                 note, records[i]["error"] = note_or_error(completion)
                 if note is not None:
                     self._finish(records[i], rows[i], note, completion.finish_reason)

@@ -145,7 +145,7 @@ def lesion_diameter_mm(row: Mapping[str, Any]) -> float | None:
 
 
 def malignancy_word(row: Mapping[str, Any]) -> str | None:
-    """"benign" / "premalignant" / "malignant" from the label, or None when unknown."""
+    """ "benign" / "premalignant" / "malignant" from the label, or None when unknown."""
     dx = DIAGNOSES_BY_CODE.get(row.get("diagnosis") or "")
     superclass = row.get("diagnosis_superclass") or (dx.superclass if dx else None)
     malignant = row.get("malignant")
@@ -162,7 +162,7 @@ def malignancy_word(row: Mapping[str, Any]) -> str | None:
 
 
 def size_category(diameter_mm: float) -> str:
-    """"small" below 3 mm of long diameter, "large" above 6 mm, "medium" in between (SIZE_BANDS_MM)."""
+    """ "small" below 3 mm of long diameter, "large" above 6 mm, "medium" in between (SIZE_BANDS_MM)."""
     if not math.isfinite(diameter_mm) or diameter_mm < 0:
         raise ValueError(f"diameter_mm must be a finite, non-negative number, got {diameter_mm!r}")
     if diameter_mm < SIZE_SMALL_MAX_MM:
@@ -262,7 +262,7 @@ def _age_text(row: Mapping[str, Any]) -> str | None:
 
 
 def _patient_text(row: Mapping[str, Any]) -> str | None:
-    """"45-year-old male", "female", or None."""
+    """ "45-year-old male", "female", or None."""
     parts = [p for p in (_age_text(row), row.get("sex")) if p]
     return " ".join(parts) or None
 
@@ -437,9 +437,7 @@ def build_messages(
     if strategy == "P3" and not with_image:
         raise ValueError("strategy P3 gives the model no metadata, so it needs with_image=True")
     text = _user_text(row, strategy, switches, with_image)
-    content: str | list[dict[str, str]] = (
-        [{"type": "image"}, {"type": "text", "text": text}] if with_image else text
-    )
+    content: str | list[dict[str, str]] = [{"type": "image"}, {"type": "text", "text": text}] if with_image else text
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 

@@ -79,7 +79,7 @@ def audit_agreement(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def fixture_part(note_id: str) -> str:
-    """"dev" (the half the audit's rules were extended on) or "held_out" (never looked at while doing so)."""
+    """ "dev" (the half the audit's rules were extended on) or "held_out" (never looked at while doing so)."""
     return "held_out" if int(hashlib.sha1(note_id.encode()).hexdigest(), 16) % 2 else "dev"
 
 
@@ -90,8 +90,13 @@ def agreement_by_part(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _precision_recall(tp: int, fp: int, fn: int) -> dict[str, Any]:
-    return {"tp": tp, "fp": fp, "fn": fn,
-            "precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None}
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+    }
 
 
 def load_labelled(path: str | Path) -> list[dict[str, Any]]:
@@ -102,34 +107,55 @@ def load_labelled(path: str | Path) -> list[dict[str, Any]]:
 def markdown(results: Mapping[str, Any]) -> str:
     """The study's tables: strategies side by side, flag kinds per strategy, the audit against hand labels."""
     strategies: Mapping[str, Any] = results["strategies"]
-    lines = [f"Notes by {results['model']} on {results['lesions']} lesions per strategy "
-             f"(max_tokens {results['max_tokens']}, dtype {results.get('dtype')}); 95% bootstrap intervals over notes.", "",
-             "| strategy | prompt | notes | errors | cut at max_tokens | hallucinated | words | output tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Notes by {results['model']} on {results['lesions']} lesions per strategy "
+        f"(max_tokens {results['max_tokens']}, dtype {results.get('dtype')}); 95% bootstrap intervals over notes.",
+        "",
+        "| strategy | prompt | notes | errors | cut at max_tokens | hallucinated | words | output tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in strategies.items():
         rate = f"{s['tokens_per_second']:.0f}" if s.get("tokens_per_second") else "-"
-        lines.append(f"| {name} | {s['prompt_id']} | {s['notes']} | {s['errors']} | {s['cut_at_max_tokens']} | "
-                     f"{format_ci(s['hallucinated'], percent=True)} | {format_ci(s['words'], digits=1)} | {rate} |")
+        lines.append(
+            f"| {name} | {s['prompt_id']} | {s['notes']} | {s['errors']} | {s['cut_at_max_tokens']} | "
+            f"{format_ci(s['hallucinated'], percent=True)} | {format_ci(s['words'], digits=1)} | {rate} |"
+        )
     for name, reason in results.get("skipped", {}).items():
         lines.append(f"| {name} | - | - | - | - | not run: {reason} | - | - |")
     codes = [c for c in FLAG_CODES if any(s["per_flag"][c][0] > 0 for s in strategies.values())]
     if codes:
-        lines += ["", "Notes with each flag, per strategy:", "",
-                  "| flag | " + " | ".join(strategies) + " |", "|---|" + "---|" * len(strategies)]
+        lines += [
+            "",
+            "Notes with each flag, per strategy:",
+            "",
+            "| flag | " + " | ".join(strategies) + " |",
+            "|---|" + "---|" * len(strategies),
+        ]
         for code in codes:
-            lines.append(f"| {code} | " + " | ".join(format_ci(s["per_flag"][code], percent=True) for s in strategies.values()) + " |")
+            lines.append(
+                f"| {code} | " + " | ".join(format_ci(s["per_flag"][code], percent=True) for s in strategies.values()) + " |"
+            )
     by_part = results.get("audit_agreement")
     if by_part:
         agreement = by_part["all"]
-        lines += ["", f"The audit against {agreement['notes']} hand-labelled notes ({results.get('fixture', 'fixture')}; "
-                  "precision and recall over (note, flag) pairs):", "",
-                  "| flag | labelled contradictions | flagged | precision | recall |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"The audit against {agreement['notes']} hand-labelled notes ({results.get('fixture', 'fixture')}; "
+            "precision and recall over (note, flag) pairs):",
+            "",
+            "| flag | labelled contradictions | flagged | precision | recall |",
+            "|---|---|---|---|---|",
+        ]
         for code, m in [*agreement["per_flag"].items(), ("all flags", agreement["all"])]:
-            lines.append(f"| {code} | {m['tp'] + m['fn']} | {m['tp'] + m['fp']} | {_fraction(m['precision'])} | {_fraction(m['recall'])} |")
+            lines.append(
+                f"| {code} | {m['tp'] + m['fn']} | {m['tp'] + m['fp']} | {_fraction(m['precision'])} | {_fraction(m['recall'])} |"
+            )
         for part, title in (("dev", "dev half (the rules were extended on it)"), ("held_out", "held-out half")):
             m = by_part[part]["all"]
-            lines.append(f"| {title}, {by_part[part]['notes']} notes | {m['tp'] + m['fn']} | {m['tp'] + m['fp']} | "
-                         f"{_fraction(m['precision'])} | {_fraction(m['recall'])} |")
+            lines.append(
+                f"| {title}, {by_part[part]['notes']} notes | {m['tp'] + m['fn']} | {m['tp'] + m['fp']} | "
+                f"{_fraction(m['precision'])} | {_fraction(m['recall'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -140,10 +166,14 @@ def _fraction(value: float | None) -> str:
 def classifier_markdown(results: Mapping[str, Any]) -> str:
     """Image only vs image + template note vs image + LLM note, per evaluation set (benchmarks/classifier_notes_study.py)."""
     runs: Mapping[str, Mapping[str, Any]] = results["results"]  # note kind -> classifier eval (set -> metrics)
-    lines = [f"{results['lesions']} clinic lesions (80/10/10 train/val/test by patient) and {results['shifted']} lesions "
-             f"of the shifted clinic; label-free notes for every lesion; {results['epochs']} epochs; 95% bootstrap "
-             "intervals over the evaluated lesions.", "",
-             "| set | lesions | input | accuracy | balanced accuracy | macro F1 |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"{results['lesions']} clinic lesions (80/10/10 train/val/test by patient) and {results['shifted']} lesions "
+        f"of the shifted clinic; label-free notes for every lesion; {results['epochs']} epochs; 95% bootstrap "
+        "intervals over the evaluated lesions.",
+        "",
+        "| set | lesions | input | accuracy | balanced accuracy | macro F1 |",
+        "|---|---|---|---|---|---|",
+    ]
     sets = list(next(iter(runs.values())))
     for name in sets:
         rows = [("image only (template-note run)", runs["template"][name].get("image"))]
@@ -156,6 +186,9 @@ def classifier_markdown(results: Mapping[str, Any]) -> str:
         for kind in runs:
             for key, title in (("image_to_note", "image → note"), ("note_to_image", "note → image")):
                 m = runs[kind][name].get(key, {})
-                lines.append(f"| {name} | {kind} | {title} | "
-                             + " | ".join(_fraction(m.get(k)) for k in ("P@1", "P@5", "P@10", "mAP")) + " |")
+                lines.append(
+                    f"| {name} | {kind} | {title} | "
+                    + " | ".join(_fraction(m.get(k)) for k in ("P@1", "P@5", "P@10", "mAP"))
+                    + " |"
+                )
     return "\n".join(lines) + "\n"

@@ -4,6 +4,17 @@ from dermaray.report.html import line_chart, markdown_tables, page, table, thumb
 from dermaray.report.sections import GalleryItem, GalleryRow, gallery, neighbours, notes, pick_queries, run_summary, training
 
 __all__ = [
-    "GalleryItem", "GalleryRow", "gallery", "line_chart", "markdown_tables", "neighbours", "notes", "page", "pick_queries",
-    "run_summary", "table", "thumbnail_png", "training",
+    "GalleryItem",
+    "GalleryRow",
+    "gallery",
+    "line_chart",
+    "markdown_tables",
+    "neighbours",
+    "notes",
+    "page",
+    "pick_queries",
+    "run_summary",
+    "table",
+    "thumbnail_png",
+    "training",
 ]

@@ -30,7 +30,8 @@ th { background: #f0f0f0; } td.n { text-align: right; font-variant-numeric: tabu
 .not-run { color: #888; font-style: italic; }
 .figures { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
 figure { margin: 0; } figcaption { font-size: 12px; color: #555; text-align: center; }
-.gallery { border-collapse: collapse; } .gallery td { text-align: center; vertical-align: top; font-size: 11px; border: none; padding: 3px; }
+.gallery { border-collapse: collapse; }
+.gallery td { text-align: center; vertical-align: top; font-size: 11px; border: none; padding: 3px; }
 .gallery td.label { text-align: right; font-weight: bold; vertical-align: middle; padding-right: 8px; }
 .gallery td.query { vertical-align: middle; padding-right: 14px; } .gallery td.query img { outline: 3px solid #1f77b4; }
 .note { font-family: monospace; font-size: 12px; background: #f7f7f7; padding: 6px; white-space: pre-wrap; }
@@ -131,11 +132,20 @@ def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[floa
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str, x_label: str, y_label: str = "",
-               width: int = 440, height: int = 260, log_y: bool = False) -> str:
+def line_chart(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    title: str,
+    x_label: str,
+    y_label: str = "",
+    width: int = 440,
+    height: int = 260,
+    log_y: bool = False,
+) -> str:
     """Inline SVG: one polyline with markers per series, axes with ticks, a legend."""
-    series = {k: [(float(x), float(y)) for x, y in v if y is not None and math.isfinite(float(y))
-                  and (not log_y or float(y) > 0)] for k, v in series.items()}
+    series = {
+        k: [(float(x), float(y)) for x, y in v if y is not None and math.isfinite(float(y)) and (not log_y or float(y) > 0)]
+        for k, v in series.items()
+    }
     series = {k: v for k, v in series.items() if v}
     if not series:
         return f'<p class="not-run">{esc(title)}: no values</p>'
@@ -157,26 +167,34 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str, 
     def py(y: float) -> float:
         return top + (1 - (ty(y) - y0) / (y1 - y0)) * ph
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             f'font-family="Helvetica, Arial, sans-serif" font-size="11">',
-             f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13" font-weight="bold">{esc(title)}</text>',
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'font-family="Helvetica, Arial, sans-serif" font-size="11">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13" font-weight="bold">{esc(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>',
+    ]
     # On a log axis the ticks are round values of the data, placed at their logarithm.
     y_ticks = [math.log10(t) for t in _ticks(10**y0, 10**y1) if t > 0] if log_y else _ticks(y0, y1)
     for t in y_ticks:
         y = top + (1 - (t - y0) / (y1 - y0)) * ph
         label = fmt(round(10**t, 10)) if log_y else fmt(round(t, 10))
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{esc(label)}</text>')
+        parts.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>'
+            f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{esc(label)}</text>'
+        )
     for t in _ticks(x0, x1, 8, integer=all(float(x).is_integer() for x in xs)):
         x = px(t)
-        parts.append(f'<line x1="{x:.1f}" y1="{top + ph}" x2="{x:.1f}" y2="{top + ph + 4}" stroke="#888"/>'
-                     f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{esc(fmt(round(t, 10)))}</text>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{top + ph}" x2="{x:.1f}" y2="{top + ph + 4}" stroke="#888"/>'
+            f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{esc(fmt(round(t, 10)))}</text>'
+        )
     parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">{esc(x_label)}</text>')
     if y_label:
-        parts.append(f'<text x="12" y="{top + ph / 2:.0f}" text-anchor="middle" transform="rotate(-90 12 {top + ph / 2:.0f})">'
-                     f'{esc(y_label + (" (log)" if log_y else ""))}</text>')
+        parts.append(
+            f'<text x="12" y="{top + ph / 2:.0f}" text-anchor="middle" transform="rotate(-90 12 {top + ph / 2:.0f})">'
+            f"{esc(y_label + (' (log)' if log_y else ''))}</text>"
+        )
     for i, (name, points) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
@@ -185,8 +203,10 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str, 
             parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in points]
         # The legend in a row above the plot, where it never hides a curve.
         lx = left + sum(30 + 6.2 * len(n) for n in list(series)[:i])
-        parts.append(f'<line x1="{lx:.0f}" y1="{top - 10}" x2="{lx + 18:.0f}" y2="{top - 10}" stroke="{colour}" stroke-width="2"/>'
-                     f'<text x="{lx + 22:.0f}" y="{top - 6}">{esc(name)}</text>')
+        parts.append(
+            f'<line x1="{lx:.0f}" y1="{top - 10}" x2="{lx + 18:.0f}" y2="{top - 10}" stroke="{colour}" stroke-width="2"/>'
+            f'<text x="{lx + 22:.0f}" y="{top - 6}">{esc(name)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -203,6 +223,8 @@ def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) ->
     """sections: (anchor, title, body HTML)."""
     toc = "".join(f'<li><a href="#{esc(a)}">{esc(t)}</a></li>' for a, t, _ in sections)
     body = "\n".join(section(a, t, b) for a, t, b in sections)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p>{esc(subtitle)}</p>"
-            f"<nav><ul>{toc}</ul></nav>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p>{esc(subtitle)}</p>"
+        f"<nav><ul>{toc}</ul></nav>\n{body}\n</body></html>\n"
+    )

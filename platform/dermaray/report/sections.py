@@ -14,9 +14,19 @@ import numpy as np
 
 from dermaray.report.html import esc, fmt, image, key_values, line_chart, markdown_tables, not_run, table
 
-
-PIPELINE_ORDER = ("ray start", "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier",
-                  "diffusion", "diffusion_eval", "report")
+PIPELINE_ORDER = (
+    "ray start",
+    "synth",
+    "ingest",
+    "notes",
+    "grounding",
+    "embeddings",
+    "grounding_eval",
+    "classifier",
+    "diffusion",
+    "diffusion_eval",
+    "report",
+)
 
 
 def _stage_rank(name: str) -> int:
@@ -30,16 +40,25 @@ def run_summary(pipeline: dict | None, ingest: Mapping[str, dict | None], synth:
     rows = []
     for domain in sorted(set(ingest) | set(synth)):
         s, i = synth.get(domain), ingest.get(domain)
-        rows.append([domain, s["n_lesions"] if s else "", len(s["planted"]) if s else "",
-                     i["rows_in"] if i else "not run", i["rows_out"] if i else "", i["rows_quarantined"] if i else ""])
+        rows.append(
+            [
+                domain,
+                s["n_lesions"] if s else "",
+                len(s["planted"]) if s else "",
+                i["rows_in"] if i else "not run",
+                i["rows_out"] if i else "",
+                i["rows_quarantined"] if i else "",
+            ]
+        )
     if rows:
         parts.append(table(["domain", "lesions rendered", "planted bad rows", "rows in", "rows out", "quarantined"], rows))
         reasons = sorted({r for i in ingest.values() if i for r in i["quarantine_reasons"]})
         if reasons:
             domains = [d for d, i in ingest.items() if i]
             parts.append("<h3>Quarantine reasons</h3>")
-            parts.append(table(["reason", *domains], [[r, *(ingest[d]["quarantine_reasons"].get(r, 0) for d in domains)]
-                                                     for r in reasons]))
+            parts.append(
+                table(["reason", *domains], [[r, *(ingest[d]["quarantine_reasons"].get(r, 0) for d in domains)] for r in reasons])
+            )
     else:
         parts.append(not_run("synth / ingest", "ingest summary"))
     seconds = (pipeline or {}).get("stage_seconds")
@@ -47,8 +66,12 @@ def run_summary(pipeline: dict | None, ingest: Mapping[str, dict | None], synth:
         seconds = dict(sorted(seconds.items(), key=lambda kv: (_stage_rank(kv[0]), kv[0])))
         total = sum(seconds.values())
         parts.append("<h3>Wall time per stage</h3>")
-        parts.append(table(["stage", "seconds", "share"],
-                           [[k, round(v, 1), f"{v / total:.0%}"] for k, v in seconds.items()] + [["total", round(total, 1), "100%"]]))
+        parts.append(
+            table(
+                ["stage", "seconds", "share"],
+                [[k, round(v, 1), f"{v / total:.0%}"] for k, v in seconds.items()] + [["total", round(total, 1), "100%"]],
+            )
+        )
     elif pipeline is None:
         parts.append('<p class="not-run">No pipeline_summary.json: the stages ran one by one, not as the pipeline job.</p>')
     return "\n".join(parts)
@@ -66,27 +89,63 @@ def notes(summaries: Mapping[str, dict | None], samples: Mapping[str, Sequence[d
         rate = s["notes"] / seconds if seconds and written else None  # a re-run that wrote nothing has no rate
         by_model = s.get("notes_by_model", s["notes"])
         model_rate = s.get("hallucination_rate_model_notes")
-        rows.append([name, s.get("prompt_id", s.get("strategy", "")), s["lesions"], by_model, s.get("notes_by_template", 0),
-                     s.get("errors", 0), f"{s['hallucination_rate']:.1%}", f"{model_rate:.1%}" if model_rate is not None else "",
-                     s.get("cut_at_max_tokens", ""), s.get("output_tokens", ""), s.get("dtype") or "", round(seconds, 1),
-                     round(rate, 1) if rate else "", s.get("engine_start_seconds", "")])
-    parts = [table(["output", "prompt", "lesions", "notes by the model", "template notes", "errors", "hallucinated",
-                    "hallucinated (model's notes)", "cut at max_tokens", "output tokens", "dtype", "seconds", "notes / s",
-                    "engine start s"], rows),
-             "<p>The model writes the notes of <code>notes.model_lesions</code> lesions (the test split first); the "
-             "others get the template note from the same metadata (strategy M). Each note row records which "
-             "(<code>model_id</code>, <code>prompt_id</code>).</p>"]
+        rows.append(
+            [
+                name,
+                s.get("prompt_id", s.get("strategy", "")),
+                s["lesions"],
+                by_model,
+                s.get("notes_by_template", 0),
+                s.get("errors", 0),
+                f"{s['hallucination_rate']:.1%}",
+                f"{model_rate:.1%}" if model_rate is not None else "",
+                s.get("cut_at_max_tokens", ""),
+                s.get("output_tokens", ""),
+                s.get("dtype") or "",
+                round(seconds, 1),
+                round(rate, 1) if rate else "",
+                s.get("engine_start_seconds", ""),
+            ]
+        )
+    parts = [
+        table(
+            [
+                "output",
+                "prompt",
+                "lesions",
+                "notes by the model",
+                "template notes",
+                "errors",
+                "hallucinated",
+                "hallucinated (model's notes)",
+                "cut at max_tokens",
+                "output tokens",
+                "dtype",
+                "seconds",
+                "notes / s",
+                "engine start s",
+            ],
+            rows,
+        ),
+        "<p>The model writes the notes of <code>notes.model_lesions</code> lesions (the test split first); the "
+        "others get the template note from the same metadata (strategy M). Each note row records which "
+        "(<code>model_id</code>, <code>prompt_id</code>).</p>",
+    ]
     flags = sorted({f for s in done.values() for f in s.get("audit_flag_counts", {})})
     if flags:
         parts.append("<h3>Audit flags (notes contradicting the lesion's metadata, by kind)</h3>")
-        parts.append(table(["flag", *done], [[f, *(s.get("audit_flag_counts", {}).get(f, 0) for s in done.values())] for f in flags]))
+        parts.append(
+            table(["flag", *done], [[f, *(s.get("audit_flag_counts", {}).get(f, 0) for s in done.values())] for f in flags])
+        )
     for name, rows_ in samples.items():
         if rows_:
             parts.append(f"<h3>Sample notes: {esc(name)}</h3>")
             for r in rows_:
                 flags_ = ", ".join(r.get("audit_flags") or []) or "none"
-                parts.append(f'<p><b>{esc(r["lesion_id"])}</b> ({esc(r.get("model_id") or "")}; audit flags: {esc(flags_)})</p>'
-                             f'<div class="note">{esc(r.get("note") or r.get("error") or "")}</div>')
+                parts.append(
+                    f"<p><b>{esc(r['lesion_id'])}</b> ({esc(r.get('model_id') or '')}; audit flags: {esc(flags_)})</p>"
+                    f'<div class="note">{esc(r.get("note") or r.get("error") or "")}</div>'
+                )
     return "\n".join(parts)
 
 
@@ -101,12 +160,17 @@ def training(summary: dict | None, stage: str, charts: Sequence[tuple[str, Mappi
     if not summary:
         return not_run(stage, f"{stage}_summary.json")
     history = summary.get("history") or []
-    facts = {"epochs": summary.get("epochs"), "optimizer steps": summary.get("steps"),
-             "resumed from epoch": summary.get("resumed_from_epoch", history[-1].get("started_at_epoch") if history else ""),
-             "seconds (this run)": summary.get("seconds_this_run")}
+    facts = {
+        "epochs": summary.get("epochs"),
+        "optimizer steps": summary.get("steps"),
+        "resumed from epoch": summary.get("resumed_from_epoch", history[-1].get("started_at_epoch") if history else ""),
+        "seconds (this run)": summary.get("seconds_this_run"),
+    }
     facts.update({k: summary[k] for k in ("base", "tune", "resolution", "lesions_train", "label") if k in summary})
     figures = [curves(history, title, keys, y, log_y) for title, keys, y, log_y in charts]
-    return key_values({k: fmt(v) for k, v in facts.items() if v is not None}) + '<div class="figures">' + "".join(figures) + "</div>"
+    return (
+        key_values({k: fmt(v) for k, v in facts.items() if v is not None}) + '<div class="figures">' + "".join(figures) + "</div>"
+    )
 
 
 @dataclass
@@ -137,7 +201,7 @@ def pick_queries(lesion_ids: Sequence[str], areas: Sequence[float], n: int) -> l
 def neighbours(index: Any, vectors: np.ndarray, query_ids: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
     """Top `k` of a dermaray.retrieval.VectorIndex per query vector, the query itself left out."""
     hits = index.search_ids(vectors, k + 1)
-    return [[(i, s) for i, s in found if i != q][:k] for q, found in zip(query_ids, hits)]
+    return [[(i, s) for i, s in found if i != q][:k] for q, found in zip(query_ids, hits, strict=True)]
 
 
 def gallery(rows: Sequence[GalleryRow], thumb_px: int) -> str:
@@ -148,7 +212,7 @@ def gallery(rows: Sequence[GalleryRow], thumb_px: int) -> str:
     def cell(item: GalleryItem, css: str = "") -> str:
         picture = image(item.thumbnail, item.lesion_id, thumb_px) if item.thumbnail else "(no image)"
         score = "" if item.score is None else f"<br>cos {item.score:.4f}"
-        return (f'<td class="{css}">{picture}<br>{esc(item.diagnosis or "no diagnosis")}<br>{item.area_mm2:.1f} mm²{score}</td>')
+        return f'<td class="{css}">{picture}<br>{esc(item.diagnosis or "no diagnosis")}<br>{item.area_mm2:.1f} mm²{score}</td>'
 
     parts = []
     for row in rows:
@@ -172,10 +236,14 @@ def markdown_section(results: dict | None, stage: str, expected: str, render: Ca
     try:
         return markdown_tables(render(results))
     except (KeyError, TypeError, ValueError, IndexError) as exc:  # written by another version of the stage
-        return (f'<p class="not-run">{esc(stage)}: {esc(expected)} is not in the layout this version reads '
-                f"({esc(type(exc).__name__)}: {esc(exc)}); re-run the stage.</p>")
+        return (
+            f'<p class="not-run">{esc(stage)}: {esc(expected)} is not in the layout this version reads '
+            f"({esc(type(exc).__name__)}: {esc(exc)}); re-run the stage.</p>"
+        )
 
 
 def images(pngs: Mapping[str, bytes | None], width: int | None = None) -> str:
-    shown = [f"<figure>{image(data, name, width)}<figcaption>{esc(name)}</figcaption></figure>" for name, data in pngs.items() if data]
+    shown = [
+        f"<figure>{image(data, name, width)}<figcaption>{esc(name)}</figcaption></figure>" for name, data in pngs.items() if data
+    ]
     return '<div class="figures">' + "".join(shown) + "</div>" if shown else ""

@@ -156,8 +156,8 @@ class VectorIndex:
         """Per query, up to k (lesion id, cosine similarity) pairs, best first; padding dropped."""
         scores, rows = self.search(queries, k)
         return [
-            [(self._ids[r], float(s)) for r, s in zip(row, score) if r >= 0]
-            for row, score in zip(rows.tolist(), scores.tolist())
+            [(self._ids[r], float(s)) for r, s in zip(row, score, strict=True) if r >= 0]
+            for row, score in zip(rows.tolist(), scores.tolist(), strict=True)
         ]
 
     def tune(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
@@ -196,15 +196,23 @@ class VectorIndex:
         try:
             meta = json.loads(storage.read_bytes(storage.join(uri, "meta.json"), storage_options))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no vector index at {uri}: meta.json is missing (nothing saved, or a save did not finish)") from None
+            raise FileNotFoundError(
+                f"no vector index at {uri}: meta.json is missing (nothing saved, or a save did not finish)"
+            ) from None
         if meta.get("format") != _FORMAT or meta.get("kind") not in _FAISS_TYPES:
             raise ValueError(f"{uri}/meta.json: unsupported format {meta.get('format')!r} or kind {meta.get('kind')!r}")
         raw = storage.read_bytes(storage.join(uri, "index.faiss"), storage_options)
         index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
-        ids = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "ids.parquet"), storage_options))).column("id").to_pylist()
+        ids = (
+            pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "ids.parquet"), storage_options)))
+            .column("id")
+            .to_pylist()
+        )
 
         if not isinstance(index, _FAISS_TYPES[meta["kind"]]) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            raise ValueError(f"{uri}: index.faiss holds a {type(index).__name__}, not the {meta['kind']!r} index meta.json describes")
+            raise ValueError(
+                f"{uri}: index.faiss holds a {type(index).__name__}, not the {meta['kind']!r} index meta.json describes"
+            )
         if not meta["count"] == index.ntotal == len(ids) or meta["dim"] != index.d:
             raise ValueError(
                 f"{uri}: inconsistent files: meta.json says {meta['count']} x {meta['dim']}, "

@@ -32,7 +32,9 @@ SHARED = "shared"  # the adapter name of <root>/adapter
 
 
 class AdapterBank:
-    def __init__(self, root: str | Path, device: str | None = None, resolution: int | None = None, base: str | Path | None = None):
+    def __init__(
+        self, root: str | Path, device: str | None = None, resolution: int | None = None, base: str | Path | None = None
+    ):
         """`base`: the pipeline folder the adapters were trained on (a hub base resolved on this node);
         None: `<root>/base`, the tiny base the diffusion job pre-trained."""
         import torch
@@ -40,7 +42,9 @@ class AdapterBank:
         root = Path(root)
         device = device or ("cuda" if torch.cuda.is_available() else None)
         # Half precision on GPUs (as diffusers serves SD); float32 on CPUs, where fp16 is slow.
-        self.pipe = load_pipeline(base or root / "base", device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
+        self.pipe = load_pipeline(
+            base or root / "base", device=device, dtype=torch.float16 if device == "cuda" else torch.float32
+        )
         self.shared_folder = root / "adapter"
         self.per_diagnosis_root = root / "adapters"
         self.resolution = resolution
@@ -103,8 +107,9 @@ class AdapterBank:
                     self.pipe.set_adapters([name])
                 elif has_adapters:
                     self.pipe.disable_lora()  # the bare base: no other diagnosis' adapter may leak in
-                images = generate(self.pipe, [prompt], count, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                                  resolution=self.resolution)
+                images = generate(
+                    self.pipe, [prompt], count, seed=seed, steps=steps, guidance_scale=guidance_scale, resolution=self.resolution
+                )
             finally:
                 if folder is None and has_adapters:
                     self.pipe.enable_lora()
@@ -117,5 +122,11 @@ class AdapterBank:
             image.save(buffer, format="PNG")
             pngs.append(buffer.getvalue())
         adapter = "per_diagnosis" if name == code else SHARED if name == SHARED else "none"
-        return pngs, {"diagnosis": code, "diagnosis_name": DIAGNOSES_BY_CODE[code].name, "prompt": prompt,
-                      "adapter": adapter, "seed": seed, "steps": steps}
+        return pngs, {
+            "diagnosis": code,
+            "diagnosis_name": DIAGNOSES_BY_CODE[code].name,
+            "prompt": prompt,
+            "adapter": adapter,
+            "seed": seed,
+            "steps": steps,
+        }

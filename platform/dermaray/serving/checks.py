@@ -113,18 +113,26 @@ def resolve_api_key(settings: Any, environ: Mapping[str, str]) -> tuple[str | No
         try:
             key = Path(settings.api_key_file).expanduser().read_text().strip()
         except OSError as exc:
-            raise ValueError(f"serve.api_key_file {settings.api_key_file!r} cannot be read on this node: {exc.strerror}") from None
+            raise ValueError(
+                f"serve.api_key_file {settings.api_key_file!r} cannot be read on this node: {exc.strerror}"
+            ) from None
         if not key:
             raise ValueError(f"serve.api_key_file {settings.api_key_file!r} is empty")
         return key, []
     if settings.api_key:
-        return settings.api_key, ["serve.api_key is written in the config, which travels in Ray's state and files: "
-                                  f"set the {settings.api_key_env} environment variable or serve.api_key_file instead"]
+        return settings.api_key, [
+            "serve.api_key is written in the config, which travels in Ray's state and files: "
+            f"set the {settings.api_key_env} environment variable or serve.api_key_file instead"
+        ]
     if settings.allow_anonymous:
-        return None, ["serving without an API key (serve.allow_anonymous): anyone who reaches the port can use every "
-                      f"endpoint; set {settings.api_key_env} or serve.api_key_file"]
-    raise ValueError(f"no API key: set the {settings.api_key_env} environment variable on the Ingress, or serve.api_key_file "
-                     "to a secret file on its node (or serve.allow_anonymous=true for a trial on this machine)")
+        return None, [
+            "serving without an API key (serve.allow_anonymous): anyone who reaches the port can use every "
+            f"endpoint; set {settings.api_key_env} or serve.api_key_file"
+        ]
+    raise ValueError(
+        f"no API key: set the {settings.api_key_env} environment variable on the Ingress, or serve.api_key_file "
+        "to a secret file on its node (or serve.allow_anonymous=true for a trial on this machine)"
+    )
 
 
 class BodyLimit:
@@ -148,7 +156,9 @@ class BodyLimit:
             except ValueError:
                 return await _send_error(send, 400, "the Content-Length header is not a number")
             if too_large:
-                return await _send_error(send, 413, f"the request body is {int(declared)} bytes; the limit is {self.max_bytes} bytes")
+                return await _send_error(
+                    send, 413, f"the request body is {int(declared)} bytes; the limit is {self.max_bytes} bytes"
+                )
         received = 0
         started = False
 
@@ -179,6 +189,11 @@ class _BodyTooLarge(Exception):
 
 async def _send_error(send: Any, status: int, message: str) -> None:
     body = json.dumps({"detail": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

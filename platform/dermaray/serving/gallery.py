@@ -41,7 +41,7 @@ def diagnosis_name(code: str | None) -> str | None:
 
 
 def attribute_dict(names: Sequence[str], values: Sequence[float]) -> dict[str, float | None]:
-    return {n: (round(float(v), 4) if np.isfinite(v) else None) for n, v in zip(names, values)}
+    return {n: (round(float(v), 4) if np.isfinite(v) else None) for n, v in zip(names, values, strict=True)}
 
 
 @dataclass
@@ -55,25 +55,40 @@ class Gallery:
     images: list[bytes]  # the original encoded images (for embedding the gallery with other towers)
 
     @classmethod
-    def build(cls, ids: Sequence[str], lesions: pa.Table, embeddings: pa.Table, predicted_names: Sequence[str],
-              thumbnail_px: int) -> Gallery:
+    def build(
+        cls, ids: Sequence[str], lesions: pa.Table, embeddings: pa.Table, predicted_names: Sequence[str], thumbnail_px: int
+    ) -> Gallery:
         """Rows in the order of `ids` (the index's); every id must be in both tables."""
         ids = list(ids)
         lesion_row = _rows_by_id(lesions, "lesion table")
         embedding_row = _rows_by_id(embeddings, "embeddings table")
         missing = [i for i in ids if i not in lesion_row or i not in embedding_row]
         if missing:
-            raise ValueError(f"{len(missing)} indexed lesions are missing from the lesion or embeddings table, e.g. {missing[:3]}")
+            raise ValueError(
+                f"{len(missing)} indexed lesions are missing from the lesion or embeddings table, e.g. {missing[:3]}"
+            )
         take_lesions = pa.array([lesion_row[i] for i in ids], pa.int64())
         lesions = lesions.take(take_lesions)
         embeddings = embeddings.take(pa.array([embedding_row[i] for i in ids], pa.int64()))
-        attributes = np.stack([_floats(lesions, name) for name in ATTRIBUTE_NAMES], axis=1) if ids else np.zeros((0, len(ATTRIBUTE_NAMES)))
+        attributes = (
+            np.stack([_floats(lesions, name) for name in ATTRIBUTE_NAMES], axis=1) if ids else np.zeros((0, len(ATTRIBUTE_NAMES)))
+        )
         names = [n for n in predicted_names if PREDICTED_PREFIX + n in embeddings.column_names]
-        predicted = (np.stack([_floats(embeddings, PREDICTED_PREFIX + n) for n in names], axis=1)
-                     if names and ids else np.zeros((len(ids), len(names))))
+        predicted = (
+            np.stack([_floats(embeddings, PREDICTED_PREFIX + n) for n in names], axis=1)
+            if names and ids
+            else np.zeros((len(ids), len(names)))
+        )
         images = lesions["image_bytes"].to_pylist()
-        return cls(ids, lesions["diagnosis"].to_pylist(), attributes, names, predicted,
-                   [thumbnail_jpeg(b, thumbnail_px) for b in images], images)
+        return cls(
+            ids,
+            lesions["diagnosis"].to_pylist(),
+            attributes,
+            names,
+            predicted,
+            [thumbnail_jpeg(b, thumbnail_px) for b in images],
+            images,
+        )
 
     def __post_init__(self) -> None:
         self._row = {i: r for r, i in enumerate(self.ids)}

@@ -67,12 +67,17 @@ class Retriever:
         local = download_folder(uri, self._classifier_folder.name, options)
         self.device = self.embedder.device
         self.classifier = load_classifier(local, models).to(self.device)
-        self.classifier_processor = AutoImageProcessor.from_pretrained(resolve_model("grounding_mllm", self.classifier.settings.model, models))
+        self.classifier_processor = AutoImageProcessor.from_pretrained(
+            resolve_model("grounding_mllm", self.classifier.settings.model, models)
+        )
         self.text_encoder = TextEncoder(self.classifier.settings.text_encoder, models, device=str(self.device))
-        vectors = [self._classifier_image(list(map(decode_rgb, self.gallery.images[s : s + GALLERY_BATCH])))
-                   for s in range(0, len(self.gallery), GALLERY_BATCH)]
-        self.text_index = VectorIndex.build(np.concatenate(vectors), self.gallery.ids, kind="exact",
-                                            model=f"{uri}:image_projection")
+        vectors = [
+            self._classifier_image(list(map(decode_rgb, self.gallery.images[s : s + GALLERY_BATCH])))
+            for s in range(0, len(self.gallery), GALLERY_BATCH)
+        ]
+        self.text_index = VectorIndex.build(
+            np.concatenate(vectors), self.gallery.ids, kind="exact", model=f"{uri}:image_projection"
+        )
 
     # -- model calls -------------------------------------------------------------------
 
@@ -87,7 +92,9 @@ class Retriever:
 
     @torch.no_grad()
     def _classifier_image(self, images: list) -> np.ndarray:
-        pixels = torch.as_tensor(self.classifier_processor(images=images, return_tensors="np")["pixel_values"], device=self.device)
+        pixels = torch.as_tensor(
+            self.classifier_processor(images=images, return_tensors="np")["pixel_values"], device=self.device
+        )
         return self.classifier.encode_image(pixels).cpu().numpy().astype(np.float32)
 
     @torch.no_grad()
@@ -101,8 +108,13 @@ class Retriever:
         out = []
         for p in probabilities:
             best = int(p.argmax())
-            out.append({"class": classes[best], "probability": round(float(p[best]), 4),
-                        "probabilities": {c: round(float(v), 4) for c, v in zip(classes, p)}})
+            out.append(
+                {
+                    "class": classes[best],
+                    "probability": round(float(p[best]), 4),
+                    "probabilities": {c: round(float(v), 4) for c, v in zip(classes, p, strict=True)},
+                }
+            )
         return out
 
     # -- requests ------------------------------------------------------------------------
@@ -113,14 +125,20 @@ class Retriever:
         z, predicted = self.embed(images)
         label = self.classifier.settings.label if self.classifier is not None else None
         out = []
-        for p, c in zip(predicted, self._classify(images)):
+        for p, c in zip(predicted, self._classify(images), strict=True):
             diagnosis = prediction = None
             if c is not None and label == "diagnosis":
-                diagnosis = {"code": c["class"], "name": diagnosis_name(c["class"]), "probability": c["probability"],
-                             "probabilities": c["probabilities"]}
+                diagnosis = {
+                    "code": c["class"],
+                    "name": diagnosis_name(c["class"]),
+                    "probability": c["probability"],
+                    "probabilities": c["probabilities"],
+                }
             elif c is not None:
                 prediction = {"label": label, **c}
-            out.append({"attributes": attribute_dict(self.embedder.attributes, p), "diagnosis": diagnosis, "prediction": prediction})
+            out.append(
+                {"attributes": attribute_dict(self.embedder.attributes, p), "diagnosis": diagnosis, "prediction": prediction}
+            )
         return z, out
 
     def search_batch(self, uploads: list[bytes], ks: list[int], thumbnails: list[bool]) -> list[dict[str, Any] | RequestError]:
@@ -131,7 +149,7 @@ class Retriever:
         """
         out: list[Any] = [None] * len(uploads)
         images, accepted = [], []
-        for i, (upload, k) in enumerate(zip(uploads, ks)):
+        for i, (upload, k) in enumerate(zip(uploads, ks, strict=True)):
             try:
                 check_k(k, self.settings.max_k)
                 images.append(self.decode(upload))
@@ -142,7 +160,7 @@ class Retriever:
             z, queries = self.query_summary(images)
             scores, rows = self.index.search(z, max(ks[i] for i in accepted))
             for j, i in enumerate(accepted):
-                hits = [(r, s) for r, s in zip(rows[j, : ks[i]].tolist(), scores[j, : ks[i]].tolist()) if r >= 0]
+                hits = [(r, s) for r, s in zip(rows[j, : ks[i]].tolist(), scores[j, : ks[i]].tolist(), strict=True) if r >= 0]
                 out[i] = {"query": queries[j], "results": [self.gallery.record(r, s, thumbnails[i]) for r, s in hits]}
         return out
 
@@ -156,13 +174,17 @@ class Retriever:
         """The k gallery lesions whose predicted `attribute` is closest to the upload's."""
         check_k(k, self.settings.max_k)
         if attribute not in self.gallery.predicted_names:
-            raise RequestError(422, f"attribute must be one of the grounded attributes: {', '.join(self.gallery.predicted_names)}")
+            raise RequestError(
+                422, f"attribute must be one of the grounded attributes: {', '.join(self.gallery.predicted_names)}"
+            )
         _, [query] = self.query_summary([self.decode(upload)])
         value = query["attributes"][attribute]
         results = []
         for row, gap in self.gallery.nearest_by_value(attribute, value, k):
             record = self.gallery.record(row, None, thumbnails)
-            record["predicted_" + attribute] = round(float(self.gallery.predicted[row, self.gallery.predicted_names.index(attribute)]), 4)
+            record["predicted_" + attribute] = round(
+                float(self.gallery.predicted[row, self.gallery.predicted_names.index(attribute)]), 4
+            )
             record["difference"] = round(gap, 6)
             results.append(record)
         return {"query": query, "attribute": attribute, "results": results}
@@ -199,6 +221,11 @@ class Retriever:
 
         model = self.index.meta.get("model")  # the encoder folder the index was built with: no server paths
         index = {**self.index.meta, "model": public_model(model) if isinstance(model, str) else model}
-        return {"lesions": len(self.gallery), "index": index, "grounded_attributes": self.gallery.predicted_names,
-                "diagnoses": {c: d.name for c, d in DIAGNOSES_BY_CODE.items()}, "text_search": self.text_index is not None,
-                "max_k": self.settings.max_k}
+        return {
+            "lesions": len(self.gallery),
+            "index": index,
+            "grounded_attributes": self.gallery.predicted_names,
+            "diagnoses": {c: d.name for c, d in DIAGNOSES_BY_CODE.items()},
+            "text_search": self.text_index is not None,
+            "max_k": self.settings.max_k,
+        }

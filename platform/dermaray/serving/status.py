@@ -35,8 +35,9 @@ def public_model(name: str) -> str:
 
 
 def _fmt(resources: Mapping[str, float]) -> str:
-    return ", ".join(f"{k}={v / GIB:.3g}GiB" if k in ("memory", "object_store_memory") else f"{k}={v:g}"
-                     for k, v in sorted(resources.items()))
+    return ", ".join(
+        f"{k}={v / GIB:.3g}GiB" if k in ("memory", "object_store_memory") else f"{k}={v:g}" for k, v in sorted(resources.items())
+    )
 
 
 def unschedulable_reason(deployment: Mapping[str, Any], free_per_node: Sequence[Mapping[str, float]]) -> str | None:
@@ -56,7 +57,9 @@ def unschedulable_reason(deployment: Mapping[str, Any], free_per_node: Sequence[
         return None  # there is room: the replica is about to be placed
     name = deployment.get("name", "the deployment")
     most = {k: max((node.get(k, 0.0) for node in free_per_node), default=0.0) for k in required}
-    return (f"{name} cannot be scheduled: no replica is running, one needs {_fmt(required) or 'no resources'} and no node "
-            f"has that free (the most free on one node: {_fmt(most) or 'nothing'}). On an autoscaling cluster a node is "
-            f"being added: retry later. Otherwise free those resources or lower the {name} deployment's "
-            f"ray_actor_options (serve/config.yaml).")
+    return (
+        f"{name} cannot be scheduled: no replica is running, one needs {_fmt(required) or 'no resources'} and no node "
+        f"has that free (the most free on one node: {_fmt(most) or 'nothing'}). On an autoscaling cluster a node is "
+        f"being added: retry later. Otherwise free those resources or lower the {name} deployment's "
+        f"ray_actor_options (serve/config.yaml)."
+    )
