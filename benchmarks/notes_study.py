@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--label-sample", type=int, default=0, help="notes per strategy to write out for hand labelling")
     parser.add_argument("--fixture", default=str(FIXTURE))
+    parser.add_argument("--seed", type=int, default=7, help="seed of the synthetic lesions (another seed: other lesions)")
     args = parser.parse_args()
 
     from dermaray.config import load_config
@@ -58,7 +59,7 @@ def main() -> None:
             f"notes.sampling.max_tokens={args.max_tokens}",
             f"synth.n_lesions={args.lesions}",
             f"synth.output={source}",
-            "synth.seed=7",
+            f"synth.seed={args.seed}",
             f"ingest.input={source}",
             f"ingest.output={canonical}",
             f"notes.input={canonical}/lesions",
