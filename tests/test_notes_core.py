@@ -591,6 +591,35 @@ PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
         ("Lesion on the left shin.", dict(anatom_site="upper extremity"), {}, ("site_mismatch",)),
         ("The lesion came back after cryotherapy.", dict(anatom_site="upper extremity"), {"sites": ()}, ()),
         ("Seborrheic keratosis.", dict(diagnosis="BKL"), {"diagnoses": ("SEK",)}, ()),
+        # What a condition usually is, from the general word to the end of the sentence, is not this lesion.
+        (
+            "It is usually found on the legs and is typically large. This lesion, on the arm, is small.",
+            dict(anatom_site="upper extremity", long_diam_mm=2.0),
+            {"sites": (("arm", frozenset({"upper extremity"})),), "size_words": ("small",)},
+            (),
+        ),
+        (
+            "A benign melanoma, which is a type of skin cancer that is often curable.",
+            dict(diagnosis="NEV"),
+            {"malignancy": ("benign", "malignant")},
+            ("diagnosis_mismatch", "malignancy_mismatch", "self_contradiction"),
+        ),
+        ("The condition affects only male patients.", dict(sex="female"), {"sexes": ()}, ()),
+        # Values offered as alternatives choose none; "uniform border" is the border's.
+        ("It may be small, medium, or large, and benign or malignant.", dict(long_diam_mm=2.0), {"size_words": ()}, ()),
+        (
+            "A brown lesion with a uniform border.",
+            dict(NEV, norm_border=1.4),
+            {"borders": ("regular",), "colour_variation": ()},
+            ("border_mismatch",),
+        ),
+        (
+            "A normal colour distribution.",
+            dict(NEV, norm_color=4.0),
+            {"colour_variation": ("uniform",)},
+            ("colour_variation_mismatch",),
+        ),
+        ("The diagnosis was confirmed by a biopsy.", NEV, {"history": ("was confirmed",)}, ("invented_history",)),
     ],
 )
 def test_tricky_phrasing(note, row, facts, codes):

@@ -38,7 +38,10 @@ How claims are read: a term within a short window after a negation cue ("no", "n
 ("not asymmetric" = symmetric); for the rest it is no claim. A term after a hedge ("rule out",
 "differential", "history of", ...) or followed by "was ruled out" / "is unlikely" is no claim. A
 term followed by ":" is a field label ("Asymmetry: symmetric"), not a claim, and a line listing a
-form's options ("Border: regular | slightly irregular | markedly irregular") claims nothing.
+form's options ("Border: regular | slightly irregular | markedly irregular") claims nothing; nor do
+values offered as alternatives ("small, medium, or large"). From a word that speaks of the condition
+in general ("usually", "typically", "can occur", lexicon.GENERIC_CUES) to the end of its sentence,
+nothing is a claim about this lesion ("It is usually found on the legs").
 
 Not audited: lesion type words (macule, papule, nodule), dermoscopic structures (dots, globules,
 vessels), border sharpness (well- / ill-defined: recorded, and audited only for
@@ -53,6 +56,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from dermaray.notes.lexicon import (
@@ -70,6 +74,7 @@ from dermaray.notes.lexicon import (
     DECADE,
     DIMENSIONS,
     FACTS,
+    GENERIC_CUES,
     HEDGE_CUES,
     HISTORY_WORDS,
     LENGTH,
@@ -80,6 +85,7 @@ from dermaray.notes.lexicon import (
     NEGATION_CUES,
     OTHER_LENGTH,
     PLAN_WORDS,
+    POPULATION_AFTER,
     POST_HEDGES,
     POST_NEGATIONS,
     POST_VERBS,
@@ -222,7 +228,7 @@ _POST_HEDGE = re.compile(_POST_VERBS + _alternatives(*POST_HEDGES) + r"\b", _I)
 
 _AGES = tuple(re.compile(p, _I) for p in AGE_PATTERNS)
 _DECADE = re.compile(DECADE, _I)
-_SEXES = tuple((sex, re.compile(_words(*words), _I)) for sex, words in SEX_WORDS.items())
+_SEXES = tuple((sex, re.compile(_words(*words) + POPULATION_AFTER, _I)) for sex, words in SEX_WORDS.items())
 _DIMENSIONS = re.compile(DIMENSIONS, _I)
 _LENGTH = re.compile(LENGTH, _I)
 _UPPER_BOUND = re.compile(UPPER_BOUND_BEFORE, _I)
@@ -241,6 +247,11 @@ _SEPARATOR = re.compile(r"[,=:]")  # of a flag string
 # A line offering options ("Border: regular | slightly irregular | markedly irregular"), as P1 notes copy
 # the form back: it chooses nothing.
 _OPTION_LIST = re.compile(r"^[^\n|]*(?:\|[^\n|]*)+$", re.MULTILINE)
+# A sentence: up to a full stop that is not a decimal point, "!", "?" or a line end.
+_SENTENCE = re.compile(r"(?:[^.!?\n]|\.(?=\d))+(?:[.!?]+|\n|$)")
+_GENERIC = re.compile(_words(*GENERIC_CUES), _I)
+# Values of one kind offered as alternatives ("small, medium, or large", "benign or malignant").
+_ALTERNATIVE_GAP = re.compile(r"^\s*(?:,\s*)?(?:(?:or|and/or)\s+)?$|^\s*/\s*$", _I)
 
 
 # --- Results ---------------------------------------------------------------------------------
@@ -470,14 +481,44 @@ def _history(text: str) -> list[str]:
     return found
 
 
+def _without_generic_part(sentence: re.Match[str]) -> str:
+    """A sentence up to its first generic cue: what follows describes the condition, not this lesion."""
+    cue = _GENERIC.search(sentence.group(0))
+    return sentence.group(0)[: cue.start()] + "." if cue else sentence.group(0)
+
+
+def _alternatives_offered(text: str, hits: Sequence[_Hit]) -> set[_Hit]:
+    """Hits in a list of values of one kind joined by "or" ("small, medium, or large"): none is chosen."""
+    by_kind: dict[str, list[_Hit]] = {}
+    for hit in hits:
+        by_kind.setdefault(hit.term.kind, []).append(hit)
+    offered: set[_Hit] = set()
+    for same in by_kind.values():
+        runs = [[same[0]]]
+        for previous, hit in pairwise(same):
+            if _ALTERNATIVE_GAP.match(text[previous.end : hit.start]):
+                runs[-1].append(hit)
+            else:
+                runs.append([hit])
+        for run in runs:
+            between = " ".join(text[a.end : b.start] for a, b in pairwise(run))
+            if len({h.term.value for h in run}) > 1 and (_OR.search(between) or "/" in between):
+                offered.update(run)
+    return offered
+
+
 def extract_facts(note: str) -> Facts:
     """The claims of a note (see the module docstring for the rules)."""
     note = _OPTION_LIST.sub("", note)
+    note = _SENTENCE.sub(_without_generic_part, note)
     hits = _terms(note)
+    offered = _alternatives_offered(note, hits)
     claims: dict[str, list[str]] = {}
     sites: list[tuple[str, frozenset[str]]] = []
     for hit in hits:
         term = hit.term
+        if hit in offered:
+            continue
         if _LABEL.match(note[hit.end : hit.end + 4]):
             continue  # a field label, "Asymmetry: symmetric"
         if not _is_claim_in_context(note, hit):

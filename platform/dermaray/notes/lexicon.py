@@ -47,6 +47,7 @@ LESION_NOUN = (
 # "Regular", "smooth" and "uneven" are a border's only next to one ("regular follow-up" is not); not
 # "shape": outline irregularity is asymmetry as much.
 BORDER_NOUN = r"\b(?:borders?|margins?|edges?|outlines?|contours?|periphery|circumscri\w*)\b"
+_BORDER_NEXT = r"(?=\s+(?:borders?|margins?|edges?|outlines?)\b)"  # "a uniform border" is about the border
 
 # Codes written as abbreviations, matched case-sensitively ("df" is not a diagnosis); one in brackets
 # after a name ("(SK)") abbreviates that name, whatever it is, and claims nothing of its own.
@@ -90,7 +91,7 @@ FACTS: tuple[Fact, ...] = (
     Fact(
         "symmetry",
         (
-            Words("symmetric", (r"symmetric(?:al|ally)?", r"normal symmetry")),
+            Words("symmetric", (r"symmetric(?:al|ally)?", r"normal symmetry", r"(?<!moderate to )high degree of symmetry")),
             Words("asymmetric", (r"asymmetric(?:al|ally)?", r"asymmetry", r"asymmetries")),
             Words("symmetric", (r"symmetry",), weak=True),
         ),
@@ -117,6 +118,7 @@ FACTS: tuple[Fact, ...] = (
             Words("irregular", (r"irregular(?:ly|ity|ities)?", r"uneven"), near=BORDER_NOUN),
             Words("regular", (r"regular(?:ly|ity)?", r"smooth"), near=BORDER_NOUN),
             Words("irregular", (r"notched", r"jagged", r"scalloped")),
+            Words("regular", (r"uniform" + _BORDER_NEXT,)),  # "a uniform border"
         ),
         negation=_either("regular", "irregular"),
         contradictions=(("regular", "irregular"),),
@@ -125,13 +127,14 @@ FACTS: tuple[Fact, ...] = (
         "variation",
         (
             Words("uniform", (
-                r"uniform(?:ly)?", r"homogene?ous(?:ly)?", r"evenly (?:pigmented|colou?red)", r"monochrom\w*",
-                r"(?:single|one) colou?r",
+                r"uniform(?:ly)?(?!" + _BORDER_NEXT[3:], r"homogene?ous(?:ly)?", r"evenly (?:pigmented|colou?red)",
+                r"monochrom\w*", r"(?:single|one) colou?r", r"normal colou?r distribution",
             )),
             Words("variegated", (
                 r"variegat\w*", r"(?:in|hetero)homogene?ous(?:ly)?", r"heterogene?ous(?:ly)?", r"non-?uniform(?:ly)?",
                 r"multi-?colou?red", r"(?:multiple|several|two|three|many|various) colou?rs", r"mottled",
-                r"unevenly (?:pigmented|colou?red)", r"irregular(?:ly)? pigment\w*",
+                r"unevenly (?:pigmented|colou?red)", r"irregular(?:ly)? pigment\w*", r"range of (?:shades|colou?rs)",
+                r"variable (?:amount of )?colou?r(?: variation)?",
             )),
         ),
         negation=_either("uniform", "variegated"),
@@ -180,7 +183,7 @@ SITE_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
         ("head/neck",),
     ),
-    (r"lips?", ("head/neck", "oral/genital")),
+    (r"lips?|mouth", ("head/neck", "oral/genital")),
     (r"upper[- ](?:extremit(?:y|ies)|limbs?)", ("upper extremity",)),
     (r"(?:fore|upper )?arms?|elbows?|wrists?|antecubital", ("upper extremity",)),
     (r"(?<!other )hands?|fingers?|thumbs?|knuckles?", ("upper extremity", "palms/soles")),
@@ -202,7 +205,7 @@ SITE_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"palms?(?:\s*/\s*|\s+(?:and|or)\s+)soles?|palms?|palmar|soles?(?=\s+of\b)|soles|plantar|acral", ("palms/soles",)),
     (
         (
-            r"oral(?:\s*/\s*|\s+(?:and|or)\s+)genital(?:\s+mucosa\w*)?|oral|mouth|genital\w*|vulva\w*|penile|penis"
+            r"oral(?:\s*/\s*|\s+(?:and|or)\s+)genital(?:\s+mucosa\w*)?|oral|genital\w*|vulva\w*|penile|penis"
             r"|scrot\w*|perianal|perineal|mucosa\w*"
         ),
         ("oral/genital",),
@@ -220,7 +223,8 @@ SIZE_NOUN_AFTER = r"\s*(?:[\s-]?sized|(?:in )?(?:size|diameter))\b"  # "large di
 
 # Lesion colours: a stated word -> its canonical name; -ish forms count ("pinkish" = pink).
 COLOUR_WORDS: dict[str, str] = {
-    r"red(?:dish)?[- ]brown": "red-brown", r"dark[- ]brown": "dark brown", r"(?:light|tan)[- ]brown": "light brown",
+    r"(?:red(?:dish)?|pink(?:ish)?)[- ]brown": "red-brown", r"dark[- ]brown": "dark brown",
+    r"(?:light|tan)[- ]brown": "light brown",
     r"brown(?:ish)?": "brown", r"black(?:ish)?": "black", r"tan": "tan", r"pink(?:ish)?": "pink",
     r"red(?:dish)?": "red", r"purpl(?:e|ish)": "purple", r"violaceous": "violaceous", r"red-purple": "red-purple",
     r"blu(?:e|ish)(?:-gr[ae]y)?": "blue", r"gr[ae]y(?:ish)?": "grey", r"white|whitish": "white",
@@ -289,6 +293,10 @@ HISTORY_WORDS: tuple[str, ...] = (
     r"(?:earlier|last) (?:this )?(?:year|month|week)", r"(?:years|months|weeks) ago", r"experienc(?:e|es|ed|ing)",
     r"bone density", r"lifestyle", r"(?:radiographic |medical )?imaging", r"x-?rays?", r"blood tests?", r"blood on",
     r"prior (?:medical|skin) (?:conditions?|history)",
+    r"confirmed (?:by|with|through|using|on)", r"(?:was|were|been|later) confirmed(?! as)", r"had been diagnosed",
+    r"based on (?:the )?(?:results? of )?(?:a |the )?biops(?:y|ies)", r"undergo(?:es|ing)? (?:treatment|therapy)",
+    r"(?:found|discovered|noticed) (?:during|at|on) (?:a |an |the )?(?:routine|recent|annual)",
+    r"under (?:a|the) microscope", r"examined by (?:a|the) (?:dermatologist|doctor|physician|pathologist)",
 )  # fmt: skip
 # A procedure as a plan is not history: "excision is recommended", "biopsy to confirm".
 PLAN_WORDS: tuple[str, ...] = (
@@ -329,6 +337,18 @@ POST_HEDGES: tuple[str, ...] = (
     r"ruled out", r"excluded", r"unlikely", r"less likely", r"not (?:suspected|favou?red|likely|considered|supported)",
 )  # fmt: skip
 
+# --- Statements about a condition in general ---------------------------------------------------
+
+# From one of these to the end of its sentence a note describes the condition, not this lesion ("It
+# is usually found on the legs", "They can occur anywhere on the body", "characterized by small,
+# irregular lesions"): no claim about the lesion or the patient.
+GENERIC_CUES: tuple[str, ...] = (
+    r"usually", r"typically", r"often", r"commonly", r"generally", r"frequently", r"tends? to", r"most common",
+    r"in general", r"anywhere on the body", r"are (?:a )?types? of", r"can be classified",
+    r"(?:can|may) (?:also )?(?:occur|appear|be found|affect|develop|vary)",
+    r"characteri[sz]ed by (?:[\w,-]+ ){0,4}(?:lesions|spots|patches|growths)",
+)  # fmt: skip
+
 # --- Patients: age and sex ---------------------------------------------------------------------
 
 AGE_PATTERNS: tuple[str, ...] = (
@@ -338,6 +358,8 @@ AGE_PATTERNS: tuple[str, ...] = (
     r"\baged?\s*[:=]?\s*(?:about|approximately|approx\.?|around|~)?\s*(\d{1,3})\b(?!\s*(?:mm|cm|%|-?\s*year))",  # "age: 45"
 )
 DECADE = r"\bin\s+(?:his|her|their)\s+(?:early\s+|mid-?\s*|late\s+)?(\d)0'?s\b"  # "in her 40s": 40-49
+# A sex word before these speaks of a population ("affecting only male patients"), not this patient.
+POPULATION_AFTER = r"(?!\s+(?:patients|individuals|people|adults|children|subjects|populations?)\b)"
 SEX_WORDS: dict[str, tuple[str, ...]] = {
     "male": (r"male", r"man", r"gentleman", r"boy", r"he", r"him", r"his"),
     "female": (r"female", r"woman", r"lady", r"girl", r"she", r"hers?"),
