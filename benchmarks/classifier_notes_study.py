@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dermaray.config import load_config
-    from dermaray.layout import Layout
+    from dermaray.layout import Layout, summary_uri
     from dermaray.notes.study import classifier_markdown
     from dermaray.storage import join, write_bytes
     from jobs import classifier, ingest, notes, synth
@@ -64,7 +64,7 @@ def main() -> None:
     for domain, n in (("clinic", args.lesions), ("shifted", args.shifted)):
         source, canonical = join(root, "synthetic", domain), join(root, "ingest", domain)
         lesions[domain] = join(canonical, "lesions")
-        if not os.path.exists(join(canonical, "ingest_summary.json")):
+        if not os.path.exists(summary_uri(canonical, "ingest")):
             synth.run(with_(cfg, "synth", output=source, domain=domain, n_lesions=n))
             ingest.run(with_(cfg, "ingest", input=source, output=canonical))
 

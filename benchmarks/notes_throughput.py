@@ -38,6 +38,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dermaray.config import load_config
+    from dermaray.layout import summary_uri
     from dermaray.models import resolve_model
     from dermaray.notes.engine import NoteWriter
     from dermaray.storage import read_parquet
@@ -55,7 +56,7 @@ def main() -> None:
         ],
     )  # fmt: skip
     init_ray(cfg.ray)
-    if not os.path.exists(f"{canonical}/ingest_summary.json"):
+    if not os.path.exists(summary_uri(canonical, "ingest")):
         synth.run(cfg)
         ingest.run(cfg)
     model_path = resolve_model("note_writer", cfg.models.note_writer, cfg.models)

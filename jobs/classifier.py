@@ -44,6 +44,7 @@ from dermaray.grounding.labels import LabelSpec, balanced_class_weights, label_s
 from dermaray.grounding.metrics import class_retrieval_metrics, classification_metrics, partial_auc_above_tpr
 from dermaray.grounding.model import augment
 from dermaray.grounding.text import TextEncoder
+from dermaray.layout import summary_uri
 from dermaray.notes.prompts import states_label
 from dermaray.schema import written_notes
 from dermaray.stats import bootstrap_ci
@@ -275,7 +276,7 @@ def run(cfg: DermarayConfig) -> dict:
         "eval": results,
         "seconds_this_run": round(time.perf_counter() - started, 2),
     }
-    write_summary(join(c.output, "classifier_summary.json"), summary, options)
+    write_summary(summary_uri(c.output, "classifier"), summary, options)
     return summary
 
 

@@ -49,7 +49,7 @@ from dermaray.diffusion.pipeline import (
     tokenize,
 )
 from dermaray.images import decode_rgb
-from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
+from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER, summary_uri
 from dermaray.models.registry import model_folder, resolve_model
 from dermaray.schema import written_notes
 from dermaray.storage import exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
@@ -344,7 +344,7 @@ def run(cfg: DermarayConfig) -> dict:
                 cfg, base, resolution, ids, f"{d.run_name}-{code}", f"{PER_DIAGNOSIS_ADAPTERS}/{code}"
             )
     summary["seconds_this_run"] = round(time.perf_counter() - started, 2)
-    write_summary(join(d.output, "diffusion_summary.json"), summary, options)
+    write_summary(summary_uri(d.output, "diffusion"), summary, options)
     return summary
 
 

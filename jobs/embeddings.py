@@ -17,9 +17,9 @@ import ray
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.grounding.embed import CARRIED, LesionEmbedder
-from dermaray.layout import embeddings_index, embeddings_table
+from dermaray.layout import embeddings_index, embeddings_table, summary_uri
 from dermaray.retrieval import VectorIndex
-from dermaray.storage import arrow_filesystem, join, read_parquet, remove_tree, require
+from dermaray.storage import arrow_filesystem, read_parquet, remove_tree, require
 from jobs.common import init_ray, log, write_summary
 
 
@@ -64,7 +64,7 @@ def run(cfg: DermarayConfig) -> dict:
         index.save(embeddings_index(e.output), options)
         summary["index"] = {"uri": embeddings_index(e.output), "kind": e.index.kind, "count": len(index)}
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    write_summary(join(e.output, "embeddings_summary.json"), summary, options)
+    write_summary(summary_uri(e.output, "embeddings"), summary, options)
     log.info("embeddings: %d lesions embedded with %s", rows_in, e.model)
     return summary
 

@@ -35,7 +35,8 @@ from dermaray.grounding.model import (
     loss_fn,
     save_model,
 )
-from dermaray.storage import join, read_parquet
+from dermaray.layout import summary_uri
+from dermaray.storage import read_parquet
 from jobs.common import init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs
 
@@ -161,7 +162,7 @@ def run(cfg: DermarayConfig) -> dict:
         "history": history,
         "seconds_this_run": round(time.perf_counter() - started, 2),
     }
-    write_summary(join(g.output, "grounding_summary.json"), summary, options)
+    write_summary(summary_uri(g.output, "grounding"), summary, options)
     return summary
 
 

@@ -20,6 +20,7 @@ import ray
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, IngestConfig
 from dermaray.data.readers import READERS, accepted, canonicalize, mark_duplicates, quarantined
+from dermaray.layout import summary_uri
 from dermaray.schema import LESION_SCHEMA, QUARANTINE_SCHEMA
 from dermaray.storage import arrow_filesystem, join, parquet_row_count, read_parquet
 from jobs.common import init_ray, log, write_summary
@@ -87,7 +88,7 @@ def run(cfg: DermarayConfig) -> dict:
             "malignant": rows_out - labels["malignant"].null_count,
         },
     }
-    write_summary(join(c.output, "ingest_summary.json"), summary, cfg.storage_options)
+    write_summary(summary_uri(c.output, "ingest"), summary, cfg.storage_options)
     if rows_in != rows_out + rows_quarantined:
         raise RuntimeError(f"ingest lost rows: {rows_in} in != {rows_out} out + {rows_quarantined} quarantined")
     log.info("ingest: %d in = %d out + %d quarantined %s", rows_in, rows_out, rows_quarantined, dict(reasons))

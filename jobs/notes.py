@@ -24,6 +24,7 @@ import ray
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, ModelsConfig, NotesConfig
+from dermaray.layout import summary_uri
 from dermaray.models.registry import get_preset, is_preset, resolve_model
 from dermaray.notes.engine import TEMPLATE_MODEL_ID, NoteWriter, switches_of
 from dermaray.notes.prompts import prompt_id
@@ -222,7 +223,7 @@ def run(cfg: DermarayConfig) -> dict:
         "seconds_this_run": round(elapsed, 2),
         "engine_start_seconds": round(engine_start_s, 2),  # the slowest actor's model load, within the above
     }
-    write_summary(join(n.output, "notes_summary.json"), summary, options)
+    write_summary(summary_uri(n.output, "notes"), summary, options)
     return summary
 
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from dermaray import report
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
-from dermaray.layout import MAIN_DOMAIN, Layout, embeddings_index, embeddings_table
+from dermaray.layout import MAIN_DOMAIN, Layout, embeddings_index, embeddings_table, summary_name, summary_uri
 from dermaray.notes.engine import TEMPLATE_MODEL_ID
 from dermaray.report.sections import images, markdown_section
 from dermaray.retrieval import VectorIndex
@@ -142,20 +142,20 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     w = Workdir(r.workdir, cfg.storage_options)
     at = w.at
     pipeline = w.json(at.summary)
-    ingest = {d: w.json(join(at.ingest(d), "ingest_summary.json")) for d in w.domains(at.ingest())}
+    ingest = {d: w.json(summary_uri(at.ingest(d), "ingest")) for d in w.domains(at.ingest())}
     synth = {d: w.json(join(at.synthetic(d), "synth_manifest.json")) for d in w.domains(at.synthetic())}
     notes_folders = {"notes": at.notes, "notes_blind": at.notes_blind}
     notes_outputs = {f"{name}/{d}": folder(d) for name, folder in notes_folders.items() for d in w.domains(folder())}
-    notes_summaries = {name: w.json(join(uri, "notes_summary.json")) for name, uri in notes_outputs.items()}
+    notes_summaries = {name: w.json(summary_uri(uri, "notes")) for name, uri in notes_outputs.items()}
     samples = {name: _note_samples(w, uri, r.sample_notes) for name, uri in notes_outputs.items() if name.startswith("notes/")}
     notes_study = w.json(join(at.notes_study, "notes_study.json"))  # benchmarks/notes_study.py, when run
     notes_classifier = w.json(
         join(at.classifier_notes_study, "classifier_notes_study.json")
     )  # benchmarks/classifier_notes_study.py
-    grounding = w.json(join(at.grounding, "grounding_summary.json"))
+    grounding = w.json(summary_uri(at.grounding, "grounding"))
     grounding_eval = w.json(join(at.grounding_eval, "grounding_eval.json"))
-    classifier = w.json(join(at.classifier, "classifier_summary.json"))
-    diffusion = w.json(join(at.diffusion, "diffusion_summary.json"))
+    classifier = w.json(summary_uri(at.classifier, "classifier"))
+    diffusion = w.json(summary_uri(at.diffusion, "diffusion"))
     diffusion_eval = w.json(join(at.diffusion_eval, "diffusion_eval.json"))
     rows = _gallery(w, r.gallery_queries, r.gallery_k, r.thumbnail_px)
 
@@ -242,7 +242,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
                 ],
             )
             + "<h3>Evaluation</h3>"
-            + markdown_section((classifier or {}).get("eval"), "classifier", "classifier_summary.json", classifier_markdown)
+            + markdown_section((classifier or {}).get("eval"), "classifier", summary_name("classifier"), classifier_markdown)
             + (
                 "<h3>Template notes vs LLM notes (benchmarks/classifier_notes_study.py)</h3>"
                 + markdown_section(

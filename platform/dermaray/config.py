@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,6 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dermaray.layout import DEFAULT_WORKDIR, MAIN_DOMAIN, Layout, embeddings_index, embeddings_table
 
 _OUT = Layout(DEFAULT_WORKDIR)  # where `make run` writes: serve.* defaults point into it
+
+
+# The pipeline's stages, in the order it runs them.
+Stage = Literal[
+    "synth", "ingest", "notes", "grounding", "embeddings", "grounding_eval", "classifier", "diffusion", "diffusion_eval", "report"
+]
+STAGES: tuple[Stage, ...] = get_args(Stage)
 
 
 class Section(BaseModel):
@@ -360,31 +367,7 @@ class PipelineConfig(Section):
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
     # notes.model_lesions for the shifted clinic's notes (None: the same as the clinic's; 0: templates only)
     shifted_model_lesions: int | None = Field(default=None, ge=0)
-    stages: list[
-        Literal[
-            "synth",
-            "ingest",
-            "notes",
-            "grounding",
-            "embeddings",
-            "grounding_eval",
-            "classifier",
-            "diffusion",
-            "diffusion_eval",
-            "report",
-        ]
-    ] = [
-        "synth",
-        "ingest",
-        "notes",
-        "grounding",
-        "embeddings",
-        "grounding_eval",
-        "classifier",
-        "diffusion",
-        "diffusion_eval",
-        "report",
-    ]
+    stages: list[Stage] = list(STAGES)
 
 
 class ServeConfig(Section):

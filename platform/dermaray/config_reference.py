@@ -12,8 +12,9 @@ import ast
 import inspect
 import io
 import json
+import re
 import tokenize
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -53,10 +54,18 @@ def _comments(cls: type) -> dict[str, str]:
 def _annotations(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls)).body[0]
     return {
-        n.target.id: ast.unparse(n.annotation)
+        n.target.id: _spelled_out(ast.unparse(n.annotation), inspect.getmodule(cls))
         for n in tree.body
         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
     }
+
+
+def _spelled_out(annotation: str, module: Any) -> str:
+    """An annotation with the module's Literal aliases written out (`list[Stage]` -> `list[Literal['synth', ...]]`)."""
+    for name, value in vars(module).items():
+        if get_origin(value) is Literal and re.search(rf"\b{name}\b", annotation):
+            annotation = re.sub(rf"\b{name}\b", f"Literal[{', '.join(map(repr, get_args(value)))}]", annotation)
+    return annotation
 
 
 def _default(value: Any) -> str:

@@ -39,6 +39,15 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def summary_name(stage: str) -> str:
+    """The file a stage writes its summary to, in its output folder (and the pipeline's, in the workdir)."""
+    return f"{stage}_summary.json"
+
+
+def summary_uri(output: str, stage: str) -> str:
+    return join(output, summary_name(stage))
+
+
 def embeddings_table(output: str) -> str:
     """The embeddings Parquet under an embeddings job's output."""
     return join(output, EMBEDDINGS)
@@ -124,4 +133,4 @@ class Layout:
 
     @property
     def summary(self) -> str:
-        return self.uri("pipeline_summary.json")
+        return self.uri(summary_name("pipeline"))

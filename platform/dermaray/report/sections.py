@@ -12,21 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from dermaray.config import STAGES
+from dermaray.layout import summary_name
 from dermaray.report.html import esc, fmt, image, key_values, line_chart, markdown_tables, not_run, table
 
-PIPELINE_ORDER = (
-    "ray start",
-    "synth",
-    "ingest",
-    "notes",
-    "grounding",
-    "embeddings",
-    "grounding_eval",
-    "classifier",
-    "diffusion",
-    "diffusion_eval",
-    "report",
-)
+PIPELINE_ORDER = ("ray start", *STAGES)
 
 
 def _stage_rank(name: str) -> int:
@@ -81,7 +71,7 @@ def notes(summaries: Mapping[str, dict | None], samples: Mapping[str, Sequence[d
     """Per notes output: hallucination rate, throughput, audit flags; a few notes as written."""
     done = {k: v for k, v in summaries.items() if v}
     if not done:
-        return not_run("notes", "notes_summary.json")
+        return not_run("notes", summary_name("notes"))
     rows = []
     for name, s in done.items():
         seconds = s.get("seconds_this_run") or 0
@@ -158,7 +148,7 @@ def curves(history: Sequence[dict], title: str, keys: Mapping[str, str], y_label
 def training(summary: dict | None, stage: str, charts: Sequence[tuple[str, Mapping[str, str], str, bool]]) -> str:
     """Run facts and per-epoch curves of a Ray Train job's summary (`history`: one dict per epoch)."""
     if not summary:
-        return not_run(stage, f"{stage}_summary.json")
+        return not_run(stage, summary_name(stage))
     history = summary.get("history") or []
     facts = {
         "epochs": summary.get("epochs"),
