@@ -36,6 +36,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from dermaray.config import DermarayConfig, load_config
+from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.schema import DIAGNOSES_BY_CODE
 from dermaray.serving.chain import chain_diagnosis
 from dermaray.serving.checks import (
@@ -159,7 +160,7 @@ def generation_class(max_adapters: int) -> type:
             # The tiny base is pre-trained by the diffusion job into <diffusion>/base; a hub base is
             # fetched on this node like every model, and <diffusion> holds only its adapters.
             trained_base = cfg.models.diffusion_base == "tiny"
-            if trained_base and not present(root, "base/model_index.json", options):
+            if trained_base and not present(root, f"{DIFFUSION_BASE}/model_index.json", options):
                 # Answer 503 with the reason rather than crash-loop (the diffusion job has not run).
                 log.warning("serve.diffusion holds no base pipeline: generation answers 503")
                 return
@@ -168,8 +169,8 @@ def generation_class(max_adapters: int) -> type:
             if is_remote(root):  # only what generation reads, not the training runs beside it
                 self._folder = tempfile.TemporaryDirectory(prefix="diffusion-")
                 local = self._folder.name
-                for part in (["base"] if trained_base else []) + ["adapter", "adapters"]:
-                    if part == "base" or present(root, part, options):
+                for part in ([DIFFUSION_BASE] if trained_base else []) + [SHARED_ADAPTER, PER_DIAGNOSIS_ADAPTERS]:
+                    if part == DIFFUSION_BASE or present(root, part, options):
                         download_folder(join(root, part), os.path.join(local, part), options)
             self.bank = AdapterBank(local, resolution=cfg.serve.resolution or cfg.diffusion.resolution, base=base)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from dermaray.diffusion.captions import caption
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
+from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.schema import DIAGNOSES_BY_CODE
 from dermaray.serving.checks import RequestError
 
@@ -43,10 +44,10 @@ class AdapterBank:
         device = device or ("cuda" if torch.cuda.is_available() else None)
         # Half precision on GPUs (as diffusers serves SD); float32 on CPUs, where fp16 is slow.
         self.pipe = load_pipeline(
-            base or root / "base", device=device, dtype=torch.float16 if device == "cuda" else torch.float32
+            base or root / DIFFUSION_BASE, device=device, dtype=torch.float16 if device == "cuda" else torch.float32
         )
-        self.shared_folder = root / "adapter"
-        self.per_diagnosis_root = root / "adapters"
+        self.shared_folder = root / SHARED_ADAPTER
+        self.per_diagnosis_root = root / PER_DIAGNOSIS_ADAPTERS
         self.resolution = resolution
         self.users: dict[str, set[str]] = {}  # loaded adapter name -> diagnoses holding it
         self.lock = threading.Lock()
