@@ -24,7 +24,7 @@ import ray
 import torch
 
 from dermaray.cli import config_from_argv, setup_logging
-from dermaray.config import DermarayConfig, GroundingConfig, ModelsConfig
+from dermaray.config import DermarayConfig, GroundingConfig, GroundingSpec, ModelsConfig
 from dermaray.grounding.data import PIXELS, TARGETS, Preprocessor
 from dermaray.grounding.model import (
     WEIGHTS_FILE,
@@ -42,15 +42,7 @@ from jobs.training import Task, export_model, fit, split_inputs
 
 
 def settings_of(cfg: DermarayConfig) -> GroundingSettings:
-    g = cfg.grounding
-    return GroundingSettings(
-        model=cfg.models.grounding_mllm,
-        attributes=list(g.attributes),
-        tune=g.tune,
-        lora_rank=g.lora_rank,
-        lora_alpha=g.lora_alpha,
-        lora_targets=list(g.lora_targets),
-    )
+    return GroundingSettings(model=cfg.models.grounding_mllm, **cfg.grounding.model_dump(include=set(GroundingSpec.model_fields)))
 
 
 # --- The task, run on the Ray Train workers ---------------------------------------------------
