@@ -8,13 +8,13 @@ it never fails the batch. A note cut at `max_tokens` is kept, with `finish_reaso
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from dermaray.config import NotesConfig
+from dermaray.images import decode_rgb
 from dermaray.notes.audit import audit_note
 from dermaray.notes.prompts import LABEL_FREE, MetadataSwitches, build_messages, prompt_id, template_note
 
@@ -89,10 +89,7 @@ class NoteWriter:
             raise ValueError(f"prompt_too_long: {n_tokens} tokens > max_model_len - max_tokens = {limit}")
         if not self.cfg.with_image:
             return text, n_tokens
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(row["image_bytes"])).convert("RGB")
-        return {"prompt": text, "multi_modal_data": {"image": image}}, n_tokens
+        return {"prompt": text, "multi_modal_data": {"image": decode_rgb(row["image_bytes"])}}, n_tokens
 
     def _generate(self, inputs: list[Any]) -> list[Any]:
         """Outputs or exceptions, aligned with inputs: a failing prompt is isolated by retrying one by one."""

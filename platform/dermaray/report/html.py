@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from PIL import Image
+from dermaray.images import decode_rgb
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 
@@ -110,11 +110,10 @@ def image(png: bytes, alt: str, width: int | None = None) -> str:
 
 def thumbnail_png(data: bytes, size: int) -> bytes:
     """Any encoded image -> a PNG of at most `size` px per side."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        img.thumbnail((size, size))
-        buffer = io.BytesIO()
-        img.save(buffer, format="PNG")
+    img = decode_rgb(data)
+    img.thumbnail((size, size))
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
