@@ -189,7 +189,7 @@ class GroundingModel(nn.Module):
             raise ValueError(
                 f"checkpoint does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
-        self.load_state_dict(state, strict=True)
+        self.load_state_dict(state, strict=False)  # only the trainable part: the rest is the base model
 
 
 def merge_lora(module: nn.Module) -> nn.Module:
