@@ -65,7 +65,8 @@ class ShardWriter:
             write_parquet_atomic(
                 pa.Table.from_pylist(notes, schema=NOTES_SCHEMA), shard_uri(self.output, shard), self.storage_options
             )
-            log.info("notes: shard %d, %d notes in %.1f s", shard, len(notes), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            log.info("notes: shard %d, %d notes in %.1f s", shard, len(notes), seconds)
             errors = sum(n["error"] is not None for n in notes)
             done.append(
                 {
@@ -73,6 +74,7 @@ class ShardWriter:
                     "notes": len(notes),
                     "errors": errors,
                     "engine_start_s": self.engine_start_s,
+                    "shard_s": seconds,
                     "dtype": self.writer.dtype,
                 }
             )
@@ -163,7 +165,7 @@ def run(cfg: DermarayConfig) -> dict:
         n.strategy,
     )
 
-    start, engine_start_s, dtypes = time.perf_counter(), 0.0, set()
+    start, engine_start_s, shard_s, dtypes = time.perf_counter(), 0.0, 0.0, set()
     if pending:
         init_ray(cfg.ray)
         blocks = []
@@ -185,6 +187,7 @@ def run(cfg: DermarayConfig) -> dict:
         for row in results.iter_rows():
             log.info("notes: shard %d written (%d notes, %d errors)", row["shard"], row["notes"], row["errors"])
             engine_start_s = max(engine_start_s, row["engine_start_s"])
+            shard_s += row["shard_s"]
             dtypes.add(row["dtype"])
     elapsed = time.perf_counter() - start
 
@@ -222,6 +225,7 @@ def run(cfg: DermarayConfig) -> dict:
         "dtype": ",".join(sorted(d for d in dtypes if d)) or None,  # the engine's, this run (None: no engine ran)
         "seconds_this_run": round(elapsed, 2),
         "engine_start_seconds": round(engine_start_s, 2),  # the slowest actor's model load, within the above
+        "shard_seconds": round(shard_s, 2),  # writing the shards (notes, audit, file) summed over actors, within the above
     }
     write_summary(summary_uri(n.output, "notes"), summary, options)
     return summary

@@ -186,6 +186,7 @@ def test_label_free_notes_by_the_model_for_a_count_templates_for_the_rest(ingest
     tests = lesions.loc[written.lesion_id].split.eq("test").to_numpy()
     assert tests[written.model_id.ne("template").to_numpy()].all() or tests.sum() < 30
     assert summary["dtype"] in ("bfloat16", "float32")
+    assert summary["engine_start_seconds"] + summary["shard_seconds"] <= summary["seconds_this_run"]
     # Flag counts count notes, as dermaray.notes.audit.flag_counts does (not flags: a note may have two of one code).
     per_note = Counter(code for flags in written.audit_flags.dropna() for code in {f.split(":")[0] for f in flags})
     assert summary["audit_flag_counts"] == dict(per_note)
