@@ -1,9 +1,10 @@
-"""The audit against hand-labelled real notes (tests/data/audit_labels.jsonl).
+"""The audit against hand-labelled real notes (tests/data, whose README has the labelling rules).
 
-157 notes written by SmolLM2-135M (strategies P1, P2, LF and a few template notes) on synthetic
-lesions, each labelled by reading it: every fact it states about the lesion and whether that
-fact contradicts the lesion's metadata (tests/data/README.md has the labelling rules). The
-audit's rules were extended while reading the dev half only; the held-out half measures them.
+Notes written by SmolLM2-135M (strategies P1, P2, LF and a few template notes) on synthetic
+lesions, each labelled by reading it: every fact it states about the lesion and whether that fact
+contradicts the lesion's metadata. Two fixtures: the dev notes, whose disagreements with the audit
+the rules were extended on, and the test notes, on other lesions, labelled after the rules were
+last changed: they measure the rules.
 """
 
 from collections import Counter
@@ -12,36 +13,42 @@ from pathlib import Path
 import pytest
 
 from dermaray.notes.audit import FLAG_CODES
-from dermaray.notes.study import agreement_by_part, fixture_part, load_labelled, markdown
+from dermaray.notes.study import FIXTURE_PARTS, agreement_by_part, load_labelled, markdown
 
-FIXTURE = Path(__file__).parent / "data" / "audit_labels.jsonl"
-
-
-@pytest.fixture(scope="module")
-def labelled():
-    return load_labelled(FIXTURE)
+DATA = Path(__file__).parent / "data"
 
 
-def test_the_fixture_is_what_it_says(labelled):
-    assert len(labelled) >= 150 and len({item["id"] for item in labelled}) == len(labelled)
-    assert Counter(item["strategy"] for item in labelled).keys() == {"M", "P1", "P2", "LF"}
-    assert all(
-        fact["kind"] in FLAG_CODES and isinstance(fact["contradicts"], bool) for item in labelled for fact in item["labels"]
-    )
-    contradicting = Counter(fact["kind"] for item in labelled for fact in item["labels"] if fact["contradicts"])
-    assert len(contradicting) >= 10  # nearly every kind occurs in real notes
-    assert not any(fact["contradicts"] for item in labelled if item["strategy"] == "M" for fact in item["labels"])
-    parts = Counter(fixture_part(item["id"]) for item in labelled)
-    assert min(parts.values()) >= 60  # both halves are large enough to measure on
+@pytest.fixture(scope="module", params=[name for names in FIXTURE_PARTS.values() for name in names])
+def labelled(request):
+    return request.param, load_labelled(DATA / request.param)
 
 
-def test_audit_precision_and_recall_against_the_hand_labels(labelled):
-    result = agreement_by_part(labelled)
-    dev, held_out, overall = (result[p]["all"] for p in ("dev", "held_out", "all"))
-    # The goal (precision >= 0.9, recall >= 0.8) on the half the rules were extended on ...
-    assert dev["precision"] >= 0.9 and dev["recall"] >= 0.8, dev
-    # ... and what the rules achieve on notes never looked at while writing them (measured: 0.81 / 0.81).
-    assert held_out["precision"] >= 0.78 and held_out["recall"] >= 0.78, held_out
-    assert overall["tp"] + overall["fn"] >= 200  # labelled contradictions measured
+def test_each_fixture_is_what_it_says(labelled):
+    _, items = labelled
+    assert len(items) >= 80 and len({item["id"] for item in items}) == len(items)
+    assert {"P1", "P2", "LF"} <= Counter(item["strategy"] for item in items).keys()
+    assert all(fact["kind"] in FLAG_CODES and isinstance(fact["contradicts"], bool) for item in items for fact in item["labels"])
+    contradicting = Counter(fact["kind"] for item in items for fact in item["labels"] if fact["contradicts"])
+    assert len(contradicting) >= 8, contradicting  # most kinds occur in real notes
+    assert not any(fact["contradicts"] for item in items if item["strategy"] == "M" for fact in item["labels"])
+
+
+def test_the_test_notes_are_on_other_lesions_than_the_dev_notes():
+    lesions = {
+        part: {item["row"]["lesion_id"] for name in names for item in load_labelled(DATA / name)}
+        for part, names in FIXTURE_PARTS.items()
+    }
+    assert not lesions["test"] & lesions["dev"]
+
+
+def test_audit_precision_and_recall_against_the_hand_labels():
+    result = agreement_by_part(DATA)
+    test, dev = result["test"]["all"], result["dev"]["all"]
+    # The goal is precision >= 0.9 and recall >= 0.8 on notes the rules were not written on; measured
+    # on the test notes: 0.84 / 0.88 (precision missed; tests/data/README.md). The bounds are the
+    # measured figures less a small margin: a change to the audit that loses agreement fails here.
+    assert test["precision"] >= 0.81 and test["recall"] >= 0.85, test
+    assert dev["precision"] >= 0.82 and dev["recall"] >= 0.88, dev
+    assert test["tp"] + test["fn"] >= 250 and dev["tp"] + dev["fn"] >= 450  # labelled contradictions measured
     table = markdown({"model": "smollm2-135m", "lesions": 60, "max_tokens": 128, "strategies": {}, "audit_agreement": result})
-    assert "| held-out half, " in table and "| all flags |" in table
+    assert "| all flags |" in table and f"{result['test']['notes']} test notes" in table

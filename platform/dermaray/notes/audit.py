@@ -436,7 +436,7 @@ def _diameters(text: str) -> list[tuple[float, float]]:
             value = scale * max(float(g) for g in (groups[0], groups[2] if pattern is _DIMENSIONS else None) if g)
             if _UPPER_BOUND.search(before):
                 found.append((0.0, value))
-            elif _LOWER_BOUND.search(before) or _WIDTH.search(" ".join(_WORD.findall(before)[-2:] + _WORD.findall(after)[:1])):
+            elif _LOWER_BOUND.search(before) or _WIDTH.search(" ".join(_WORD.findall(before)[-2:] + _WORD.findall(after)[:2])):
                 found.append((value, float("inf")))
             elif start := _RANGE_START.search(before):
                 found.append((scale * float(start.group(1)), value))

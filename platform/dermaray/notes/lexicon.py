@@ -69,8 +69,9 @@ FACTS: tuple[Fact, ...] = (
         Words("NEV", (r"na?ev(?:us|i|uses)", r"moles?")),
         Words("BCC", (r"basal[- ]cell carcinomas?", r"basaliomas?", r"rodent ulcers?")),
         Words("SCC", (r"squamous[- ]cell carcinomas?", r"bowen'?s disease")),
-        Words("ACK", (r"(?:actinic|solar) keratos[ei]s",)),
-        Words("SEK", (r"seb[oe]rr?h?o?eic keratos[ei]s", r"seb[oe]rr?h?o?eic warts?")),
+        # A garbled name keeps its class when it keeps the class's own word ("solar keratoderma").
+        Words("ACK", (r"(?:actinic|solar) kerato(?:s[ei]s|derma\w*)",)),
+        Words("SEK", (r"seb[oe]rr?h?o?eic (?:keratos[ei]s|keratoderma\w*)", r"seb[oe]rr?h?o?eic warts?", r"sebumkeratos[ei]s")),
         Words("DF", (r"dermatofibromas?", r"(?:benign )?fibrous histiocytomas?")),
         Words("VASC", (
             r"ha?emangiomas?", r"(?:cherry )?angiomas?", r"angiokeratomas?", r"pyogenic granulomas?",
@@ -83,7 +84,7 @@ FACTS: tuple[Fact, ...] = (
         # Not one of the classes: always a contradiction when affirmed.
         Words("OTHER", (
             r"[\w-]+ syndrome", r"\w*hyperplasias?", r"\w*sarcomas?", r"lymphomas?", r"psoriasis", r"eczema", r"\w*dermatitis",
-            r"\w*keratoderma\w*", r"epidermolysis",
+            r"\w*keratoderma\w*", r"\w*sclerosis", r"epidermolysis",
             r"warts?", r"verruca\w*", r"cysts?", r"lipomas?", r"keratoacanthomas?", r"rosacea", r"vitiligo", r"acne",
         )),
         *(Words(code, (r"(?<!\()" + abbreviation + "s?",), case_sensitive=True) for abbreviation, code in _ABBREVIATIONS.items()),
@@ -94,6 +95,10 @@ FACTS: tuple[Fact, ...] = (
             Words("symmetric", (r"symmetric(?:al|ally)?", r"normal symmetry", r"(?<!moderate to )high degree of symmetry")),
             Words("asymmetric", (r"asymmetric(?:al|ally)?", r"asymmetry", r"asymmetries")),
             Words("symmetric", (r"symmetry",), weak=True),
+            # Too vague to be a symmetry fact: "irregularly symmetrical", "a symmetrical border".
+            Words("symmetric", (
+                r"irregular(?:ly)? symmetr\w*", r"symmetric(?:al)? (?:borders?|colou?r\w*|distribution|shape)",
+            ), weak=True),
         ),
         negation=_either("symmetric", "asymmetric"),
         contradictions=(("symmetric", "asymmetric"),),
@@ -293,7 +298,9 @@ HISTORY_WORDS: tuple[str, ...] = (
     r"(?:earlier|last) (?:this )?(?:year|month|week)", r"(?:years|months|weeks) ago", r"experienc(?:e|es|ed|ing)",
     r"bone density", r"lifestyle", r"(?:radiographic |medical )?imaging", r"x-?rays?", r"blood tests?", r"blood on",
     r"prior (?:medical|skin) (?:conditions?|history)",
-    r"confirmed (?:by|with|through|using|on)", r"(?:was|were|been|later) confirmed(?! as)", r"had been diagnosed",
+    r"confirmed (?:by|with|through|using|on)", r"(?:was|were|been|later) confirmed(?! as)", r"(?:had been|previously) diagnosed",
+    r"(?:amount|traces?|drops?) of blood", r"blood (?:in|within|from)", r"(?:is|are) (?:currently )?treating", r"has treated",
+    r"(?:was|were|been) referred", r"(?:initially|previously|first) (?:examined|seen|evaluated)",
     r"based on (?:the )?(?:results? of )?(?:a |the )?biops(?:y|ies)", r"undergo(?:es|ing)? (?:treatment|therapy)",
     r"(?:found|discovered|noticed) (?:during|at|on) (?:a |an |the )?(?:routine|recent|annual)",
     r"under (?:a|the) microscope", r"examined by (?:a|the) (?:dermatologist|doctor|physician|pathologist)",
@@ -301,7 +308,7 @@ HISTORY_WORDS: tuple[str, ...] = (
 # A procedure as a plan is not history: "excision is recommended", "biopsy to confirm".
 PLAN_WORDS: tuple[str, ...] = (
     r"recommend\w*", r"advis\w*", r"should", r"consider\w*", r"plan\w*", r"warrant\w*",
-    r"may need", r"needs?", r"schedul\w*", r"refer\w*", r"would", r"if",
+    r"may need", r"needs?", r"schedul\w*", r"refer(?:ral|s)?", r"would", r"if",
 )  # fmt: skip
 
 # --- Polarity cues -----------------------------------------------------------------------------
@@ -325,6 +332,7 @@ HEDGE_CUES: tuple[str, ...] = (
     r"progress\w* (?:to|into)", r"transform\w*", r"evolv\w* into",
     r"screen\w* for", r"monitor\w* for", r"surveillance for", r"if", r"whether", r"symptoms? includ\w*",
     r"possib(?:le|ly)", r"potential(?:ly)?", r"may (?:indicate|be|have|represent|suggest)", r"might", r"could",
+    r"can (?:be|have)",
 )  # fmt: skip
 # After a term, up to two words ("malignant melanoma cannot be excluded"), then these verbs, then a
 # negation ("... is absent") or a hedge ("... was ruled out").

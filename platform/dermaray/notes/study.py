@@ -8,7 +8,6 @@ writes `notes_study.json` / `.md`, which the HTML report shows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -78,15 +77,20 @@ def audit_agreement(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"notes": len(labelled), "per_flag": per_code, "all": _precision_recall(**total), "disagreements": misses}
 
 
-def fixture_part(note_id: str) -> str:
-    """ "dev" (the half the audit's rules were extended on) or "held_out" (never looked at while doing so)."""
-    return "held_out" if int(hashlib.sha1(note_id.encode()).hexdigest(), 16) % 2 else "dev"
+# The hand-labelled fixtures (tests/data/README.md): the audit's rules were extended reading the dev
+# notes' disagreements; the test notes were labelled after that, and no rule was changed after reading them.
+FIXTURE_PARTS: dict[str, tuple[str, ...]] = {
+    "test": ("audit_labels_test.jsonl",),
+    "dev": ("audit_labels.jsonl", "audit_labels_2.jsonl"),
+}
 
 
-def agreement_by_part(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """audit_agreement on the dev half, the held-out half and all labelled notes."""
-    parts = {name: [item for item in labelled if fixture_part(item["id"]) == name] for name in ("dev", "held_out")}
-    return {**{name: audit_agreement(items) for name, items in parts.items()}, "all": audit_agreement(labelled)}
+def agreement_by_part(folder: str | Path) -> dict[str, Any]:
+    """audit_agreement on the notes of each part of FIXTURE_PARTS, from `folder` (tests/data)."""
+    return {
+        part: audit_agreement([item for name in names for item in load_labelled(Path(folder, name))])
+        for part, names in FIXTURE_PARTS.items()
+    }
 
 
 def _precision_recall(tp: int, fp: int, fn: int) -> dict[str, Any]:
@@ -137,24 +141,25 @@ def markdown(results: Mapping[str, Any]) -> str:
             )
     by_part = results.get("audit_agreement")
     if by_part:
-        agreement = by_part["all"]
+        test, dev = by_part["test"], by_part["dev"]
         lines += [
             "",
-            f"The audit against {agreement['notes']} hand-labelled notes ({results.get('fixture', 'fixture')}; "
-            "precision and recall over (note, flag) pairs):",
+            f"The audit against hand-labelled notes (tests/data): precision and recall over (note, flag) pairs on "
+            f"{test['notes']} test notes, labelled after the rules were last changed, and on {dev['notes']} dev notes, "
+            "whose disagreements the rules were extended on:",
             "",
-            "| flag | labelled contradictions | flagged | precision | recall |",
-            "|---|---|---|---|---|",
+            "| flag | test: labelled contradictions | flagged | precision | recall | dev: labelled | precision | recall |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for code, m in [*agreement["per_flag"].items(), ("all flags", agreement["all"])]:
+        empty = {"tp": 0, "fp": 0, "fn": 0, "precision": None, "recall": None}
+        codes = [c for c in FLAG_CODES if c in test["per_flag"] or c in dev["per_flag"]]
+        for code, t, d in [
+            *((c, test["per_flag"].get(c, empty), dev["per_flag"].get(c, empty)) for c in codes),
+            ("all flags", test["all"], dev["all"]),
+        ]:
             lines.append(
-                f"| {code} | {m['tp'] + m['fn']} | {m['tp'] + m['fp']} | {_fraction(m['precision'])} | {_fraction(m['recall'])} |"
-            )
-        for part, title in (("dev", "dev half (the rules were extended on it)"), ("held_out", "held-out half")):
-            m = by_part[part]["all"]
-            lines.append(
-                f"| {title}, {by_part[part]['notes']} notes | {m['tp'] + m['fn']} | {m['tp'] + m['fp']} | "
-                f"{_fraction(m['precision'])} | {_fraction(m['recall'])} |"
+                f"| {code} | {t['tp'] + t['fn']} | {t['tp'] + t['fp']} | {_fraction(t['precision'])} | "
+                f"{_fraction(t['recall'])} | {d['tp'] + d['fn']} | {_fraction(d['precision'])} | {_fraction(d['recall'])} |"
             )
     return "\n".join(lines) + "\n"
 
