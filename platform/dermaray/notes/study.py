@@ -151,7 +151,7 @@ def markdown(results: Mapping[str, Any]) -> str:
             "| flag | test: labelled contradictions | flagged | precision | recall | dev: labelled | precision | recall |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        empty = {"tp": 0, "fp": 0, "fn": 0, "precision": None, "recall": None}
+        empty = _precision_recall(0, 0, 0)  # a flag no note of that part was labelled or flagged with
         codes = [c for c in FLAG_CODES if c in test["per_flag"] or c in dev["per_flag"]]
         for code, t, d in [
             *((c, test["per_flag"].get(c, empty), dev["per_flag"].get(c, empty)) for c in codes),
