@@ -4,7 +4,7 @@
 
 1. A random `tiny` base would only make noise, so it is first pre-trained briefly (VAE and UNet)
    on the training-split lesions in one Ray task and saved with `save_pretrained` to
-   `<output>/base`; hub bases (SD 1.5, SDXL) skip this.
+   `<output>/base`; hub bases (SD 1.5) skip this.
    Its captions leave the diagnosis out by default ("a dermoscopic photo of large lesion"): the
    base knows what a lesion looks like, not which diagnosis it is, like a general-purpose base.
 2. LoRA adapters on the UNet's attention learn the diagnoses from class captions ("a dermoscopic

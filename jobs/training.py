@@ -6,12 +6,16 @@ metrics, how to save the model folder); `train_loop` runs it on every Ray Train 
 - restores model, optimizer, schedule, RNG and history from `ray.train.get_checkpoint()`,
   so a re-run with the same run name (or a restarted worker group) continues where the last
   checkpoint left off and ends at the same step count;
-- reports metrics and a checkpoint (`model/` + `train_state.pt`) every epoch from rank 0, and
-  every `checkpoint_every_steps` optimizer steps when set (long epochs: diffusion on big sets).
+- reports metrics and a checkpoint (`model/` + `train_state.pt` + `train_config.json`) every
+  epoch from rank 0, and every `checkpoint_every_steps` optimizer steps when set (long epochs:
+  diffusion on big sets);
+- steps as `dermaray.optimizer_step` does: mixed precision (`train.precision`), gradient
+  accumulation, clipping, and gradient checkpointing when asked for.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -26,14 +30,16 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from dermaray.config import TrainConfig
 from dermaray.layout import MODEL
+from dermaray.optimizer_step import OptimizerStep, cast_frozen, enable_gradient_checkpointing, resolve_precision
 from dermaray.storage import arrow_filesystem, is_remote, join, upload_folder
 from jobs.common import log
 
 TRAIN_STATE = "train_state.pt"
+TRAIN_CONFIG = "train_config.json"  # the train settings a checkpoint was made with, precision resolved
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,15 @@ def train_loop(config: dict[str, Any]) -> None:
     tc = TrainConfig(**config["train"])
     context = ray.train.get_context()
     torch.manual_seed(tc.seed + context.get_world_rank())
-    model = task.build(config)
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(tc.precision, device)
+    model = cast_frozen(task.build(config), precision)
+    if tc.gradient_checkpointing:
+        log.info("gradient checkpointing in %s", enable_gradient_checkpointing(model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config["total_steps"], tc.warmup_fraction))
+    stepper = OptimizerStep(params, optimizer, precision, device.type, tc.max_grad_norm, tc.grad_accumulation)
     # `batch` counts the batches of the current epoch already trained on (non-zero only in a
     # checkpoint taken inside an epoch, see TrainConfig.checkpoint_every_steps).
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
@@ -85,13 +96,15 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         torch.set_rng_state(saved["rng"])
+        stepper.load_state_dict(saved.get("stepper", {}))
         state = {"batch": saved.get("batch", 0), **{k: saved[k] for k in ("epoch", "step", "history")}}
 
     # DDP (several workers) must be told that some trainable weights may get no gradient: the grounding
     # embedding reads an inner layer of the vision tower, so with tune=full or LoRA the layers above it
     # are trainable but unused, and DDP would fail the first step.
+    # Gradients are all-reduced on every micro-batch (no `no_sync`): simple, and right when an epoch
+    # ends inside an accumulation.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    device = ray.train.torch.get_device()
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     started_at = {"started_at_epoch": state["epoch"], "started_at_step": state["step"]}
 
@@ -103,48 +116,67 @@ def train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             task.save(Path(folder) / MODEL, unwrap(model), config)
             torch.save(
-                {**state, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state()},
+                {
+                    **state,
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "stepper": stepper.state_dict(),
+                },
                 Path(folder) / TRAIN_STATE,
             )
+            (Path(folder) / TRAIN_CONFIG).write_text(json.dumps({**tc.model_dump(), "precision": precision}, indent=2))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+    def stepped(grad_norm: float | None) -> bool:
+        if grad_norm is None:
+            return False
+        schedule.step()
+        state["step"] += 1
+        norms.append(grad_norm)
+        return True
 
     for epoch in range(state["epoch"], tc.epochs):
         model.train()
-        started, losses = time.perf_counter(), []
+        started, losses, norms = time.perf_counter(), [], []
         batches = train_shard.iter_torch_batches(
             batch_size=tc.batch_size,
             device=device,
             local_shuffle_buffer_size=4 * tc.batch_size,
             local_shuffle_seed=tc.seed + epoch,
+            pin_memory=device.type == "cuda",
         )
         for index, batch in enumerate(batches):
             if index < state["batch"]:
                 continue  # trained on before the checkpoint this run resumed from
-            loss = task.loss(model, batch, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            state["step"] += 1
+            with stepper.autocast():
+                loss = task.loss(model, batch, config)
+            took_step = stepped(stepper.backward(loss))
             state["batch"] = index + 1
             losses.append(float(loss.detach()))
-            if tc.checkpoint_every_steps and state["step"] % tc.checkpoint_every_steps == 0:
+            # Mid-epoch checkpoints fall on optimizer steps, so no accumulated gradient is lost by a resume.
+            if took_step and tc.checkpoint_every_steps and state["step"] % tc.checkpoint_every_steps == 0:
                 report(
                     {
                         "epoch": epoch,
                         "step": state["step"],
-                        "train_loss": float(np.mean(losses[-tc.checkpoint_every_steps :])),
+                        "train_loss": float(np.mean(losses[-tc.checkpoint_every_steps * tc.grad_accumulation :])),
                         **started_at,
                     }
                 )
+        stepped(stepper.flush())
+        with stepper.autocast():
+            evaluation = task.evaluate(unwrap(model), val_shard, config, device)
         metrics = {
             "epoch": epoch + 1,
             "step": state["step"],
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "grad_norm": float(np.mean(norms)) if norms else float("nan"),  # before clipping
             "train_seconds": time.perf_counter() - started,
             "lr": schedule.get_last_lr()[0],
+            "precision": precision,
             **started_at,
-            **task.evaluate(unwrap(model), val_shard, config, device),
+            **evaluation,
         }
         state.update(epoch=epoch + 1, batch=0)
         state["history"].append(metrics)
@@ -168,7 +200,7 @@ def fit(
     storage_options: dict,
 ) -> tuple[Checkpoint, list[dict]]:
     """Train under `<output>/runs/<run_name>` (resuming a run of that name); (last checkpoint, history)."""
-    steps_per_epoch = math.ceil(math.ceil(n_train / tc.num_workers) / tc.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(math.ceil(n_train / tc.num_workers) / tc.batch_size) / tc.grad_accumulation)
     if not is_remote(output) and sum(node["Alive"] for node in ray.nodes()) > 1:
         # Workers on other nodes write checkpoints to this path on *their* disks unless it is a shared mount.
         log.warning(
@@ -181,6 +213,7 @@ def fit(
         train_loop,
         train_loop_config={**config, "task": task, "train": tc.model_dump(), "total_steps": steps_per_epoch * tc.epochs},
         scaling_config=scaling(tc),
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),  # DDP's collectives on GPUs: NCCL
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,

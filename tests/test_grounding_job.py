@@ -1,5 +1,6 @@
 """Grounding, embeddings, evaluation and the classifier as Ray jobs: real local cluster, real S3 endpoint."""
 
+import json
 import math
 
 import numpy as np
@@ -31,7 +32,8 @@ def _train_count(s3_options) -> int:
 
 @pytest.fixture(scope="module")
 def grounded(ingested_on_s3, s3_options):
-    """Two epochs of LoRA grounding on the 2,000 lesions on S3, checkpoints and model on S3."""
+    """Two epochs of LoRA grounding on the 2,000 lesions on S3, checkpoints and model on S3, stepped as on a
+    GPU: bf16 mixed precision, 2 micro-batches of 32 per step of 64, clipping, gradient checkpointing."""
     cfg = _config(
         s3_options,
         *FAST,
@@ -39,6 +41,11 @@ def grounded(ingested_on_s3, s3_options):
         "grounding.output=s3://dermaray/grounding",
         "grounding.tune=lora",
         "grounding.train.epochs=2",
+        "grounding.train.batch_size=32",
+        "grounding.train.grad_accumulation=2",
+        "grounding.train.precision=bf16-mixed",
+        "grounding.train.max_grad_norm=1.0",
+        "grounding.train.gradient_checkpointing=true",
     )
     return grounding.run(cfg)
 
@@ -48,10 +55,13 @@ def test_grounding_trains_checkpoints_and_exports_to_s3(grounded, s3_options):
     assert grounded["epochs"] == 2 and grounded["steps"] == 2 * steps_per_epoch and grounded["resumed_from_epoch"] == 0
     assert [h["epoch"] for h in grounded["history"]] == [1, 2]
     assert all(np.isfinite(h["val_loss"]) and h["val_mae_area_mm2"] > 0 for h in grounded["history"])
+    assert all(h["precision"] == "bf16-mixed" and np.isfinite(h["grad_norm"]) for h in grounded["history"])
     fs = s3fs.S3FileSystem(**s3_options)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("dermaray/grounding/model")) == ["grounding.json", "trainable.pt"]
     checkpoints = [p for p in fs.ls("dermaray/grounding/runs/grounding") if "/checkpoint_" in p and not p.endswith(".json")]
     assert 1 <= len(checkpoints) <= 2  # num_to_keep
+    saved = json.loads(fs.cat(f"{sorted(checkpoints)[-1]}/train_config.json"))  # the settings beside each checkpoint
+    assert saved["precision"] == "bf16-mixed" and saved["grad_accumulation"] == 2 and saved["batch_size"] == 32
 
 
 def test_embeddings_index_and_evaluation(grounded, s3_options, tmp_path):

@@ -55,10 +55,8 @@ def test_offline_hub_presets_with_an_empty_cache_name_the_fetch_command(tmp_path
         ("note_writer", "qwen2.5-7b"): "Qwen/Qwen2.5-7B-Instruct",
         ("note_writer", "llava-1.5-7b"): "llava-hf/llava-1.5-7b-hf",
         ("grounding_mllm", "llava-1.5-7b"): "llava-hf/llava-1.5-7b-hf",
-        ("grounding_mllm", "qwen2-vl-2b"): "Qwen/Qwen2-VL-2B-Instruct",
         ("text_encoder", "bge-base"): "BAAI/bge-base-en-v1.5",
         ("diffusion_base", "sd-1.5"): "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        ("diffusion_base", "sdxl"): "stabilityai/stable-diffusion-xl-base-1.0",
     }
     for (role, name), hub_id in expected.items():
         assert get_preset(role, name).hub_id == hub_id

@@ -171,7 +171,8 @@ class NotesConfig(Section):
     max_model_len: int = Field(default=2048, ge=64)
     # "auto": bfloat16 on a GPU or a CPU with AVX-512 BF16 / AMX, float32 on other CPUs (chosen at engine start)
     dtype: str = "auto"
-    enforce_eager: bool = True
+    # None: eager on CPU (vLLM's CPU backend), CUDA graphs on a GPU (several times faster decoding).
+    enforce_eager: bool | None = None
     engine_kwargs: dict[str, Any] = {}  # more vllm.LLM arguments (tensor_parallel_size, gpu_memory_utilization, ...)
     # Environment of the engine process, set before it starts; the defaults make vLLM run on a small CPU.
     # OMP_NUM_THREADS=1 is vLLM's own choice for serving on CPU; Ray would otherwise set it to the actor's
@@ -209,6 +210,12 @@ class TrainConfig(Section):
     # from such a checkpoint skips the batches of the epoch already trained on.
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
     materialize: bool = True  # keep the decoded pixels in the object store across epochs (small datasets)
+    # "auto": bf16-mixed on a GPU with bfloat16 (fp16-mixed on older GPUs), fp32 on CPU. Mixed precision
+    # autocasts forward passes and keeps frozen weights in the compute dtype, trainable ones in float32.
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "auto"
+    max_grad_norm: float | None = Field(default=None, gt=0)  # clip the global gradient norm (None: no clipping)
+    grad_accumulation: int = Field(default=1, ge=1)  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more compute
 
 
 GROUNDED_ATTRIBUTES = [

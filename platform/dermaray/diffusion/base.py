@@ -1,7 +1,7 @@
 """The base model LoRA adapters adapt: where it is and the image size it was built for.
 
 The diffusion job pre-trains the random `tiny` preset into `<diffusion.output>/base`; every other
-base preset (SD 1.5, SDXL) is adapted as it is. The job and its evaluation read the answer here.
+base preset (SD 1.5) is adapted as it is. The job and its evaluation read the answer here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def prepared_base_uri(cfg: DermarayConfig) -> str:
 def base_resolution(base: str, models: ModelsConfig, storage_options: dict) -> int:
     """The base's native image size, from its UNet and VAE configs (the driver never loads a hub base)."""
     if base != "tiny" and is_preset("diffusion_base", base):
-        raise ValueError(f"set diffusion.resolution for the hub base {base} (512 for SD 1.5, 1024 for SDXL)")
+        raise ValueError(f"set diffusion.resolution for the hub base {base} (512 for SD 1.5)")
     with tempfile.TemporaryDirectory() as scratch:
         folder = model_folder("diffusion_base", base, models, storage_options, scratch)
         unet = json.loads(Path(folder, "unet", "config.json").read_text())

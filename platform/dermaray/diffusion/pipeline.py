@@ -19,6 +19,7 @@ of a forward that goes through the wrapper.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -46,9 +47,18 @@ CALIBRATION_IMAGES = 64  # images whose latents set the tiny base's scaling fact
 
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
-    """A `StableDiffusionPipeline` from a local folder or hub id, without safety checker or progress bars."""
+    """A `StableDiffusionPipeline` from a local folder or hub id, without safety checker or progress bars.
+
+    Only SD 1.x / 2.x layouts: SDXL and later add a second text encoder and size conditioning
+    that neither training nor generation here provides, so they are refused by name."""
     from diffusers import StableDiffusionPipeline
 
+    index = Path(path) / "model_index.json"
+    kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if kind not in (None, "StableDiffusionPipeline"):
+        raise NotImplementedError(
+            f"{path} is a {kind}; the diffusion stage trains and serves StableDiffusionPipeline bases (SD 1.x / 2.x) only"
+        )
     pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
@@ -397,8 +407,10 @@ def _denoising_loss(pipe: Any, latents: torch.Tensor, text: torch.Tensor, genera
     from diffusers.utils.torch_utils import randn_tensor
 
     # Training noise comes from a DDPM scheduler with the pipeline's schedule (betas, number of
-    # steps); the pipeline's own scheduler (DDIM here) is for sampling only.
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # steps); the pipeline's own scheduler (DDIM here) is for sampling only. Built once per pipeline.
+    noise_scheduler = getattr(pipe, "_training_noise_scheduler", None)
+    if noise_scheduler is None:
+        noise_scheduler = pipe._training_noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if noise_scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"only epsilon-prediction bases are supported, got {noise_scheduler.config.prediction_type!r}")
     latents = latents * pipe.vae.config.scaling_factor

@@ -28,6 +28,7 @@ from pydantic import field_validator
 from torch import nn
 
 from dermaray.config import GroundingSpec, ModelsConfig
+from dermaray.grounding.vision import ImageEmbedder
 from dermaray.schema import ATTRIBUTES_BY_NAME
 
 
@@ -92,51 +93,6 @@ class GroundingSettings(GroundingSpec):
         if not attributes:
             raise ValueError("ground at least one attribute")
         return attributes
-
-
-class ImageEmbedder(nn.Module):
-    """Vision tower + projector of a LLaVA-family model; embedding = mean over image tokens."""
-
-    def __init__(self, vision_tower: nn.Module, projector: nn.Module, feature_layer: int, drop_cls: bool):
-        super().__init__()
-        self.vision_tower = vision_tower
-        self.projector = projector
-        self.feature_layer = feature_layer
-        self.drop_cls = drop_cls
-
-    @classmethod
-    def from_pretrained(cls, model_path: str) -> ImageEmbedder:
-        from transformers import AutoConfig, AutoModelForImageTextToText
-
-        config = AutoConfig.from_pretrained(model_path)
-        if not hasattr(config, "vision_feature_layer"):
-            raise NotImplementedError(
-                f"{model_path}: {config.model_type} is not a LLaVA-family model; the grounding embedder reads "
-                "vision_tower + multi_modal_projector (llava, llava_next and kin)"
-            )
-        if not isinstance(config.vision_feature_layer, int):
-            raise NotImplementedError(f"{model_path}: several vision feature layers are not supported")
-        full = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
-        inner = full.model
-        embedder = cls(
-            inner.vision_tower,
-            inner.multi_modal_projector,
-            config.vision_feature_layer,
-            config.vision_feature_select_strategy == "default",
-        )
-        del full, inner  # the language model is not needed
-        return embedder
-
-    @property
-    def dim(self) -> int:
-        return int(self.projector.linear_2.out_features)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
-        tokens = hidden[self.feature_layer]
-        if self.drop_cls:
-            tokens = tokens[:, 1:]
-        return self.projector(tokens).mean(dim=1)
 
 
 class GroundingModel(nn.Module):

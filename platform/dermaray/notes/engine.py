@@ -8,6 +8,7 @@ it never fails the batch. A note cut at `max_tokens` is kept, with `finish_reaso
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -42,6 +43,15 @@ def engine_dtype(setting: str) -> str:
     return "bfloat16" if torch.cuda.is_available() or cpu_has_bf16() else "float32"
 
 
+def engine_eager(setting: bool | None) -> bool:
+    """`notes.enforce_eager` as given, or for None: eager without a GPU, CUDA graphs with one."""
+    if setting is not None:
+        return setting
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 class NoteWriter:
     def __init__(self, cfg: NotesConfig, model_path: str | None, model_id: str, with_model: bool = True):
         """`with_model=False` starts no engine: every note is the template (a run whose lesions all get one)."""
@@ -51,6 +61,11 @@ class NoteWriter:
         self.sampling_json = cfg.sampling.model_dump_json()
         self.llm, self.dtype = None, None
         if cfg.strategy != "M" and with_model:
+            if cfg.with_image and importlib.util.find_spec("torchvision") is None:
+                raise RuntimeError(
+                    "notes.with_image: vLLM's multimodal models import torchvision, which this environment lacks "
+                    "(GPU vLLM installs ship it; the CPU install removes PyPI's CUDA build)"
+                )
             os.environ.update(cfg.engine_env)  # read by vLLM at import and engine start
             if "OMP_NUM_THREADS" in cfg.engine_env:  # torch read it at import: in-process, tell torch too
                 import torch
@@ -62,7 +77,7 @@ class NoteWriter:
             self.llm = LLM(
                 model=model_path,
                 dtype=self.dtype,
-                enforce_eager=cfg.enforce_eager,
+                enforce_eager=engine_eager(cfg.enforce_eager),
                 max_model_len=cfg.max_model_len,
                 seed=cfg.sampling.seed or 0,
                 **cfg.engine_kwargs,
