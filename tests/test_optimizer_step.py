@@ -12,6 +12,7 @@ import torch
 
 from dermaray.config import ModelsConfig
 from dermaray.grounding.model import GroundingModel, GroundingSettings, loss_fn
+from dermaray.models import resolve_model
 from dermaray.optimizer_step import OptimizerStep, cast_frozen, enable_gradient_checkpointing, resolve_precision
 
 CPU = torch.device("cpu")
@@ -94,6 +95,7 @@ def test_fp16_mixed_scales_the_loss_and_still_steps_like_fp32() -> None:
 
 def _train_grounding(models: ModelsConfig, precision: str, steps: int = 30) -> tuple[list[float], GroundingModel]:
     """LoRA grounding of the tiny LLaVA on images whose target is their mean brightness."""
+    resolve_model("grounding_mllm", "tiny", models)  # built before seeding: building draws from torch's RNG
     torch.manual_seed(0)
     model = GroundingModel.from_settings(GroundingSettings(model="tiny", attributes=["area_mm2"], tune="lora"), models)
     cast_frozen(model, precision)
@@ -127,6 +129,7 @@ def test_bf16_mixed_grounding_on_cpu_learns_as_fp32_does_with_frozen_weights_in_
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(models: ModelsConfig) -> None:
+    resolve_model("grounding_mllm", "tiny", models)  # built first: building draws from torch's RNG
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
@@ -146,3 +149,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(models: ModelsConfig) -
 def test_gradient_checkpointing_on_a_model_without_support_is_an_error() -> None:
     with pytest.raises(ValueError, match="supports gradient checkpointing"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_bf16_mixed_diffusion_lora_step_keeps_the_frozen_pipeline_in_bfloat16(models: ModelsConfig) -> None:
+    from dermaray.diffusion.pipeline import DiffusionObjective, add_lora, load_pipeline
+
+    pipe = load_pipeline(resolve_model("diffusion_base", "tiny", models))
+    add_lora(pipe.unet, rank=4)
+    objective = cast_frozen(DiffusionObjective(pipe, "lora"), "bf16-mixed")
+    assert pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    params = [p for p in objective.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)  # the LoRA weights
+    assert enable_gradient_checkpointing(objective) == ["unet"]  # the frozen VAE and text encoder keep no activations
+    step = OptimizerStep(params, torch.optim.AdamW(params, lr=1e-3), "bf16-mixed", "cpu", max_grad_norm=1.0)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with step.autocast():
+        loss = objective(pixels, ["a dermoscopic photo of melanoma"] * 2, torch.Generator().manual_seed(1))["loss"]
+    before = [p.detach().clone() for p in params]
+    norm = step.backward(loss)
+    assert torch.isfinite(loss) and norm is not None and norm > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))

@@ -55,11 +55,14 @@ def cast_frozen(model: torch.nn.Module, precision: str) -> torch.nn.Module:
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
     """Turn on activation recomputation in every Hugging Face (transformers or diffusers) model inside
-    `model`; the names of those modules. An error when there is none: the setting would do nothing."""
+    `model` that trains; the names of those modules. Frozen ones (a VAE, a text encoder) keep no
+    activations anyway. An error when there is none: the setting would do nothing."""
     enabled: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(f"{done}.") for done in enabled):
             continue  # inside a model already switched on
+        if not any(p.requires_grad for p in module.parameters()):
+            continue
         if hasattr(module, "gradient_checkpointing_enable") and getattr(module, "supports_gradient_checkpointing", False):
             # Non-reentrant: gradients reach trainable weights (LoRA) even when the inputs need none.
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

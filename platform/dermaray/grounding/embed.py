@@ -53,9 +53,15 @@ class LesionEmbedder:
     def embed_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(unit-norm embeddings [B, D], predicted attributes in native units [B, A] or None)."""
         x = torch.as_tensor(pixels, device=self.device)
+        # On a GPU the forward pass runs in bfloat16 (tensor cores); the weights stay float32 and
+        # the embedding is normalised in float32. CPUs keep float32 (no AMX here).
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self._embed(x)
+
+    def _embed(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         if isinstance(self.network, GroundingModel):
             out = self.network(x)
-            z, predicted = out["embedding"], self.scaler.inverse(out["attributes"].cpu().numpy())
+            z, predicted = out["embedding"], self.scaler.inverse(out["attributes"].float().cpu().numpy())
         else:
             z, predicted = self.network(x), None
         z = torch.nn.functional.normalize(z.float(), dim=-1)
