@@ -158,7 +158,7 @@ def score_batches(model: MultimodalClassifier, batches) -> dict[str, np.ndarray]
     for batch in batches:
         out = model(torch.as_tensor(batch[PIXELS]), torch.as_tensor(batch[TEXT]))
         for k in ("image", "text", "image_logits", "fused_logits"):
-            parts[k].append(out[k].cpu().numpy())
+            parts[k].append(out[k].float().cpu().numpy())  # float: evaluation may run under autocast
         parts["label"].append(np.asarray(batch[LABEL]))
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
 

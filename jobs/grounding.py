@@ -64,7 +64,7 @@ def evaluate(model: GroundingModel, shard: Any, config: dict, device: torch.devi
     model.eval()
     predicted, target = [], []
     for batch in shard.iter_torch_batches(batch_size=256, device=device):
-        predicted.append(model(batch[PIXELS])["attributes"].cpu())
+        predicted.append(model(batch[PIXELS])["attributes"].float().cpu())  # float: evaluation may run under autocast
         target.append(batch[TARGETS].cpu())
     model.train()
     if not predicted:
