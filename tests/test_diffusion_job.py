@@ -63,15 +63,14 @@ def test_adapter_trains_and_loads_in_a_plain_diffusers_pipeline(trained, s3_opti
 
 def test_killed_driver_resumes_with_the_adapter_weights_restored(trained, s3_options, ray_cluster, tmp_path):
     """Kill after the first checkpoint (every 2 steps, so inside an epoch); the resumed run ends where an
-    uninterrupted one does, adapter included."""
-    base_out, _ = trained
-    epochs, total = 3, 3 * _steps_per_epoch(s3_options)
-    reference_out, resumed_out = tmp_path / "reference", tmp_path / "resumed"
-    for out in (reference_out, resumed_out):  # share the pre-trained base: only the adapter stage differs
-        (out).mkdir()
-        (out / "base").symlink_to(base_out / "base", target_is_directory=True)
+    uninterrupted one does, adapter included. The uninterrupted run is the module's `trained` one: the same
+    settings, and checkpointing more often changes no weight."""
+    base_out, reference = trained
+    epochs, total = 2, 2 * _steps_per_epoch(s3_options)
+    resumed_out = tmp_path / "resumed"
+    resumed_out.mkdir()
+    (resumed_out / "base").symlink_to(base_out / "base", target_is_directory=True)  # only the adapter stage differs
     every = ["diffusion.train.checkpoint_every_steps=2", f"diffusion.train.epochs={epochs}"]
-    reference = diffusion.run(_config(s3_options, f"diffusion.output={reference_out}", *every))
 
     args = [*FAST, f"diffusion.input={LESIONS}", f"diffusion.output={resumed_out}", *every]
     kill_driver_after_first_checkpoint("diffusion", args, resumed_out / "runs" / "lora", s3_options, ray_cluster)
@@ -80,8 +79,8 @@ def test_killed_driver_resumes_with_the_adapter_weights_restored(trained, s3_opt
     assert 2 <= resumed["resumed_from_step"] < total, "the kill must land mid-run"
     assert resumed["steps"] == reference["steps"] == total
     # Restarting the adapter from its initial weights (the failure this guards against) would leave
-    # the resumed adapter a third of the training movement away from the uninterrupted one.
-    ref, got = read_lora(reference_out / "adapter"), read_lora(resumed_out / "adapter")
+    # the resumed adapter at least a fifth of the training movement away from the uninterrupted one.
+    ref, got = read_lora(base_out / "adapter"), read_lora(resumed_out / "adapter")
     pipe = load_pipeline(base_out / "base")
     add_lora(pipe.unet, rank=4, alpha=8, seed=0)
     start = lora_state(pipe.unet)
