@@ -38,17 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # no 
 import torch
 
 from dermaray.grounding.vision import ImageEmbedder
+from dermaray.models.tiny import LLAVA_15_TEXT, LLAVA_15_VISION
 from dermaray.optimizer_step import OptimizerStep, cast_frozen, enable_gradient_checkpointing
 
 
 @dataclass(frozen=True)
 class Sizes:
-    image: int
-    patch: int
-    width: int
-    layers: int
-    heads: int
-    lm_width: int
+    vision: dict  # CLIPVisionConfig arguments of the tower
+    lm_width: int  # the projector's output: the language model's width
     batch: int
     steps: int
     unet_widths: tuple[int, ...]
@@ -56,9 +53,21 @@ class Sizes:
     unet_batch: int
     gallery: int
 
+    @property
+    def image(self) -> int:
+        return self.vision["image_size"]
 
-GPU = Sizes(336, 14, 1024, 24, 16, 4096, 16, 20, (320, 640, 1280, 1280), 64, 4, 100_000)
-CPU = Sizes(64, 8, 32, 2, 4, 64, 8, 4, (32, 64), 8, 2, 2_000)
+
+TINY_VISION = {
+    "image_size": 64,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+GPU = Sizes(LLAVA_15_VISION, LLAVA_15_TEXT["hidden_size"], 16, 20, (320, 640, 1280, 1280), 64, 4, 100_000)
+CPU = Sizes(TINY_VISION, 64, 8, 4, (32, 64), 8, 2, 2_000)
 
 
 @dataclass
@@ -104,14 +113,7 @@ def embedder(s: Sizes) -> ImageEmbedder:
     from transformers.models.clip.modeling_clip import CLIPVisionModel
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    vision = CLIPVisionConfig(
-        image_size=s.image,
-        patch_size=s.patch,
-        hidden_size=s.width,
-        intermediate_size=4 * s.width,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-    )
+    vision = CLIPVisionConfig(**s.vision)
     text = LlamaConfig(hidden_size=s.lm_width, num_hidden_layers=1, num_attention_heads=max(1, s.lm_width // 128), vocab_size=32)
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2)
     return ImageEmbedder(CLIPVisionModel(vision), LlavaMultiModalProjector(config), -2, True)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dermaray.models.tiny import LLAVA_15_DECODER_LAYERS, LLAVA_15_TEXT, LLAVA_15_VISION
+
 LOAD = {
     "full": (
         "import torch; from transformers import AutoModelForImageTextToText as M; "
@@ -39,18 +41,8 @@ def build(folder: Path, lm_layers: int) -> int:
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers, num_attention_heads=32, vocab_size=32064
-    )
+    vision = CLIPVisionConfig(**LLAVA_15_VISION)
+    text = LlamaConfig(**LLAVA_15_TEXT, num_hidden_layers=lm_layers)
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2, image_token_id=32000)
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -84,7 +76,8 @@ def main() -> None:
         shards = len(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
         rss = {mode: peak_rss(mode, folder) for mode in LOAD}
     gb = 1e9
-    print(f"checkpoint: LLaVA-1.5-7B shapes, {args.lm_layers}/32 decoder layers, {size / gb:.2f} GB float16 in {shards} shards")
+    layers = f"{args.lm_layers}/{LLAVA_15_DECODER_LAYERS} decoder layers"
+    print(f"checkpoint: LLaVA-1.5-7B shapes, {layers}, {size / gb:.2f} GB float16 in {shards} shards")
     print(f"{'load':<12} {'peak RSS GB':>12}")
     for mode, value in rss.items():
         print(f"{mode:<12} {value / gb:>12.2f}")

@@ -439,6 +439,19 @@ def build_qwen2_note_writer(out_dir: Path, seed: int) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+# LLaVA-1.5-7B's shapes (llava-hf/llava-1.5-7b-hf): benchmarks build random models of them offline.
+LLAVA_15_VISION = {
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+}
+LLAVA_15_TEXT = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32064}
+LLAVA_15_DECODER_LAYERS = 32
+
+
 def build_grounding_mllm(out_dir: Path, seed: int) -> None:
     """Tiny LLaVA: CLIP vision tower (64 px, 8 px patches) + projector + tiny Llama, with its processor."""
     import torch
