@@ -33,6 +33,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         if precision not in COMPUTE_DTYPES:
             raise ValueError(f"precision must be auto, {', '.join(COMPUTE_DTYPES)}; got {precision!r}")
+        if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{torch.cuda.get_device_name(device)} has no bfloat16: use precision fp16-mixed (or auto)")
         return precision
     if device.type == "cuda":
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "fp16-mixed"
