@@ -30,6 +30,15 @@ def _regression(seed: int = 0, n: int = 16) -> tuple[torch.nn.Module, torch.Tens
     return model, x, torch.randn(n, 2)
 
 
+def test_the_config_offers_exactly_the_precisions_the_step_knows() -> None:
+    from typing import get_args
+
+    from dermaray.config import TrainConfig
+    from dermaray.optimizer_step import COMPUTE_DTYPES
+
+    assert set(get_args(TrainConfig.model_fields["precision"].annotation)) == {"auto", *COMPUTE_DTYPES}
+
+
 def test_auto_precision_is_fp32_on_cpu_and_names_are_checked() -> None:
     assert resolve_precision("auto", CPU) == "fp32"
     assert resolve_precision("bf16-mixed", CPU) == "bf16-mixed"

@@ -19,11 +19,10 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
-from typing import Literal
 
 import torch
 
-Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"]
+# The precisions besides "auto" (TrainConfig.precision spells the same names for the config schema).
 COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
