@@ -10,7 +10,10 @@ metrics, how to save the model folder); `train_loop` runs it on every Ray Train 
   epoch from rank 0, and every `checkpoint_every_steps` optimizer steps when set (long epochs:
   diffusion on big sets);
 - steps as `dermaray.optimizer_step` does: mixed precision (`train.precision`), gradient
-  accumulation, clipping, and gradient checkpointing when asked for.
+  accumulation, clipping, and gradient checkpointing when asked for;
+- reads the training set in one order per epoch (Ray Data's ordered execution, a seeded local
+  shuffle): a resume inside an epoch skips the batches trained on before the checkpoint by position,
+  so the order must repeat for every example to be trained on exactly once per epoch.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from dermaray.config import TrainConfig
@@ -189,6 +192,15 @@ def scaling(tc: TrainConfig) -> ScalingConfig:
     )
 
 
+def ordered_ingest() -> DataConfig:
+    """Ray Train's dataset sharding with a deterministic order: Ray Data keeps block order
+    (`preserve_order`), and its splitter then hands the same blocks to the same worker every epoch and
+    after a restart (it ignores locality hints under `preserve_order`, so locality is off)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options, enable_shard_locality=False)
+
+
 def fit(
     task: Task,
     config: dict[str, Any],
@@ -222,6 +234,7 @@ def fit(
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
         datasets=datasets,
+        dataset_config=ordered_ingest(),
     )
     result = trainer.fit()
     if result.error:
