@@ -22,19 +22,22 @@ def kill_driver_after_first_checkpoint(job: str, args: list[str], run_dir, s3_op
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
 
     options = [f"storage_options.{k}={v}" for k, v in s3_options.items()]
+    errors = tempfile.TemporaryFile()
     driver = subprocess.Popen(
         [sys.executable, "-m", f"jobs.{job}", *args, *options, f"ray.address={ray_cluster.get_runtime_context().gcs_address}"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=errors,
     )
     snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
-    deadline = time.time() + 300
+    deadline = time.time() + 480
     while not snapshot.exists() and driver.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
-    assert snapshot.exists(), "the driver died before its first checkpoint"
+    errors.seek(0)
+    assert snapshot.exists(), "the driver died before its first checkpoint:\n" + errors.read().decode(errors="replace")[-3000:]
     time.sleep(3)  # Ray stops the dead driver's trainer and workers

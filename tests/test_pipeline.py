@@ -1,38 +1,70 @@
-"""The main job, small: every stage that exists, chained through its outputs on a local Ray cluster."""
+"""The main job, small: every stage that exists, chained through its outputs on a local Ray cluster; a
+driver killed during grounding, and the re-run that resumes it; a changed setting."""
 
 import json
+import math
 from pathlib import Path
 
+from dermaray.completion import STAGE_RECORD
 from dermaray.config import load_config
+from dermaray.storage import read_parquet
 from jobs import pipeline
+from tests.helpers import kill_driver_after_first_checkpoint
+
+BEFORE_GROUNDING = ["synth/clinic", "ingest/clinic", "notes/clinic", "synth/shifted", "ingest/shifted", "notes/shifted"]
 
 
-def test_pipeline_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
+def _stamps(root: Path, folders: list[str]) -> dict[str, int]:
+    """Modification times of every file under the folders: unchanged means not written again."""
+    return {str(f): f.stat().st_mtime_ns for folder in folders for f in (root / folder).rglob("*") if f.is_file()}
+
+
+def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
     cache = Path(".cache/models").resolve()
     config = Path("configs/local.yaml").resolve()
-    monkeypatch.chdir(tmp_path)  # relative paths, as in `make run`: workers must not depend on the directory
-    cfg = load_config(
-        config,
-        [
-            "pipeline.workdir=out",
-            f"models.cache_dir={cache}",
-            "synth.n_lesions=240",
-            "pipeline.shifted_lesions=40",
-            "notes.strategy=M",
-            "grounding.train.epochs=2",
-            "classifier.train.epochs=1",
-            "models.text_encoder=tiny",
-            "grounding.train.cpus_per_worker=1",
-            "classifier.train.cpus_per_worker=1",
-            "diffusion.pretrain.steps=2",
-            "diffusion.limit=64",
-            "diffusion.train.epochs=1",
-            "diffusion.train.cpus_per_worker=1",
-            "diffusion_eval.images_per_class=2",
-            "diffusion_eval.steps=2",
-        ],
+    overrides = [
+        f"models.cache_dir={cache}",
+        "synth.n_lesions=240",
+        "pipeline.shifted_lesions=40",
+        "notes.strategy=M",
+        "grounding.train.epochs=2",
+        "classifier.train.epochs=1",
+        "models.text_encoder=tiny",
+        "grounding.train.cpus_per_worker=1",
+        "classifier.train.cpus_per_worker=1",
+        "diffusion.pretrain.steps=2",
+        "diffusion.limit=64",
+        "diffusion.train.epochs=1",
+        "diffusion.train.cpus_per_worker=1",
+        "diffusion_eval.images_per_class=2",
+        "diffusion_eval.steps=2",
+    ]
+    # The driver killed once grounding has its first checkpoint (of two epochs). It runs from the repository,
+    # as `ray job submit --working-dir .` would: Ray's workers import jobs/ from the driver's directory.
+    workdir = tmp_path / "out"
+    kill_driver_after_first_checkpoint(
+        "pipeline",
+        ["--config", str(config), f"pipeline.workdir={workdir}", *overrides],
+        workdir / "grounding/runs/grounding",
+        {},
+        ray_cluster,
     )
+    killed = json.loads((workdir / "grounding" / STAGE_RECORD).read_text())
+    assert killed["state"] == "running" and not (workdir / "embeddings").exists()
+
+    monkeypatch.chdir(tmp_path)  # the re-run: relative paths, as in `make run` (workers must not depend on the directory)
+    overrides = ["pipeline.workdir=out", *overrides]
+    cfg = load_config(config, overrides)
+    done_before = _stamps(tmp_path / "out", ["synthetic", "ingest", "notes"])
+
     results = pipeline.run(cfg)
+    assert results["resumed"] == BEFORE_GROUNDING  # complete before the kill: skipped, not written again
+    assert _stamps(tmp_path / "out", ["synthetic", "ingest", "notes"]) == done_before
+    assert not set(BEFORE_GROUNDING) & set(results["stage_seconds"])
+    train = read_parquet("out/ingest/clinic/lesions", {}, columns=["split"]).column("split").to_pylist().count("train")
+    steps_per_epoch = math.ceil(train / cfg.grounding.train.batch_size)
+    grounded = results["grounding"]  # resumed from the checkpoint of epoch 1, ended where one run would
+    assert grounded["resumed_from_epoch"] == 1 and grounded["epochs"] == 2 and grounded["steps"] == 2 * steps_per_epoch
     tmp_path = tmp_path / "out"
     assert json.loads((tmp_path / "pipeline_summary.json").read_text()) == json.loads(json.dumps(results))
     for domain, n in (("clinic", 240), ("shifted", 40)):
@@ -55,3 +87,10 @@ def test_pipeline_chains_every_stage(ray_cluster, tmp_path, monkeypatch):
     assert results["report"] == str(tmp_path / "reports" / "report.html") and 'class="not-run"' not in page
     assert page.count("data:image/png;base64,") == 2 + 4 * (1 + 2 * 5)  # two diffusion grids, four gallery queries
     assert {"grounding", "classifier", "diffusion", "diffusion_eval", "report"} <= set(results["stage_seconds"])
+
+    # A changed setting runs that stage again (and what reads it: here only the report); the rest is skipped.
+    again = pipeline.run(load_config(config, [*overrides, "grounding_eval.tau_std=0.2"]))
+    assert set(again["stage_seconds"]) == {"ray start", "grounding_eval", "report"}
+    assert again["resumed"] == [*BEFORE_GROUNDING, "grounding", "embeddings", "classifier", "diffusion", "diffusion_eval"]
+    unchanged = {k: v for k, v in results.items() if k not in ("stage_seconds", "resumed", "report")}
+    assert json.loads(json.dumps({k: again[k] for k in unchanged})) == json.loads(json.dumps(unchanged))

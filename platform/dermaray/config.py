@@ -375,6 +375,9 @@ class PipelineConfig(Section):
     # notes.model_lesions for the shifted clinic's notes (None: the same as the clinic's; 0: templates only)
     shifted_model_lesions: int | None = Field(default=None, ge=0)
     stages: list[Stage] = list(STAGES)
+    # Skip a stage whose outputs are complete for the same settings and inputs (dermaray.completion);
+    # false: delete every selected stage's outputs and run it from scratch.
+    resume: bool = True
 
 
 class ServeConfig(Section):

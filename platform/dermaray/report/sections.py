@@ -62,7 +62,9 @@ def run_summary(pipeline: dict | None, ingest: Mapping[str, dict | None], synth:
                 [[k, round(v, 1), f"{v / total:.0%}"] for k, v in seconds.items()] + [["total", round(total, 1), "100%"]],
             )
         )
-    elif pipeline is None:
+    if (pipeline or {}).get("resumed"):  # skipped by the pipeline's resume: not in the wall times above
+        parts.append(f"<p>Complete from an earlier run, not run again: {esc(', '.join(pipeline['resumed']))}.</p>")
+    if pipeline is None:
         parts.append('<p class="not-run">No pipeline_summary.json: the stages ran one by one, not as the pipeline job.</p>')
     return "\n".join(parts)
 
