@@ -49,7 +49,7 @@ from dermaray.notes.prompts import states_label
 from dermaray.schema import written_notes
 from dermaray.stats import bootstrap_ci
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
-from jobs.common import init_ray, log, write_summary
+from jobs.common import clear_summary, init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs, unwrap
 
 TEXT = "text_embedding"
@@ -207,6 +207,7 @@ def lesion_tally(uri: str, notes: pa.Table, spec: LabelSpec, storage_options: di
 
 def run(cfg: DermarayConfig) -> dict:
     c, options, tc = cfg.classifier, cfg.storage_options, cfg.classifier.train
+    clear_summary(summary_uri(c.output, "classifier"), options)
     spec = label_spec(c.label)
     init_ray(cfg.ray)
     notes = usable_notes(c.notes, c.allow_labelled_notes, options)

@@ -9,7 +9,7 @@ import os
 import ray
 
 from dermaray.config import RayConfig
-from dermaray.storage import write_bytes
+from dermaray.storage import remove_tree, write_bytes
 
 # Defaults for the driver and every worker, never over what the submitter set. Whether a model hub is
 # reached is `models.offline`, decided where a model is resolved, not an environment forced on nodes.
@@ -40,6 +40,12 @@ def init_ray(cfg: RayConfig) -> None:
         log_to_driver=cfg.log_to_driver,
         ignore_reinit_error=True,
     )
+
+
+def clear_summary(uri: str, storage_options: dict) -> None:
+    """A job's first step: its summary, written last, is what says its outputs are complete; an earlier run's
+    must not vouch for outputs this run is about to rewrite."""
+    remove_tree(uri, storage_options)
 
 
 def write_summary(uri: str, summary: dict, storage_options: dict) -> None:

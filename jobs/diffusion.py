@@ -53,7 +53,7 @@ from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER, summary_uri
 from dermaray.models.registry import model_folder, resolve_model
 from dermaray.schema import written_notes
 from dermaray.storage import exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
-from jobs.common import init_ray, log, write_summary
+from jobs.common import clear_summary, init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs
 
 PIXELS, IDS = "pixel_values", "input_ids"
@@ -287,6 +287,7 @@ def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str
 
 def run(cfg: DermarayConfig) -> dict:
     d, options = cfg.diffusion, cfg.storage_options
+    clear_summary(summary_uri(d.output, "diffusion"), options)
     require(d.input, options)
     init_ray(cfg.ray)
     started = time.perf_counter()

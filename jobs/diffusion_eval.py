@@ -41,7 +41,7 @@ from dermaray.images import decode_rgb
 from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.models.registry import model_folder, resolve_model
 from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
-from jobs.common import init_ray, log, write_summary
+from jobs.common import clear_summary, init_ray, log, write_summary
 
 
 class ImageJudge:
@@ -174,6 +174,7 @@ def _evaluate(
 
 def run(cfg: DermarayConfig) -> dict:
     d, ev, options = cfg.diffusion, cfg.diffusion_eval, cfg.storage_options
+    clear_summary(join(ev.output, "diffusion_eval.json"), options)
     # The judge classifies diagnoses: one trained on superclass or malignancy cannot (checked before any work).
     require_diagnosis_classifier(classifier_settings(ev.classifier, options), f"diffusion_eval.classifier {ev.classifier}")
     init_ray(cfg.ray)

@@ -16,11 +16,11 @@ import ray
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
-from dermaray.grounding.embed import CARRIED, LesionEmbedder
+from dermaray.grounding.embed import CARRIED, LesionEmbedder, model_identity
 from dermaray.layout import embeddings_index, embeddings_table, summary_uri
 from dermaray.retrieval import VectorIndex
 from dermaray.storage import arrow_filesystem, read_parquet, remove_tree, require
-from jobs.common import init_ray, log, write_summary
+from jobs.common import clear_summary, init_ray, log, write_summary
 
 
 def run(cfg: DermarayConfig) -> dict:
@@ -28,6 +28,11 @@ def run(cfg: DermarayConfig) -> dict:
     require(e.input, options)
     init_ray(cfg.ray)
     started = time.perf_counter()
+    identity = model_identity(e.model, cfg.models.grounding_mllm, options)
+    # Gone before anything is written: a run that fails leaves no index (nor summary) of an earlier model
+    # beside new vectors. The summary, written last, says the output is complete.
+    clear_summary(summary_uri(e.output, "embeddings"), options)
+    remove_tree(embeddings_index(e.output), options)
     fs, root = arrow_filesystem(e.input, options)
     columns = list(dict.fromkeys([*CARRIED, "image_bytes"]))
     lesions = ray.data.read_parquet(root, filesystem=fs, columns=columns)
@@ -52,6 +57,7 @@ def run(cfg: DermarayConfig) -> dict:
     summary = {
         "input": e.input,
         "model": e.model,
+        "model_weights": identity["weights"],
         "embeddings": target,
         "lesions": rows_in,
         "dim": len(table["embedding"][0]) if table.num_rows else 0,
@@ -59,7 +65,13 @@ def run(cfg: DermarayConfig) -> dict:
     if e.index is not None and table.num_rows:
         vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
         index = VectorIndex.build(
-            vectors, table["lesion_id"].to_pylist(), kind=e.index.kind, nlist=e.index.nlist, nprobe=e.index.nprobe, model=e.model
+            vectors,
+            table["lesion_id"].to_pylist(),
+            kind=e.index.kind,
+            nlist=e.index.nlist,
+            nprobe=e.index.nprobe,
+            model=e.model,
+            model_weights=identity["weights"],
         )
         index.save(embeddings_index(e.output), options)
         summary["index"] = {"uri": embeddings_index(e.output), "kind": e.index.kind, "count": len(index)}

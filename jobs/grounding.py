@@ -37,7 +37,7 @@ from dermaray.grounding.model import (
 )
 from dermaray.layout import summary_uri
 from dermaray.storage import read_parquet
-from jobs.common import init_ray, log, write_summary
+from jobs.common import clear_summary, init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs
 
 
@@ -118,6 +118,7 @@ def split_dataset(
 
 def run(cfg: DermarayConfig) -> dict:
     g, options, tc = cfg.grounding, cfg.storage_options, cfg.grounding.train
+    clear_summary(summary_uri(g.output, "grounding"), options)
     init_ray(cfg.ray)
     settings = settings_of(cfg)
     scaler, counts = fit_scaler(g, options)

@@ -17,11 +17,12 @@ from dermaray.grounding.embed import PREDICTED_PREFIX
 from dermaray.grounding.evaluate import evaluate_set, markdown
 from dermaray.layout import embeddings_table
 from dermaray.storage import join, read_parquet, write_bytes
-from jobs.common import log, write_summary
+from jobs.common import clear_summary, log, write_summary
 
 
 def run(cfg: DermarayConfig) -> dict:
     ev, options = cfg.grounding_eval, cfg.storage_options
+    clear_summary(join(ev.output, "grounding_eval.json"), options)
     if not ev.domains:
         raise ValueError("grounding_eval.domains is empty")
 

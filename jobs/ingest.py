@@ -23,7 +23,7 @@ from dermaray.data.readers import READERS, accepted, canonicalize, mark_duplicat
 from dermaray.layout import summary_uri
 from dermaray.schema import LESION_SCHEMA, QUARANTINE_SCHEMA
 from dermaray.storage import arrow_filesystem, join, parquet_row_count, read_parquet
-from jobs.common import init_ray, log, write_summary
+from jobs.common import clear_summary, init_ray, log, write_summary
 
 
 def canonicalize_batch(batch: pa.Table, cfg: IngestConfig, storage_options: dict) -> pa.Table:
@@ -44,6 +44,7 @@ def _write(ds: ray.data.Dataset, uri: str, storage_options: dict, rows_per_file:
 
 def run(cfg: DermarayConfig) -> dict:
     c = cfg.ingest
+    clear_summary(summary_uri(c.output, "ingest"), cfg.storage_options)
     reader = READERS[c.source]
     metadata = mark_duplicates(reader.load_metadata(c.input, cfg.storage_options), reader.id_column)
     rows_in = metadata.num_rows

@@ -31,7 +31,7 @@ from dermaray.notes.prompts import prompt_id
 from dermaray.notes.study import flag_codes_of
 from dermaray.schema import LESION_SCHEMA, NOTES_SCHEMA
 from dermaray.storage import filesystem, join, read_bytes, read_parquet, write_bytes, write_parquet_atomic
-from jobs.common import init_ray, log, write_summary
+from jobs.common import clear_summary, init_ray, log, write_summary
 
 SHARD = "_shard"
 BY_MODEL = "_by_model"
@@ -141,6 +141,7 @@ def finished_shards(output: str, storage_options: dict) -> set[int]:
 
 def run(cfg: DermarayConfig) -> dict:
     n, options = cfg.notes, cfg.storage_options
+    clear_summary(summary_uri(n.output, "notes"), options)
     if n.strategy == "P3" and not n.with_image:
         raise ValueError(
             "strategy P3 gives the model no metadata: it needs notes.with_image=true and an image-capable note_writer"

@@ -69,7 +69,13 @@ def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = Tr
     (root / "embeddings").mkdir()
     pq.write_table(embedded, root / "embeddings" / "part-0.parquet")
     vectors = np.stack(embedded["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    VectorIndex.build(vectors, embedded["lesion_id"].to_pylist(), kind="exact", model="tiny-grounded").save(str(root / "index"))
+    VectorIndex.build(
+        vectors,
+        embedded["lesion_id"].to_pylist(),
+        kind="exact",
+        model=str(root / "grounding"),
+        model_weights=embedder.identity["weights"],
+    ).save(str(root / "index"))
 
     settings = ClassifierSettings(model="tiny", classes=list(CLASS_CODES), text_encoder="minilm", text_dim=384)
     save_classifier(root / "classifier", MultimodalClassifier.build(settings, models).eval())

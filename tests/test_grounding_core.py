@@ -85,7 +85,7 @@ def test_checkpoint_files_restore_the_same_predictions(models: ModelsConfig, tmp
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x)["attributes"], loaded(x)["attributes"], atol=1e-6)
-    assert loaded_scaler == scaler and extra == {"epoch": 3}
+    assert loaded_scaler == scaler and extra.pop("weights_sha256") and extra == {"epoch": 3}
     # Only the trained weights are stored: LoRA, projector and heads, not the frozen tower.
     stored = torch.load(tmp_path / "m" / "trainable.pt", weights_only=True)
     assert stored and all(".projector." in n or "lora_" in n or n.startswith("heads.") for n in stored)
@@ -97,6 +97,10 @@ def test_checkpoint_files_restore_the_same_predictions(models: ModelsConfig, tmp
         assert torch.allclose(before, merged(x), atol=1e-5)
     with pytest.raises(FileNotFoundError, match="not a grounding checkpoint"):
         load_model(tmp_path, models)
+    # A weights file that is not the one the settings were saved with (a copy cut short, another run's) is refused.
+    torch.save({n: t + 1 for n, t in stored.items()}, tmp_path / "m" / "trainable.pt")
+    with pytest.raises(ValueError, match="not the file grounding.json was saved with"):
+        load_model(tmp_path / "m", models)
 
 
 def test_augment_is_a_flip_or_quarter_turn_of_the_batch() -> None:
@@ -171,3 +175,19 @@ def test_evaluation_separates_an_informative_embedding_from_noise() -> None:
     assert area["retrieval"]["grounded_head"]["R@1"] > 0.9
     table = markdown({"held-out": result})
     assert "| area_mm2 |" in table and "| eccentricity |" in table
+
+
+def test_an_index_is_refused_by_a_model_that_did_not_make_it():
+    from dermaray.grounding.embed import frozen_identity, require_index_of
+
+    grounded = {"model": "s3://b/grounding/model", "weights": "aa"}
+    require_index_of({"model": "/copy/of/model", "model_weights": "aa"}, grounded, "idx")  # same weights elsewhere
+    require_index_of({"model": "tiny:frozen", "model_weights": None}, frozen_identity("tiny"), "idx")
+    require_index_of({}, grounded, "idx")  # an index that records nothing: nothing to check against
+    for meta, identity in (
+        ({"model": "s3://b/grounding/model", "model_weights": "bb"}, grounded),  # retrained in place
+        ({"model": "tiny:frozen", "model_weights": None}, grounded),
+        ({"model": "s3://b/grounding/model", "model_weights": "aa"}, frozen_identity("tiny")),
+    ):
+        with pytest.raises(ValueError, match="re-run the embeddings job"):
+            require_index_of(meta, identity, "idx")

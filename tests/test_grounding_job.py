@@ -85,6 +85,10 @@ def test_embeddings_index_and_evaluation(grounded, s3_options, tmp_path):
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
     index = VectorIndex.load("s3://dermaray/emb/grounded/clinic/index", s3_options)
     assert len(index) == lesions and index.kind == "ivf"
+    # The index names the model and the digest of its weights (what a Serve replica checks before serving it).
+    settings = json.loads(s3fs.S3FileSystem(**s3_options).cat_file("dermaray/grounding/model/grounding.json"))
+    assert index.meta["model"] == "s3://dermaray/grounding/model" and index.meta["model_weights"] == settings["weights_sha256"]
+    assert VectorIndex.load("s3://dermaray/emb/frozen/clinic/index", s3_options).meta["model_weights"] is None
     hits = index.search_ids(vectors[:5], k=3)
     assert [h[0][0] for h in hits] == table["lesion_id"].to_pylist()[:5]  # each finds itself first
 

@@ -256,3 +256,28 @@ def test_retriever_loads_every_artifact_from_s3(served_app, s3_options, gallery)
     found = retriever.search_image(gallery[7]["image_bytes"], k=3)
     assert found["results"][0]["lesion_id"] == gallery[7]["lesion_id"] and retriever.text_index is not None
     assert len(retriever.search_text("pink papule", k=2)["results"]) == 2
+
+
+def test_retriever_refuses_an_index_another_model_made(served_app, tmp_path) -> None:
+    """A grounding model retrained in place keeps its URI, not its weights: the old index is refused."""
+    import shutil
+
+    import torch
+
+    from dermaray.config import load_config
+    from dermaray.grounding.model import SETTINGS_FILE, WEIGHTS_FILE, save_model
+    from dermaray.grounding.model import load_model as load_grounding
+    from dermaray.serving.retriever import Retriever
+
+    cfg = load_config(None, served_app.overrides)
+    retrained = tmp_path / "grounding"
+    shutil.copytree(served_app.root / "grounding", retrained)
+    model, scaler, _ = load_grounding(retrained, cfg.models)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(0.01)  # one step of training, as it were
+    save_model(retrained, model, scaler)
+    assert (retrained / WEIGHTS_FILE).read_bytes() != (served_app.root / "grounding" / WEIGHTS_FILE).read_bytes()
+    assert (retrained / SETTINGS_FILE).is_file()
+    with pytest.raises(ValueError, match="re-run the embeddings job") as refused:
+        Retriever(cfg.serve.model_copy(update={"grounding_model": str(retrained)}), cfg.models)
+    assert str(served_app.root / "index") in str(refused.value)

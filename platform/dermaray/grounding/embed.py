@@ -6,6 +6,7 @@ pool (jobs.embeddings), the Serve app and the evaluation call it directly.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from typing import Any
 
@@ -15,14 +16,43 @@ import torch
 
 from dermaray.config import ModelsConfig
 from dermaray.grounding.data import PIXELS, Preprocessor
-from dermaray.grounding.model import AttributeScaler, GroundingModel, ImageEmbedder, load_model
+from dermaray.grounding.model import SETTINGS_FILE, WEIGHTS_DIGEST, AttributeScaler, GroundingModel, ImageEmbedder, load_model
 from dermaray.models.registry import resolve_model
 from dermaray.schema import ATTRIBUTE_NAMES
-from dermaray.storage import download_folder
+from dermaray.storage import download_folder, join, read_bytes
 
 FROZEN = "frozen"
 CARRIED = ("lesion_id", "split", "domain", "patient_id", "diagnosis", *ATTRIBUTE_NAMES)
 PREDICTED_PREFIX = "predicted_"
+
+
+def frozen_identity(base: str) -> dict[str, str | None]:
+    return {"model": f"{base}:frozen", "weights": None}  # a preset's weights are its pinned revision
+
+
+def model_identity(model: str, base: str, storage_options: dict | None = None) -> dict[str, str | None]:
+    """What an index records of the model that made its vectors: its URI (or the frozen base) and the digest
+    of its weights; read from the model folder's settings file, without loading the model."""
+    if model == FROZEN:
+        return frozen_identity(base)
+    payload = json.loads(read_bytes(join(model, SETTINGS_FILE), storage_options))
+    return {"model": model, "weights": payload.get(WEIGHTS_DIGEST)}
+
+
+def require_index_of(index_meta: dict[str, Any], identity: dict[str, str | None], index_uri: str) -> None:
+    """Refuse an index whose vectors another model made: its neighbours would be meaningless for this one's queries.
+    Weights decide when both sides record them (a model retrained in place keeps its URI); else the model names."""
+    built, weights = index_meta.get("model"), index_meta.get("model_weights")
+    if weights and identity["weights"]:
+        same = weights == identity["weights"]
+    else:
+        same = built is None or built == identity["model"]
+    if not same:
+        raise ValueError(
+            f"the index at {index_uri} was built with model {built} (weights {weights or 'not recorded'}), but this "
+            f"replica loads {identity['model']} (weights {identity['weights'] or 'not recorded'}): re-run the "
+            "embeddings job with this model, or point serve.index at the index built with it"
+        )
 
 
 class LesionEmbedder:
@@ -35,13 +65,14 @@ class LesionEmbedder:
         self.scaler: AttributeScaler | None = None
         if model == FROZEN:
             self.network: torch.nn.Module = ImageEmbedder.from_pretrained(resolve_model("grounding_mllm", base, models))
-            self.model_id = f"{base}:frozen"
+            self.identity = frozen_identity(base)
         else:
             self._folder = tempfile.TemporaryDirectory(prefix="grounding-")
             local = download_folder(model, self._folder.name, storage_options)
-            grounded, self.scaler, _ = load_model(local, models)
+            grounded, self.scaler, extra = load_model(local, models)
             self.network, base = grounded, grounded.settings.model
-            self.model_id = model
+            self.identity = {"model": model, "weights": extra.get(WEIGHTS_DIGEST)}
+        self.model_id = self.identity["model"]
         self.network.to(self.device).eval()
         self.preprocess = Preprocessor(base, models, keep=())
 

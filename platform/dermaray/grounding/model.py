@@ -16,6 +16,7 @@ checkpoint of a 7B model stays small.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -179,13 +180,20 @@ def augment(pixel_values: torch.Tensor, generator: torch.Generator | None = None
 
 WEIGHTS_FILE = "trainable.pt"
 SETTINGS_FILE = "grounding.json"
+WEIGHTS_DIGEST = "weights_sha256"  # in SETTINGS_FILE: the digest of WEIGHTS_FILE
 
 
 def save_model(folder: str | Path, model: GroundingModel, scaler: AttributeScaler, extra: dict[str, Any] | None = None) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model.trainable_state(), folder / WEIGHTS_FILE)
-    payload = {"settings": model.settings.model_dump(), "scaler": asdict(scaler), **(extra or {})}
+    payload = {
+        "settings": model.settings.model_dump(),
+        "scaler": asdict(scaler),
+        # What an index built with this model records, so a replica can tell a retrained model from it.
+        WEIGHTS_DIGEST: hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest(),
+        **(extra or {}),
+    }
     (folder / SETTINGS_FILE).write_text(json.dumps(payload, indent=2))
 
 
@@ -195,6 +203,9 @@ def load_model(folder: str | Path, models: ModelsConfig) -> tuple[GroundingModel
     if not (folder / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a grounding checkpoint (no {SETTINGS_FILE})")
     payload = json.loads((folder / SETTINGS_FILE).read_text())
+    digest = payload.get(WEIGHTS_DIGEST)  # absent in folders saved before digests were recorded
+    if digest and hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest() != digest:
+        raise ValueError(f"{folder}: {WEIGHTS_FILE} is not the file {SETTINGS_FILE} was saved with (an interrupted copy?)")
     settings = GroundingSettings(**payload.pop("settings"))
     scaler = AttributeScaler(**payload.pop("scaler"))
     model = GroundingModel.from_settings(settings, models)

@@ -78,6 +78,7 @@ class VectorIndex:
         ef_search: int = 64,
         normalize: bool = True,
         model: str | None = None,
+        model_weights: str | None = None,
         seed: int = 0,
     ) -> VectorIndex:
         """Index `vectors` [n, dim], row i under `ids[i]`.
@@ -88,7 +89,8 @@ class VectorIndex:
         4 * sqrt(n), lowered so every list has >= 39 training points. `seed` fixes the ivf
         training sample and k-means; hnsw construction is multi-threaded, so its graph (and
         hence its approximate results) may differ slightly between builds.
-        `model` names the encoder that produced the vectors and is kept in the metadata.
+        `model` names the encoder that produced the vectors and `model_weights` the digest of its weights;
+        both are kept in the metadata, so a reader can refuse vectors another model made.
         """
         if kind not in _FAISS_TYPES:
             raise ValueError(f"unknown index kind {kind!r}; expected one of {sorted(_FAISS_TYPES)}")
@@ -123,6 +125,7 @@ class VectorIndex:
             "metric": "inner_product",
             "params": params,
             "model": model,
+            "model_weights": model_weights,
         }
         return cls(index, ids, meta)
 

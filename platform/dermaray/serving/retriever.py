@@ -26,7 +26,7 @@ import torch
 
 from dermaray.config import ModelsConfig, ServeConfig
 from dermaray.grounding.classifier import SETTINGS_FILE as CLASSIFIER_FILE
-from dermaray.grounding.embed import PREDICTED_PREFIX, LesionEmbedder
+from dermaray.grounding.embed import PREDICTED_PREFIX, LesionEmbedder, require_index_of
 from dermaray.images import decode_rgb
 from dermaray.retrieval import VectorIndex
 from dermaray.schema import DIAGNOSES_BY_CODE
@@ -45,6 +45,7 @@ class Retriever:
         self.embedder = LesionEmbedder(settings.grounding_model, models.grounding_mllm, models, options)
         self.processor = self.embedder.preprocess.processor
         self.index = VectorIndex.load(settings.index, options)
+        require_index_of(self.index.meta, self.embedder.identity, settings.index)
         lesions = read_parquet(settings.lesions, options, columns=LESION_COLUMNS)
         predicted = [PREDICTED_PREFIX + n for n in self.embedder.attributes]
         embeddings = read_parquet(settings.embeddings, options, columns=["lesion_id", *predicted])
