@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from dermaray.config import DermarayConfig, load_config
+from dermaray.diffusion.pipeline import GenerationStopped
 from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.schema import DIAGNOSES_BY_CODE
 from dermaray.serving.chain import chain_diagnosis
@@ -156,6 +158,7 @@ def generation_class(max_adapters: int) -> type:
             cfg = DermarayConfig.model_validate(config)
             _match_torch_threads_to_cpus()
             self.settings, self.bank = cfg.serve, None
+            self.lock, self.work = threading.Lock(), {"running": 0, "stopped": 0}
             root, options = cfg.serve.diffusion, cfg.storage_options
             # The tiny base is pre-trained by the diffusion job into <diffusion>/base; a hub base is
             # fetched on this node like every model, and <diffusion> holds only its adapters.
@@ -186,11 +189,37 @@ def generation_class(max_adapters: int) -> type:
                     "(run the diffusion job, or set serve.diffusion)",
                 )
             await self.adapter(code)  # the request's multiplexed model id is `code` (set by the ingress)
-            pngs, info = await asyncio.to_thread(self.bank.generate, code, count, seed, steps, self.settings.guidance_scale)
+            # Cancelling this coroutine (the ingress' timeout, a client gone) cannot stop its thread: the
+            # flag does, at the next denoising step, so no replica keeps computing an answer nobody awaits.
+            stop = threading.Event()
+
+            def run() -> tuple[list[bytes], dict[str, Any]]:
+                with self.lock:
+                    self.work["running"] += 1
+                try:
+                    return self.bank.generate(code, count, seed, steps, self.settings.guidance_scale, stop.is_set)
+                except GenerationStopped:
+                    with self.lock:
+                        self.work["stopped"] += 1
+                    raise
+                finally:
+                    with self.lock:
+                        self.work["running"] -= 1
+
+            try:
+                pngs, info = await asyncio.to_thread(run)
+            except asyncio.CancelledError:
+                stop.set()
+                raise
             return {**info, "pngs": pngs}
 
         def loaded_adapters(self) -> list[str]:
             return self.bank.loaded if self.bank else []
+
+        def generations(self) -> dict[str, int]:
+            """Generations running in this replica's threads now, and those stopped because their call was cancelled."""
+            with self.lock:
+                return dict(self.work)
 
     return Generation
 

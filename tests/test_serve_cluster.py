@@ -208,3 +208,34 @@ def test_generation_with_a_base_of_its_own_reads_only_the_adapters(served_app, s
         assert ray_cluster.get(replica.generate.remote("NEV"), timeout=120)[1]["adapter"] == "shared"
     finally:
         ray_cluster.kill(replica)
+
+
+def test_a_timed_out_generation_answers_504_and_its_work_stops(served_app) -> None:
+    """A generation slower than serve.generation_timeout_s: the client gets 504, and the replica's denoising
+    loop ends at its next step instead of running on for nobody (the flag set when the call is cancelled)."""
+    from ray import serve
+
+    small = {"ray_actor_options": {"num_cpus": 0.05}}
+    warm = {**small, "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1}}
+    try:
+        _small_app(
+            served_app,
+            "slow",
+            ["serve.allow_anonymous=true", "serve.generation_timeout_s=3", "serve.max_steps=500", "serve.max_images=4"],
+            {"Retrieval": small, "Ingress": small, "Generation": warm},
+        )
+        generation = serve.get_deployment_handle("Generation", app_name="slow")
+        with httpx.Client(base_url=f"{served_app.url}/slow", timeout=60) as client:
+            client.post("/generate", json={"diagnosis": "MEL", "count": 1, "steps": 1})  # loads the adapter
+            started = time.perf_counter()
+            response = client.post("/generate", json={"diagnosis": "MEL", "count": 4, "steps": 500})
+            took = time.perf_counter() - started
+        assert response.status_code == 504 and "longer than 3 s" in response.json()["detail"], response.text
+        assert took < 10, f"504 after {took:.1f} s"
+        answered = time.perf_counter()
+        while (work := generation.generations.remote().result()) != {"running": 0, "stopped": 1}:
+            assert time.perf_counter() - answered < 15, f"the generation is still running 15 s after its 504: {work}"
+            time.sleep(0.2)
+        print(f"504 after {took:.1f} s; the generation stopped within {time.perf_counter() - answered:.1f} s of it")
+    finally:
+        serve.delete("slow")

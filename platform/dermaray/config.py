@@ -398,7 +398,8 @@ class ServeConfig(Section):
     max_text_chars: int = Field(default=4000, ge=1)
     max_images: int = Field(default=4, ge=1, le=16)  # generated references per request
     steps: int = Field(default=20, ge=1)  # denoising steps per generated image
-    max_steps: int = Field(default=50, ge=1)
+    # At most 500: SD's DDIM schedule (1000 training steps, steps_offset 1) indexes past its end near 1000 steps.
+    max_steps: int = Field(default=50, ge=1, le=500)
     guidance_scale: float = Field(default=7.5, ge=1)
     resolution: int | None = Field(default=None, ge=8)  # None: diffusion.resolution, else the base's native size
     max_adapters_per_replica: int = Field(default=4, ge=1)  # LoRA adapters a generation replica keeps loaded

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +330,19 @@ def read_lora(folder: str | Path) -> dict[str, torch.Tensor]:
     return convert_unet_state_dict_to_peft(unet_state)
 
 
+class GenerationStopped(Exception):
+    """A generation ended before its last step because its caller no longer wants it."""
+
+
+def _stop_when(should_stop: Callable[[], bool]) -> Callable[..., dict]:
+    def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        if should_stop():
+            raise GenerationStopped(f"stopped after denoising step {step + 1}")
+        return tensors
+
+    return on_step_end
+
+
 def generate(
     pipe: Any,
     prompts: Sequence[str],
@@ -339,6 +352,7 @@ def generate(
     guidance_scale: float = 7.5,
     adapter_folder: str | Path | None = None,
     resolution: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
     """`n_per_prompt` images per prompt at `resolution` (default: the native one), prompt-major.
 
@@ -346,6 +360,8 @@ def generate(
     the same call with the same seed gives the same images. With `adapter_folder`, that adapter
     is loaded for this call and unloaded afterwards (the pipeline must then have no adapter of
     its own); without it, the pipeline runs as it is, e.g. with an adapter being trained.
+    `should_stop` is asked after every denoising step; True ends the call with `GenerationStopped`
+    (a served request that timed out or was cancelled: its work ends with it).
     """
     _check_prompts(prompts)
     if n_per_prompt < 1 or steps < 1:
@@ -368,6 +384,7 @@ def generate(
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             output_type="pil",
+            **({"callback_on_step_end": _stop_when(should_stop)} if should_stop else {}),
         ).images
     finally:
         if adapter_folder is not None:

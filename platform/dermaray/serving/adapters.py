@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,17 @@ class AdapterBank:
                 self.pipe.delete_adapters([name])
                 del self.users[name]
 
-    def generate(self, code: str, count: int, seed: int, steps: int, guidance_scale: float) -> tuple[list[bytes], dict[str, Any]]:
-        """`count` PNGs of diagnosis `code`, image i from seed + i; loads its adapter if it was released meanwhile."""
+    def generate(
+        self,
+        code: str,
+        count: int,
+        seed: int,
+        steps: int,
+        guidance_scale: float,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[list[bytes], dict[str, Any]]:
+        """`count` PNGs of diagnosis `code`, image i from seed + i; loads its adapter if it was released meanwhile.
+        `should_stop`: asked after every denoising step (see dermaray.diffusion.pipeline.generate)."""
         prompt = caption(code)
         with self.lock:
             name, folder = self.source(code)
@@ -109,7 +119,14 @@ class AdapterBank:
                 elif has_adapters:
                     self.pipe.disable_lora()  # the bare base: no other diagnosis' adapter may leak in
                 images = generate(
-                    self.pipe, [prompt], count, seed=seed, steps=steps, guidance_scale=guidance_scale, resolution=self.resolution
+                    self.pipe,
+                    [prompt],
+                    count,
+                    seed=seed,
+                    steps=steps,
+                    guidance_scale=guidance_scale,
+                    resolution=self.resolution,
+                    should_stop=should_stop,
                 )
             finally:
                 if folder is None and has_adapters:
