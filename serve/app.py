@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from dermaray.config import DermarayConfig, load_config
@@ -63,6 +63,7 @@ SEARCH_BATCH = 16  # image searches per forward pass
 # all; "it cannot" seen for UNSCHEDULABLE_CONFIRM_S (a replica being placed is briefly unplaced) is a 503.
 SCHEDULE_POLL_S = 0.5
 UNSCHEDULABLE_CONFIRM_S = 1.0
+CALL_RETRIES = 1  # a call whose replica died is sent once more (Ingress._call)
 
 
 # --- Retrieval ----------------------------------------------------------------------------
@@ -310,16 +311,30 @@ class Ingress:
 
     # -- plumbing --
 
-    async def _call(self, response: Any, timeout: float, handle: DeploymentHandle | None = None) -> Any:
-        """The result of a call made through `handle` (default: Retrieval); 504 past `timeout`, or 503 with the
-        reason as soon as that deployment is seen unable to run (no replica running or placed, no node with room)."""
+    async def _call(self, method: Any, *args: Any, timeout: float, deployment: str = "Retrieval") -> Any:
+        """`method.remote(*args)`, a deployment handle's method: its result; 504 past `timeout`, or 503 with the
+        reason as soon as the deployment is seen unable to run (no replica running or placed, no node with room).
 
+        A call whose replica died under it (killed, out of memory, its node lost) is sent once more within the
+        same deadline, and Serve routes it to a live replica: every call here is a read or a seeded generation,
+        so repeating one is safe, and a client sees a replica's death only if the second try fails too."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for attempt in range(1 + CALL_RETRIES):
+            try:
+                return await self._await(method.remote(*args), deadline, timeout, deployment)
+            except RayActorError as exc:
+                if attempt == CALL_RETRIES or loop.time() >= deadline:
+                    raise RequestError(503, f"the {deployment} replica serving this request stopped; try again") from exc
+                log.warning("%s replica stopped during a call (%s); sending it again", deployment, type(exc).__name__)
+
+    async def _await(self, response: Any, deadline: float, timeout: float, deployment: str) -> Any:
         async def result() -> Any:
             return await response
 
         task = asyncio.ensure_future(result())
         loop = asyncio.get_running_loop()
-        deadline, unschedulable_since = loop.time() + timeout, None
+        unschedulable_since = None
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=max(0.0, min(SCHEDULE_POLL_S, deadline - loop.time())))
@@ -327,7 +342,7 @@ class Ingress:
                     return task.result()
                 if loop.time() >= deadline:
                     raise RequestError(504, f"the request took longer than {timeout:g} s")
-                reason = await self._unschedulable((handle or self.retrieval).deployment_name)
+                reason = await self._unschedulable(deployment)
                 if reason is None:
                     unschedulable_since = None
                 elif unschedulable_since is None:
@@ -385,7 +400,7 @@ class Ingress:
             raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
         handle = self.generation.options(multiplexed_model_id=code)
         return await self._call(
-            handle.generate.remote(code, count, seed, steps), self.settings.generation_timeout_s, self.generation
+            handle.generate, code, count, seed, steps, timeout=self.settings.generation_timeout_s, deployment="Generation"
         )
 
     # -- page and metadata --
@@ -401,7 +416,7 @@ class Ingress:
     @api.get("/info", summary="Gallery size, index, grounded attributes, diagnoses, limits, what is configured and running")
     async def info(self, api_key: str | None = Security(api_key_header)) -> dict[str, Any]:
         check_api_key(self.api_key, api_key)
-        info = await self._call(self.retrieval.info.remote(), self.settings.call_timeout_s)
+        info = await self._call(self.retrieval.info, timeout=self.settings.call_timeout_s)
         s = self.settings
         generation: dict[str, Any] = {"deployed": self.generation is not None}
         if self.generation is not None:  # its state from Serve: asking the replica would wake one scaled to zero
@@ -438,7 +453,7 @@ class Ingress:
         upload = await self._read(file)
         k = check_k(k, self.settings.max_k)
         return JSONBytes(
-            await self._call(self.retrieval.search_image.remote(upload, k, thumbnails), self.settings.call_timeout_s)
+            await self._call(self.retrieval.search_image, upload, k, thumbnails, timeout=self.settings.call_timeout_s)
         )
 
     @api.post("/search/attribute", summary="Lesions whose predicted attribute is closest to the upload's")
@@ -455,7 +470,7 @@ class Ingress:
         k = check_k(k, self.settings.max_k)
         return JSONBytes(
             await self._call(
-                self.retrieval.search_attribute.remote(upload, attribute, k, thumbnails), self.settings.call_timeout_s
+                self.retrieval.search_attribute, upload, attribute, k, thumbnails, timeout=self.settings.call_timeout_s
             )
         )
 
@@ -464,20 +479,20 @@ class Ingress:
         check_api_key(self.api_key, api_key)
         k = check_k(query.k, self.settings.max_k)
         return JSONBytes(
-            await self._call(self.retrieval.search_text.remote(query.text, k, query.thumbnails), self.settings.call_timeout_s)
+            await self._call(self.retrieval.search_text, query.text, k, query.thumbnails, timeout=self.settings.call_timeout_s)
         )
 
     @api.post("/predict", summary="Predicted attributes (grounded heads) and diagnosis (classifier) of an image")
     async def predict(self, file: UploadFile = File(...), api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
-        return JSONBytes(await self._call(self.retrieval.predict.remote(await self._read(file)), self.settings.call_timeout_s))
+        return JSONBytes(await self._call(self.retrieval.predict, await self._read(file), timeout=self.settings.call_timeout_s))
 
     @api.get("/lesions/{lesion_id}", summary="One gallery lesion: diagnosis and attributes")
     async def lesion(
         self, lesion_id: str, thumbnails: bool = Query(False), api_key: str | None = Security(api_key_header)
     ) -> Response:
         check_api_key(self.api_key, api_key)
-        return JSONBytes(await self._call(self.retrieval.lesion.remote(lesion_id, thumbnails), self.settings.call_timeout_s))
+        return JSONBytes(await self._call(self.retrieval.lesion, lesion_id, thumbnails, timeout=self.settings.call_timeout_s))
 
     @api.get(
         "/lesions/{lesion_id}/thumbnail",
@@ -487,7 +502,7 @@ class Ingress:
     )
     async def thumbnail(self, lesion_id: str, api_key: str | None = Security(api_key_header)) -> Response:
         check_api_key(self.api_key, api_key)
-        data = await self._call(self.retrieval.thumbnail.remote(lesion_id), self.settings.call_timeout_s)
+        data = await self._call(self.retrieval.thumbnail, lesion_id, timeout=self.settings.call_timeout_s)
         return Response(data, media_type="image/jpeg")
 
     # -- generation --
@@ -532,7 +547,7 @@ class Ingress:
         upload = await self._read(file)
         started = time.perf_counter()
         k = check_k(k, self.settings.max_k)
-        found = json.loads(await self._call(self.retrieval.search_image.remote(upload, k, True), self.settings.call_timeout_s))
+        found = json.loads(await self._call(self.retrieval.search_image, upload, k, True, timeout=self.settings.call_timeout_s))
         searched = time.perf_counter()
         # The classifier's diagnosis, else the one most similar cases share; None when there is neither
         # (then no references are generated, and the answer says why).
