@@ -7,6 +7,7 @@ addresses only, and is bounded in requests and time.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +45,13 @@ def running(app: str, deployment: str) -> int:
 
 def replica_pids(app: str, deployment: str) -> list[int]:
     """The process ids of a deployment's live replicas (Ray's state API), to kill one as a fault would."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")])
+    # This process' cluster, named: with several on one machine, the state API will not guess.
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    filters = [("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")]
+    actors = list_actors(address=address, filters=filters)
     return [a.pid for a in actors if a.pid]
 
 
@@ -65,9 +70,11 @@ async def drive(
     headers: dict[str, str] | None = None,
     max_seconds: float = 300.0,
     samples: list[Sample] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Sample]:
-    """`requests` POSTs of `request` (httpx arguments: url, params, files, json) from `concurrency` clients;
-    each answer is appended to `samples` as it comes (a list another thread may watch)."""
+    """`requests` POSTs of `request` (httpx arguments: url, params, files, json) from `concurrency` clients,
+    for at most `max_seconds` or until `stop` is set; each answer is appended to `samples` as it comes (a list
+    another thread may watch)."""
     if urlparse(url).hostname not in LOOPBACK:
         raise ValueError(f"{url}: load goes to loopback addresses only")
     samples = [] if samples is None else samples
@@ -78,7 +85,7 @@ async def drive(
 
         async def client_loop() -> None:
             for _ in remaining:
-                if time.perf_counter() - began > max_seconds:
+                if time.perf_counter() - began > max_seconds or (stop is not None and stop.is_set()):
                     return
                 started = time.perf_counter()
                 try:
