@@ -42,7 +42,6 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 APP = "dermaray"
-FAST = {"upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5, "look_back_period_s": 2}
 
 
 def parse_ramp(text: str) -> list[tuple[int, float]]:
@@ -68,19 +67,20 @@ def main() -> int:
     from dermaray.report.html import line_chart
     from dermaray.storage import read_parquet
     from serve.app import app_from_config
-    from serve.operations import deployment_options, drive, replica_pids, running
+    from serve.operations import SHORT_DELAYS, deployment_options, drive, replica_pids, running
     from tests import serve_artifacts
     from tests.serve_fixtures import _free_port
 
     scratch = Path(tempfile.mkdtemp(prefix="serve-autoscale-"))
-    s = load_config(args.config, []).serve
+    configured = load_config(args.config, [])
+    s = configured.serve
     needed = [s.grounding_model, s.index, s.embeddings, s.lesions, s.diffusion]
     if all(p and Path(p).exists() for p in needed) and not args.tiny:
         print(f"artifacts: the pipeline's ({s.lesions}, {s.index}, {s.diffusion})")
         overrides = []
     else:
         print(f"artifacts: tiny, built now under {scratch} (run `make run` to serve the pipeline's)")
-        cache = Path(load_config(args.config, []).models.cache_dir).resolve()
+        cache = Path(configured.models.cache_dir).resolve()
         overrides = serve_artifacts.build(scratch / "artifacts", cache, n_lesions=200, diffusion=True)
     cfg = load_config(args.config, [*overrides, "serve.allow_anonymous=true"])
     image = read_parquet(cfg.serve.lesions, cfg.storage_options, columns=["image_bytes"])["image_bytes"][0].as_py()
@@ -88,9 +88,7 @@ def main() -> int:
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)  # the dashboard serves the state API (replica pids)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
-    options = deployment_options(Retrieval={**FAST, "target_ongoing_requests": 8}, Generation=FAST)
-    for deployment in options.values():
-        deployment["ray_actor_options"] = {"num_cpus": 0.05}
+    options = deployment_options(num_cpus=0.05, Retrieval={**SHORT_DELAYS, "target_ongoing_requests": 8}, Generation=SHORT_DELAYS)
     serve.run(app_from_config(cfg, options=options), name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     print(f"app: {url}  cores: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f}  ramp: {args.ramp}")

@@ -311,13 +311,15 @@ class Ingress:
 
     # -- plumbing --
 
-    async def _call(self, method: Any, *args: Any, timeout: float, deployment: str = "Retrieval") -> Any:
+    async def _call(self, method: Any, *args: Any, timeout: float, deployment: str | None = None) -> Any:
         """`method.remote(*args)`, a deployment handle's method: its result; 504 past `timeout`, or 503 with the
         reason as soon as the deployment is seen unable to run (no replica running or placed, no node with room).
 
         A call whose replica died under it (killed, out of memory, its node lost) is sent once more within the
         same deadline, and Serve routes it to a live replica: every call here is a read or a seeded generation,
-        so repeating one is safe, and a client sees a replica's death only if the second try fails too."""
+        so repeating one is safe, and a client sees a replica's death only if the second try fails too.
+        `deployment`: the name of the deployment `method` belongs to (default: Retrieval's)."""
+        deployment = deployment or self.retrieval.deployment_name
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for attempt in range(1 + CALL_RETRIES):
@@ -400,7 +402,13 @@ class Ingress:
             raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
         handle = self.generation.options(multiplexed_model_id=code)
         return await self._call(
-            handle.generate, code, count, seed, steps, timeout=self.settings.generation_timeout_s, deployment="Generation"
+            handle.generate,
+            code,
+            count,
+            seed,
+            steps,
+            timeout=self.settings.generation_timeout_s,
+            deployment=self.generation.deployment_name,
         )
 
     # -- page and metadata --

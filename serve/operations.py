@@ -21,13 +21,24 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SERVE_CONFIG = Path(__file__).parent / "config.yaml"
 
 
-def deployment_options(config: Path = SERVE_CONFIG, **autoscaling: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Deployment name -> `.options(...)` arguments as a Serve config file sets them; `autoscaling` overrides
-    single autoscaling settings per deployment, e.g. Retrieval={"downscale_delay_s": 5}."""
+# serve/config.yaml's autoscaling delays are minutes; a test or a benchmark on one machine shows the same
+# behaviour in seconds.
+SHORT_DELAYS = {"upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+
+
+def deployment_options(
+    config: Path = SERVE_CONFIG, num_cpus: float | None = None, **autoscaling: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Deployment name -> `.options(...)` arguments as a Serve config file sets them; `num_cpus` replaces every
+    deployment's CPU ask, and `autoscaling` overrides single autoscaling settings per deployment, e.g.
+    Retrieval={"downscale_delay_s": 5}."""
     deployments = yaml.safe_load(config.read_text())["applications"][0]["deployments"]
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments}
     for name, changes in autoscaling.items():
         options[name]["autoscaling_config"] = {**options[name].get("autoscaling_config", {}), **changes}
+    if num_cpus is not None:
+        for deployment in options.values():
+            deployment["ray_actor_options"] = {"num_cpus": num_cpus}
     return options
 
 

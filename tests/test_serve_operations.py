@@ -22,12 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from dermaray.config import load_config
-from serve.operations import deployment_options, drive, replica_pids, running
+from serve.operations import SHORT_DELAYS, deployment_options, drive, replica_pids, running
 
 APP = "ops"
-SMALL = {"num_cpus": 0.05}
 # Delays of seconds, not minutes; Retrieval's target scaled to what one CPU replica batches here.
-FAST = {"upscale_delay_s": 1, "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+FAST = {**SHORT_DELAYS, "downscale_delay_s": 4}
 
 
 def _deploy(served_app, **retrieval) -> None:
@@ -35,9 +34,7 @@ def _deploy(served_app, **retrieval) -> None:
 
     from serve.app import app_from_config
 
-    options = deployment_options(Retrieval={**FAST, "target_ongoing_requests": 8}, Generation=FAST)
-    for deployment in options.values():
-        deployment["ray_actor_options"] = SMALL
+    options = deployment_options(num_cpus=0.05, Retrieval={**FAST, "target_ongoing_requests": 8}, Generation=FAST)
     if retrieval:  # e.g. num_replicas=2: a fixed count instead of autoscaling
         options["Retrieval"] = {k: v for k, v in options["Retrieval"].items() if k != "autoscaling_config"} | retrieval
     overrides = [o for o in served_app.overrides if not o.startswith("serve.api_key")] + ["serve.allow_anonymous=true"]

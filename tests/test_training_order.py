@@ -66,9 +66,9 @@ def _jitter(block: dict) -> dict:
     return block
 
 
-def _attempts(log: Path) -> list[list[list[int]]]:
-    """Per worker process, in start order: the keys of each batch it was given."""
-    by_pid: dict[int, list[list[int]]] = {}
+def _attempts(log: Path) -> dict[tuple[str, int], list[list[int]]]:
+    """(rank's log, worker process) -> the keys of each batch it was given, in order."""
+    by_pid: dict[tuple[str, int], list[list[int]]] = {}
     for rank_log in sorted(log.glob("rank*.jsonl")):
         for line in rank_log.read_text().splitlines():
             entry = json.loads(line)

@@ -17,7 +17,7 @@ import json
 from typing import Any, Literal
 
 from dermaray.config import DermarayConfig
-from dermaray.storage import exists, read_bytes, write_bytes
+from dermaray.storage import exists, join, read_bytes, write_bytes
 
 STAGE_RECORD = "_stage.json"  # in a stage's (first) output folder
 
@@ -39,7 +39,7 @@ def fingerprint(stage: str, settings: dict[str, Any], inputs: dict[str, str | No
 
 
 def record_uri(output: str) -> str:
-    return f"{output.rstrip('/')}/{STAGE_RECORD}"
+    return join(output, STAGE_RECORD)
 
 
 def read_record(output: str, storage_options: dict) -> dict[str, Any] | None:

@@ -30,13 +30,17 @@ def frozen_identity(base: str) -> dict[str, str | None]:
     return {"model": f"{base}:frozen", "weights": None}  # a preset's weights are its pinned revision
 
 
+def grounded_identity(model: str, settings: dict[str, Any]) -> dict[str, str | None]:
+    """`settings`: the model folder's settings file, as `load_model` returns what it does not consume."""
+    return {"model": model, "weights": settings.get(WEIGHTS_DIGEST)}
+
+
 def model_identity(model: str, base: str, storage_options: dict | None = None) -> dict[str, str | None]:
     """What an index records of the model that made its vectors: its URI (or the frozen base) and the digest
     of its weights; read from the model folder's settings file, without loading the model."""
     if model == FROZEN:
         return frozen_identity(base)
-    payload = json.loads(read_bytes(join(model, SETTINGS_FILE), storage_options))
-    return {"model": model, "weights": payload.get(WEIGHTS_DIGEST)}
+    return grounded_identity(model, json.loads(read_bytes(join(model, SETTINGS_FILE), storage_options)))
 
 
 def require_index_of(index_meta: dict[str, Any], identity: dict[str, str | None], index_uri: str) -> None:
@@ -71,7 +75,7 @@ class LesionEmbedder:
             local = download_folder(model, self._folder.name, storage_options)
             grounded, self.scaler, extra = load_model(local, models)
             self.network, base = grounded, grounded.settings.model
-            self.identity = {"model": model, "weights": extra.get(WEIGHTS_DIGEST)}
+            self.identity = grounded_identity(model, extra)
         self.model_id = self.identity["model"]
         self.network.to(self.device).eval()
         self.preprocess = Preprocessor(base, models, keep=())

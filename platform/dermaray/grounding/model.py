@@ -183,6 +183,10 @@ SETTINGS_FILE = "grounding.json"
 WEIGHTS_DIGEST = "weights_sha256"  # in SETTINGS_FILE: the digest of WEIGHTS_FILE
 
 
+def weights_digest(folder: Path) -> str:
+    return hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
 def save_model(folder: str | Path, model: GroundingModel, scaler: AttributeScaler, extra: dict[str, Any] | None = None) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,7 +195,7 @@ def save_model(folder: str | Path, model: GroundingModel, scaler: AttributeScale
         "settings": model.settings.model_dump(),
         "scaler": asdict(scaler),
         # What an index built with this model records, so a replica can tell a retrained model from it.
-        WEIGHTS_DIGEST: hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest(),
+        WEIGHTS_DIGEST: weights_digest(folder),
         **(extra or {}),
     }
     (folder / SETTINGS_FILE).write_text(json.dumps(payload, indent=2))
@@ -204,7 +208,7 @@ def load_model(folder: str | Path, models: ModelsConfig) -> tuple[GroundingModel
         raise FileNotFoundError(f"{folder} is not a grounding checkpoint (no {SETTINGS_FILE})")
     payload = json.loads((folder / SETTINGS_FILE).read_text())
     digest = payload.get(WEIGHTS_DIGEST)  # absent in folders saved before digests were recorded
-    if digest and hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest() != digest:
+    if digest and weights_digest(folder) != digest:
         raise ValueError(f"{folder}: {WEIGHTS_FILE} is not the file {SETTINGS_FILE} was saved with (an interrupted copy?)")
     settings = GroundingSettings(**payload.pop("settings"))
     scaler = AttributeScaler(**payload.pop("scaler"))
