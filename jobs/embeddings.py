@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
 import ray
 
 from dermaray.cli import config_from_argv, setup_logging
@@ -19,7 +18,7 @@ from dermaray.config import DermarayConfig
 from dermaray.grounding.embed import CARRIED, LesionEmbedder, model_identity
 from dermaray.layout import embeddings_index, embeddings_table, summary_uri
 from dermaray.retrieval import VectorIndex
-from dermaray.storage import arrow_filesystem, read_parquet, remove_tree, require
+from dermaray.storage import arrow_filesystem, iter_parquet, parquet_row_count, remove_tree, require
 from jobs.common import clear_summary, init_ray, log, write_summary
 
 
@@ -50,23 +49,24 @@ def run(cfg: DermarayConfig) -> dict:
     remove_tree(target, options)  # rewritten whole: a re-run never mixes two models' vectors
     out_fs, out_path = arrow_filesystem(target, options)
     embedded.write_parquet(out_path, filesystem=out_fs)
-    table = read_parquet(target, options, columns=["lesion_id", "embedding"])
+    rows_out = parquet_row_count(target, options)
     rows_in = lesions.count()
-    if table.num_rows != rows_in:
-        raise RuntimeError(f"embeddings: {rows_in} lesions in, {table.num_rows} embeddings out")
+    if rows_out != rows_in:
+        raise RuntimeError(f"embeddings: {rows_in} lesions in, {rows_out} embeddings out")
+    first = next(iter_parquet(target, options, ["embedding"], batch_rows=1), None) if rows_out else None
     summary = {
         "input": e.input,
         "model": e.model,
         "model_weights": identity["weights"],
         "embeddings": target,
         "lesions": rows_in,
-        "dim": len(table["embedding"][0]) if table.num_rows else 0,
+        "dim": len(first.column("embedding")[0]) if first is not None else 0,
     }
-    if e.index is not None and table.num_rows:
-        vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        index = VectorIndex.build(
-            vectors,
-            table["lesion_id"].to_pylist(),
+    if e.index is not None and rows_out:
+        # Streamed from the table just written: the driver holds the index and one chunk, never all vectors.
+        index = VectorIndex.build_from_parquet(
+            target,
+            options,
             kind=e.index.kind,
             nlist=e.index.nlist,
             nprobe=e.index.nprobe,

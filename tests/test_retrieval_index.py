@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 
@@ -192,3 +194,36 @@ def test_bad_search_inputs_and_tuning_raise_value_error(small):
         index.search(np.full(16, np.nan), 3)
     with pytest.raises(ValueError, match="nprobe applies to ivf indexes, not 'exact'"):
         index.tune(nprobe=8)
+
+
+@pytest.mark.parametrize(("kind", "params"), [("exact", {}), ("ivf", {"nlist": 16, "nprobe": 4}), ("ivf", {})])
+def test_index_streamed_from_parquet_equals_the_in_memory_one(tmp_path, clustered, kind, params):
+    """Three files read in 700-row chunks give the index `build` makes from one array: same
+    training sample (4,096 of 6,000 rows with nlist=16; all of them by default), same neighbours."""
+    vectors, queries = clustered[0][:6000], clustered[1]
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    for part, start in enumerate(range(0, 6000, 2000)):
+        block = vectors[start : start + 2000] * 3  # not unit: both paths normalise
+        table = pa.table({"lesion_id": _ids(6000)[start : start + 2000], "embedding": list(block.astype(np.float32))})
+        pq.write_table(table, folder / f"part-{part}.parquet", row_group_size=500)
+
+    streamed = VectorIndex.build_from_parquet(str(folder), kind=kind, batch_rows=700, **params)
+    in_memory = VectorIndex.build(vectors * 3, _ids(6000), kind, **params)
+
+    assert streamed.meta == in_memory.meta and streamed.ids == in_memory.ids
+    if kind == "ivf":
+        assert streamed.meta["params"]["train_size"] == (4096 if params else 6000)
+    got, expected = streamed.search(queries, 10)[1], in_memory.search(queries, 10)[1]
+    assert abs(_recall(got, _exact_top(vectors, queries, 10)) - _recall(expected, _exact_top(vectors, queries, 10))) <= 0.01
+    np.testing.assert_array_equal(got, expected)  # same sample, same seed: the same index
+
+
+def test_streamed_build_names_the_bad_row_across_chunks(tmp_path):
+    vectors = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    vectors[70] = 0
+    pq.write_table(pa.table({"lesion_id": _ids(100), "embedding": list(vectors)}), tmp_path / "e.parquet")
+    with pytest.raises(ValueError, match="row 70 is all zeros"):
+        VectorIndex.build_from_parquet(str(tmp_path / "e.parquet"), batch_rows=30)
+    with pytest.raises(ValueError, match="100 vectors announced, 60 given"):
+        VectorIndex.build_streamed([(_ids(60), vectors[:60])], count=100)

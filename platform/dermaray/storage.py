@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -161,6 +162,20 @@ def read_parquet(uri: str, storage_options: dict[str, Any] | None = None, column
         with fs.open(name, "rb") as f:
             tables.append(pq.read_table(f, columns=columns))
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def iter_parquet(
+    uri: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None, batch_rows: int = 65536
+) -> Iterator[pa.RecordBatch]:
+    """The rows of a file or folder of Parquet files as record batches, file by file in name order
+    (the same order every time), holding one batch in memory."""
+    fs, files = parquet_files(uri, storage_options)
+    for name in files:
+        with fs.open(name, "rb") as f:
+            # Pages read as they decode, not a whole column chunk (a row group can be hundreds of MB).
+            parquet = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
+            yield from parquet.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages; a long stream would keep them all
 
 
 def parquet_row_count(uri: str, storage_options: dict[str, Any] | None = None) -> int:

@@ -22,7 +22,7 @@ row 0 or for a real similarity. `search_ids` drops those slots.
 Search runs on faiss's OpenMP threads (all cores unless told otherwise). This module never
 changes that global setting; call `faiss.omp_set_num_threads(n)` yourself to limit it.
 
-On storage an index is a folder at any fsspec URI: `index.faiss` (faiss.serialize_index),
+On storage an index is a folder at any fsspec URI: `index.faiss` (faiss.write_index),
 `ids.parquet` (one string column `id`, row i = row position i) and `meta.json`, written last:
 a folder holding meta.json is complete.
 """
@@ -33,12 +33,13 @@ import io
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dermaray import storage
@@ -92,42 +93,136 @@ class VectorIndex:
         `model` names the encoder that produced the vectors and `model_weights` the digest of its weights;
         both are kept in the metadata, so a reader can refuse vectors another model made.
         """
-        if kind not in _FAISS_TYPES:
-            raise ValueError(f"unknown index kind {kind!r}; expected one of {sorted(_FAISS_TYPES)}")
         vectors = np.asarray(vectors)
         if vectors.ndim != 2:
             raise ValueError(f"vectors must be a 2-d array [n, dim], got shape {vectors.shape}")
-        n, dim = vectors.shape
-        if n == 0 or dim == 0:
-            raise ValueError(f"cannot index an empty array (shape {vectors.shape})")
         ids = list(ids)
-        if len(ids) != n:
-            raise ValueError(f"got {len(ids)} ids for {n} vectors; need exactly one id per row")
-        if not all(isinstance(i, str) for i in ids):
-            raise ValueError("ids must be strings (lesion ids)")
-        if len(set(ids)) != n:
-            dupes = sorted(i for i, count in Counter(ids).items() if count > 1)
-            raise ValueError(f"duplicate ids ({len(dupes)} distinct): {dupes[:5]}")
-        vectors = _unit_rows(vectors, normalize)
+        if len(ids) != len(vectors):
+            raise ValueError(f"got {len(ids)} ids for {len(vectors)} vectors; need exactly one id per row")
+        unit = _unit_rows(vectors, normalize)  # once: the training sample is a subset of these rows
+        training = None
+        if kind == "ivf" and len(unit):
+            rows = training_rows(len(unit), nlist, seed)
+            training = unit if len(rows) == len(unit) else unit[rows]
+        return cls.build_streamed(
+            [(ids, unit)],
+            count=len(unit),
+            kind=kind,
+            training=training,
+            normalize=False,
+            nlist=nlist,
+            nprobe=nprobe,
+            hnsw_m=hnsw_m,
+            ef_search=ef_search,
+            model=model,
+            model_weights=model_weights,
+            seed=seed,
+        )
 
-        if kind == "exact":
-            index, params = faiss.IndexFlatIP(dim), {}
-        elif kind == "ivf":
-            index, params = _build_ivf(vectors, nlist, nprobe, seed)
-        else:
-            index, params = _build_hnsw(dim, hnsw_m, ef_search)
-        index.add(vectors)
+    @classmethod
+    def build_streamed(
+        cls,
+        chunks: Iterable[tuple[Sequence[str], np.ndarray]],
+        count: int,
+        kind: IndexKind = "exact",
+        *,
+        training: np.ndarray | None = None,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        ef_search: int = 64,
+        normalize: bool = True,
+        model: str | None = None,
+        model_weights: str | None = None,
+        seed: int = 0,
+    ) -> VectorIndex:
+        """The index `build` makes, from (ids, vectors) chunks that are added as they come.
+
+        Only the index and one chunk are in memory at a time, so the vectors can stream from
+        storage. `count` is the total number of rows (the ivf list count depends on it). An ivf
+        index is trained on `training`, the rows `training_rows(count, nlist, seed)` pick: with
+        them, the streamed index equals the one `build` makes from the whole array. With
+        normalize=True, `training` is normalised in place (it can be as large as the index).
+        """
+        if kind not in _FAISS_TYPES:
+            raise ValueError(f"unknown index kind {kind!r}; expected one of {sorted(_FAISS_TYPES)}")
+        if count == 0:
+            raise ValueError("cannot index an empty array (0 vectors)")
+        index = params = dim = None
+        all_ids: list[str] = []
+        for chunk_ids, vectors in chunks:
+            vectors = np.asarray(vectors)
+            if vectors.ndim != 2:
+                raise ValueError(f"vectors must be a 2-d array [n, dim], got shape {vectors.shape}")
+            if vectors.shape[1] == 0:
+                raise ValueError(f"cannot index an empty array (shape {vectors.shape})")
+            if len(chunk_ids) != len(vectors):
+                raise ValueError(f"got {len(chunk_ids)} ids for {len(vectors)} vectors; need exactly one id per row")
+            if not all(isinstance(i, str) for i in chunk_ids):
+                raise ValueError("ids must be strings (lesion ids)")
+            if index is None:
+                dim = vectors.shape[1]
+                index, params = _empty_index(kind, dim, count, training, normalize, nlist, nprobe, hnsw_m, ef_search, seed)
+            elif vectors.shape[1] != dim:
+                raise ValueError(f"a chunk of dimension {vectors.shape[1]} follows chunks of dimension {dim}")
+            if len(all_ids) + len(vectors) > count:
+                raise ValueError(f"more vectors than the {count} announced")
+            index.add(_unit_rows(vectors, normalize, first_row=len(all_ids)))
+            all_ids.extend(chunk_ids)
+        if len(all_ids) != count:
+            raise ValueError(f"{count} vectors announced, {len(all_ids)} given")
+        if len(set(all_ids)) != count:
+            dupes = sorted(i for i, n in Counter(all_ids).items() if n > 1)
+            raise ValueError(f"duplicate ids ({len(dupes)} distinct): {dupes[:5]}")
         meta = {
             "format": _FORMAT,
             "kind": kind,
             "dim": dim,
-            "count": n,
+            "count": count,
             "metric": "inner_product",
             "params": params,
             "model": model,
             "model_weights": model_weights,
         }
-        return cls(index, ids, meta)
+        return cls(index, all_ids, meta)
+
+    @classmethod
+    def build_from_parquet(
+        cls,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        kind: IndexKind = "exact",
+        *,
+        id_column: str = "lesion_id",
+        vector_column: str = "embedding",
+        batch_rows: int = 4096,
+        nlist: int | None = None,
+        seed: int = 0,
+        **options: Any,
+    ) -> VectorIndex:
+        """Index the vectors of a Parquet file or folder (e.g. the embeddings table) as they stream.
+
+        Row counts come from the footers; an ivf index first reads its training rows (one pass
+        over the vector column), then every chunk is added as it is read. Memory: the index,
+        plus one chunk (or, while training, the training sample). `options` are `build`'s.
+        """
+        count = storage.parquet_row_count(uri, storage_options)
+        training = None
+        if kind == "ivf" and count:
+            rows = training_rows(count, nlist, seed)
+            start = 0
+            for batch in storage.iter_parquet(uri, storage_options, [vector_column], batch_rows):
+                vectors = _matrix(batch.column(vector_column), vector_column)
+                if training is None:
+                    training = np.empty((len(rows), vectors.shape[1]), np.float32)
+                lo, hi = np.searchsorted(rows, [start, start + len(vectors)])
+                training[lo:hi] = vectors[rows[lo:hi] - start]
+                start += len(vectors)
+        chunks = (
+            (batch.column(id_column).to_pylist(), _matrix(batch.column(vector_column), vector_column))
+            for batch in storage.iter_parquet(uri, storage_options, [id_column, vector_column], batch_rows)
+        )
+        return cls.build_streamed(chunks, count, kind, training=training, nlist=nlist, seed=seed, **options)
 
     # -- search ------------------------------------------------------------------------
 
@@ -185,7 +280,10 @@ class VectorIndex:
         meta_path = f"{path.rstrip('/')}/meta.json"
         if fs.exists(meta_path):
             fs.rm(meta_path)  # first, so a half-overwritten folder never looks complete
-        storage.write_bytes(storage.join(uri, "index.faiss"), faiss.serialize_index(self._index).tobytes(), storage_options)
+        # Streamed to storage as faiss writes it: no second copy of the index in memory.
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(f"{path.rstrip('/')}/index.faiss", "wb") as out:
+            faiss.write_index(self._index, faiss.PyCallbackIOWriter(out.write))
         ids = io.BytesIO()
         pq.write_table(pa.table({"id": pa.array(self._ids, pa.string())}), ids)
         storage.write_bytes(storage.join(uri, "ids.parquet"), ids.getvalue(), storage_options)
@@ -204,8 +302,8 @@ class VectorIndex:
             ) from None
         if meta.get("format") != _FORMAT or meta.get("kind") not in _FAISS_TYPES:
             raise ValueError(f"{uri}/meta.json: unsupported format {meta.get('format')!r} or kind {meta.get('kind')!r}")
-        raw = storage.read_bytes(storage.join(uri, "index.faiss"), storage_options)
-        index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+        with fs.open(f"{path.rstrip('/')}/index.faiss", "rb") as stream:  # read as faiss parses: no second copy
+            index = faiss.read_index(faiss.PyCallbackIOReader(stream.read))
         ids = (
             pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "ids.parquet"), storage_options)))
             .column("id")
@@ -252,57 +350,105 @@ class VectorIndex:
         return json.loads(json.dumps(self._meta))
 
 
+def _matrix(column: pa.Array, name: str) -> np.ndarray:
+    """A list<float> column of equal-length rows as an [n, dim] array."""
+    if column.null_count:
+        raise ValueError(f"column {name!r} has {column.null_count} null vectors")
+    lengths = pc.list_value_length(column)
+    if len(column) and pc.min(lengths).as_py() != pc.max(lengths).as_py():
+        raise ValueError(f"column {name!r} holds vectors of different lengths")
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
+
+
 def _positive(name: str, value: int) -> int:
     if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-def _unit_rows(x: np.ndarray, normalize: bool) -> np.ndarray:
-    """`x` as C-contiguous float32 unit rows: checked in chunks, normalised into a copy if asked."""
+def _unit_rows(x: np.ndarray, normalize: bool, first_row: int = 0, in_place: bool = False) -> np.ndarray:
+    """`x` as C-contiguous float32 unit rows: checked in chunks, normalised if asked (into a copy,
+    or into `x` itself with in_place=True when x is already C-contiguous float32).
+
+    Errors name rows counted from `first_row` (the position of x[0] in a streamed build)."""
+    given = x
     x = np.ascontiguousarray(x, dtype=np.float32)
     norms = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), _CHECK_CHUNK):
         block = x[start : start + _CHECK_CHUNK]
         if not np.isfinite(block).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            bad = first_row + start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
             raise ValueError(f"non-finite value (NaN or inf) in row {bad}")
         norms[start : start + len(block)] = np.linalg.norm(block, axis=1)
     if normalize:
         if (norms == 0).any():
-            raise ValueError(f"row {int(np.flatnonzero(norms == 0)[0])} is all zeros and has no direction to normalise")
+            raise ValueError(f"row {first_row + int(np.flatnonzero(norms == 0)[0])} is all zeros and has no direction to normalise")
+        if in_place and x is given:
+            x /= norms[:, None]
+            return x
         return x / norms[:, None]
     off = np.abs(norms - 1) > _UNIT_NORM_TOLERANCE
     if off.any():
         row = int(np.flatnonzero(off)[0])
-        raise ValueError(f"normalize=False needs unit-norm rows, but row {row} has norm {norms[row]:.4f}; pass normalize=True")
+        norm, row = norms[row], first_row + row
+        raise ValueError(f"normalize=False needs unit-norm rows, but row {row} has norm {norm:.4f}; pass normalize=True")
     return x
 
 
-def _build_ivf(vectors: np.ndarray, nlist: int | None, nprobe: int, seed: int) -> tuple[faiss.Index, dict[str, Any]]:
-    n, dim = vectors.shape
-    if n < _MIN_POINTS_PER_LIST:
-        raise ValueError(f"an ivf index needs at least {_MIN_POINTS_PER_LIST} vectors, got {n}; use kind='exact'")
+def ivf_lists(count: int, nlist: int | None) -> int:
+    """The ivf list count for `count` vectors: `nlist`, or 4 * sqrt(count) lowered so every list has >= 39 training points."""
+    if count < _MIN_POINTS_PER_LIST:
+        raise ValueError(f"an ivf index needs at least {_MIN_POINTS_PER_LIST} vectors, got {count}; use kind='exact'")
     if nlist is None:
-        nlist = max(1, min(round(4 * math.sqrt(n)), n // _MIN_POINTS_PER_LIST))
+        nlist = max(1, min(round(4 * math.sqrt(count)), count // _MIN_POINTS_PER_LIST))
     nlist = _positive("nlist", nlist)
-    if n < nlist * _MIN_POINTS_PER_LIST:
-        raise ValueError(f"nlist={nlist} needs at least {nlist * _MIN_POINTS_PER_LIST} vectors to train, got {n}; lower nlist")
-    nprobe = _positive("nprobe", nprobe)
+    if count < nlist * _MIN_POINTS_PER_LIST:
+        raise ValueError(f"nlist={nlist} needs at least {nlist * _MIN_POINTS_PER_LIST} vectors to train, got {count}; lower nlist")
+    return nlist
 
+
+def training_rows(count: int, nlist: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sorted row positions an ivf index over `count` vectors trains on.
+
+    At most 256 points per list, the most faiss's k-means would use anyway; sorted, so a
+    reader passes over the rows (or the file) front to back once.
+    """
+    size = min(count, _MAX_POINTS_PER_LIST * ivf_lists(count, nlist))
+    return np.arange(count) if size == count else np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
+
+
+def _empty_index(
+    kind: IndexKind,
+    dim: int,
+    count: int,
+    training: np.ndarray | None,
+    normalize: bool,
+    nlist: int | None,
+    nprobe: int,
+    hnsw_m: int,
+    ef_search: int,
+    seed: int,
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """A trained index of `kind` holding no vectors yet, and the parameters meta.json records."""
+    if kind == "exact":
+        index = faiss.IndexFlatIP(dim)
+        # Room for every vector up front: grown add by add, the last reallocation would hold
+        # the old and the new copy of the whole index at once.
+        index.codes.resize(count * index.code_size)
+        index.codes.resize(0)
+        return index, {}
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, _positive("hnsw_m", hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = _positive("ef_search", ef_search)
+        return index, {"hnsw_m": hnsw_m, "ef_search": index.hnsw.efSearch, "ef_construction": _HNSW_EF_CONSTRUCTION}
+    nlist = ivf_lists(count, nlist)
+    nprobe = _positive("nprobe", nprobe)
+    if training is None or training.ndim != 2 or training.shape[1] != dim or len(training) < nlist * _MIN_POINTS_PER_LIST:
+        shape = None if training is None else training.shape
+        raise ValueError(f"an ivf index of {nlist} lists needs >= {nlist * _MIN_POINTS_PER_LIST} training vectors of dim {dim}, got {shape}")
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
-    # At most 256 points per list, the most faiss's k-means would use anyway; a sorted sample
-    # reads the (possibly memory-mapped) array front to back.
-    train_size = min(n, _MAX_POINTS_PER_LIST * nlist)
-    sample = vectors if train_size == n else vectors[np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))]
-    index.train(sample)
+    index.train(_unit_rows(training, normalize, in_place=True))
     index.nprobe = min(nprobe, nlist)
-    return index, {"nlist": nlist, "nprobe": index.nprobe, "train_size": train_size, "seed": seed}
-
-
-def _build_hnsw(dim: int, hnsw_m: int, ef_search: int) -> tuple[faiss.Index, dict[str, Any]]:
-    index = faiss.IndexHNSWFlat(dim, _positive("hnsw_m", hnsw_m), faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
-    index.hnsw.efSearch = _positive("ef_search", ef_search)
-    return index, {"hnsw_m": hnsw_m, "ef_search": index.hnsw.efSearch, "ef_construction": _HNSW_EF_CONSTRUCTION}
+    return index, {"nlist": nlist, "nprobe": index.nprobe, "train_size": len(training), "seed": seed}
