@@ -19,23 +19,36 @@ import ray
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, IngestConfig
-from dermaray.data.readers import READERS, accepted, canonicalize, mark_duplicates, quarantined
+from dermaray.data.readers import READERS, ROW_INDEX, accepted, canonicalize, mark_duplicates, quarantined
 from dermaray.layout import summary_uri
 from dermaray.schema import LESION_SCHEMA, QUARANTINE_SCHEMA
-from dermaray.storage import arrow_filesystem, join, parquet_row_count, read_parquet
+from dermaray.storage import arrow_filesystem, join, parquet_row_count, read_parquet, remove_tree
 from jobs.common import clear_summary, init_ray, log, write_summary
 
+LESIONS, QUARANTINE = "lesions", "quarantine"  # the two tables under the output folder
 
-def canonicalize_batch(batch: pa.Table, cfg: IngestConfig, storage_options: dict) -> pa.Table:
-    """Fetch one batch's images and canonicalize its rows (one Ray Data task per batch)."""
+
+def ingest_batch(batch: pa.Table, cfg: IngestConfig, storage_options: dict) -> pa.Table:
+    """Fetch one batch's images, canonicalize its rows, write its quarantined rows; return the
+    accepted ones (one Ray Data task per batch, one pass over the data).
+
+    The quarantine file is named by the batch's first row, so a retried task overwrites its own
+    file and never adds a second copy.
+    """
     reader = READERS[cfg.source]
     rows = batch.to_pylist()
-    return canonicalize(reader, cfg.input, rows, reader.fetch_images(cfg.input, storage_options, rows), cfg)
+    outcome = canonicalize(reader, cfg.input, rows, reader.fetch_images(cfg.input, storage_options, rows), cfg)
+    rejected = quarantined(outcome)
+    if rejected.num_rows:
+        fs, path = arrow_filesystem(join(cfg.output, QUARANTINE), storage_options)
+        fs.create_dir(path)
+        pq.write_table(rejected, f"{path}/part-{rows[0][ROW_INDEX]:012d}.parquet", filesystem=fs)
+    return accepted(outcome)
 
 
-def _write(ds: ray.data.Dataset, uri: str, storage_options: dict, rows_per_file: int, schema: pa.Schema) -> None:
+def _ensure_table(uri: str, storage_options: dict, schema: pa.Schema) -> None:
+    """A folder that holds no Parquet file gets an empty one: readers find a table of zero rows."""
     fs, path = arrow_filesystem(uri, storage_options)
-    ds.write_parquet(path, filesystem=fs, mode="overwrite", min_rows_per_file=rows_per_file)
     written = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     if not any(info.path.endswith(".parquet") for info in written):  # Ray writes no file for zero rows
         fs.create_dir(path)
@@ -45,34 +58,34 @@ def _write(ds: ray.data.Dataset, uri: str, storage_options: dict, rows_per_file:
 def run(cfg: DermarayConfig) -> dict:
     c = cfg.ingest
     clear_summary(summary_uri(c.output, "ingest"), cfg.storage_options)
+    for name in (LESIONS, QUARANTINE):
+        remove_tree(join(c.output, name), cfg.storage_options)  # tasks add quarantine files: start from none
     reader = READERS[c.source]
     metadata = mark_duplicates(reader.load_metadata(c.input, cfg.storage_options), reader.id_column)
     rows_in = metadata.num_rows
     log.info("ingest: %d %s rows from %s", rows_in, c.source, c.input)
     init_ray(cfg.ray)
-    # Metadata is small beside the images: slice it on the driver; tasks fetch the bytes.
+    # Metadata is small beside the images: slice it on the driver; tasks fetch the bytes. Each
+    # batch is read, decoded, checked and written once, as it streams: nothing is materialized.
     batches = [metadata.slice(i, c.batch_size) for i in range(0, rows_in, c.batch_size)] or [metadata]
-    outcome = (
-        ray.data.from_arrow(batches)
-        .map_batches(
-            canonicalize_batch,
-            fn_kwargs={"cfg": c, "storage_options": cfg.storage_options},
-            batch_size=None,
-            batch_format="pyarrow",
-        )
-        .materialize()
+    lesions = ray.data.from_arrow(batches).map_batches(
+        ingest_batch,
+        fn_kwargs={"cfg": c, "storage_options": cfg.storage_options},
+        batch_size=None,
+        batch_format="pyarrow",
     )
-    for name, select, schema in (("lesions", accepted, LESION_SCHEMA), ("quarantine", quarantined, QUARANTINE_SCHEMA)):
-        rows = outcome.map_batches(select, batch_format="pyarrow", batch_size=None)
-        _write(rows, join(c.output, name), cfg.storage_options, c.rows_per_file, schema)
+    fs, path = arrow_filesystem(join(c.output, LESIONS), cfg.storage_options)
+    lesions.write_parquet(path, filesystem=fs, mode="overwrite", min_rows_per_file=c.rows_per_file)
+    _ensure_table(join(c.output, LESIONS), cfg.storage_options, LESION_SCHEMA)
+    _ensure_table(join(c.output, QUARANTINE), cfg.storage_options, QUARANTINE_SCHEMA)
 
     # Reconcile against what is on storage (Parquet footers), not against the plan.
-    rows_out = parquet_row_count(join(c.output, "lesions"), cfg.storage_options)
-    written_quarantine = read_parquet(join(c.output, "quarantine"), cfg.storage_options, columns=["reason"])
+    rows_out = parquet_row_count(join(c.output, LESIONS), cfg.storage_options)
+    written_quarantine = read_parquet(join(c.output, QUARANTINE), cfg.storage_options, columns=["reason"])
     reasons = Counter(written_quarantine.column("reason").to_pylist())
     rows_quarantined = written_quarantine.num_rows
     labels = read_parquet(
-        join(c.output, "lesions"), cfg.storage_options, columns=["diagnosis", "diagnosis_superclass", "malignant"]
+        join(c.output, LESIONS), cfg.storage_options, columns=["diagnosis", "diagnosis_superclass", "malignant"]
     )
     summary = {
         "source": c.source,

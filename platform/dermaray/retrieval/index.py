@@ -33,7 +33,7 @@ import io
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import faiss
@@ -100,15 +100,12 @@ class VectorIndex:
         if len(ids) != len(vectors):
             raise ValueError(f"got {len(ids)} ids for {len(vectors)} vectors; need exactly one id per row")
         unit = _unit_rows(vectors, normalize)  # once: the training sample is a subset of these rows
-        training = None
-        if kind == "ivf" and len(unit):
-            rows = training_rows(len(unit), nlist, seed)
-            training = unit if len(rows) == len(unit) else unit[rows]
+        rows = training_rows(len(unit), nlist, seed) if kind == "ivf" and len(unit) else None
         return cls.build_streamed(
             [(ids, unit)],
             count=len(unit),
             kind=kind,
-            training=training,
+            training=None if rows is None else lambda: unit if len(rows) == len(unit) else unit[rows],
             normalize=False,
             nlist=nlist,
             nprobe=nprobe,
@@ -126,7 +123,7 @@ class VectorIndex:
         count: int,
         kind: IndexKind = "exact",
         *,
-        training: np.ndarray | None = None,
+        training: Callable[[], np.ndarray] | None = None,
         nlist: int | None = None,
         nprobe: int = 16,
         hnsw_m: int = 32,
@@ -140,9 +137,10 @@ class VectorIndex:
 
         Only the index and one chunk are in memory at a time, so the vectors can stream from
         storage. `count` is the total number of rows (the ivf list count depends on it). An ivf
-        index is trained on `training`, the rows `training_rows(count, nlist, seed)` pick: with
-        them, the streamed index equals the one `build` makes from the whole array. With
-        normalize=True, `training` is normalised in place (it can be as large as the index).
+        index is trained on what `training()` returns: the rows `training_rows(count, nlist, seed)`
+        pick, with which the streamed index equals the one `build` makes from the whole array.
+        It is called once, before the first vector is added, and its array is gone (normalised
+        in place with normalize=True) before then: the sample can be as large as the index.
         """
         if kind not in _FAISS_TYPES:
             raise ValueError(f"unknown index kind {kind!r}; expected one of {sorted(_FAISS_TYPES)}")
@@ -207,22 +205,26 @@ class VectorIndex:
         plus one chunk (or, while training, the training sample). `options` are `build`'s.
         """
         count = storage.parquet_row_count(uri, storage_options)
-        training = None
-        if kind == "ivf" and count:
-            rows = training_rows(count, nlist, seed)
-            start = 0
+        rows = training_rows(count, nlist, seed) if kind == "ivf" and count else None
+
+        def training() -> np.ndarray:  # one pass over the vector column, keeping the sampled rows
+            sample, start = None, 0
             for batch in storage.iter_parquet(uri, storage_options, [vector_column], batch_rows):
                 vectors = _matrix(batch.column(vector_column), vector_column)
-                if training is None:
-                    training = np.empty((len(rows), vectors.shape[1]), np.float32)
+                if sample is None:
+                    sample = np.empty((len(rows), vectors.shape[1]), np.float32)
                 lo, hi = np.searchsorted(rows, [start, start + len(vectors)])
-                training[lo:hi] = vectors[rows[lo:hi] - start]
+                sample[lo:hi] = vectors[rows[lo:hi] - start]
                 start += len(vectors)
+            return sample
+
         chunks = (
             (batch.column(id_column).to_pylist(), _matrix(batch.column(vector_column), vector_column))
             for batch in storage.iter_parquet(uri, storage_options, [id_column, vector_column], batch_rows)
         )
-        return cls.build_streamed(chunks, count, kind, training=training, nlist=nlist, seed=seed, **options)
+        return cls.build_streamed(
+            chunks, count, kind, training=None if rows is None else training, nlist=nlist, seed=seed, **options
+        )
 
     # -- search ------------------------------------------------------------------------
 
@@ -350,6 +352,16 @@ class VectorIndex:
         return json.loads(json.dumps(self._meta))
 
 
+def _expected_list_sizes(index: faiss.IndexIVFFlat, training: np.ndarray, count: int) -> list[int]:
+    """How many of `count` vectors each list will get, as the training sample says: exact when
+    the sample is every row, else scaled, with 10% and a few to spare."""
+    _, lists = index.quantizer.search(training, 1)
+    expected = np.bincount(lists.ravel(), minlength=index.nlist) * (count / len(training))
+    if len(training) < count:
+        expected = expected * 1.1 + 8
+    return np.ceil(expected).astype(np.int64).tolist()
+
+
 def _matrix(column: pa.Array, name: str) -> np.ndarray:
     """A list<float> column of equal-length rows as an [n, dim] array."""
     if column.null_count:
@@ -421,7 +433,7 @@ def _empty_index(
     kind: IndexKind,
     dim: int,
     count: int,
-    training: np.ndarray | None,
+    training: Callable[[], np.ndarray] | None,
     normalize: bool,
     nlist: int | None,
     nprobe: int,
@@ -444,11 +456,22 @@ def _empty_index(
         return index, {"hnsw_m": hnsw_m, "ef_search": index.hnsw.efSearch, "ef_construction": _HNSW_EF_CONSTRUCTION}
     nlist = ivf_lists(count, nlist)
     nprobe = _positive("nprobe", nprobe)
+    training = None if training is None else training()
     if training is None or training.ndim != 2 or training.shape[1] != dim or len(training) < nlist * _MIN_POINTS_PER_LIST:
         shape = None if training is None else training.shape
         raise ValueError(f"an ivf index of {nlist} lists needs >= {nlist * _MIN_POINTS_PER_LIST} training vectors of dim {dim}, got {shape}")
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
-    index.train(_unit_rows(training, normalize, in_place=True))
+    training = _unit_rows(training, normalize, in_place=True)
+    index.train(training)
     index.nprobe = min(nprobe, nlist)
-    return index, {"nlist": nlist, "nprobe": index.nprobe, "train_size": len(training), "seed": seed}
+    params = {"nlist": nlist, "nprobe": index.nprobe, "train_size": len(training), "seed": seed}
+    sizes = _expected_list_sizes(index, training, count)
+    training = None  # freed before the lists take the index's memory
+    invlists = faiss.downcast_InvertedLists(index.invlists)
+    for number, size in enumerate(sizes):
+        # Room up front: lists grown add by add reallocate, and the freed copies left the
+        # process holding about 1.5x the index. Back to size 0 keeps the capacity.
+        invlists.resize(number, size)
+        invlists.resize(number, 0)
+    return index, params
