@@ -22,7 +22,6 @@ import ray
 from PIL import Image
 
 from dermaray.config import load_config
-from dermaray.data.readers import _hdf5_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/ lives in the repository, not in site-packages
 from jobs import ingest, synth
@@ -58,7 +57,7 @@ def main() -> None:
         synth.run(cfg)  # data preparation, not timed
 
     with h5py.File(f"{source}/train-image.hdf5", "r") as store:
-        blobs = [_hdf5_bytes(store, key) for key in store.keys()]
+        blobs = [store[key][()].tobytes() for key in store.keys()]
     before = decode_rate(blobs)
     cfg = load_config(
         None, [f"ingest.input={source}", f"ingest.output={args.workdir}/ingest", f"ingest.batch_size={args.batch_size}"]

@@ -94,3 +94,22 @@ def test_unreachable_or_missing_uri_is_a_clear_error(s3_options):
             "s3://dermaray/x",
             {**s3_options, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}},
         )
+
+
+def test_isic_images_read_as_byte_ranges_or_through_hdf5_alike_locally_and_on_s3(tmp_path, s3_options):
+    """Contiguous datasets are read as file ranges; compressed (chunked) ones through HDF5; a missing key is None."""
+    import h5py
+
+    blobs = {f"ISIC_{i}": bytes(np.random.default_rng(i).integers(0, 256, 300 + i, dtype=np.uint8)) for i in range(4)}
+    with h5py.File(tmp_path / "train-image.hdf5", "w") as store:
+        store.create_dataset("ISIC_0", data=np.void(blobs["ISIC_0"]))  # how ISIC 2024 stores a JPEG
+        store.create_dataset("ISIC_1", data=np.frombuffer(blobs["ISIC_1"], np.uint8), compression="gzip")
+        store.create_dataset("ISIC_2", data=np.frombuffer(blobs["ISIC_2"], np.uint8))
+        store.create_dataset("ISIC_3", data=np.bytes_(blobs["ISIC_3"]))
+    rows = [{"isic_id": key} for key in ["ISIC_3", "ISIC_missing", "ISIC_1", "ISIC_0", "ISIC_2"]]
+    expected = [blobs["ISIC_3"], None, blobs["ISIC_1"], blobs["ISIC_0"], blobs["ISIC_2"]]
+    reader = READERS["isic2024"]
+    assert reader.fetch_images(str(tmp_path), {}, rows) == expected
+
+    s3fs.S3FileSystem(**s3_options).put(str(tmp_path / "train-image.hdf5"), "dermaray/hdf5-layouts/train-image.hdf5")
+    assert reader.fetch_images("s3://dermaray/hdf5-layouts", s3_options, rows) == expected
