@@ -28,21 +28,24 @@ from jobs.common import clear_summary, init_ray, log, write_summary
 LESIONS, QUARANTINE = "lesions", "quarantine"  # the two tables under the output folder
 
 
-def ingest_batch(batch: pa.Table, cfg: IngestConfig, storage_options: dict) -> pa.Table:
+def ingest_batch(bounds: dict, metadata: ray.ObjectRef, cfg: IngestConfig, storage_options: dict) -> pa.Table:
     """Fetch one batch's images, canonicalize its rows, write its quarantined rows; return the
     accepted ones (one Ray Data task per batch, one pass over the data).
 
-    The quarantine file is named by the batch's first row, so a retried task overwrites its own
-    file and never adds a second copy.
+    `bounds` holds the batch's first and end row of the metadata table, which every task maps
+    from the object store without a copy. The quarantine file is named by the first row, so a
+    retried task overwrites its own file and never adds a second copy.
     """
+    start, stop = int(bounds["start"][0]), int(bounds["stop"][0])
+    batch = ray.get(metadata).slice(start, stop - start)
     reader = READERS[cfg.source]
-    rows = batch.to_pylist()
-    outcome = canonicalize(reader, cfg.input, rows, reader.fetch_images(cfg.input, storage_options, rows), cfg)
+    blobs = reader.fetch_images(cfg.input, storage_options, batch)
+    outcome = canonicalize(reader, cfg.input, batch, blobs, cfg)
     rejected = quarantined(outcome)
     if rejected.num_rows:
         fs, path = arrow_filesystem(join(cfg.output, QUARANTINE), storage_options)
         fs.create_dir(path)
-        pq.write_table(rejected, f"{path}/part-{rows[0][ROW_INDEX]:012d}.parquet", filesystem=fs)
+        pq.write_table(rejected, f"{path}/part-{batch[ROW_INDEX][0].as_py():012d}.parquet", filesystem=fs)
     return accepted(outcome)
 
 
@@ -65,17 +68,22 @@ def run(cfg: DermarayConfig) -> dict:
     rows_in = metadata.num_rows
     log.info("ingest: %d %s rows from %s", rows_in, c.source, c.input)
     init_ray(cfg.ray)
-    # Metadata is small beside the images: slice it on the driver; tasks fetch the bytes. Each
+    # Metadata is small beside the images: it is put once; tasks slice it and fetch the bytes. Each
     # batch is read, decoded, checked and written once, as it streams: nothing is materialized.
-    batches = [metadata.slice(i, c.batch_size) for i in range(0, rows_in, c.batch_size)] or [metadata]
-    lesions = ray.data.from_arrow(batches).map_batches(
+    bounds = [{"start": i, "stop": min(i + c.batch_size, rows_in)} for i in range(0, rows_in, c.batch_size)]
+    lesions = ray.data.from_items(bounds, override_num_blocks=max(len(bounds), 1)).map_batches(
         ingest_batch,
-        fn_kwargs={"cfg": c, "storage_options": cfg.storage_options},
-        batch_size=None,
-        batch_format="pyarrow",
+        fn_kwargs={"metadata": ray.put(metadata), "cfg": c, "storage_options": cfg.storage_options},
+        batch_size=1,
+        batch_format="numpy",
     )
     fs, path = arrow_filesystem(join(c.output, LESIONS), cfg.storage_options)
-    lesions.write_parquet(path, filesystem=fs, mode="overwrite", min_rows_per_file=c.rows_per_file)
+    # Not fused with the map: a fused task would take rows_per_file rows of input, so a small
+    # ingest would run as one task on one core. Encoding Parquet needs less CPU than decoding
+    # JPEGs, and a different CPU request is what keeps the two operators apart.
+    lesions.write_parquet(
+        path, filesystem=fs, mode="overwrite", min_rows_per_file=c.rows_per_file, ray_remote_args={"num_cpus": 0.5}
+    )
     _ensure_table(join(c.output, LESIONS), cfg.storage_options, LESION_SCHEMA)
     _ensure_table(join(c.output, QUARANTINE), cfg.storage_options, QUARANTINE_SCHEMA)
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -106,7 +107,7 @@ def test_isic_images_read_as_byte_ranges_or_through_hdf5_alike_locally_and_on_s3
         store.create_dataset("ISIC_1", data=np.frombuffer(blobs["ISIC_1"], np.uint8), compression="gzip")
         store.create_dataset("ISIC_2", data=np.frombuffer(blobs["ISIC_2"], np.uint8))
         store.create_dataset("ISIC_3", data=np.bytes_(blobs["ISIC_3"]))
-    rows = [{"isic_id": key} for key in ["ISIC_3", "ISIC_missing", "ISIC_1", "ISIC_0", "ISIC_2"]]
+    rows = pa.table({"isic_id": ["ISIC_3", "ISIC_missing", "ISIC_1", "ISIC_0", "ISIC_2"]})
     expected = [blobs["ISIC_3"], None, blobs["ISIC_1"], blobs["ISIC_0"], blobs["ISIC_2"]]
     reader = READERS["isic2024"]
     assert reader.fetch_images(str(tmp_path), {}, rows) == expected

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -420,3 +421,19 @@ def test_serve_over_a_mostly_unlabelled_gallery(isic, malignant_classifier, tmp_
         app.schemathesis(tmp_path_factory.mktemp("schemathesis-isic"), max_seconds=30)  # and no 5xx for generated requests
     finally:
         serve_fixtures.stop()
+
+
+def test_attributes_checked_a_column_at_a_time_agree_with_the_per_value_checks() -> None:
+    """Rows Arrow clears get the values the per-value parse gives; rows it cannot clear are left to that parse."""
+    reader = Isic2024Reader()
+    good = [_isic_row(tbp_lv_areaMM2=" 12.5 "), _isic_row(tbp_lv_areaMM2="3e1")]
+    bad = [_isic_row(tbp_lv_areaMM2=""), _isic_row(tbp_lv_areaMM2="inf"), _isic_row(tbp_lv_areaMM2="-4")]
+    checked = reader.checked_attributes(pa.Table.from_pylist(good + bad))
+    assert checked[2:] == [None, None, None]
+    for row, attributes in zip(good, checked[:2], strict=True):
+        assert attributes["area_mm2"] in (12.5, 30.0)
+        assert reader.to_canonical(row, attributes) == reader.to_canonical(row)
+    # A value Arrow cannot cast at all sends the whole batch to the per-value checks, which name the reason.
+    assert reader.checked_attributes(pa.Table.from_pylist([*good, _isic_row(tbp_lv_areaMM2="12,5")])) == [None] * 3
+    with pytest.raises(RowRejected, match="area_mm2=.12,5. is not a number"):
+        reader.to_canonical(_isic_row(tbp_lv_areaMM2="12,5"))

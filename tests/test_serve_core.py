@@ -228,3 +228,18 @@ def test_serve_config_file_is_valid_and_names_the_app_deployments() -> None:
     assert config["serve"]["max_adapters_per_replica"] == 4 and Path(config["serve"]["index"]).is_absolute()
     names, config = bound(build_app({**app.args, "serve.diffusion": "null"}))
     assert names == {"Ingress", "Retrieval"} and config["serve"]["diffusion"] is None
+
+
+def test_attribute_search_by_binary_search_equals_a_full_sort() -> None:
+    """Against the per-request argsort it replaces: ties (repeated values), values outside the range, unknown rows."""
+    rng = np.random.default_rng(0)
+    predicted = rng.integers(0, 30, 500).astype(float)  # many repeats: ties must go by row
+    predicted[rng.choice(500, 20, replace=False)] = np.nan
+    gallery = Gallery([f"L{i}" for i in range(500)], [None] * 500, np.zeros((500, 0)), ["area_mm2"], predicted[:, None], [], [])
+    for value in (-5.0, 0.0, 7.5, 12.0, 29.0, 40.0):
+        for k in (1, 5, 17, 490, 500):
+            gap = np.abs(predicted - value)
+            expected = np.argsort(gap, kind="stable")[:k]
+            got = gallery.nearest_by_value("area_mm2", value, k)
+            assert [r for r, _ in got] == expected.tolist()
+            np.testing.assert_array_equal([g for _, g in got], gap[expected])

@@ -9,16 +9,19 @@ batch; `jobs.ingest` spreads batches over a Ray cluster.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dermaray.config import IngestConfig
 from dermaray.data.validate import RowRejected, inspect_image, parse_age, parse_attribute, parse_number, parse_text
 from dermaray.schema import (
     ATTRIBUTES,
+    ATTRIBUTES_BY_NAME,
     DIAGNOSES,
     DIAGNOSES_BY_CODE,
     LESION_SCHEMA,
@@ -87,18 +90,58 @@ class Reader:
     def load_metadata(self, uri: str, storage_options: dict[str, Any]) -> pa.Table:
         raise NotImplementedError
 
-    def fetch_images(self, uri: str, storage_options: dict[str, Any], rows: list[dict]) -> list[bytes | None]:
-        """Image bytes aligned with `rows`; None where the image does not exist."""
-        paths = [row.get(IMAGE_PATH) for row in rows]
+    def fetch_images(self, uri: str, storage_options: dict[str, Any], batch: pa.Table) -> list[bytes | None]:
+        """Image bytes aligned with the rows of a metadata batch; None where the image does not exist."""
+        paths = batch.column(IMAGE_PATH).to_pylist()
         wanted = [p for p in paths if p]
         if not wanted:
-            return [None] * len(rows)
+            return [None] * len(paths)
         fs, _ = filesystem(uri, storage_options)
         fetched = fs.cat(wanted, on_error="return") if len(wanted) > 1 else {wanted[0]: _cat_one(fs, wanted[0])}
         return [fetched.get(p) if p and isinstance(fetched.get(p), bytes) else None for p in paths]
 
-    def to_canonical(self, row: dict) -> dict:
+    def to_canonical(self, row: dict, attributes: dict[str, float | None] | None = None) -> dict:
+        """The row's canonical fields; `attributes` are its ATTRIBUTES already parsed and checked
+        (by `checked_attributes`), None to parse them here."""
         raise NotImplementedError
+
+    # The source column of each attribute, parsed per batch by `checked_attributes`.
+    attribute_columns: ClassVar[dict[str, str]] = {}
+    attributes_required: ClassVar[bool] = False
+
+    def checked_attributes(self, batch: pa.Table) -> list[dict[str, float | None] | None]:
+        """Per row, its attributes parsed and range-checked a whole column at a time (Arrow, not
+        a Python call per value); None for a row that did not pass, which `to_canonical` then
+        checks value by value to name its reason. A column Arrow cannot cast sends every row there."""
+        n = batch.num_rows
+        if not self.attribute_columns or any(c not in batch.column_names for c in self.attribute_columns.values()):
+            return [None] * n
+        passed, missing, columns = np.ones(n, bool), np.zeros(n, bool), []
+        for name, source in self.attribute_columns.items():
+            column = batch.column(source)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                text = pc.utf8_trim_whitespace(column)
+                column = pc.if_else(pc.equal(text, ""), pa.scalar(None, text.type), text)
+            try:
+                floats = pc.cast(column, pa.float64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                return [None] * n
+            null = floats.is_null().to_numpy(zero_copy_only=False)
+            values = floats.to_numpy(zero_copy_only=False)
+            bounds = ATTRIBUTES_BY_NAME[name]
+            with np.errstate(invalid="ignore"):
+                in_range = np.isfinite(values) & (values >= bounds.lower) & (values <= bounds.upper)
+            passed &= in_range | (null & (not self.attributes_required))
+            missing |= null
+            columns.append(values)
+        names = list(self.attribute_columns)
+        rows = np.stack(columns, axis=1).tolist()
+        return [
+            None
+            if not ok
+            else dict(zip(names, [None if v != v else v for v in row] if gap else row, strict=True))  # NaN != NaN: a null
+            for ok, gap, row in zip(passed.tolist(), missing.tolist(), rows, strict=True)
+        ]
 
     def check_columns(self, table: pa.Table, uri: str) -> None:
         missing = [c for c in self.required_columns if c not in table.column_names]
@@ -154,7 +197,7 @@ class Isic2024Reader(Reader):
         self.check_columns(table, csv_uri)
         return table
 
-    def fetch_images(self, uri: str, storage_options: dict[str, Any], rows: list[dict]) -> list[bytes | None]:
+    def fetch_images(self, uri: str, storage_options: dict[str, Any], batch: pa.Table) -> list[bytes | None]:
         import h5py
 
         hdf5_uri = find_one(uri, storage_options, ("*image*.hdf5", "*.hdf5", "*.h5"), "image HDF5")
@@ -162,7 +205,7 @@ class Isic2024Reader(Reader):
         with fs.open(path, "rb") as raw:
             # A local file by its path: HDF5's own reads of its index, not Python's, per lookup.
             with h5py.File(path if not is_remote(hdf5_uri) else raw, "r") as store:
-                found = [_hdf5_extent(store, row.get(self.id_column)) for row in rows]
+                found = [_hdf5_extent(store, key) for key in batch.column(self.id_column).to_pylist()]
             # Stored whole and unfiltered (how h5py writes a scalar), an image is a byte range of
             # the file: read those in file order, without HDF5's per-dataset read machinery.
             for i in sorted((i for i, f in enumerate(found) if isinstance(f, tuple)), key=lambda i: found[i][0]):
@@ -191,7 +234,10 @@ class Isic2024Reader(Reader):
                 return self._superclasses[words[0].lower()]
         return None
 
-    def to_canonical(self, row: dict) -> dict:
+    attribute_columns = {a.name: a.isic_column for a in ATTRIBUTES}
+    attributes_required = True
+
+    def to_canonical(self, row: dict, attributes: dict[str, float | None] | None = None) -> dict:
         # Most ISIC 2024 rows carry only iddx_1 and `target`: diagnosis is then null, the row is kept.
         target = parse_number("target", row.get("target"))
         fields = _diagnosis_fields(
@@ -210,7 +256,7 @@ class Isic2024Reader(Reader):
             "sex": _sex(row.get("sex")),
             "anatom_site": parse_text(row.get("anatom_site_general")),
             **fields,
-            **{a.name: parse_attribute(a.name, row.get(a.isic_column), required=True) for a in ATTRIBUTES},
+            **(attributes or {a.name: parse_attribute(a.name, row.get(a.isic_column), required=True) for a in ATTRIBUTES}),
         }
 
 
@@ -255,7 +301,7 @@ class Ham10000Reader(ImageFolderReader):
         "abdomen": "anterior torso", "genital": "oral/genital", "unknown": None,
     }  # fmt: skip
 
-    def to_canonical(self, row: dict) -> dict:
+    def to_canonical(self, row: dict, attributes: dict[str, float | None] | None = None) -> dict:
         dx = parse_text(row.get("dx"))
         if dx is None:
             raise RowRejected("missing_value", "dx is empty")
@@ -288,7 +334,7 @@ class PadUfes20Reader(ImageFolderReader):
         "abdomen": "anterior torso", "thigh": "lower extremity", "foot": "lower extremity",
     }  # fmt: skip
 
-    def to_canonical(self, row: dict) -> dict:
+    def to_canonical(self, row: dict, attributes: dict[str, float | None] | None = None) -> dict:
         code = parse_text(row.get("diagnostic"))
         if code is None:
             raise RowRejected("missing_value", "diagnostic is empty")
@@ -321,10 +367,12 @@ class CanonicalParquetReader(Reader):
         self.check_columns(table, uri)
         return table
 
-    def fetch_images(self, uri: str, storage_options: dict[str, Any], rows: list[dict]) -> list[bytes | None]:
-        return [row.get("image_bytes") for row in rows]
+    def fetch_images(self, uri: str, storage_options: dict[str, Any], batch: pa.Table) -> list[bytes | None]:
+        return batch.column("image_bytes").to_pylist()
 
-    def to_canonical(self, row: dict) -> dict:
+    attribute_columns = {a.name: a.name for a in ATTRIBUTES}
+
+    def to_canonical(self, row: dict, attributes: dict[str, float | None] | None = None) -> dict:
         fields = {name: parse_text(row.get(name)) for name in self.passthrough}
         malignant = row.get("malignant")
         return {
@@ -332,7 +380,7 @@ class CanonicalParquetReader(Reader):
             "age_approx": parse_age(row.get("age_approx")),
             "sex": _sex(row.get("sex")),
             "malignant": None if malignant is None else bool(malignant),
-            **{a.name: parse_attribute(a.name, row.get(a.name), required=False) for a in ATTRIBUTES},
+            **(attributes or {a.name: parse_attribute(a.name, row.get(a.name), required=False) for a in ATTRIBUTES}),
         }
 
 
@@ -344,8 +392,10 @@ READERS: dict[str, Reader] = {
 def assign_split(key: str, fractions: tuple[float, float, float]) -> str:
     """Deterministic split by a stable hash of the patient (never by row)."""
     u = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
-    edges = np.cumsum(fractions)
-    return SPLITS[min(int(np.searchsorted(edges, u, side="right")), len(SPLITS) - 1)]
+    for split, edge in zip(SPLITS, itertools.accumulate(fractions), strict=True):
+        if u < edge:
+            return split
+    return SPLITS[-1]
 
 
 def mark_duplicates(table: pa.Table, id_column: str) -> pa.Table:
@@ -362,10 +412,11 @@ OUTCOME_SCHEMA = pa.schema(
 )
 
 
-def canonicalize(reader: Reader, source_uri: str, rows: list[dict], blobs: list[bytes | None], cfg: IngestConfig) -> pa.Table:
-    """Rows (with their image bytes) -> OUTCOME_SCHEMA table; `reason` is null for accepted rows."""
+def canonicalize(reader: Reader, source_uri: str, batch: pa.Table, blobs: list[bytes | None], cfg: IngestConfig) -> pa.Table:
+    """A metadata batch (with its rows' image bytes) -> OUTCOME_SCHEMA table; `reason` is null for accepted rows."""
     out = []
-    for row, blob in zip(rows, blobs, strict=True):
+    checked = reader.checked_attributes(batch)
+    for row, attributes, blob in zip(batch.to_pylist(), checked, blobs, strict=True):
         lesion_id = parse_text(row.get(reader.id_column))
         record: dict[str, Any] = {"lesion_id": lesion_id, "source": reader.name, "row_id": f"{source_uri}#{row[ROW_INDEX]}"}
         try:
@@ -373,7 +424,7 @@ def canonicalize(reader: Reader, source_uri: str, rows: list[dict], blobs: list[
                 raise RowRejected("missing_value", f"{reader.id_column} is empty")
             if row.get("_duplicate"):
                 raise RowRejected("duplicate_id", f"{reader.id_column}={lesion_id} already seen in an earlier row")
-            fields = reader.to_canonical(row)
+            fields = reader.to_canonical(row, attributes)
             info = inspect_image(blob, cfg.max_image_pixels, cfg.max_image_bytes)
         except RowRejected as rejected:
             record.update(reason=rejected.reason, detail=rejected.detail[:500])

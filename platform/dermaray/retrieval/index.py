@@ -394,7 +394,9 @@ def _unit_rows(x: np.ndarray, normalize: bool, first_row: int = 0, in_place: boo
         norms[start : start + len(block)] = np.linalg.norm(block, axis=1)
     if normalize:
         if (norms == 0).any():
-            raise ValueError(f"row {first_row + int(np.flatnonzero(norms == 0)[0])} is all zeros and has no direction to normalise")
+            raise ValueError(
+                f"row {first_row + int(np.flatnonzero(norms == 0)[0])} is all zeros and has no direction to normalise"
+            )
         if in_place and x is given:
             x /= norms[:, None]
             return x
@@ -415,7 +417,9 @@ def ivf_lists(count: int, nlist: int | None) -> int:
         nlist = max(1, min(round(4 * math.sqrt(count)), count // _MIN_POINTS_PER_LIST))
     nlist = _positive("nlist", nlist)
     if count < nlist * _MIN_POINTS_PER_LIST:
-        raise ValueError(f"nlist={nlist} needs at least {nlist * _MIN_POINTS_PER_LIST} vectors to train, got {count}; lower nlist")
+        raise ValueError(
+            f"nlist={nlist} needs at least {nlist * _MIN_POINTS_PER_LIST} vectors to train, got {count}; lower nlist"
+        )
     return nlist
 
 
@@ -459,7 +463,9 @@ def _empty_index(
     training = None if training is None else training()
     if training is None or training.ndim != 2 or training.shape[1] != dim or len(training) < nlist * _MIN_POINTS_PER_LIST:
         shape = None if training is None else training.shape
-        raise ValueError(f"an ivf index of {nlist} lists needs >= {nlist * _MIN_POINTS_PER_LIST} training vectors of dim {dim}, got {shape}")
+        raise ValueError(
+            f"an ivf index of {nlist} lists needs >= {nlist * _MIN_POINTS_PER_LIST} training vectors of dim {dim}, got {shape}"
+        )
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     training = _unit_rows(training, normalize, in_place=True)

@@ -92,6 +92,13 @@ class Gallery:
 
     def __post_init__(self) -> None:
         self._row = {i: r for r, i in enumerate(self.ids)}
+        # Each predicted attribute's rows in value order, sorted once: attribute search is then a
+        # binary search, not a sort of the whole gallery per request. Rows without a value go last.
+        self._by_value = []
+        for column in self.predicted.T:
+            known = np.flatnonzero(np.isfinite(column))
+            order = known[np.argsort(column[known], kind="stable")]
+            self._by_value.append((column[order], order, np.flatnonzero(~np.isfinite(column))))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,10 +125,15 @@ class Gallery:
     def nearest_by_value(self, attribute: str, value: float, k: int) -> list[tuple[int, float]]:
         """Rows whose predicted `attribute` is closest to `value` (the grounding evaluation's
         "by head" retrieval), as (row, |difference|), closest first, ties by row."""
-        column = self.predicted[:, self.predicted_names.index(attribute)]
-        gap = np.abs(column - value)
-        order = np.argsort(gap, kind="stable")[:k]
-        return [(int(r), float(gap[r])) for r in order]
+        values, order, unknown = self._by_value[self.predicted_names.index(attribute)]
+        at = int(np.searchsorted(values, value))
+        lo, hi = max(at - k, 0), min(at + k, len(values))  # the k closest lie within k places either side
+        if lo < hi:  # widened over values equal to the window's ends: their gaps tie with the ends'
+            lo = int(np.searchsorted(values, values[lo], side="left"))
+            hi = int(np.searchsorted(values, values[hi - 1], side="right"))
+        rows, gaps = order[lo:hi], np.abs(values[lo:hi] - value)
+        closest = [(int(rows[i]), float(gaps[i])) for i in np.lexsort((rows, gaps))[:k]]
+        return closest + [(int(r), float("nan")) for r in unknown[: k - len(closest)]]
 
 
 def _rows_by_id(table: pa.Table, what: str) -> dict[str, int]:
