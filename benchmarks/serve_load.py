@@ -13,10 +13,16 @@ unless --url names a running one, which must be a loopback address. Then, on one
 3. /search, `--requests` (2,000) at concurrency `--concurrency` (32): p50, p99, throughput and
    the responses by status class (any 5xx or transport error fails the run).
 
+4. the same two loads against what a user would write instead of Serve: one plain FastAPI
+   app under uvicorn, in its own process, whose /search calls the same Retriever.search_image
+   (a sync endpoint: FastAPI runs it on its thread pool) and returns the result as JSON.
+
 It prints /search p50 / in-process p50 at concurrency 1, and at concurrency 32 against the
 in-process p50 at the same concurrency (goal <= 1.3). Under concurrent load a request waits
 behind the others in both cases; the Retrieval replica batches concurrent searches into one
-forward pass, which threads calling the model one image at a time cannot.
+forward pass, which threads calling the model one image at a time cannot. Against plain
+uvicorn: Serve's p50 at concurrency 1 / uvicorn's (goal <= 1.3) and Serve's requests/s at
+concurrency 32 / uvicorn's (goal >= 1). Skip that part with --no-plain.
 """
 
 from __future__ import annotations
@@ -94,6 +100,46 @@ def best_in_process(retriever, image: bytes, k: int, requests: int, concurrency:
     return best
 
 
+def plain_server(port: int, config: str, overrides: list[str]) -> None:
+    """The baseline: one uvicorn process serving /search with the same Retriever, no Ray."""
+    import uvicorn
+    from fastapi import FastAPI, File, UploadFile
+
+    from dermaray.config import load_config
+    from dermaray.serving.retriever import Retriever
+
+    cfg = load_config(config, overrides)
+    retriever = Retriever(cfg.serve, cfg.models, cfg.storage_options)
+    app = FastAPI()
+
+    @app.post("/search")
+    def search(file: UploadFile = File(...), k: int = 10) -> dict:
+        return retriever.search_image(file.file.read(), k)
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def start_plain(config: str, overrides: list[str]):
+    """(process, url) of the plain uvicorn baseline, once it answers."""
+    import subprocess
+
+    from tests.serve_fixtures import _free_port
+
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, __file__, "--plain-server", str(port), config, *overrides])
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the plain uvicorn server exited with {process.returncode}")
+        try:
+            httpx.get(f"{url}/docs", timeout=2)
+            return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the plain uvicorn server did not answer within 300 s")
+
+
 async def load(
     url: str, image: bytes, k: int, headers: dict, requests: int, concurrency: int
 ) -> tuple[list[float], Counter, float]:
@@ -128,6 +174,7 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=200, help="requests for the concurrency-1 and in-process p50s")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="serve tiny artifacts even when out/ is complete")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain FastAPI + uvicorn baseline")
     args = parser.parse_args()
     if not 1 <= args.concurrency <= 256 or not 1 <= args.requests <= 100_000:
         parser.error("concurrency must be 1-256 and requests 1-100000 (a bounded load)")
@@ -143,7 +190,8 @@ def main() -> int:
     from tests.serve_fixtures import _free_port
 
     scratch = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    cfg = load_config(args.config, artifacts(args, scratch))
+    overrides = artifacts(args, scratch)
+    cfg = load_config(args.config, overrides)
     image = read_parquet(cfg.serve.lesions, cfg.storage_options, columns=["image_bytes"])["image_bytes"][0].as_py()
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
 
@@ -190,17 +238,48 @@ def main() -> int:
         f"p99 {1000 * p99:.1f} ms  {args.requests / seconds:.0f} req/s  by status: {dict(sorted(statuses.items()))}  "
         f"errors: {errors}  5xx or transport: {server_errors}"
     )
+    if not args.no_plain:
+        if args.url is None:  # the baseline gets the cores to itself, as Serve had them
+            serve.shutdown()
+            ray.shutdown()
+        process, plain = start_plain(args.config, overrides)
+        try:
+            with httpx.Client(base_url=plain, timeout=60) as client:
+                for _ in range(20):
+                    client.post(
+                        "/search", params={"k": args.k}, files={"file": ("lesion.jpg", image, "image/jpeg")}
+                    ).raise_for_status()
+            plain_one, plain_statuses, _ = asyncio.run(load(plain, image, args.k, {}, args.sequential, 1))
+            plain_latencies, plain_many, plain_seconds = asyncio.run(
+                load(plain, image, args.k, {}, args.requests, args.concurrency)
+            )
+        finally:
+            process.terminate()
+            process.wait(30)
+        p50_plain = statistics.median(plain_one)
+        print(
+            f"plain FastAPI + uvicorn /search: concurrency 1 p50 {1000 * p50_plain:.2f} ms {dict(plain_statuses)}; "
+            f"concurrency {args.concurrency} p50 {1000 * percentile(plain_latencies, 50):.1f} ms "
+            f"{args.requests / plain_seconds:.0f} req/s {dict(sorted(plain_many.items()))}"
+        )
+        print(
+            f"Serve / plain uvicorn: p50 at concurrency 1 {p50_one / p50_plain:.2f}x (goal <= {GOAL}x); requests/s at "
+            f"concurrency {args.concurrency} {(args.requests / seconds) / (args.requests / plain_seconds):.2f}x (goal >= 1)"
+        )
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(
         f"ratio /search p50 / in-process p50: concurrency 1 {p50_one / one:.2f}x; concurrency {args.concurrency} "
         f"{p50 / many:.2f}x against in-process at the same concurrency, {p50 / one:.2f}x against sequential "
         f"in-process (goal <= {GOAL}x)"
     )
-    if args.url is None:
+    if args.url is None and args.no_plain:
         serve.shutdown()
         ray.shutdown()
     return 1 if server_errors else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--plain-server"]:
+        plain_server(int(sys.argv[2]), sys.argv[3], sys.argv[4:])
+    else:
+        sys.exit(main())

@@ -40,7 +40,7 @@ from dermaray.grounding.data import CLASS_CODES
 from dermaray.images import decode_rgb
 from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.models.registry import model_folder, resolve_model
-from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
+from dermaray.storage import absolute, download_folder, join, read_parquet, take_parquet, write_bytes
 from jobs.common import clear_summary, init_ray, log, write_summary
 
 
@@ -178,9 +178,10 @@ def run(cfg: DermarayConfig) -> dict:
     # The judge classifies diagnoses: one trained on superclass or malignancy cannot (checked before any work).
     require_diagnosis_classifier(classifier_settings(ev.classifier, options), f"diffusion_eval.classifier {ev.classifier}")
     init_ray(cfg.ray)
-    lesions = read_parquet(ev.real, options, columns=["split", "image_bytes", "diagnosis"])
+    lesions = read_parquet(ev.real, options, columns=["split", "diagnosis"])  # images only for the rows kept, below
     adapter = ev.adapter or join(d.output, SHARED_ADAPTER if d.adapters == "shared" else PER_DIAGNOSIS_ADAPTERS)
-    held_out = lesions.filter(pc.and_(pc.equal(lesions["split"], "test"), pc.is_valid(lesions["diagnosis"])))  # with a diagnosis
+    with_diagnosis = pc.fill_null(pc.and_(pc.equal(lesions["split"], "test"), pc.is_valid(lesions["diagnosis"])), False)
+    held_out = lesions.filter(with_diagnosis)
     if held_out.num_rows < 2:
         raise ValueError(f"{ev.real} has {held_out.num_rows} test-split lesions; KID needs held-out real images")
     # URIs and presets only: the task fetches what it needs on its own node.
@@ -201,7 +202,9 @@ def run(cfg: DermarayConfig) -> dict:
             absolute(ev.classifier),
             cfg.models,
             options,
-            held_out["image_bytes"].to_pylist()[: ev.real_images],
+            take_parquet(ev.real, np.flatnonzero(with_diagnosis.to_numpy())[: ev.real_images], options, ["image_bytes"])[
+                "image_bytes"
+            ].to_pylist(),
             held_out["diagnosis"].to_pylist()[: ev.real_images],
             settings,
         )

@@ -227,3 +227,17 @@ def test_streamed_build_names_the_bad_row_across_chunks(tmp_path):
         VectorIndex.build_from_parquet(str(tmp_path / "e.parquet"), batch_rows=30)
     with pytest.raises(ValueError, match="100 vectors announced, 60 given"):
         VectorIndex.build_streamed([(_ids(60), vectors[:60])], count=100)
+
+
+def test_take_parquet_reads_the_rows_asked_for_in_their_order_and_iter_parquet_streams_them_all(tmp_path):
+    from dermaray.storage import iter_parquet, take_parquet
+
+    for part in range(3):
+        rows = range(part * 100, part * 100 + 100)
+        pq.write_table(pa.table({"n": list(rows), "s": [str(i) for i in rows]}), tmp_path / f"p{part}.parquet", row_group_size=30)
+    taken = take_parquet(str(tmp_path), [250, 3, 299, 3, 120], columns=["n"])
+    assert taken.column_names == ["n"] and taken["n"].to_pylist() == [250, 3, 299, 3, 120]
+    assert take_parquet(str(tmp_path), []).num_rows == 0
+    with pytest.raises(IndexError, match="outside the 300 rows"):
+        take_parquet(str(tmp_path), [300])
+    assert [n for b in iter_parquet(str(tmp_path), columns=["n"], batch_rows=64) for n in b["n"].to_pylist()] == list(range(300))

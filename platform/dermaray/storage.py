@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -176,6 +177,33 @@ def iter_parquet(
             parquet = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
             yield from parquet.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
         pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages; a long stream would keep them all
+
+
+def take_parquet(
+    uri: str, positions: Sequence[int], storage_options: dict[str, Any] | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """The rows at `positions` (in `read_parquet`'s order of a folder's rows) of a file or folder
+    of Parquet files, in the order given, reading only the row groups that hold them."""
+    wanted = np.asarray(positions, np.int64)
+    order = np.argsort(wanted, kind="stable")
+    fs, files = parquet_files(uri, storage_options)
+    pieces, start = [], 0
+    for name in files:
+        with fs.open(name, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for group in range(parquet.metadata.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                lo, hi = np.searchsorted(wanted[order], [start, start + rows])
+                if hi > lo:
+                    table = parquet.read_row_group(group, columns=columns)
+                    pieces.append(table.take(pa.array(wanted[order][lo:hi] - start)))
+                start += rows
+    if len(wanted) and (wanted.min() < 0 or wanted.max() >= start):
+        raise IndexError(f"positions outside the {start} rows of {uri}")
+    if not pieces:
+        return read_parquet(uri, storage_options, columns).slice(0, 0)
+    found = pa.concat_tables(pieces, promote_options="permissive")
+    return found.take(pa.array(np.argsort(order, kind="stable")))  # back to the order asked for
 
 
 def parquet_row_count(uri: str, storage_options: dict[str, Any] | None = None) -> int:
