@@ -100,25 +100,6 @@ def best_in_process(retriever, image: bytes, k: int, requests: int, concurrency:
     return best
 
 
-def plain_server(port: int, config: str, overrides: list[str]) -> None:
-    """The baseline: one uvicorn process serving /search with the same Retriever, no Ray."""
-    import uvicorn
-    from fastapi import FastAPI, File, UploadFile
-
-    from dermaray.config import load_config
-    from dermaray.serving.retriever import Retriever
-
-    cfg = load_config(config, overrides)
-    retriever = Retriever(cfg.serve, cfg.models, cfg.storage_options)
-    app = FastAPI()
-
-    @app.post("/search")
-    def search(file: UploadFile = File(...), k: int = 10) -> dict:
-        return retriever.search_image(file.file.read(), k)
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
-
-
 def start_plain(config: str, overrides: list[str]):
     """(process, url) of the plain uvicorn baseline, once it answers."""
     import subprocess
@@ -126,7 +107,8 @@ def start_plain(config: str, overrides: list[str]):
     from tests.serve_fixtures import _free_port
 
     port = _free_port()
-    process = subprocess.Popen([sys.executable, __file__, "--plain-server", str(port), config, *overrides])
+    server = Path(__file__).with_name("plain_search_server.py")
+    process = subprocess.Popen([sys.executable, str(server), str(port), config, *overrides])
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -279,7 +261,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--plain-server"]:
-        plain_server(int(sys.argv[2]), sys.argv[3], sys.argv[4:])
-    else:
-        sys.exit(main())
+    sys.exit(main())
