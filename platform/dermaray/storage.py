@@ -186,6 +186,7 @@ def take_parquet(
     of Parquet files, in the order given, reading only the row groups that hold them."""
     wanted = np.asarray(positions, np.int64)
     order = np.argsort(wanted, kind="stable")
+    ascending = wanted[order]
     fs, files = parquet_files(uri, storage_options)
     pieces, start = [], 0
     for name in files:
@@ -193,10 +194,10 @@ def take_parquet(
             parquet = pq.ParquetFile(f)
             for group in range(parquet.metadata.num_row_groups):
                 rows = parquet.metadata.row_group(group).num_rows
-                lo, hi = np.searchsorted(wanted[order], [start, start + rows])
+                lo, hi = np.searchsorted(ascending, [start, start + rows])
                 if hi > lo:
                     table = parquet.read_row_group(group, columns=columns)
-                    pieces.append(table.take(pa.array(wanted[order][lo:hi] - start)))
+                    pieces.append(table.take(pa.array(ascending[lo:hi] - start)))
                 start += rows
     if len(wanted) and (wanted.min() < 0 or wanted.max() >= start):
         raise IndexError(f"positions outside the {start} rows of {uri}")
