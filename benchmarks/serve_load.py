@@ -157,7 +157,14 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="serve tiny artifacts even when out/ is complete")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain FastAPI + uvicorn baseline")
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="start Serve with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress, user code on the replica's loop, gRPC handles)",
+    )
     args = parser.parse_args()
+    if args.throughput_optimized:  # read when Serve is imported, and by every process of the cluster ray.init starts
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     if not 1 <= args.concurrency <= 256 or not 1 <= args.requests <= 100_000:
         parser.error("concurrency must be 1-256 and requests 1-100000 (a bounded load)")
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
@@ -185,7 +192,8 @@ def main() -> int:
         serve.run(app_from_config(cfg), name="dermaray", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
     print(
-        f"app: {url}  gallery image: {len(image)} bytes  k={args.k}  cores: {os.cpu_count()}  "
+        f"app: {url}  Serve: {'throughput-optimized' if args.throughput_optimized else 'default settings'}\n"
+        f"gallery image: {len(image)} bytes  k={args.k}  cores: {os.cpu_count()}  "
         f"load average: {os.getloadavg()[0]:.1f} (other processes share these cores)"
     )
 
