@@ -12,7 +12,7 @@ import s3fs
 from PIL import Image
 
 from dermaray.config import load_config
-from dermaray.data.readers import READERS, MissingColumnsError
+from dermaray.data.readers import READERS, MissingColumnsError, _hdf5_extent
 from dermaray.schema import LESION_SCHEMA, QUARANTINE_SCHEMA
 from jobs import ingest
 from tests.helpers import PLANTED_DEFECTS as DEFECTS
@@ -111,6 +111,10 @@ def test_isic_images_read_as_byte_ranges_or_through_hdf5_alike_locally_and_on_s3
     expected = [blobs["ISIC_3"], None, blobs["ISIC_1"], blobs["ISIC_0"], blobs["ISIC_2"]]
     reader = READERS["isic2024"]
     assert reader.fetch_images(str(tmp_path), {}, rows) == expected
+    with h5py.File(tmp_path / "train-image.hdf5", "r") as store:  # which were read as ranges
+        assert [type(_hdf5_extent(store, key)).__name__ for key in ["ISIC_0", "ISIC_1", "ISIC_2", "ISIC_3"]] == [
+            "tuple", "bytes", "tuple", "bytes",
+        ]  # fmt: skip
 
     s3fs.S3FileSystem(**s3_options).put(str(tmp_path / "train-image.hdf5"), "dermaray/hdf5-layouts/train-image.hdf5")
     assert reader.fetch_images("s3://dermaray/hdf5-layouts", s3_options, rows) == expected

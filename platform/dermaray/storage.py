@@ -188,6 +188,13 @@ def take_parquet(
     order = np.argsort(wanted, kind="stable")
     ascending = wanted[order]
     fs, files = parquet_files(uri, storage_options)
+    total = parquet_row_count(uri, storage_options)
+    if len(wanted) and (ascending[0] < 0 or ascending[-1] >= total):
+        raise IndexError(f"positions outside the {total} rows of {uri}")
+    if not len(wanted):
+        with fs.open(files[0], "rb") as f:
+            schema = pq.ParquetFile(f).schema_arrow
+        return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
     pieces, start = [], 0
     for name in files:
         with fs.open(name, "rb") as f:
@@ -199,10 +206,6 @@ def take_parquet(
                     table = parquet.read_row_group(group, columns=columns)
                     pieces.append(table.take(pa.array(ascending[lo:hi] - start)))
                 start += rows
-    if len(wanted) and (wanted.min() < 0 or wanted.max() >= start):
-        raise IndexError(f"positions outside the {start} rows of {uri}")
-    if not pieces:
-        return read_parquet(uri, storage_options, columns).slice(0, 0)
     found = pa.concat_tables(pieces, promote_options="permissive")
     return found.take(pa.array(np.argsort(order, kind="stable")))  # back to the order asked for
 

@@ -273,8 +273,12 @@ def _hdf5_extent(store, key: str | None) -> tuple[int, int] | bytes | None:
         return None
     offset, dtype = dataset.get_offset(), dataset.dtype
     size = dtype.itemsize * int(np.prod(dataset.shape, dtype=np.int64))
-    if offset is not None and (dtype.kind in "SV" or dtype == np.uint8) and dataset.get_storage_size() == size:
-        return offset, size
+    # Raw bytes equal what HDF5 returns only for opaque values and single bytes (not compound
+    # records or padded strings), and only in this file (not behind an external link).
+    plain = (dtype.kind == "V" and dtype.names is None) or dtype == np.uint8
+    if offset is not None and plain and dataset.get_storage_size() == size:
+        if store.id.links.get_info(key.encode()).type == h5py.h5l.TYPE_HARD:
+            return offset, size
     buffer = np.empty(dataset.shape, dtype)
     dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer)
     return buffer.tobytes()

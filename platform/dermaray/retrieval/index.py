@@ -96,6 +96,8 @@ class VectorIndex:
         vectors = np.asarray(vectors)
         if vectors.ndim != 2:
             raise ValueError(f"vectors must be a 2-d array [n, dim], got shape {vectors.shape}")
+        if vectors.shape[1] == 0:
+            raise ValueError(f"cannot index an empty array (shape {vectors.shape})")
         ids = list(ids)
         if len(ids) != len(vectors):
             raise ValueError(f"got {len(ids)} ids for {len(vectors)} vectors; need exactly one id per row")
@@ -138,7 +140,8 @@ class VectorIndex:
         Only the index and one chunk are in memory at a time, so the vectors can stream from
         storage. `count` is the total number of rows (the ivf list count depends on it). An ivf
         index is trained on what `training()` returns: the rows `training_rows(count, nlist, seed)`
-        pick, with which the streamed index equals the one `build` makes from the whole array.
+        pick, with which the streamed index equals the one `build` makes from the whole array
+        (up to ties in list assignment: faiss assigns chunks under 20 rows by another code path).
         It is called once, before the first vector is added, and its array is gone (normalised
         in place with normalize=True) before then: the sample can be as large as the index.
         """
@@ -397,7 +400,7 @@ def _unit_rows(x: np.ndarray, normalize: bool, first_row: int = 0, in_place: boo
             raise ValueError(
                 f"row {first_row + int(np.flatnonzero(norms == 0)[0])} is all zeros and has no direction to normalise"
             )
-        if in_place and x is given:
+        if in_place and x is given and x.flags.writeable and x.flags.owndata:  # never a caller's view
             x /= norms[:, None]
             return x
         return x / norms[:, None]

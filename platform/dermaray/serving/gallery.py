@@ -96,9 +96,9 @@ class Gallery:
         # binary search, not a sort of the whole gallery per request. Rows without a value go last.
         self._by_value = []
         for column in self.predicted.T:
-            known = np.flatnonzero(np.isfinite(column))
+            known = np.flatnonzero(~np.isnan(column))
             order = known[np.argsort(column[known], kind="stable")]
-            self._by_value.append((column[order], order, np.flatnonzero(~np.isfinite(column))))
+            self._by_value.append((column[order], order, np.flatnonzero(np.isnan(column))))
 
     def __len__(self) -> int:
         return len(self.ids)
