@@ -7,7 +7,9 @@ Notes come from the notes job run without the label (strategy LF, or M or P3 wit
 The heads predict `classifier.label`: the diagnosis, ISIC's superclass (iddx_1) or malignancy
 (ISIC's target). Lesions without that label (most ISIC 2024 lesions have no diagnosis) and
 lesions without a usable note are counted and left out of both training and evaluation.
-Writes `<output>/model` and `<output>/classifier_eval.md` (+ `classifier_summary.json`): accuracy,
+Writes `<output>/model`, `<output>/image_projections` (a vector index of the model's image
+projection of every lesion of `input`: what Serve's text search searches, so no replica embeds
+the gallery) and `<output>/classifier_eval.md` (+ `classifier_summary.json`): accuracy,
 balanced accuracy and macro F1 (for `malignant` also the ISIC 2024 challenge's partial AUC above
 80% TPR) for the image head and the image+note head, in-domain (test split) and on the shifted
 domain; image->note and note->image retrieval P@k and mAP (relevance: same class).
@@ -33,10 +35,12 @@ from dermaray.config import DermarayConfig, ModelsConfig
 from dermaray.grounding.classifier import (
     WEIGHTS_FILE,
     ClassifierSettings,
+    ImageProjector,
     MultimodalClassifier,
     classifier_loss,
     load_classifier,
     save_classifier,
+    weights_digest,
 )
 from dermaray.grounding.data import LABEL, PIXELS, Preprocessor
 from dermaray.grounding.evaluate import classifier_markdown
@@ -44,11 +48,12 @@ from dermaray.grounding.labels import LabelSpec, balanced_class_weights, label_s
 from dermaray.grounding.metrics import class_retrieval_metrics, classification_metrics, partial_auc_above_tpr
 from dermaray.grounding.model import augment
 from dermaray.grounding.text import TextEncoder
-from dermaray.layout import summary_uri
+from dermaray.layout import IMAGE_PROJECTIONS, summary_uri
 from dermaray.notes.prompts import states_label
+from dermaray.retrieval import VectorIndex
 from dermaray.schema import written_notes
 from dermaray.stats import bootstrap_ci
-from dermaray.storage import absolute, download_folder, join, read_parquet, write_bytes
+from dermaray.storage import absolute, download_folder, join, parquet_row_count, read_parquet, remove_tree, write_bytes
 from jobs.common import clear_summary, init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs, unwrap
 
@@ -205,6 +210,26 @@ def lesion_tally(uri: str, notes: pa.Table, spec: LabelSpec, storage_options: di
     return tally(spec, lesions["split"].to_pylist(), lesions[spec.column].to_pylist(), with_note)
 
 
+def write_image_projections(model_uri: str, weights: str, cfg: DermarayConfig) -> dict[str, Any]:
+    """Index the image projection by the classifier at `model_uri` (whose weights' digest is `weights`) of every lesion
+    of `classifier.input` (exact inner product), streamed: the driver holds the index and one batch."""
+    c, options = cfg.classifier, cfg.storage_options
+    target = join(c.output, IMAGE_PROJECTIONS)
+    remove_tree(target, options)
+    projector_args = (model_uri, cfg.models, options)
+    projected = split_inputs(
+        c.input, ["lesion_id", "image_bytes"], None, ImageProjector, projector_args, options, False, c.train.num_workers
+    )
+    chunks = (
+        (batch["lesion_id"].tolist(), batch["embedding"])
+        for batch in projected.iter_batches(batch_size=4096, batch_format="numpy")
+    )
+    count = parquet_row_count(c.input, options)
+    index = VectorIndex.build_streamed(chunks, count, "exact", model=f"{model_uri}:image_projection", model_weights=weights)
+    index.save(target, options)
+    return {"uri": target, "count": len(index)}
+
+
 def run(cfg: DermarayConfig) -> dict:
     c, options, tc = cfg.classifier, cfg.storage_options, cfg.classifier.train
     clear_summary(summary_uri(c.output, "classifier"), options)
@@ -252,7 +277,9 @@ def run(cfg: DermarayConfig) -> dict:
     model_uri = export_model(checkpoint, c.output, options)
 
     with tempfile.TemporaryDirectory() as folder:
-        model = load_classifier(download_folder(model_uri, folder, options), cfg.models)
+        local = download_folder(model_uri, folder, options)
+        model, weights = load_classifier(local, cfg.models), weights_digest(local)
+    projections = write_image_projections(model_uri, weights, cfg)
     eval_sets = {"in-domain (test split)": (inputs(c.input, notes, "test", cfg, False), unlabelled["test"])}
     if c.shifted_input and c.shifted_notes:
         shifted_notes = usable_notes(c.shifted_notes, c.allow_labelled_notes, options)
@@ -264,6 +291,7 @@ def run(cfg: DermarayConfig) -> dict:
     # without the label; lesions_without_note: with the label but no usable note. Together: every lesion.
     summary = {
         "model": model_uri,
+        "image_projections": projections,
         "label": spec.kind,
         "classes": list(spec.classes),
         "class_weights": weights,

@@ -3,7 +3,8 @@
     python -m jobs.embeddings --config configs/local.yaml embeddings.model=s3://bucket/grounding/model
 
 Writes `<output>/embeddings` (lesion id, split, domain, diagnosis, true attributes, unit-norm
-embedding, predicted attributes) and `<output>/index` (dermaray.retrieval.VectorIndex).
+embedding, predicted attributes, thumbnail), `<output>/index` (dermaray.retrieval.VectorIndex)
+and `<output>/thumbnails` (dermaray.serving.thumbnails, in the index's row order).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import ray
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
-from dermaray.grounding.embed import CARRIED, LesionEmbedder, model_identity
-from dermaray.layout import embeddings_index, embeddings_table, summary_uri
+from dermaray.grounding.embed import CARRIED, THUMBNAIL, LesionEmbedder, model_identity
+from dermaray.layout import embeddings_index, embeddings_table, embeddings_thumbnails, summary_uri
 from dermaray.retrieval import VectorIndex
+from dermaray.serving.thumbnails import with_thumbnails, write_thumbnails
 from dermaray.storage import arrow_filesystem, iter_parquet, parquet_row_count, remove_tree, require
 from jobs.common import clear_summary, init_ray, log, write_summary
 
@@ -32,10 +34,15 @@ def run(cfg: DermarayConfig) -> dict:
     # beside new vectors. The summary, written last, says the output is complete.
     clear_summary(summary_uri(e.output, "embeddings"), options)
     remove_tree(embeddings_index(e.output), options)
+    remove_tree(embeddings_thumbnails(e.output), options)
     fs, root = arrow_filesystem(e.input, options)
     columns = list(dict.fromkeys([*CARRIED, "image_bytes"]))
     lesions = ray.data.read_parquet(root, filesystem=fs, columns=columns)
-    embedded = lesions.map_batches(
+    read = lesions
+    if e.thumbnail_px:  # made in the read tasks, carried through the embedder into the table
+        fn_kwargs = {"size": e.thumbnail_px, "column": THUMBNAIL}
+        read = lesions.map_batches(with_thumbnails, fn_kwargs=fn_kwargs, batch_format="pyarrow")
+    embedded = read.map_batches(
         LesionEmbedder,
         fn_constructor_args=(e.model, cfg.models.grounding_mllm, cfg.models, options),
         batch_size=e.batch_size,
@@ -75,6 +82,14 @@ def run(cfg: DermarayConfig) -> dict:
         )
         index.save(embeddings_index(e.output), options)
         summary["index"] = {"uri": embeddings_index(e.output), "kind": e.index.kind, "count": len(index)}
+    if e.thumbnail_px and rows_out:
+        # In the table's order, which is the index's: a replica finds a hit's thumbnail by its row.
+        chunks = (
+            (batch.column("lesion_id").to_pylist(), batch.column(THUMBNAIL).to_pylist())
+            for batch in iter_parquet(target, options, ["lesion_id", THUMBNAIL], batch_rows=4096)
+        )
+        uri = embeddings_thumbnails(e.output)
+        summary["thumbnails"] = {"uri": uri, "count": write_thumbnails(uri, chunks, e.thumbnail_px, options)}
     summary["seconds"] = round(time.perf_counter() - started, 2)
     write_summary(summary_uri(e.output, "embeddings"), summary, options)
     log.info("embeddings: %d lesions embedded with %s", rows_in, e.model)

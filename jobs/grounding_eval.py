@@ -4,19 +4,24 @@
 
 Reads the embeddings tables (jobs.embeddings, once with the frozen base and once with the
 grounded model) and writes `<output>/grounding_eval.json` and `grounding_eval.md`. The work is
-a few matrix products on the driver, so this job needs no cluster.
+a few matrix products on the driver, so this job needs no cluster. It reads only the columns it
+scores (no thumbnails) and only the rows of each set; retrieval is scored from a bounded sample
+of queries (`grounding_eval.max_queries`) against the whole set, and the frozen probe is fitted
+on at most `grounding_eval.max_probe_lesions` training lesions, so the work stays bounded at any size.
 """
 
 from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig
 from dermaray.grounding.embed import PREDICTED_PREFIX
 from dermaray.grounding.evaluate import evaluate_set, markdown
 from dermaray.layout import embeddings_table
-from dermaray.storage import join, read_parquet, write_bytes
+from dermaray.storage import join, parquet_schema, read_parquet, take_parquet, write_bytes
 from jobs.common import clear_summary, log, write_summary
 
 
@@ -26,24 +31,34 @@ def run(cfg: DermarayConfig) -> dict:
     if not ev.domains:
         raise ValueError("grounding_eval.domains is empty")
 
-    def table(root: str, domain: str):
-        return read_parquet(embeddings_table(join(root, domain)), options).to_pandas()
-
     home = ev.domains[0]
-    frozen_home, grounded_home = table(ev.frozen, home), table(ev.grounded, home)
-    attributes = [c.removeprefix(PREDICTED_PREFIX) for c in grounded_home.columns if c.startswith(PREDICTED_PREFIX)]
+    predicted = [
+        c for c in parquet_schema(embeddings_table(join(ev.grounded, home)), options).names if c.startswith(PREDICTED_PREFIX)
+    ]
+    attributes = [c.removeprefix(PREDICTED_PREFIX) for c in predicted]
     if not attributes:
         raise ValueError(f"{ev.grounded}/{home} has no predicted attributes: embed it with a grounding model, not 'frozen'")
-    probe_train = frozen_home[frozen_home.split == "train"]
-    sets = {
-        f"{home} held-out (test split)": (frozen_home[frozen_home.split == "test"], grounded_home[grounded_home.split == "test"])
-    }
+
+    def table(root: str, domain: str, split: str | None = None, extra: list[str] | None = None, limit: int | None = None):
+        """One embeddings table's columns the scores use; the rows of `split` (all: None), at most `limit` (seeded)."""
+        columns = ["lesion_id", "split", "embedding", *attributes, *(extra or [])]
+        uri = embeddings_table(join(root, domain))
+        if split is None:
+            return read_parquet(uri, options, columns).to_pandas()
+        keys = read_parquet(uri, options, ["split"]).column("split").to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(keys == split)
+        if limit is not None and len(rows) > limit:
+            rows = np.sort(np.random.default_rng(ev.seed).choice(rows, limit, replace=False))
+        return take_parquet(uri, rows, options, columns).to_pandas()
+
+    probe_train = table(ev.frozen, home, "train", limit=ev.max_probe_lesions)
+    sets = {f"{home} held-out (test split)": (table(ev.frozen, home, "test"), table(ev.grounded, home, "test", predicted))}
     for domain in ev.domains[1:]:
-        sets[f"{domain} (domain shift, all lesions)"] = (table(ev.frozen, domain), table(ev.grounded, domain))
+        sets[f"{domain} (domain shift, all lesions)"] = (table(ev.frozen, domain), table(ev.grounded, domain, extra=predicted))
     results = {}
     for name, (frozen, grounded) in sets.items():
         log.info("grounding_eval: %s, %d lesions", name, len(grounded))
-        results[name] = evaluate_set(frozen, grounded, probe_train, attributes, ev.tau_std)
+        results[name] = evaluate_set(frozen, grounded, probe_train, attributes, ev.tau_std, ev.max_queries, ev.seed)
     write_bytes(join(ev.output, "grounding_eval.md"), markdown(results).encode(), options)
     write_summary(join(ev.output, "grounding_eval.json"), results, options)
     return results

@@ -108,9 +108,17 @@ def plan(cfg: DermarayConfig, at: Layout) -> list[Step]:
     )
 
     def run_embeddings():
+        # Thumbnails only for what Serve serves: the grounded model's gallery.
         return {
             f"embeddings/{name}/{domain}": embeddings.run(
-                _with(cfg, "embeddings", input=lesions[domain], output=at.embeddings(name, domain), model=model)
+                _with(
+                    cfg,
+                    "embeddings",
+                    input=lesions[domain],
+                    output=at.embeddings(name, domain),
+                    model=model,
+                    thumbnail_px=cfg.embeddings.thumbnail_px if name == "grounded" else None,
+                )
             )
             for name, model in (("frozen", FROZEN), ("grounded", at.grounding_model))
             for domain in domains(cfg)

@@ -64,6 +64,8 @@ SEARCH_BATCH = 16  # image searches per forward pass
 SCHEDULE_POLL_S = 0.5
 UNSCHEDULABLE_CONFIRM_S = 1.0
 CALL_RETRIES = 1  # a call whose replica died is sent once more (Ingress._call)
+# The serve.* settings that locate what the replicas load.
+ARTIFACTS = ("grounding_model", "index", "embeddings", "lesions", "thumbnails", "classifier", "text_index", "diffusion")
 
 
 # --- Retrieval ----------------------------------------------------------------------------
@@ -293,10 +295,7 @@ class Ingress:
             "models": {
                 role: public_model(getattr(cfg.models, role)) for role in ("grounding_mllm", "text_encoder", "diffusion_base")
             },
-            "artifacts": {
-                name: public_location(getattr(s, name))
-                for name in ("grounding_model", "index", "embeddings", "lesions", "classifier", "diffusion")
-            },
+            "artifacts": {name: public_location(getattr(s, name)) for name in ARTIFACTS},
         }
         self._state: tuple[float, asyncio.Future] | None = None  # the last look at Serve's state, shared by waiting calls
         self._app = serve.get_replica_context().app_name
@@ -594,7 +593,7 @@ def _absolute_local(cfg: DermarayConfig, base: Path) -> DermarayConfig:
         return value if os.path.isabs(value) else str(base / value)
 
     s = cfg.serve
-    for name in ("grounding_model", "index", "embeddings", "lesions", "classifier", "diffusion", "api_key_file"):
+    for name in (*ARTIFACTS, "api_key_file"):
         if getattr(s, name):
             setattr(s, name, resolve(getattr(s, name)))
     cfg.models.cache_dir = resolve(cfg.models.cache_dir)

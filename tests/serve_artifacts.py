@@ -1,10 +1,11 @@
 """Small real artifacts for the Serve tests, built in seconds from the cores (no Ray Train).
 
 The same files the pipeline writes, in the same layouts: a canonical lesion table, a grounding
-checkpoint (tiny tower, untrained heads), its embeddings table and vector index, an image + note
-classifier checkpoint, and a diffusion folder with a tiny base, the shared adapter and one
-per-diagnosis adapter (MEL). The models are untrained: the tests check the serving, not the
-model quality (a gallery image finds itself first whatever the weights).
+checkpoint (tiny tower, untrained heads), its embeddings table, vector index and thumbnails, an
+image + note classifier checkpoint and the index of its image projections, and a diffusion
+folder with a tiny base, the shared adapter and one per-diagnosis adapter (MEL). The models
+are untrained: the tests check the serving, not the model quality (a gallery image finds
+itself first whatever the weights).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dermaray.schema import LESION_SCHEMA
 
 GROUNDED = ["area_mm2", "eccentricity", "color_std_mean"]
 PER_DIAGNOSIS = "MEL"  # the one diagnosis with an adapter of its own
+THUMBNAIL_PX = 96
+CHUNK = 512  # lesions per forward pass
 
 
 def lesion_table(n: int, image_size: int = 64) -> pa.Table:
@@ -47,11 +50,12 @@ def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = Tr
     """Write every artifact under `root` (over `lesions`, else `n_lesions` synthetic ones); returns the `serve.*`
     overrides that point at them."""
     from dermaray.config import ModelsConfig
-    from dermaray.grounding.classifier import ClassifierSettings, MultimodalClassifier, save_classifier
+    from dermaray.grounding.classifier import ClassifierSettings, ImageProjector, MultimodalClassifier, save_classifier
     from dermaray.grounding.data import CLASS_CODES
-    from dermaray.grounding.embed import LesionEmbedder
+    from dermaray.grounding.embed import THUMBNAIL, LesionEmbedder
     from dermaray.grounding.model import AttributeScaler, GroundingModel, GroundingSettings, save_model
     from dermaray.retrieval import VectorIndex
+    from dermaray.serving.thumbnails import with_thumbnails, write_thumbnails
 
     models = ModelsConfig(cache_dir=str(cache_dir))
     torch.manual_seed(0)
@@ -64,9 +68,12 @@ def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = Tr
     save_model(root / "grounding", model.eval(), scaler)
 
     embedder = LesionEmbedder(str(root / "grounding"), "tiny", models)
-    batch = {name: lesions[name].to_numpy(zero_copy_only=False) for name in lesions.column_names}
-    embedded = embedder(batch)
     (root / "embeddings").mkdir()
+    parts = []
+    for start in range(0, lesions.num_rows, CHUNK):  # in chunks, as the job's batches: galleries of any size
+        chunk = with_thumbnails(lesions.slice(start, CHUNK), THUMBNAIL_PX, THUMBNAIL)
+        parts.append(embedder({name: chunk[name].to_numpy(zero_copy_only=False) for name in chunk.column_names}))
+    embedded = pa.concat_tables(parts)
     pq.write_table(embedded, root / "embeddings" / "part-0.parquet")
     vectors = np.stack(embedded["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     VectorIndex.build(
@@ -76,16 +83,33 @@ def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = Tr
         model=str(root / "grounding"),
         model_weights=embedder.identity["weights"],
     ).save(str(root / "index"))
+    chunks = [(embedded["lesion_id"].to_pylist(), embedded[THUMBNAIL].to_pylist())]
+    write_thumbnails(str(root / "thumbnails"), chunks, THUMBNAIL_PX)
 
     settings = ClassifierSettings(model="tiny", classes=list(CLASS_CODES), text_encoder="minilm", text_dim=384)
     save_classifier(root / "classifier", MultimodalClassifier.build(settings, models).eval())
+    projector = ImageProjector(str(root / "classifier"), models)
+    columns = ("lesion_id", "image_bytes")
+    projected = [
+        projector({c: lesions[c].slice(start, CHUNK).to_numpy(zero_copy_only=False) for c in columns})
+        for start in range(0, lesions.num_rows, CHUNK)
+    ]
+    VectorIndex.build(
+        np.concatenate([p["embedding"] for p in projected]),
+        [i for p in projected for i in p["lesion_id"].tolist()],
+        kind="exact",
+        model=f"{root / 'classifier'}:image_projection",
+        model_weights=projector.weights,
+    ).save(str(root / "image_projections"))
 
     overrides = [
         f"serve.grounding_model={root / 'grounding'}",
         f"serve.index={root / 'index'}",
         f"serve.embeddings={root / 'embeddings'}",
         f"serve.lesions={root / 'lesions'}",
+        f"serve.thumbnails={root / 'thumbnails'}",
         f"serve.classifier={root / 'classifier'}",
+        f"serve.text_index={root / 'image_projections'}",
         f"models.cache_dir={cache_dir}",
     ]
     if diffusion:

@@ -9,7 +9,7 @@ import torch
 
 from dermaray.config import ModelsConfig
 from dermaray.grounding.embed import PREDICTED_PREFIX
-from dermaray.grounding.evaluate import evaluate_set, markdown, ridge_probe, value_knn
+from dermaray.grounding.evaluate import evaluate_set, markdown, matrix, ridge_probe, value_knn
 from dermaray.grounding.model import (
     AttributeScaler,
     GroundingModel,
@@ -175,6 +175,35 @@ def test_evaluation_separates_an_informative_embedding_from_noise() -> None:
     assert area["retrieval"]["grounded_head"]["R@1"] > 0.9
     table = markdown({"held-out": result})
     assert "| area_mm2 |" in table and "| eccentricity |" in table
+
+
+def test_a_query_sample_scores_as_those_queries_of_the_whole_set() -> None:
+    """Retrieval from a bounded sample of queries against the whole set: each sampled query gets the neighbours,
+    relevant counts and scores it gets when every lesion queries (leave-one-out either way)."""
+    from dermaray.grounding.evaluate import query_rows
+    from dermaray.grounding.metrics import cosine_knn, relevant_counts, retrieval_metrics
+
+    frozen, grounded = _frames(n=400)
+    vectors, truth = matrix(grounded), grounded["area_mm2"].to_numpy()
+    rows = query_rows(400, 60, seed=3)
+    assert len(rows) == 60 and np.all(np.diff(rows) > 0) and query_rows(400, None).tolist() == list(range(400))
+    everyone = cosine_knn(vectors, vectors, 10, exclude_self=True)
+    sample = cosine_knn(vectors[rows], vectors, 10, self_rows=rows)
+    np.testing.assert_array_equal(sample, everyone[rows])
+    np.testing.assert_array_equal(value_knn(truth, 5, rows), value_knn(truth, 5)[rows])
+    np.testing.assert_array_equal(
+        relevant_counts(truth[rows], truth, tau=0.5, self_rows=rows),
+        relevant_counts(truth, truth, tau=0.5, exclude_self=True)[rows],
+    )
+    whole = retrieval_metrics(truth, truth, everyone, tau=0.5, exclude_self=True)
+    assert retrieval_metrics(truth, truth, everyone, tau=0.5, self_rows=np.arange(400)) == whole
+    with pytest.raises(ValueError, match="among its neighbours"):
+        retrieval_metrics(truth[rows], truth, np.repeat(rows[:, None], 10, axis=1), tau=0.5, self_rows=rows)
+    with pytest.raises(ValueError, match="those rows"):
+        cosine_knn(vectors[rows], vectors, 10, self_rows=rows[::-1])
+    result = evaluate_set(frozen, grounded, _frames(seed=1)[0], ATTRS, max_queries=60, seed=3)
+    assert result["lesions"] == 400 and result["queries"] == 60
+    assert "60 sampled queries against all of them" in markdown({"held-out": result})
 
 
 def test_an_index_is_refused_by_a_model_that_did_not_make_it():

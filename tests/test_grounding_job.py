@@ -64,10 +64,11 @@ def test_grounding_trains_checkpoints_and_exports_to_s3(grounded, s3_options):
     assert saved["precision"] == "bf16-mixed" and saved["grad_accumulation"] == 2 and saved["batch_size"] == 32
 
 
-def test_embeddings_index_and_evaluation(grounded, s3_options, tmp_path):
-    out = {}
-    for name, model in (("grounded", "s3://dermaray/grounding/model"), ("frozen", "frozen")):
-        out[name] = embeddings.run(
+@pytest.fixture(scope="module")
+def embedded(grounded, s3_options):
+    """The grounded and the frozen model's embeddings, index and thumbnails of the lesions on S3."""
+    return {
+        name: embeddings.run(
             _config(
                 s3_options,
                 f"embeddings.input={LESIONS}",
@@ -76,6 +77,12 @@ def test_embeddings_index_and_evaluation(grounded, s3_options, tmp_path):
                 "embeddings.index.kind=ivf",
             )
         )
+        for name, model in (("grounded", "s3://dermaray/grounding/model"), ("frozen", "frozen"))
+    }
+
+
+def test_embeddings_index_and_evaluation(embedded, s3_options, tmp_path):
+    out = embedded
     lesions = read_parquet(LESIONS, s3_options, columns=["lesion_id"]).num_rows
     assert out["grounded"]["lesions"] == out["frozen"]["lesions"] == lesions
     table = read_parquet("s3://dermaray/emb/grounded/clinic/embeddings", s3_options)
@@ -128,37 +135,75 @@ def test_killed_driver_resumes_from_the_last_checkpoint(ingested_on_s3, s3_optio
     assert [h["step"] for h in summary["history"]] == [steps_per_epoch * e for e in range(1, epochs + 1)]
 
 
-def test_classifier_image_vs_image_and_note(grounded, s3_options, tmp_path):
-    for domain in ("clinic",):
-        notes.run(
-            _config(
-                s3_options,
-                "notes.strategy=M",
-                "notes.label_hierarchy=false",
-                f"notes.input={LESIONS}",
-                f"notes.output={tmp_path}/notes/{domain}",
-            )
+@pytest.fixture(scope="module")
+def classified(grounded, s3_options, tmp_path_factory):
+    """The classifier trained on the lesions on S3 and their label-free notes; its output folder."""
+    out = tmp_path_factory.mktemp("classifier")
+    notes.run(
+        _config(
+            s3_options,
+            "notes.strategy=M",
+            "notes.label_hierarchy=false",
+            f"notes.input={LESIONS}",
+            f"notes.output={out}/notes/clinic",
         )
+    )
     summary = classifier.run(
         _config(
             s3_options,
             "models.text_encoder=tiny",
             f"classifier.input={LESIONS}",
-            f"classifier.notes={tmp_path}/notes/clinic",
+            f"classifier.notes={out}/notes/clinic",
             "classifier.shifted_input=null",
-            f"classifier.output={tmp_path}/clf",
+            f"classifier.output={out}/clf",
             "classifier.init_from=s3://dermaray/grounding/model",
             "classifier.train.epochs=2",
             "classifier.train.batch_size=64",
         )
     )
+    return out / "clf", summary
+
+
+def test_classifier_image_vs_image_and_note(classified):
+    folder, summary = classified
     assert summary["lesions_without_note"] == 0 and summary["epochs"] == 2
     (result,) = summary["eval"].values()
     assert result["lesions"] == summary["lesions_with_note"]["test"] > 0
     for head in ("image", "fused"):
         assert 0 <= result[head]["accuracy"] <= 1 and len(result[head]["confusion"]) == 9
     assert set(result["image_to_note"]) >= {"P@1", "P@5", "P@10", "mAP"}
-    assert "| image + note |" in (tmp_path / "clf" / "classifier_eval.md").read_text()
+    assert "| image + note |" in (folder / "classifier_eval.md").read_text()
+
+
+def test_a_replica_serves_the_thumbnails_and_projections_the_jobs_wrote(embedded, classified, s3_options):
+    """Thumbnails (embeddings job) and image projections (classifier job) are read, not recomputed, by a replica."""
+    from dermaray.images import decode_rgb
+    from dermaray.serving.retriever import Retriever
+    from dermaray.serving.thumbnails import thumbnail_jpeg
+
+    folder, summary = classified
+    emb = "s3://dermaray/emb/grounded/clinic"
+    cfg = _config(
+        s3_options,
+        "models.text_encoder=tiny",
+        "serve.grounding_model=s3://dermaray/grounding/model",
+        f"serve.index={emb}/index",
+        f"serve.embeddings={emb}/embeddings",
+        f"serve.lesions={LESIONS}",
+        f"serve.thumbnails={emb}/thumbnails",
+        f"serve.classifier={folder}/model",
+        f"serve.text_index={folder}/image_projections",
+    )
+    lesions = read_parquet(LESIONS, s3_options, columns=["lesion_id", "image_bytes"]).to_pylist()
+    assert embedded["grounded"]["thumbnails"]["count"] == summary["image_projections"]["count"] == len(lesions)
+    retriever = Retriever(cfg.serve, cfg.models, s3_options)
+    assert retriever.info()["thumbnails"] and retriever.text_index is not None
+    for lesion in lesions[:: len(lesions) // 5]:
+        assert retriever.thumbnail(lesion["lesion_id"]) == thumbnail_jpeg(lesion["image_bytes"], 96)
+        own = retriever.projector.project([decode_rgb(lesion["image_bytes"])])
+        scores = dict(retriever.text_index.search_ids(own, len(lesions))[0])
+        assert scores[lesion["lesion_id"]] == pytest.approx(1.0, abs=1e-4)  # cosine 1: the projection the replica makes
+    assert len(retriever.search_text("a pink papule", k=3)["results"]) == 3
 
 
 def test_classifier_refuses_notes_that_state_the_label(tmp_path):

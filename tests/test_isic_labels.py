@@ -373,7 +373,10 @@ def test_serve_over_a_mostly_unlabelled_gallery(isic, malignant_classifier, tmp_
     app = serve_fixtures.start(
         tmp_path_factory.mktemp("serve-isic"),
         Path(".cache/models").resolve(),
-        [f"serve.classifier={malignant_classifier['model']}"],
+        [
+            f"serve.classifier={malignant_classifier['model']}",
+            f"serve.text_index={malignant_classifier['image_projections']['uri']}",  # the job's, over the same lesions
+        ],
         lesions=gallery,
     )
     try:

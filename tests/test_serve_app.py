@@ -237,7 +237,8 @@ def test_retriever_loads_every_artifact_from_s3(served_app, s3_options, gallery)
     from dermaray.serving.retriever import Retriever
 
     fs = s3fs.S3FileSystem(**s3_options)
-    for name in ("grounding", "index", "embeddings", "lesions", "classifier"):
+    folders = ("grounding", "index", "embeddings", "lesions", "thumbnails", "classifier", "image_projections")
+    for name in folders:
         fs.put(str(served_app.root / name), f"dermaray/serve/{name}", recursive=True)
     local = load_config(None, served_app.overrides).serve
     settings = local.model_copy(
@@ -248,7 +249,9 @@ def test_retriever_loads_every_artifact_from_s3(served_app, s3_options, gallery)
                 ("index", "index"),
                 ("embeddings", "embeddings"),
                 ("lesions", "lesions"),
+                ("thumbnails", "thumbnails"),
                 ("classifier", "classifier"),
+                ("text_index", "image_projections"),
             )
         }
     )
@@ -256,6 +259,8 @@ def test_retriever_loads_every_artifact_from_s3(served_app, s3_options, gallery)
     found = retriever.search_image(gallery[7]["image_bytes"], k=3)
     assert found["results"][0]["lesion_id"] == gallery[7]["lesion_id"] and retriever.text_index is not None
     assert len(retriever.search_text("pink papule", k=2)["results"]) == 2
+    thumbnail = Image.open(io.BytesIO(retriever.thumbnail(gallery[7]["lesion_id"])))  # a byte range read from S3
+    assert thumbnail.format == "JPEG" and max(thumbnail.size) == 64  # the 64 px tile, not enlarged to 96
 
 
 def test_retriever_refuses_an_index_another_model_made(served_app, tmp_path) -> None:

@@ -25,6 +25,7 @@ from dermaray.serving.checks import (
     decode_upload,
 )
 from dermaray.serving.gallery import Gallery
+from dermaray.serving.thumbnails import Thumbnails, thumbnail_jpeg, with_thumbnails, write_thumbnails
 
 MB = 1024 * 1024
 
@@ -147,45 +148,66 @@ def test_body_limit_refuses_declared_and_streamed_oversize_bodies() -> None:
     assert _run_asgi(limit, [b""], [(b"content-length", b"lots")])[0] == 400
 
 
-def _gallery() -> Gallery:
+def _gallery(tmp_path) -> Gallery:
     ids = ["L3", "L1", "L2"]
     lesions = pa.table(
-        {
-            "lesion_id": ["L1", "L2", "L3"],
-            "diagnosis": ["MEL", "NEV", None],
-            **{a: [1.0, 2.0, None] for a in ATTRIBUTE_NAMES},
-            "image_bytes": [encoded("JPEG", (64, 48))] * 3,
-        }
+        {"lesion_id": ["L1", "L2", "L3"], "diagnosis": ["MEL", "NEV", None], **{a: [1.0, 2.0, None] for a in ATTRIBUTE_NAMES}}
     )
     embeddings = pa.table({"lesion_id": ["L2", "L3", "L1"], "predicted_area_mm2": [5.0, 9.0, 1.0]})
-    return Gallery.build(ids, lesions, embeddings, ["area_mm2", "eccentricity"], thumbnail_px=16)
+    write_thumbnails(str(tmp_path / "thumbs"), [(ids, [thumbnail_jpeg(encoded("JPEG", (64, 48)), 16), None, b"L2"])], 16)
+    thumbnails = Thumbnails(str(tmp_path / "thumbs"), ids)
+    return Gallery.build(ids, lesions, embeddings, ["area_mm2", "eccentricity"], thumbnails)
 
 
-def test_gallery_rows_follow_the_index_order_and_shape_records() -> None:
-    gallery = _gallery()
+def test_gallery_rows_follow_the_index_order_and_shape_records(tmp_path) -> None:
+    gallery = _gallery(tmp_path)
     assert gallery.ids == ["L3", "L1", "L2"] and gallery.predicted_names == ["area_mm2"]  # no predicted eccentricity column
     np.testing.assert_array_equal(gallery.predicted[:, 0], [9.0, 1.0, 5.0])
-    record = gallery.record(gallery.row_of("L1"), score=0.91234567, inline_thumbnail=True)
-    assert record["diagnosis"] == "MEL" and record["diagnosis_name"] == "Melanoma, NOS"
-    assert record["attributes"]["area_mm2"] == 1.0 and record["score"] == 0.912346
-    assert record["thumbnail_url"] == "/lesions/L1/thumbnail" and record["thumbnail"].startswith("data:image/jpeg;base64,")
+    record = gallery.record(gallery.row_of("L2"), score=0.91234567, inline_thumbnail=True)
+    assert record["diagnosis"] == "NEV" and record["diagnosis_name"] == "Nevus"
+    assert record["attributes"]["area_mm2"] == 2.0 and record["score"] == 0.912346
+    assert record["thumbnail_url"] == "/lesions/L2/thumbnail" and record["thumbnail"] == "data:image/jpeg;base64,TDI="
+    assert gallery.record(gallery.row_of("L1"), inline_thumbnail=True)["thumbnail"] is None  # a lesion without an image
     unknown = gallery.record(gallery.row_of("L3"))
     assert unknown["diagnosis_name"] is None and unknown["attributes"]["area_mm2"] is None and "thumbnail" not in unknown
-    thumb = Image.open(io.BytesIO(gallery.thumbnails[0]))
+    thumb = Image.open(io.BytesIO(gallery.thumbnail(0)))
     assert max(thumb.size) == 16 and thumb.format == "JPEG"
 
 
-def test_attribute_conditioned_neighbours_are_closest_predicted_values() -> None:
-    gallery = _gallery()
+def test_thumbnails_are_read_by_byte_range_through_a_bounded_cache(tmp_path) -> None:
+    ids = [f"L{i}" for i in range(50)]
+    jpegs = [thumbnail_jpeg(encoded("JPEG", (40 + i, 30)), 24) for i in range(50)]
+    chunks = [(ids[s : s + 7], jpegs[s : s + 7]) for s in range(0, 50, 7)]  # chunks as the job streams them
+    assert write_thumbnails(str(tmp_path / "t"), chunks, 24) == 50
+    store = Thumbnails(str(tmp_path / "t"), ids, cache_rows=4)
+    assert [store.get(r) for r in range(50)] == jpegs and store.info() == {"count": 50, "size": 24, "cached": 4}
+    (tmp_path / "t" / "thumbnails.bin").write_bytes(b"")  # what is cached is served without a read
+    assert store.get(49) == jpegs[49]
+    with pytest.raises(ValueError, match="other lesions"):
+        Thumbnails(str(tmp_path / "t"), ids[::-1])  # another order: every hit would show another lesion
+    with pytest.raises(ValueError, match="other lesions"):
+        Thumbnails(str(tmp_path / "t"), ids[:-1])
+    with pytest.raises(ValueError, match="came with"):
+        write_thumbnails(str(tmp_path / "u"), [(ids[:2], jpegs[:1])], 24)
+
+
+def test_thumbnails_column_keeps_rows_without_an_image() -> None:
+    batch = with_thumbnails(pa.table({"image_bytes": pa.array([encoded("PNG", (300, 150)), None], pa.binary())}), 64, "thumb")
+    first, second = batch["thumb"].to_pylist()
+    assert Image.open(io.BytesIO(first)).size == (64, 32) and second is None
+
+
+def test_attribute_conditioned_neighbours_are_closest_predicted_values(tmp_path) -> None:
+    gallery = _gallery(tmp_path)
     hits = gallery.nearest_by_value("area_mm2", 6.0, k=2)
     assert [gallery.ids[r] for r, _ in hits] == ["L2", "L3"] and [g for _, g in hits] == [1.0, 3.0]
 
 
 def test_gallery_refuses_indexed_lesions_missing_from_the_tables() -> None:
-    lesions = pa.table({"lesion_id": ["L1"], "diagnosis": ["MEL"], "image_bytes": [encoded("JPEG")]})
+    lesions = pa.table({"lesion_id": ["L1"], "diagnosis": ["MEL"]})
     embeddings = pa.table({"lesion_id": ["L1"]})
     with pytest.raises(ValueError, match="missing from the lesion or embeddings table"):
-        Gallery.build(["L1", "L9"], lesions, embeddings, [], thumbnail_px=16)
+        Gallery.build(["L1", "L9"], lesions, embeddings, [])
 
 
 def test_serve_config_section_has_safe_defaults_and_validates() -> None:
@@ -235,7 +257,7 @@ def test_attribute_search_by_binary_search_equals_a_full_sort() -> None:
     rng = np.random.default_rng(0)
     predicted = rng.integers(0, 30, 500).astype(float)  # many repeats: ties must go by row
     predicted[rng.choice(500, 20, replace=False)] = np.nan
-    gallery = Gallery([f"L{i}" for i in range(500)], [None] * 500, np.zeros((500, 0)), ["area_mm2"], predicted[:, None], [], [])
+    gallery = Gallery([f"L{i}" for i in range(500)], [None] * 500, np.zeros((500, 0)), ["area_mm2"], predicted[:, None], None)
     for value in (-5.0, 0.0, 7.5, 12.0, 29.0, 40.0):
         for k in (1, 5, 17, 490, 500):
             gap = np.abs(predicted - value)

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dermaray.layout import DEFAULT_WORKDIR, MAIN_DOMAIN, Layout, embeddings_index, embeddings_table
+from dermaray.layout import DEFAULT_WORKDIR, MAIN_DOMAIN, Layout, embeddings_index, embeddings_table, embeddings_thumbnails
 
 _OUT = Layout(DEFAULT_WORKDIR)  # where `make run` writes: serve.* defaults point into it
 
@@ -268,6 +268,9 @@ class EmbeddingsConfig(Section):
     num_gpus: float = Field(default=0, ge=0)
     resources: dict[str, float] = {}  # custom resources per actor, e.g. {"inference": 1}
     index: IndexConfig | None = IndexConfig()  # None: embeddings only
+    # Each lesion's thumbnail (longest side, px) in the table and in <output>/thumbnails, in the index's row
+    # order, where the Serve replicas read them one at a time; None: no thumbnails.
+    thumbnail_px: int | None = Field(default=96, ge=16, le=512)
 
 
 class GroundingEvalConfig(Section):
@@ -278,6 +281,10 @@ class GroundingEvalConfig(Section):
     domains: list[str] = ["clinic", "shifted"]  # the first: its test split; the others: every lesion (domain shift)
     output: str = "out/reports/grounding"
     tau_std: float = Field(default=0.1, gt=0)  # relevance: |delta attribute| <= tau_std x its spread
+    # Retrieval is scored from this many queries per set (a seeded sample; None: every lesion) against the whole set.
+    max_queries: int | None = Field(default=2000, ge=1)
+    max_probe_lesions: int | None = Field(default=20000, ge=1)  # training lesions the frozen probe is fitted on
+    seed: int = 0
 
 
 class ClassifierConfig(Section):
@@ -388,10 +395,14 @@ class ServeConfig(Section):
     embeddings: str = embeddings_table(
         _OUT.embeddings("grounded", MAIN_DOMAIN)
     )  # gallery's predicted attributes (attribute search)
-    lesions: str = _OUT.lesions(MAIN_DOMAIN)  # gallery metadata and thumbnails
+    lesions: str = _OUT.lesions(MAIN_DOMAIN)  # gallery metadata (its images are not read)
+    # The gallery's thumbnails, written by the embeddings job beside the index; None: responses without thumbnails.
+    thumbnails: str | None = embeddings_thumbnails(_OUT.embeddings("grounded", MAIN_DOMAIN))
+    thumbnail_cache: int = Field(default=4096, ge=0)  # thumbnails a replica keeps in memory (LRU)
     classifier: str | None = _OUT.classifier_model  # diagnosis prediction and text search; None: neither
+    # The classifier's image projections of the gallery (written by the classifier job): what text search searches
+    text_index: str | None = _OUT.classifier_projections
     diffusion: str | None = _OUT.diffusion  # <diffusion>/base, /adapter, /adapters/<code>; None: no generation
-    thumbnail_px: int = Field(default=96, ge=16, le=512)
     max_upload_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)  # larger uploads: 413
     max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)  # more decoded pixels (a decompression bomb): 422
     max_k: int = Field(default=50, ge=1, le=100)  # similar lesions per request

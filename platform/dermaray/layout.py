@@ -6,8 +6,9 @@ pipeline, the report and the configs' defaults (`serve.*` included) read.
     <root>/notes/<domain>                       notes as configured (jobs.notes)
     <root>/notes_blind/<domain>                 label-free template notes for the classifier
     <root>/grounding/{runs,model}               Ray Train runs and the grounded model
-    <root>/embeddings/<model>/<domain>/{embeddings,index}   per-lesion embeddings and vector index
-    <root>/classifier/{runs,model}              the image + note classifier
+    <root>/embeddings/<model>/<domain>/{embeddings,index,thumbnails}   per-lesion embeddings, vector index, thumbnails
+    <root>/classifier/{runs,model,image_projections}   the image + note classifier; its image projections of
+                                                the lesions it read, indexed (what text search searches)
     <root>/diffusion/{base,runs,adapter,adapters/<code>}    pre-trained tiny base, LoRA runs and adapters
     <root>/reports/{grounding,diffusion}        evaluation tables (and grids)
     <root>/reports/{notes_study,classifier_notes_study}     the benchmarks' studies, when run
@@ -29,6 +30,8 @@ SHIFTED_DOMAIN = "shifted"  # a second clinic with other imaging, for robustness
 MODEL = "model"  # grounding and classifier: the exported model (jobs.training)
 EMBEDDINGS = "embeddings"  # embeddings: the Parquet table
 INDEX = "index"  # embeddings: the vector index (dermaray.retrieval.VectorIndex)
+THUMBNAILS = "thumbnails"  # embeddings: the lesions' thumbnails in the index's row order (dermaray.serving.thumbnails)
+IMAGE_PROJECTIONS = "image_projections"  # classifier: a VectorIndex of its image projections of every lesion
 DIFFUSION_BASE = "base"  # diffusion: the pre-trained tiny base
 SHARED_ADAPTER = "adapter"  # diffusion: one adapter, every diagnosis, class captions
 PER_DIAGNOSIS_ADAPTERS = "adapters"  # diffusion: adapters/<code>, one adapter per diagnosis
@@ -56,6 +59,11 @@ def embeddings_table(output: str) -> str:
 def embeddings_index(output: str) -> str:
     """The vector index under an embeddings job's output."""
     return join(output, INDEX)
+
+
+def embeddings_thumbnails(output: str) -> str:
+    """The thumbnails under an embeddings job's output."""
+    return join(output, THUMBNAILS)
 
 
 def _domain(domain: str | None) -> list[str]:
@@ -110,6 +118,10 @@ class Layout:
     @property
     def classifier_model(self) -> str:
         return join(self.classifier, MODEL)
+
+    @property
+    def classifier_projections(self) -> str:
+        return join(self.classifier, IMAGE_PROJECTIONS)
 
     @property
     def diffusion(self) -> str:

@@ -192,8 +192,7 @@ def take_parquet(
     if len(wanted) and (ascending[0] < 0 or ascending[-1] >= total):
         raise IndexError(f"positions outside the {total} rows of {uri}")
     if not len(wanted):
-        with fs.open(files[0], "rb") as f:
-            schema = pq.ParquetFile(f).schema_arrow
+        schema = parquet_schema(uri, storage_options)
         return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
     pieces, start = [], 0
     for name in files:
@@ -208,6 +207,13 @@ def take_parquet(
                 start += rows
     found = pa.concat_tables(pieces, promote_options="permissive")
     return found.take(pa.array(np.argsort(order, kind="stable")))  # back to the order asked for
+
+
+def parquet_schema(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Schema:
+    """The Arrow schema of a file or folder of Parquet files, from the first file's footer."""
+    fs, files = parquet_files(uri, storage_options)
+    with fs.open(files[0], "rb") as f:
+        return pq.ParquetFile(f).schema_arrow
 
 
 def parquet_row_count(uri: str, storage_options: dict[str, Any] | None = None) -> int:

@@ -10,12 +10,15 @@ so one run answers "does the note help?": `image` classifies from the image proj
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -128,3 +131,45 @@ def load_classifier(folder: str | Path, models: ModelsConfig) -> MultimodalClass
     model = MultimodalClassifier.build(settings, models)
     model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def weights_digest(folder: str | Path) -> str:
+    """The digest of a local checkpoint's weights: what an index of its projections records of it."""
+    return hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
+class ImageProjector:
+    """A classifier checkpoint (any URI) loaded on this node: images -> its image projections, the space its
+    note projections share (what search by note text searches). As a Ray Data actor: lesion rows ->
+    (lesion_id, embedding)."""
+
+    def __init__(self, uri: str, models: ModelsConfig, storage_options: dict | None = None, device: str | None = None):
+        from transformers import AutoImageProcessor
+
+        from dermaray.models.registry import resolve_model
+        from dermaray.storage import download_folder
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._folder = tempfile.TemporaryDirectory(prefix="classifier-")
+        local = download_folder(uri, self._folder.name, storage_options)
+        self.weights = weights_digest(local)
+        self.classifier = load_classifier(local, models).to(self.device)
+        self.processor = AutoImageProcessor.from_pretrained(
+            resolve_model("grounding_mllm", self.classifier.settings.model, models)
+        )
+
+    @torch.no_grad()
+    def project(self, images: list) -> np.ndarray:
+        """[B, projection_dim] float32 image projections of decoded images."""
+        pixels = torch.as_tensor(self.processor(images=images, return_tensors="np")["pixel_values"], device=self.device)
+        return self.classifier.encode_image(pixels).cpu().numpy().astype(np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from dermaray.images import decode_rgb
+
+        z = self.project([decode_rgb(b) for b in batch["image_bytes"]]) if len(batch["lesion_id"]) else None
+        return {"lesion_id": batch["lesion_id"], "embedding": z if z is not None else np.zeros((0, self.dim), np.float32)}
+
+    @property
+    def dim(self) -> int:
+        return self.classifier.settings.projection_dim

@@ -23,6 +23,7 @@ from dermaray.storage import download_folder, join, read_bytes
 
 FROZEN = "frozen"
 CARRIED = ("lesion_id", "split", "domain", "patient_id", "diagnosis", *ATTRIBUTE_NAMES)
+THUMBNAIL = "thumbnail"  # the lesion's JPEG thumbnail, carried when the embeddings job adds it
 PREDICTED_PREFIX = "predicted_"
 
 
@@ -105,7 +106,7 @@ class LesionEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         pixels = self.preprocess({"image_bytes": batch["image_bytes"]})[PIXELS]
         z, predicted = self.embed_pixels(pixels)
-        out: dict[str, Any] = {k: batch[k] for k in CARRIED if k in batch}
+        out: dict[str, Any] = {k: batch[k] for k in (*CARRIED, THUMBNAIL) if k in batch}
         # A plain fixed-size list column: readable by pandas, DuckDB, Spark, not only Ray.
         out["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), z.shape[1])
         for i, name in enumerate(self.attributes):

@@ -48,15 +48,24 @@ def probe_predictions(train: pd.DataFrame, evaluated: pd.DataFrame, attributes: 
     return scaler.inverse(matrix(evaluated) @ weights + intercept)
 
 
-def value_knn(values: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """Leave-one-out neighbours by |v_i - v_j| (ties by lower index)."""
+def value_knn(values: np.ndarray, k: int, query_rows: np.ndarray | None = None, chunk: int = 1024) -> np.ndarray:
+    """Leave-one-out neighbours by |v_i - v_j| (ties by lower index) of every row, or of `query_rows`."""
     values = np.asarray(values, np.float64)
-    out = np.empty((len(values), k), np.int64)
-    for start in range(0, len(values), chunk):
-        gap = np.abs(values[start : start + chunk, None] - values[None, :])
-        gap[np.arange(gap.shape[0]), np.arange(start, start + gap.shape[0])] = np.inf
-        out[start : start + chunk] = np.argsort(gap, axis=1, kind="stable")[:, :k]
+    rows = np.arange(len(values)) if query_rows is None else np.asarray(query_rows, np.int64)
+    out = np.empty((len(rows), k), np.int64)
+    for start in range(0, len(rows), chunk):
+        queries = rows[start : start + chunk]
+        gap = np.abs(values[queries, None] - values[None, :])
+        gap[np.arange(len(queries)), queries] = np.inf
+        out[start : start + len(queries)] = np.argsort(gap, axis=1, kind="stable")[:, :k]
     return out
+
+
+def query_rows(count: int, max_queries: int | None, seed: int = 0) -> np.ndarray:
+    """The rows of an evaluation set that query it: all of them, or a seeded sample of `max_queries` (in row order)."""
+    if max_queries is None or max_queries >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, max_queries, replace=False))
 
 
 def tau_of(values: np.ndarray, tau_std: float) -> float:
@@ -70,23 +79,29 @@ def evaluate_set(
     frozen_train: pd.DataFrame,
     attributes: Sequence[str],
     tau_std: float = 0.1,
+    max_queries: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Metrics on one evaluation set; `frozen` and `grounded` hold the same lesions."""
+    """Metrics on one evaluation set; `frozen` and `grounded` hold the same lesions.
+
+    Prediction is scored on every lesion; retrieval from `max_queries` of them (a seeded sample, or all)
+    against the whole set, each query leaving itself out."""
     frozen = frozen.set_index("lesion_id").loc[grounded.lesion_id].reset_index()
     if len(grounded) <= K:
         raise ValueError(f"an evaluation set needs more than {K} lesions, got {len(grounded)}")
     probe = probe_predictions(frozen_train, frozen, attributes)
-    neighbours = {
-        "frozen": cosine_knn(matrix(frozen), matrix(frozen), K, exclude_self=True),
-        "grounded": cosine_knn(matrix(grounded), matrix(grounded), K, exclude_self=True),
-    }
-    result: dict[str, Any] = {"lesions": len(grounded), "tau_std": tau_std, "attributes": {}}
+    rows = query_rows(len(grounded), max_queries, seed)
+    neighbours = {}
+    for kind, frame in (("frozen", frozen), ("grounded", grounded)):
+        vectors = matrix(frame)
+        neighbours[kind] = cosine_knn(vectors[rows], vectors, K, self_rows=rows)
+    result: dict[str, Any] = {"lesions": len(grounded), "queries": len(rows), "tau_std": tau_std, "attributes": {}}
     for i, name in enumerate(attributes):
         truth = grounded[name].to_numpy(np.float64)
         tau = tau_of(truth, tau_std)
-        by_head = value_knn(grounded[PREDICTED_PREFIX + name].to_numpy(), K)
+        by_head = value_knn(grounded[PREDICTED_PREFIX + name].to_numpy(), K, rows)
         retrieval = {
-            kind: retrieval_metrics(truth, truth, found, tau=tau, exclude_self=True)
+            kind: retrieval_metrics(truth[rows], truth, found, tau=tau, self_rows=rows)
             for kind, found in (*neighbours.items(), ("grounded_head", by_head))
         }
         result["attributes"][name] = {
@@ -105,8 +120,10 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
     """One table per evaluation set: prediction then retrieval, frozen and grounded side by side."""
     lines = []
     for set_name, res in results.items():
+        queries = res.get("queries", res["lesions"])
+        sampled = f", retrieval from {queries} sampled queries against all of them" if queries < res["lesions"] else ""
         lines += [
-            f"### {set_name}: {res['lesions']} lesions (relevance: |Δ| ≤ {res['tau_std']} sd)",
+            f"### {set_name}: {res['lesions']} lesions{sampled} (relevance: |Δ| ≤ {res['tau_std']} sd)",
             "",
             "| attribute | MAE frozen probe | MAE grounded | Spearman frozen | Spearman grounded | R² grounded "
             "| R@1 frozen | R@1 grounded | R@1 by head | mAP@10 frozen | mAP@10 grounded "

@@ -103,6 +103,23 @@ def _check_ks(ks: Sequence[int], available: int, what: str) -> tuple[int, ...]:
     return ks
 
 
+def _self_rows(exclude_self: bool, self_rows: np.ndarray | Sequence[int] | None, n_queries: int, n_gallery: int):
+    """The gallery row each query is (None: the queries are not in the gallery). exclude_self=True: the queries are
+    the whole gallery, query i being row i; `self_rows`: a sample of the gallery's rows as queries."""
+    if exclude_self and self_rows is not None:
+        raise ValueError("give exclude_self or self_rows, not both")
+    if exclude_self:
+        return np.arange(n_gallery)
+    if self_rows is None:
+        return None
+    rows = np.asarray(self_rows)
+    if rows.ndim != 1 or len(rows) != n_queries or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"self_rows must be {n_queries} integer gallery rows, one per query, got shape {rows.shape}")
+    if len(rows) and (rows.min() < 0 or rows.max() >= n_gallery or len(np.unique(rows)) != len(rows)):
+        raise ValueError(f"self_rows must be distinct rows of the gallery [0, {n_gallery})")
+    return rows.astype(np.int64)
+
+
 def _check_chunk(chunk_size: int) -> int:
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -168,14 +185,16 @@ def cosine_knn(
     k: int,
     exclude_self: bool = False,
     *,
+    self_rows: np.ndarray | Sequence[int] | None = None,
     chunk_size: int = _DEFAULT_CHUNK,
 ) -> np.ndarray:
     """Indices [Q, k] of each query's k most cosine-similar gallery rows, best first.
 
     Both sides are L2-normalised here (zero vectors get similarity 0). With
     ``exclude_self`` the queries are the gallery (Q == G, row i is item i) and
-    item i is never returned for query i (leave-one-out). Queries are processed
-    ``chunk_size`` rows at a time so memory stays O(chunk_size * G).
+    item i is never returned for query i (leave-one-out); with ``self_rows`` the
+    queries are those gallery rows (a sample of it), each never its own neighbour.
+    Queries are processed ``chunk_size`` rows at a time so memory stays O(chunk_size * G).
     """
     q = _as_2d(queries, "queries")
     g = _as_2d(gallery, "gallery")
@@ -183,7 +202,10 @@ def cosine_knn(
         raise ValueError(f"shape mismatch: queries have dim {q.shape[1]}, gallery has dim {g.shape[1]}")
     if exclude_self and (q.shape != g.shape or not np.array_equal(q, g)):
         raise ValueError("exclude_self=True needs queries to be the gallery (same array)")
-    available = g.shape[0] - 1 if exclude_self else g.shape[0]
+    own = _self_rows(exclude_self, self_rows, q.shape[0], g.shape[0])
+    if self_rows is not None and not np.array_equal(q, g[own]):
+        raise ValueError("self_rows: the queries must be those rows of the gallery")
+    available = g.shape[0] - 1 if own is not None else g.shape[0]
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -194,9 +216,8 @@ def cosine_knn(
     out = np.empty((q.shape[0], k), dtype=np.int64)
     for start in range(0, q.shape[0], chunk):
         sims = q[start : start + chunk] @ g.T
-        if exclude_self:
-            rows = np.arange(sims.shape[0])
-            sims[rows, start + rows] = -np.inf
+        if own is not None:
+            sims[np.arange(sims.shape[0]), own[start : start + len(sims)]] = -np.inf
         out[start : start + len(sims)] = _ranked_top_k(sims, k)
     return out
 
@@ -291,11 +312,13 @@ def relevant_counts(
     tau: float | None = None,
     bin_edges: np.ndarray | None = None,
     exclude_self: bool = False,
+    self_rows: np.ndarray | Sequence[int] | None = None,
 ) -> np.ndarray:
     """Per query, how many gallery items are relevant (see :func:`relevance`).
 
     Needed to normalise AP and nDCG. With ``exclude_self`` the queries are the
-    gallery and the query itself (always relevant to itself) is not counted.
+    gallery (with ``self_rows``: those rows of it) and the query itself (always
+    relevant to itself) is not counted.
     Runs in O((Q + G) log G) memory-light time: no dense Q x G matrix.
     """
     edges = _check_relevance_rule(tau, bin_edges)
@@ -303,6 +326,9 @@ def relevant_counts(
     gv = _as_1d(gallery_values, "gallery_values")
     if exclude_self and (qv.shape != gv.shape or not np.array_equal(qv, gv)):
         raise ValueError("exclude_self=True needs query_values to be gallery_values (same array)")
+    own = _self_rows(exclude_self, self_rows, len(qv), len(gv))
+    if self_rows is not None and not np.array_equal(qv, gv[own], equal_nan=True):
+        raise ValueError("self_rows: query_values must be those rows' gallery_values")
     if edges is None:
         s = np.sort(gv)
         # Bisection with the very comparison relevance() uses (|q - x| <= tau), rather than
@@ -315,7 +341,7 @@ def relevant_counts(
     else:
         per_bin = np.bincount(_bin_of(gv, edges), minlength=len(edges) - 1)
         counts = per_bin[_bin_of(qv, edges)]
-    return counts - 1 if exclude_self else counts
+    return counts - 1 if own is not None else counts
 
 
 # ----------------------------------------------------------------------------- retrieval scores
@@ -346,6 +372,7 @@ def retrieval_metrics(
     tau: float | None = None,
     bin_edges: np.ndarray | None = None,
     exclude_self: bool = False,
+    self_rows: np.ndarray | Sequence[int] | None = None,
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
     """Attribute-specific CBIR scores of ranked neighbours (e.g. from :func:`cosine_knn`).
@@ -367,8 +394,8 @@ def retrieval_metrics(
       random gallery item (the chance reference for the line above).
 
     ``neighbours`` may have more than K columns; only the first K are scored. With
-    ``exclude_self`` the queries are the gallery and must not appear among their own
-    neighbours.
+    ``exclude_self`` the queries are the gallery, with ``self_rows`` those rows of it
+    (a query sample), and no query may appear among its own neighbours.
     """
     qv = _as_1d(query_values, "query_values")
     gv = _as_1d(gallery_values, "gallery_values")
@@ -378,11 +405,12 @@ def retrieval_metrics(
     nb = nb[:, :k_max]
     if exclude_self:
         _same_length(qv, gv, "query_values", "gallery_values (exclude_self)")
-        if (nb == np.arange(len(qv))[:, None]).any():
-            raise ValueError("exclude_self=True but some query has itself among its neighbours")
+    own = _self_rows(exclude_self, self_rows, len(qv), len(gv))
+    if own is not None and (nb == own[:, None]).any():
+        raise ValueError("some query has itself among its neighbours (exclude_self / self_rows)")
 
     rel = relevance(qv, gv, nb, tau=tau, bin_edges=bin_edges)
-    n_rel = relevant_counts(qv, gv, tau=tau, bin_edges=bin_edges, exclude_self=exclude_self)
+    n_rel = relevant_counts(qv, gv, tau=tau, bin_edges=bin_edges, exclude_self=exclude_self, self_rows=self_rows)
     has_rel = n_rel > 0
     ideal_hits = np.minimum(n_rel, k_max)
 
@@ -401,7 +429,7 @@ def retrieval_metrics(
     out[f"nDCG@{k_max}"] = float(ndcg.mean())
     out["queries_without_relevant"] = float((~has_rel).sum())
     out[f"mean_abs_delta@{k_max}"] = float(np.abs(qv[:, None] - gv[nb]).mean())
-    out["mean_abs_delta_random"] = _mean_abs_delta_random(qv, gv, exclude_self)
+    out["mean_abs_delta_random"] = _mean_abs_delta_random(qv, gv, own is not None)
     return out
 
 

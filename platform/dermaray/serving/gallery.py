@@ -1,35 +1,26 @@
 """The searchable lesions as the service shows them: metadata, attributes, thumbnails, by row.
 
 Rows follow the vector index's row order, so a search hit's row is a gallery row. Built from
-the canonical lesion table (diagnosis, true attributes, image) and the embeddings table
-(the grounded heads' predicted attributes, which attribute-conditioned search ranks by).
+the canonical lesion table's metadata (diagnosis, true attributes; not its images) and the
+embeddings table (the grounded heads' predicted attributes, which attribute-conditioned search
+ranks by); thumbnails are read from storage as responses show them (dermaray.serving.thumbnails).
 """
 
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from dermaray.grounding.embed import PREDICTED_PREFIX
-from dermaray.images import decode_rgb
 from dermaray.schema import ATTRIBUTE_NAMES, DIAGNOSES_BY_CODE
+from dermaray.serving.thumbnails import Thumbnails
 
-LESION_COLUMNS = ["lesion_id", "diagnosis", *ATTRIBUTE_NAMES, "image_bytes"]
-
-
-def thumbnail_jpeg(image_bytes: bytes, size: int) -> bytes:
-    image = decode_rgb(image_bytes)
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
+LESION_COLUMNS = ["lesion_id", "diagnosis", *ATTRIBUTE_NAMES]  # no images: thumbnails are read as shown
 
 
 def data_url(data: bytes, mime: str) -> str:
@@ -51,12 +42,16 @@ class Gallery:
     attributes: np.ndarray  # [n, len(ATTRIBUTE_NAMES)] true values, NaN where unknown
     predicted_names: list[str]
     predicted: np.ndarray  # [n, len(predicted_names)] the grounded heads' predictions
-    thumbnails: list[bytes]
-    images: list[bytes]  # the original encoded images (for embedding the gallery with other towers)
+    thumbnails: Thumbnails | None  # None: the embeddings job wrote none
 
     @classmethod
     def build(
-        cls, ids: Sequence[str], lesions: pa.Table, embeddings: pa.Table, predicted_names: Sequence[str], thumbnail_px: int
+        cls,
+        ids: Sequence[str],
+        lesions: pa.Table,
+        embeddings: pa.Table,
+        predicted_names: Sequence[str],
+        thumbnails: Thumbnails | None = None,
     ) -> Gallery:
         """Rows in the order of `ids` (the index's); every id must be in both tables."""
         ids = list(ids)
@@ -79,16 +74,7 @@ class Gallery:
             if names and ids
             else np.zeros((len(ids), len(names)))
         )
-        images = lesions["image_bytes"].to_pylist()
-        return cls(
-            ids,
-            lesions["diagnosis"].to_pylist(),
-            attributes,
-            names,
-            predicted,
-            [thumbnail_jpeg(b, thumbnail_px) for b in images],
-            images,
-        )
+        return cls(ids, lesions["diagnosis"].to_pylist(), attributes, names, predicted, thumbnails)
 
     def __post_init__(self) -> None:
         self._row = {i: r for r, i in enumerate(self.ids)}
@@ -106,6 +92,10 @@ class Gallery:
     def row_of(self, lesion_id: str) -> int | None:
         return self._row.get(lesion_id)
 
+    def thumbnail(self, row: int) -> bytes | None:
+        """Row `row`'s JPEG thumbnail; None when the gallery has none or its lesion had no image."""
+        return self.thumbnails.get(row) if self.thumbnails is not None else None
+
     def record(self, row: int, score: float | None = None, inline_thumbnail: bool = False) -> dict[str, Any]:
         """What a client sees of one lesion."""
         code = self.diagnoses[row]
@@ -119,7 +109,8 @@ class Gallery:
         if score is not None:
             out["score"] = round(float(score), 6)
         if inline_thumbnail:
-            out["thumbnail"] = data_url(self.thumbnails[row], "image/jpeg")
+            jpeg = self.thumbnail(row)
+            out["thumbnail"] = data_url(jpeg, "image/jpeg") if jpeg else None
         return out
 
     def nearest_by_value(self, attribute: str, value: float, k: int) -> list[tuple[int, float]]:

@@ -11,14 +11,16 @@ with it. Search by note text cannot use that index: the grounded embedding has n
 text. The image + note classifier (jobs.classifier) was trained with a CLIP loss that puts
 its image projection and its note projection in one 128-d space, so text search embeds the
 note with the frozen text encoder, projects it with the classifier's text projection, and
-searches the gallery's classifier image projections (computed once when the retriever
-loads). The same classifier's image head predicts the diagnosis.
+searches the gallery's classifier image projections (which the classifier job indexed). The
+same classifier's image head predicts the diagnosis.
+
+Nothing here grows with the gallery's images: a replica loads the indexes and the gallery's
+metadata, and reads each thumbnail from storage when a response shows it.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -27,14 +29,13 @@ import torch
 from dermaray.config import ModelsConfig, ServeConfig
 from dermaray.grounding.classifier import SETTINGS_FILE as CLASSIFIER_FILE
 from dermaray.grounding.embed import PREDICTED_PREFIX, LesionEmbedder, require_index_of
-from dermaray.images import decode_rgb
 from dermaray.retrieval import VectorIndex
 from dermaray.schema import DIAGNOSES_BY_CODE
 from dermaray.serving.checks import RequestError, check_k, check_text, decode_upload
 from dermaray.serving.gallery import LESION_COLUMNS, Gallery, attribute_dict, diagnosis_name
-from dermaray.storage import download_folder, present, read_parquet
+from dermaray.serving.thumbnails import Thumbnails
+from dermaray.storage import present, read_parquet
 
-GALLERY_BATCH = 64  # images per forward pass when the gallery is embedded for text search
 log = logging.getLogger(__name__)
 
 
@@ -49,8 +50,14 @@ class Retriever:
         lesions = read_parquet(settings.lesions, options, columns=LESION_COLUMNS)
         predicted = [PREDICTED_PREFIX + n for n in self.embedder.attributes]
         embeddings = read_parquet(settings.embeddings, options, columns=["lesion_id", *predicted])
-        self.gallery = Gallery.build(self.index.ids, lesions, embeddings, self.embedder.attributes, settings.thumbnail_px)
+        thumbnails = None
+        if settings.thumbnails and present(settings.thumbnails, "meta.json", options):
+            thumbnails = Thumbnails(settings.thumbnails, self.index.ids, options, settings.thumbnail_cache)
+        elif settings.thumbnails:
+            log.warning("serve.thumbnails %s holds no thumbnails: responses show none", settings.thumbnails)
+        self.gallery = Gallery.build(self.index.ids, lesions, embeddings, self.embedder.attributes, thumbnails)
         self.classifier = self.text_encoder = self.text_index = None
+        self.no_text_search = "text search needs the classifier checkpoint, which this deployment was not given"
         if settings.classifier and not present(settings.classifier, CLASSIFIER_FILE, options):
             # An optional part: search by image and attribute still work without it.
             log.warning("serve.classifier %s holds no classifier: no diagnosis prediction or text search", settings.classifier)
@@ -58,27 +65,35 @@ class Retriever:
             self._load_classifier(settings.classifier, models, options)
 
     def _load_classifier(self, uri: str, models: ModelsConfig, options: dict) -> None:
-        from transformers import AutoImageProcessor
-
-        from dermaray.grounding.classifier import load_classifier
+        from dermaray.grounding.classifier import ImageProjector
         from dermaray.grounding.text import TextEncoder
-        from dermaray.models.registry import resolve_model
 
-        self._classifier_folder = tempfile.TemporaryDirectory(prefix="classifier-")
-        local = download_folder(uri, self._classifier_folder.name, options)
         self.device = self.embedder.device
-        self.classifier = load_classifier(local, models).to(self.device)
-        self.classifier_processor = AutoImageProcessor.from_pretrained(
-            resolve_model("grounding_mllm", self.classifier.settings.model, models)
-        )
+        self.projector = ImageProjector(uri, models, options, device=str(self.device))
+        self.classifier = self.projector.classifier
         self.text_encoder = TextEncoder(self.classifier.settings.text_encoder, models, device=str(self.device))
-        vectors = [
-            self._classifier_image(list(map(decode_rgb, self.gallery.images[s : s + GALLERY_BATCH])))
-            for s in range(0, len(self.gallery), GALLERY_BATCH)
-        ]
-        self.text_index = VectorIndex.build(
-            np.concatenate(vectors), self.gallery.ids, kind="exact", model=f"{uri}:image_projection"
-        )
+        self._load_text_index(self.projector.weights, options)
+
+    def _load_text_index(self, weights: str, options: dict) -> None:
+        """The classifier job's index of its image projections, if it is this classifier's and covers exactly the
+        gallery; else text search answers 503 with the reason (diagnosis prediction still works)."""
+        uri = self.settings.text_index
+        if not uri or not present(uri, "meta.json", options):
+            self.no_text_search = f"text search needs the classifier's image projections, and serve.text_index {uri} holds none"
+        else:
+            index = VectorIndex.load(uri, options)
+            missing = len(set(self.gallery.ids).difference(index.ids))
+            if index.meta.get("model_weights") != weights:
+                self.no_text_search = f"serve.text_index {uri} was made by another classifier than serve.classifier's"
+            elif missing or len(index) != len(self.gallery):
+                self.no_text_search = (
+                    f"serve.text_index {uri} projects {len(index)} lesions, of which {len(self.gallery) - missing} are in "
+                    f"the gallery of {len(self.gallery)}: run the classifier job on the gallery's lesion table"
+                )
+            else:
+                self.text_index = index
+        if self.text_index is None:
+            log.warning("%s: text search answers 503", self.no_text_search)
 
     # -- model calls -------------------------------------------------------------------
 
@@ -92,18 +107,11 @@ class Retriever:
         return z, predicted if predicted is not None else np.zeros((len(images), 0))
 
     @torch.no_grad()
-    def _classifier_image(self, images: list) -> np.ndarray:
-        pixels = torch.as_tensor(
-            self.classifier_processor(images=images, return_tensors="np")["pixel_values"], device=self.device
-        )
-        return self.classifier.encode_image(pixels).cpu().numpy().astype(np.float32)
-
-    @torch.no_grad()
     def _classify(self, images: list) -> list[dict[str, Any] | None]:
         """Per image: the classifier's class, its probability and every class's (None without a classifier)."""
         if self.classifier is None:
             return [None] * len(images)
-        features = torch.as_tensor(self._classifier_image(images), device=self.device)
+        features = torch.as_tensor(self.projector.project(images), device=self.device)
         probabilities = torch.softmax(self.classifier.image_head(features), dim=-1).cpu().numpy()
         classes = self.classifier.settings.classes
         out = []
@@ -194,7 +202,7 @@ class Retriever:
         check_k(k, self.settings.max_k)
         text = check_text(text, self.settings.max_text_chars)
         if self.text_index is None:
-            raise RequestError(503, "text search needs the classifier checkpoint, which this deployment was not given")
+            raise RequestError(503, self.no_text_search)
         with torch.no_grad():
             note = torch.as_tensor(self.text_encoder.encode([text]), device=self.device)
             query = self.classifier.encode_text(note).cpu().numpy()
@@ -215,7 +223,10 @@ class Retriever:
         row = self.gallery.row_of(lesion_id)
         if row is None:
             raise RequestError(404, "no lesion with that id in the gallery")
-        return self.gallery.thumbnails[row]
+        jpeg = self.gallery.thumbnail(row)
+        if jpeg is None:
+            raise RequestError(404, "the gallery has no thumbnail of that lesion")
+        return jpeg
 
     def info(self) -> dict[str, Any]:
         from dermaray.serving.status import public_model
@@ -228,5 +239,6 @@ class Retriever:
             "grounded_attributes": self.gallery.predicted_names,
             "diagnoses": {c: d.name for c, d in DIAGNOSES_BY_CODE.items()},
             "text_search": self.text_index is not None,
+            "thumbnails": self.gallery.thumbnails is not None,
             "max_k": self.settings.max_k,
         }
