@@ -162,6 +162,10 @@ def main() -> int:
         action="store_true",
         help="start Serve with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress, user code on the replica's loop, gRPC handles)",
     )
+    parser.add_argument(
+        "--retrieval-in-ingress", action="store_true", help="serve.retrieval_in_ingress: the ingress replica searches itself"
+    )
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of the deployment that searches")
     args = parser.parse_args()
     if args.throughput_optimized:  # read when Serve is imported, and by every process of the cluster ray.init starts
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
@@ -179,8 +183,9 @@ def main() -> int:
     from tests.serve_fixtures import _free_port
 
     scratch = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    overrides = artifacts(args, scratch)
+    overrides = artifacts(args, scratch) + [f"serve.retrieval_in_ingress={str(args.retrieval_in_ingress).lower()}"]
     cfg = load_config(args.config, overrides)
+    searching = "Ingress" if args.retrieval_in_ingress else "Retrieval"
     image = read_parquet(cfg.serve.lesions, cfg.storage_options, columns=["image_bytes"])["image_bytes"][0].as_py()
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
 
@@ -189,10 +194,11 @@ def main() -> int:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-        serve.run(app_from_config(cfg), name="dermaray", route_prefix="/")
+        serve.run(app_from_config(cfg, options={searching: {"num_replicas": args.replicas}}), name="dermaray", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
     print(
-        f"app: {url}  Serve: {'throughput-optimized' if args.throughput_optimized else 'default settings'}\n"
+        f"app: {url}  Serve: {'throughput-optimized' if args.throughput_optimized else 'default settings'}, "
+        f"search in {searching} x {args.replicas} replica(s)\n"
         f"gallery image: {len(image)} bytes  k={args.k}  cores: {os.cpu_count()}  "
         f"load average: {os.getloadavg()[0]:.1f} (other processes share these cores)"
     )

@@ -278,8 +278,8 @@ def run(cfg: DermarayConfig) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         local = download_folder(model_uri, folder, options)
-        model, weights = load_classifier(local, cfg.models), weights_digest(local)
-    projections = write_image_projections(model_uri, weights, cfg)
+        model, digest = load_classifier(local, cfg.models), weights_digest(local)
+    projections = write_image_projections(model_uri, digest, cfg)
     eval_sets = {"in-domain (test split)": (inputs(c.input, notes, "test", cfg, False), unlabelled["test"])}
     if c.shifted_input and c.shifted_notes:
         shifted_notes = usable_notes(c.shifted_notes, c.allow_labelled_notes, options)

@@ -133,6 +133,26 @@ class Retrieval:
         return self.core.info()
 
 
+class InProcess:
+    """A deployment class's instance inside this replica, called the way its handle is: `target.method.remote(*args)`
+    gives an awaitable. With `serve.retrieval_in_ingress` the ingress holds Retrieval so: one hop per search."""
+
+    class Method:
+        def __init__(self, method: Any):
+            self.method = method
+
+        def remote(self, *args: Any) -> asyncio.Future:
+            if asyncio.iscoroutinefunction(self.method):
+                return asyncio.ensure_future(self.method(*args))
+            return asyncio.ensure_future(asyncio.to_thread(self.method, *args))  # a sync method: off the event loop
+
+    def __init__(self, instance: Any, deployment_name: str):
+        self._instance, self.deployment_name = instance, deployment_name
+
+    def __getattr__(self, name: str) -> InProcess.Method:
+        return InProcess.Method(getattr(self._instance, name))
+
+
 # --- Generation ---------------------------------------------------------------------------
 
 
@@ -281,9 +301,12 @@ def _plain(value: Any) -> Any:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, retrieval: DeploymentHandle, generation: DeploymentHandle | None, config: dict):
+    def __init__(self, retrieval: DeploymentHandle | None, generation: DeploymentHandle | None, config: dict):
+        """`retrieval` None: this replica runs retrieval itself (`serve.retrieval_in_ingress`)."""
         cfg = DermarayConfig.model_validate(config)
         self.settings = s = cfg.serve
+        if retrieval is None:
+            retrieval = InProcess(Retrieval.func_or_class(config), serve.get_replica_context().deployment)
         self.retrieval, self.generation = retrieval, generation
         try:  # here, in the replica: the env var and the secret file are this node's
             self.api_key, warnings = resolve_api_key(s, os.environ)
@@ -606,7 +629,11 @@ def app_from_config(cfg: DermarayConfig, base: Path | None = None, options: dict
     cfg = _absolute_local(cfg.model_copy(deep=True), base or Path.cwd())
     config = cfg.model_dump(mode="json")
     options = options or {}
-    retrieval = Retrieval.options(**options.get("Retrieval", {})).bind(config)
+    retrieval, ingress = None, {}
+    if cfg.serve.retrieval_in_ingress:  # the ingress replica does the model work: Retrieval's CPUs, no Retrieval
+        ingress = {"ray_actor_options": Retrieval.ray_actor_options}
+    else:
+        retrieval = Retrieval.options(**options.get("Retrieval", {})).bind(config)
     generation = None
     if cfg.serve.diffusion:
         generation_deployment = serve.deployment(
@@ -617,7 +644,7 @@ def app_from_config(cfg: DermarayConfig, base: Path | None = None, options: dict
             autoscaling_config={"min_replicas": 0, "max_replicas": 1, "initial_replicas": 1, "target_ongoing_requests": 2},
         )
         generation = generation_deployment.options(**options.get("Generation", {})).bind(config)
-    return Ingress.options(**options.get("Ingress", {})).bind(retrieval, generation, config)
+    return Ingress.options(**{**ingress, **options.get("Ingress", {})}).bind(retrieval, generation, config)
 
 
 def build_app(args: dict[str, str]) -> Any:

@@ -286,3 +286,31 @@ def test_retriever_refuses_an_index_another_model_made(served_app, tmp_path) -> 
     with pytest.raises(ValueError, match="re-run the embeddings job") as refused:
         Retriever(cfg.serve.model_copy(update={"grounding_model": str(retrained)}), cfg.models)
     assert str(served_app.root / "index") in str(refused.value)
+
+
+def test_retrieval_in_the_ingress_answers_as_the_two_hop_app(served_app, client, gallery) -> None:
+    """serve.retrieval_in_ingress: the ingress replica runs retrieval itself, no Retrieval deployment; same answers."""
+    from ray import serve
+
+    from dermaray.config import load_config
+    from serve.app import app_from_config
+
+    cfg = load_config(None, [*served_app.overrides, "serve.retrieval_in_ingress=true", "serve.diffusion=null"])
+    serve.run(app_from_config(cfg), name="one-hop", route_prefix="/one-hop")
+    try:
+        deployments = serve.status().applications["one-hop"].deployments
+        assert set(deployments) == {"Ingress"}
+        lesion = gallery[5]
+        found = []
+        for prefix in ("", "/one-hop"):
+            response = client.post(f"{prefix}/search", params={"k": 3}, files=upload(lesion["image_bytes"]))
+            assert response.status_code == 200, response.text
+            found.append(response.json())
+        assert found[0] == found[1] and found[1]["results"][0]["lesion_id"] == lesion["lesion_id"]
+        text = client.post("/one-hop/search/text", json={"text": "pink papule", "k": 2})
+        assert text.status_code == 200 and len(text.json()["results"]) == 2
+        assert client.get(f"/one-hop/lesions/{lesion['lesion_id']}/thumbnail").headers["content-type"] == "image/jpeg"
+        assert client.get("/one-hop/lesions/ISIC_none").status_code == 404  # a RequestError raised in-process
+        assert client.get("/one-hop/info").json()["lesions"] == len(gallery)
+    finally:
+        serve.delete("one-hop")

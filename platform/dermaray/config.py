@@ -421,6 +421,9 @@ class ServeConfig(Section):
     api_key: str | None = None  # the key in plain config: works, but logs a warning (a config travels in Ray's state)
     allow_anonymous: bool = False  # serve without a key (trials on this machine only); logs a warning
     call_timeout_s: float = Field(default=30.0, gt=0)  # ingress -> retrieval calls; 504 past it
+    # The ingress replica runs retrieval itself (one hop per search instead of two; scale Ingress, not Retrieval,
+    # which is then not deployed); false: a Retrieval deployment behind the ingress, scaled on its own.
+    retrieval_in_ingress: bool = False
     generation_timeout_s: float = Field(default=120.0, gt=0)  # ingress -> generation (a cold replica loads first)
 
 
