@@ -12,10 +12,11 @@ it is (`jobs.<stage>.run`) in a process of its own:
   work per lesion as a grounded model, without training one);
 - serve start: a Retrieval replica's start over that gallery (the Retriever, in a fresh process).
 
-Per stage: wall seconds; the driver's peak resident memory (its process' VmHWM); the largest
-Ray worker's peak resident memory, sampled every 0.2 s from the cluster's worker processes
-while the stage runs. Goals for 10x the data: wall time <= 11x, peaks <= 1.3x (the index aside:
-its file's size at each size is subtracted from the serve start's figures).
+Per stage: wall seconds; the peak private resident memory (RssAnon + RssFile: Ray's object store
+is shared memory, whose pages would otherwise count in every process that touched them) of the
+stage's driver and of the largest Ray worker process, sampled every 0.2 s while the stage runs.
+Goals for 10x the data: wall time <= 11x, peaks <= 1.3x (the index aside: its file's size at
+each size is subtracted from the serve start's figures).
 """
 
 from __future__ import annotations
@@ -34,11 +35,6 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
 STAGES = ("synth", "ingest", "notes", "embeddings", "serve start")
-
-
-def memory(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
 
 
 def overrides(stage: str, root: Path, size: int, address: str) -> list[str]:
@@ -82,50 +78,68 @@ def child(stage: str, settings: list[str]) -> None:
         import importlib
 
         importlib.import_module(f"jobs.{stage}").run(cfg)
-    print(json.dumps({"seconds": time.perf_counter() - started, "peak": memory("VmHWM")}))
+    print(json.dumps({"seconds": time.perf_counter() - started}))
 
 
-class WorkerPeaks(threading.Thread):
-    """The largest resident memory of any Ray worker process (process title `ray::...`) while it runs."""
+def private_bytes(pid: int) -> int:
+    """A process' resident memory without shared memory (RssAnon + RssFile): Ray's object store is shared memory
+    every worker maps, and the pages of it a worker has touched would count in its RSS as if it held them."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("RssAnon", "RssFile")))
+    return sum(int(v.split()[0]) * 1024 for v in fields.values())
 
-    def __init__(self) -> None:
+
+class Peaks(threading.Thread):
+    """While it runs, every 0.2 s: the driver's private resident memory, and the largest of any Ray worker process
+    (process title `ray::...`, idle ones aside)."""
+
+    def __init__(self, driver: int) -> None:
         super().__init__(daemon=True)
-        self.peak, self.stop = 0, threading.Event()
+        self.driver_pid, self.driver, self.worker, self.title, self.stop = driver, 0, 0, "", threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for process in psutil.process_iter(["name", "cmdline"]):
+            for process in psutil.process_iter(["pid", "cmdline"]):
                 try:
+                    if process.info["pid"] == self.driver_pid:
+                        self.driver = max(self.driver, private_bytes(self.driver_pid))
+                        continue
                     title = " ".join(process.info["cmdline"] or [])
                     if title.startswith("ray::") and not title.startswith(("ray::IDLE", "ray::RuntimeEnv")):
-                        self.peak = max(self.peak, process.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        held = private_bytes(process.info["pid"])
+                        if held > self.worker:
+                            self.worker, self.title = held, title.split()[0][:60]
+                except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                     pass
             self.stop.wait(0.2)
 
 
 def measure(stage: str, settings: list[str]) -> dict:
-    workers = WorkerPeaks()
-    workers.start()
     started = time.perf_counter()
-    out = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, __file__, "--child", stage, *settings],
-        check=True,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)])},
-    ).stdout
+    )
+    peaks = Peaks(process.pid)
+    peaks.start()
+    out, err = process.communicate()
     wall = time.perf_counter() - started
-    workers.stop.set()
-    workers.join()
-    result = json.loads(out.strip().splitlines()[-1])
-    return {"wall": wall, "stage_seconds": result["seconds"], "driver": result["peak"], "worker": workers.peak}
+    peaks.stop.set()
+    peaks.join()
+    if process.returncode:
+        sys.exit(f"{stage} failed:\n{err[-4000:]}")
+    json.loads(out.strip().splitlines()[-1])  # the stage said it finished
+    return {"wall": wall, "driver": peaks.driver, "worker": peaks.worker, "worker_title": peaks.title}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs=2, default=[2000, 20000])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dermaray-scale"))
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="a subset, on the data a full run left")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -135,18 +149,20 @@ def main() -> None:
 
     import ray
 
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    stages = [s for s in STAGES if s in args.stages]
+    if stages == list(STAGES):
+        shutil.rmtree(args.workdir, ignore_errors=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     address = ray.get_runtime_context().gcs_address
     small, large = sorted(args.sizes)
     results: dict[tuple[str, int], dict] = {}
     for size in (small, large):
-        for stage in STAGES:
+        for stage in stages:
             results[stage, size] = measure(stage, overrides(stage, args.workdir, size, address))
             r = results[stage, size]
             print(
                 f"# {size:>6} {stage:<11} {r['wall']:7.1f} s, driver {r['driver'] / MB:5.0f} MB, "
-                f"largest worker {r['worker'] / MB:5.0f} MB",
+                f"largest worker {r['worker'] / MB:5.0f} MB ({r['worker_title']})",
                 flush=True,
             )
     index = {n: (args.workdir / str(n) / "emb" / "index" / "index.faiss").stat().st_size for n in (small, large)}
@@ -154,7 +170,7 @@ def main() -> None:
     print(f"\n| stage | wall {small:,} s | wall {large:,} s | wall ratio | driver peak ratio | largest worker peak ratio |")
     print("|---|---|---|---|---|---|")
     total = {n: 0.0 for n in (small, large)}
-    for stage in STAGES:
+    for stage in stages:
         a, b = results[stage, small], results[stage, large]
         total[small], total[large] = total[small] + a["wall"], total[large] + b["wall"]
         aside = index[large] - index[small] if stage == "serve start" else 0

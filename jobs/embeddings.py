@@ -23,6 +23,8 @@ from dermaray.serving.thumbnails import with_thumbnails, write_thumbnails
 from dermaray.storage import arrow_filesystem, iter_parquet, parquet_row_count, remove_tree, require
 from jobs.common import clear_summary, init_ray, log, write_summary
 
+OUTPUT_BLOCK_BYTES = 16 * 2**20
+
 
 def run(cfg: DermarayConfig) -> dict:
     e, options = cfg.embeddings, cfg.storage_options
@@ -38,6 +40,9 @@ def run(cfg: DermarayConfig) -> dict:
     fs, root = arrow_filesystem(e.input, options)
     columns = list(dict.fromkeys([*CARRIED, "image_bytes"]))
     lesions = ray.data.read_parquet(root, filesystem=fs, columns=columns)
+    # An output block is sent on when it reaches this size: at Ray Data's default (128 MiB) the embedding actor
+    # held the rows of a whole 40k-lesion run before sending any (its memory grew with the data).
+    lesions.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     read = lesions
     if e.thumbnail_px:  # made in the read tasks, carried through the embedder into the table
         fn_kwargs = {"size": e.thumbnail_px, "column": THUMBNAIL}
@@ -77,7 +82,7 @@ def run(cfg: DermarayConfig) -> dict:
             kind=e.index.kind,
             nlist=e.index.nlist,
             nprobe=e.index.nprobe,
-            model=e.model,
+            model=identity["model"],  # what a replica checks: the grounded model's URI, or "<base>:frozen"
             model_weights=identity["weights"],
         )
         index.save(embeddings_index(e.output), options)

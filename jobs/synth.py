@@ -3,8 +3,8 @@
     python -m jobs.synth synth.n_lesions=2000 synth.output=s3://bucket/synthetic
 
 Tiles are rendered in parallel Ray Data tasks (`synth.shard_size` per task); the driver
-streams them into one `train-image.hdf5` and writes `train-metadata.csv` plus
-`synth_manifest.json` (the planted defects and the reason ingest must give for each).
+streams them, in lesion order, into one `train-image.hdf5` and `train-metadata.csv`, and
+writes `synth_manifest.json` (the planted defects and the reason ingest must give for each).
 """
 
 from __future__ import annotations
@@ -58,32 +58,47 @@ def run(cfg: DermarayConfig) -> dict:
     ds = ray.data.range(s.n_lesions, override_num_blocks=max(1, math.ceil(s.n_lesions / s.shard_size))).map_batches(
         render_batch, fn_kwargs={"cfg": s}, batch_size=s.shard_size, batch_format="numpy"
     )
-    rows: dict[int, dict] = {}
-    planted = []
+    # Batches arrive in lesion order and go straight to the HDF5 file and the CSV: the driver holds one batch
+    # and the few rows a planted defect needs afterwards, whatever the number of lesions.
+    ds.context.execution_options.preserve_order = True
+    defect_rows: dict[int, dict] = {}
+    planted, written, unlabelled = [], 0, 0
+    columns = list(ISIC_METADATA_COLUMNS)
     with tempfile.TemporaryDirectory() as tmp:
-        hdf5_path = Path(tmp) / "train-image.hdf5"
-        with h5py.File(hdf5_path, "w") as store, tqdm(total=s.n_lesions, desc="synth: lesions", unit="lesion") as bar:
+        hdf5_path, csv_path = Path(tmp) / "train-image.hdf5", Path(tmp) / "train-metadata.csv"
+        with (
+            h5py.File(hdf5_path, "w") as store,
+            open(csv_path, "w", newline="") as csv_file,
+            tqdm(total=s.n_lesions, desc="synth: lesions", unit="lesion") as bar,
+        ):
             for batch in ds.iter_batches(batch_size=s.shard_size, batch_format="numpy"):
+                chunk = []
                 for index, row_json, jpeg in zip(batch["index"], batch["row"], batch["jpeg"], strict=True):
                     row, kind = json.loads(row_json), defects.get(int(index))
                     blob = corrupt_image(kind, bytes(jpeg)) if kind in IMAGE_DEFECTS else bytes(jpeg)
                     if blob is not None:
                         _store(store, row["isic_id"], blob)
-                    rows[int(index)] = corrupt_row(kind, row) if kind else row
+                    chunk.append(corrupt_row(kind, row) if kind else row)
+                    if kind:
+                        defect_rows[int(index)] = chunk[-1]
+                pd.DataFrame(chunk, columns=columns).to_csv(csv_file, header=written == 0, index=False)
+                written += len(chunk)
+                unlabelled += sum(1 for r in chunk if not r.get("iddx_3"))  # only iddx_1 and target
                 bar.update(len(batch["index"]))
-        ordered = [rows[i] for i in range(s.n_lesions)]
-        for index, kind in sorted(defects.items()):
-            entry = {"isic_id": rows[index]["isic_id"], "defect": kind, "expected_reason": EXPECTED_REASON[kind]}
-            if kind == "duplicate_id":  # lesion `index` stays healthy; a second row repeats its id
-                ordered.append(dict(rows[index]))
-                entry["row_index"] = len(ordered) - 1
-            planted.append(entry)
-        csv_path = Path(tmp) / "train-metadata.csv"
-        pd.DataFrame(ordered, columns=list(ISIC_METADATA_COLUMNS)).to_csv(csv_path, index=False)
+            duplicates = []
+            for index, kind in sorted(defects.items()):
+                entry = {"isic_id": defect_rows[index]["isic_id"], "defect": kind, "expected_reason": EXPECTED_REASON[kind]}
+                if kind == "duplicate_id":  # lesion `index` stays healthy; a second row repeats its id
+                    duplicates.append(dict(defect_rows[index]))
+                    entry["row_index"] = written + len(duplicates) - 1
+                    unlabelled += not defect_rows[index].get("iddx_3")
+                planted.append(entry)
+            if duplicates:
+                pd.DataFrame(duplicates, columns=columns).to_csv(csv_file, header=False, index=False)
         manifest = {
             "n_lesions": s.n_lesions,
-            "metadata_rows": len(ordered),
-            "unlabelled_rows": sum(1 for r in ordered if not r.get("iddx_3")),  # only iddx_1 and target
+            "metadata_rows": written + len(duplicates),
+            "unlabelled_rows": unlabelled,
             "domain": s.domain,
             "seed": s.seed,
             "planted": planted,

@@ -95,7 +95,8 @@ def test_embeddings_index_and_evaluation(embedded, s3_options, tmp_path):
     # The index names the model and the digest of its weights (what a Serve replica checks before serving it).
     settings = json.loads(s3fs.S3FileSystem(**s3_options).cat_file("dermaray/grounding/model/grounding.json"))
     assert index.meta["model"] == "s3://dermaray/grounding/model" and index.meta["model_weights"] == settings["weights_sha256"]
-    assert VectorIndex.load("s3://dermaray/emb/frozen/clinic/index", s3_options).meta["model_weights"] is None
+    frozen = VectorIndex.load("s3://dermaray/emb/frozen/clinic/index", s3_options).meta
+    assert frozen["model"] == "tiny:frozen" and frozen["model_weights"] is None  # what a replica of the frozen tower checks
     hits = index.search_ids(vectors[:5], k=3)
     assert [h[0][0] for h in hits] == table["lesion_id"].to_pylist()[:5]  # each finds itself first
 

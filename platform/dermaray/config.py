@@ -138,7 +138,9 @@ class IngestConfig(Section):
     max_image_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test, by patient
     batch_size: int = Field(default=512, ge=1)
-    rows_per_file: int = Field(default=20000, ge=1)
+    # Lesions per Parquet file: a writer holds a file's rows (images included) before it writes them, and a reader
+    # of the table a file at a time, so this bounds their memory (4,096 x a 128 px tile: ~20 MB).
+    rows_per_file: int = Field(default=4096, ge=1)
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> IngestConfig:
