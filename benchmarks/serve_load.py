@@ -100,6 +100,24 @@ def best_in_process(retriever, image: bytes, k: int, requests: int, concurrency:
     return best
 
 
+def wait_for_ray_to_exit(timeout: float = 60.0) -> None:
+    """Until no process of the local cluster is left: replicas and raylet finishing their shutdown would share
+    the cores with the baseline and slow it."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for process in psutil.process_iter(["cmdline"]):
+            command = " ".join(process.info["cmdline"] or [])
+            if command.startswith("ray::") or "/ray/core/src/ray/" in command or "ray/_private/" in command:
+                alive.append(process)
+        if not alive:
+            break
+        time.sleep(0.5)
+    time.sleep(2)  # and the load they left to settle
+
+
 def start_plain(config: str, overrides: list[str]):
     """(process, url) of the plain uvicorn baseline, once it answers."""
     import subprocess
@@ -238,6 +256,7 @@ def main() -> int:
         if args.url is None:  # the baseline gets the cores to itself, as Serve had them
             serve.shutdown()
             ray.shutdown()
+            wait_for_ray_to_exit()
         process, plain = start_plain(args.config, overrides)
         try:
             with httpx.Client(base_url=plain, timeout=60) as client:
