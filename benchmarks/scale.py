@@ -165,7 +165,8 @@ def main() -> None:
                 f"largest worker {r['worker'] / MB:5.0f} MB ({r['worker_title']})",
                 flush=True,
             )
-    index = {n: (args.workdir / str(n) / "emb" / "index" / "index.faiss").stat().st_size for n in (small, large)}
+    files = {n: args.workdir / str(n) / "emb" / "index" / "index.faiss" for n in (small, large)}
+    index = {n: f.stat().st_size if f.exists() else 0 for n, f in files.items()}
     ratio = large / small
     print(f"\n| stage | wall {small:,} s | wall {large:,} s | wall ratio | driver peak ratio | largest worker peak ratio |")
     print("|---|---|---|---|---|---|")

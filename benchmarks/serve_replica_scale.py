@@ -1,7 +1,8 @@
 """A Retrieval replica's start time and memory against the gallery's size.
 
     .venv/bin/python benchmarks/serve_replica_scale.py --sizes 2000 20000
-    .venv/bin/python benchmarks/serve_replica_scale.py --code /tmp/before/platform   # another checkout's code
+    .venv/bin/python benchmarks/serve_replica_scale.py --code /tmp/before/platform --legacy-config   # code before
+                                                # serve.thumbnails and serve.text_index existed
 
 Builds, per size, the artifacts a replica loads (tests/serve_artifacts: lesion table, tiny grounding
 model, embeddings, exact index, thumbnails, classifier and the index of its image projections), then
@@ -103,7 +104,8 @@ def main() -> None:
         ).stdout
         result = json.loads(out.strip().splitlines()[-1])
         # Both indexes a replica holds: the grounded embeddings' and the classifier projections'
-        index_bytes = sum((args.workdir / str(size) / f / "index.faiss").stat().st_size for f in ("index", "image_projections"))
+        folders = [args.workdir / str(size) / f for f in ("index", "image_projections")]
+        index_bytes = sum((f / "index.faiss").stat().st_size for f in folders if (f / "index.faiss").exists())
         rows.append({"size": size, "index": index_bytes, **result})
     print("| gallery | start s | RSS MB | peak MB | indexes MB | text search |")
     print("|---|---|---|---|---|---|")

@@ -217,8 +217,20 @@ def write_image_projections(model_uri: str, weights: str, cfg: DermarayConfig) -
     target = join(c.output, IMAGE_PROJECTIONS)
     remove_tree(target, options)
     projector_args = (model_uri, cfg.models, options)
+    # On the training workers' kind of node: a GPU each when training had one (a 7B MLLM's tower on CPU would take hours).
+    resources = {"num_gpus": 1} if c.train.use_gpu else {}
+    if c.train.resources:
+        resources["resources"] = c.train.resources
     projected = split_inputs(
-        c.input, ["lesion_id", "image_bytes"], None, ImageProjector, projector_args, options, False, c.train.num_workers
+        c.input,
+        ["lesion_id", "image_bytes"],
+        None,
+        ImageProjector,
+        projector_args,
+        options,
+        False,
+        c.train.num_workers,
+        **resources,
     )
     chunks = (
         (batch["lesion_id"].tolist(), batch["embedding"])

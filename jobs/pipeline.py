@@ -108,7 +108,7 @@ def plan(cfg: DermarayConfig, at: Layout) -> list[Step]:
     )
 
     def run_embeddings():
-        # Thumbnails only for what Serve serves: the grounded model's gallery.
+        # Thumbnails only for what Serve serves: the grounded model's gallery of the main clinic.
         return {
             f"embeddings/{name}/{domain}": embeddings.run(
                 _with(
@@ -117,7 +117,7 @@ def plan(cfg: DermarayConfig, at: Layout) -> list[Step]:
                     input=lesions[domain],
                     output=at.embeddings(name, domain),
                     model=model,
-                    thumbnail_px=cfg.embeddings.thumbnail_px if name == "grounded" else None,
+                    thumbnail_px=cfg.embeddings.thumbnail_px if (name, domain) == ("grounded", MAIN_DOMAIN) else None,
                 )
             )
             for name, model in (("frozen", FROZEN), ("grounded", at.grounding_model))

@@ -62,7 +62,7 @@ def run(cfg: DermarayConfig) -> dict:
     # and the few rows a planted defect needs afterwards, whatever the number of lesions.
     ds.context.execution_options.preserve_order = True
     defect_rows: dict[int, dict] = {}
-    planted, written, unlabelled = [], 0, 0
+    planted, written, unlabelled, header_written = [], 0, 0, False
     columns = list(ISIC_METADATA_COLUMNS)
     with tempfile.TemporaryDirectory() as tmp:
         hdf5_path, csv_path = Path(tmp) / "train-image.hdf5", Path(tmp) / "train-metadata.csv"
@@ -81,7 +81,8 @@ def run(cfg: DermarayConfig) -> dict:
                     chunk.append(corrupt_row(kind, row) if kind else row)
                     if kind:
                         defect_rows[int(index)] = chunk[-1]
-                pd.DataFrame(chunk, columns=columns).to_csv(csv_file, header=written == 0, index=False)
+                pd.DataFrame(chunk, columns=columns).to_csv(csv_file, header=not header_written, index=False)
+                header_written = True
                 written += len(chunk)
                 unlabelled += sum(1 for r in chunk if not r.get("iddx_3"))  # only iddx_1 and target
                 bar.update(len(batch["index"]))

@@ -253,8 +253,10 @@ def split_inputs(
     storage_options: dict,
     materialize: bool,
     max_actors: int = 2,
+    **actor_resources: Any,
 ) -> ray.data.Dataset:
-    """One split of the lesion table (every row when `split` is None) mapped to model inputs by an actor pool of `prepare`."""
+    """One split of the lesion table (every row when `split` is None) mapped to model inputs by an actor pool of `prepare`
+    (`actor_resources`: what each actor asks for, e.g. num_gpus=1)."""
     fs, root = arrow_filesystem(uri, storage_options)
     ds = ray.data.read_parquet(root, filesystem=fs, columns=columns)
     if split is not None:
@@ -265,6 +267,7 @@ def split_inputs(
         batch_size=256,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+        **actor_resources,
     )
     return ds.materialize() if materialize else ds
 

@@ -148,12 +148,16 @@ def test_body_limit_refuses_declared_and_streamed_oversize_bodies() -> None:
     assert _run_asgi(limit, [b""], [(b"content-length", b"lots")])[0] == 400
 
 
-def _gallery(tmp_path) -> Gallery:
-    ids = ["L3", "L1", "L2"]
+def _tables() -> tuple[pa.Table, pa.Table]:
     lesions = pa.table(
         {"lesion_id": ["L1", "L2", "L3"], "diagnosis": ["MEL", "NEV", None], **{a: [1.0, 2.0, None] for a in ATTRIBUTE_NAMES}}
     )
-    embeddings = pa.table({"lesion_id": ["L2", "L3", "L1"], "predicted_area_mm2": [5.0, 9.0, 1.0]})
+    return lesions, pa.table({"lesion_id": ["L2", "L3", "L1"], "predicted_area_mm2": [5.0, 9.0, 1.0]})
+
+
+def _gallery(tmp_path) -> Gallery:
+    ids = ["L3", "L1", "L2"]
+    lesions, embeddings = _tables()
     write_thumbnails(str(tmp_path / "thumbs"), [(ids, [thumbnail_jpeg(encoded("JPEG", (64, 48)), 16), None, b"L2"])], 16)
     thumbnails = Thumbnails(str(tmp_path / "thumbs"), ids)
     return Gallery.build(ids, lesions, embeddings, ["area_mm2", "eccentricity"], thumbnails)
@@ -168,6 +172,12 @@ def test_gallery_rows_follow_the_index_order_and_shape_records(tmp_path) -> None
     assert record["attributes"]["area_mm2"] == 2.0 and record["score"] == 0.912346
     assert record["thumbnail_url"] == "/lesions/L2/thumbnail" and record["thumbnail"] == "data:image/jpeg;base64,TDI="
     assert gallery.record(gallery.row_of("L1"), inline_thumbnail=True)["thumbnail"] is None  # a lesion without an image
+    assert [r["thumbnail"] for r in gallery.records([(1, 0.5), (2, None)], inline_thumbnails=True)] == [
+        None,
+        "data:image/jpeg;base64,TDI=",
+    ]
+    bare = Gallery.build(gallery.ids, *_tables(), ["area_mm2"])  # no thumbnails written: no thumbnail URL to offer
+    assert "thumbnail_url" not in bare.record(0) and bare.record(0, inline_thumbnail=True)["thumbnail"] is None
     unknown = gallery.record(gallery.row_of("L3"))
     assert unknown["diagnosis_name"] is None and unknown["attributes"]["area_mm2"] is None and "thumbnail" not in unknown
     thumb = Image.open(io.BytesIO(gallery.thumbnail(0)))
@@ -183,6 +193,10 @@ def test_thumbnails_are_read_by_byte_range_through_a_bounded_cache(tmp_path) -> 
     assert [store.get(r) for r in range(50)] == jpegs and store.info() == {"count": 50, "size": 24, "cached": 4}
     (tmp_path / "t" / "thumbnails.bin").write_bytes(b"")  # what is cached is served without a read
     assert store.get(49) == jpegs[49]
+    fresh = Thumbnails(str(tmp_path / "t"), ids, cache_rows=8)
+    (tmp_path / "t" / "thumbnails.bin").write_bytes(b"".join(jpegs))
+    assert fresh.get_many([7, 3, 7, 40]) == [jpegs[7], jpegs[3], jpegs[7], jpegs[40]]  # one batched read, repeats kept
+    assert fresh.info()["cached"] == 3
     with pytest.raises(ValueError, match="other lesions"):
         Thumbnails(str(tmp_path / "t"), ids[::-1])  # another order: every hit would show another lesion
     with pytest.raises(ValueError, match="other lesions"):

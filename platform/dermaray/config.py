@@ -286,7 +286,7 @@ class GroundingEvalConfig(Section):
     # Retrieval is scored from this many queries per set (a seeded sample; None: every lesion) against the whole set.
     max_queries: int | None = Field(default=2000, ge=1)
     max_probe_lesions: int | None = Field(default=20000, ge=1)  # training lesions the frozen probe is fitted on
-    seed: int = 0
+    seed: int = 0  # chooses the query sample and the probe's training sample
 
 
 class ClassifierConfig(Section):

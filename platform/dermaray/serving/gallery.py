@@ -96,20 +96,32 @@ class Gallery:
         """Row `row`'s JPEG thumbnail; None when the gallery has none or its lesion had no image."""
         return self.thumbnails.get(row) if self.thumbnails is not None else None
 
-    def record(self, row: int, score: float | None = None, inline_thumbnail: bool = False) -> dict[str, Any]:
-        """What a client sees of one lesion."""
+    def records(self, hits: Sequence[tuple[int, float | None]], inline_thumbnails: bool = False) -> list[dict[str, Any]]:
+        """`record` of each (row, score), the thumbnails of them all read at once."""
+        jpegs = (
+            self.thumbnails.get_many([r for r, _ in hits])
+            if inline_thumbnails and self.thumbnails is not None
+            else [None] * len(hits)
+        )
+        return [self.record(r, s, inline_thumbnails, jpeg) for (r, s), jpeg in zip(hits, jpegs, strict=True)]
+
+    def record(
+        self, row: int, score: float | None = None, inline_thumbnail: bool = False, jpeg: bytes | None = None
+    ) -> dict[str, Any]:
+        """What a client sees of one lesion (`jpeg`: its thumbnail, when the caller has read it already)."""
         code = self.diagnoses[row]
         out: dict[str, Any] = {
             "lesion_id": self.ids[row],
             "diagnosis": code,
             "diagnosis_name": diagnosis_name(code),
             "attributes": attribute_dict(ATTRIBUTE_NAMES, self.attributes[row]),
-            "thumbnail_url": f"/lesions/{self.ids[row]}/thumbnail",
         }
+        if self.thumbnails is not None:
+            out["thumbnail_url"] = f"/lesions/{self.ids[row]}/thumbnail"
         if score is not None:
             out["score"] = round(float(score), 6)
         if inline_thumbnail:
-            jpeg = self.thumbnail(row)
+            jpeg = jpeg or self.thumbnail(row)
             out["thumbnail"] = data_url(jpeg, "image/jpeg") if jpeg else None
         return out
 

@@ -52,7 +52,10 @@ class Retriever:
         embeddings = read_parquet(settings.embeddings, options, columns=["lesion_id", *predicted])
         thumbnails = None
         if settings.thumbnails and present(settings.thumbnails, "meta.json", options):
-            thumbnails = Thumbnails(settings.thumbnails, self.index.ids, options, settings.thumbnail_cache)
+            try:
+                thumbnails = Thumbnails(settings.thumbnails, self.index.ids, options, settings.thumbnail_cache)
+            except ValueError as exc:  # another gallery's: showing them would put other lesions' pictures on hits
+                log.warning("%s: responses show no thumbnails", exc)
         elif settings.thumbnails:
             log.warning("serve.thumbnails %s holds no thumbnails: responses show none", settings.thumbnails)
         self.gallery = Gallery.build(self.index.ids, lesions, embeddings, self.embedder.attributes, thumbnails)
@@ -79,7 +82,8 @@ class Retriever:
         gallery; else text search answers 503 with the reason (diagnosis prediction still works)."""
         uri = self.settings.text_index
         if not uri or not present(uri, "meta.json", options):
-            self.no_text_search = f"text search needs the classifier's image projections, and serve.text_index {uri} holds none"
+            where = f"serve.text_index {uri} holds none" if uri else "serve.text_index is not set"
+            self.no_text_search = f"text search needs the classifier's image projections, and {where}"
         else:
             index = VectorIndex.load(uri, options)
             missing = len(set(self.gallery.ids).difference(index.ids))
@@ -170,7 +174,7 @@ class Retriever:
             scores, rows = self.index.search(z, max(ks[i] for i in accepted))
             for j, i in enumerate(accepted):
                 hits = [(r, s) for r, s in zip(rows[j, : ks[i]].tolist(), scores[j, : ks[i]].tolist(), strict=True) if r >= 0]
-                out[i] = {"query": queries[j], "results": [self.gallery.record(r, s, thumbnails[i]) for r, s in hits]}
+                out[i] = {"query": queries[j], "results": self.gallery.records(hits, thumbnails[i])}
         return out
 
     def search_image(self, upload: bytes, k: int, thumbnails: bool = False) -> dict[str, Any]:
@@ -189,8 +193,8 @@ class Retriever:
         _, [query] = self.query_summary([self.decode(upload)])
         value = query["attributes"][attribute]
         results = []
-        for row, gap in self.gallery.nearest_by_value(attribute, value, k):
-            record = self.gallery.record(row, None, thumbnails)
+        nearest = self.gallery.nearest_by_value(attribute, value, k)
+        for (row, gap), record in zip(nearest, self.gallery.records([(r, None) for r, _ in nearest], thumbnails), strict=True):
             record["predicted_" + attribute] = round(
                 float(self.gallery.predicted[row, self.gallery.predicted_names.index(attribute)]), 4
             )
@@ -207,7 +211,7 @@ class Retriever:
             note = torch.as_tensor(self.text_encoder.encode([text]), device=self.device)
             query = self.classifier.encode_text(note).cpu().numpy()
         [hits] = self.text_index.search_ids(query, k)
-        return {"results": [self.gallery.record(self.gallery.row_of(i), s, thumbnails) for i, s in hits]}
+        return {"results": self.gallery.records([(self.gallery.row_of(i), s) for i, s in hits], thumbnails)}
 
     def predict(self, upload: bytes) -> dict[str, Any]:
         _, [query] = self.query_summary([self.decode(upload)])

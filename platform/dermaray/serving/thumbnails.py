@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -64,13 +65,13 @@ def write_thumbnails(
     """Write (ids, thumbnails) chunks, in row order, to the folder `uri`; returns the count.
 
     A row without a thumbnail is stored empty (a replica answers 404 for it). Memory: one chunk
-    and the offsets (8 bytes a row)."""
+    and the offsets (an int64 array, 8 bytes a row)."""
     fs, path = storage.filesystem(uri, storage_options)
     folder = path.rstrip("/")
     if fs.exists(f"{folder}/{META}"):
         fs.rm(f"{folder}/{META}")  # first: a half-rewritten folder never looks complete
     fs.makedirs(folder, exist_ok=True)
-    offsets, digest, end = [0], hashlib.sha256(), 0
+    offsets, digest, end = array("q", [0]), hashlib.sha256(), 0
     with fs.open(f"{folder}/{DATA}", "wb") as out:
         for ids, thumbs in chunks:
             if len(ids) != len(thumbs):
@@ -82,7 +83,7 @@ def write_thumbnails(
                     end += len(thumb)
                 offsets.append(end)
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(offsets, np.int64))
+    np.save(buffer, np.frombuffer(offsets, np.int64))
     storage.write_bytes(storage.join(uri, OFFSETS), buffer.getvalue(), storage_options)
     meta = {"format": FORMAT, "count": len(offsets) - 1, "size": size, "ids_sha256": digest.hexdigest()}
     storage.write_bytes(storage.join(uri, META), json.dumps(meta, indent=2).encode(), storage_options)
@@ -116,17 +117,31 @@ class Thumbnails:
 
     def get(self, row: int) -> bytes | None:
         """Row `row`'s JPEG, or None when its lesion had no image."""
+        return self.get_many([row])[0]
+
+    def get_many(self, rows: Sequence[int]) -> list[bytes | None]:
+        """The JPEGs of `rows`; those not cached are read in one call (concurrent range reads on object storage),
+        not one request after another."""
+        found: dict[int, bytes] = {}
         with self._lock:
-            if row in self._cache:
+            for row in rows:
+                if row in self._cache:
+                    self._cache.move_to_end(row)
+                    found[row] = self._cache[row]
+        missing = sorted({r for r in rows if r not in found and self.offsets[r + 1] > self.offsets[r]})
+        if missing:
+            starts = [int(self.offsets[r]) for r in missing]
+            ends = [int(self.offsets[r + 1]) for r in missing]
+            found.update(
+                zip(missing, self.fs.cat_ranges([self.data] * len(missing), starts, ends, on_error="raise"), strict=True)
+            )
+        with self._lock:
+            for row in rows:
+                self._cache[row] = found.setdefault(row, b"")  # b"": a lesion without an image
                 self._cache.move_to_end(row)
-                return self._cache[row] or None
-        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
-        data = self.fs.cat_file(self.data, start=start, end=end) if end > start else b""
-        with self._lock:
-            self._cache[row] = data
-            if len(self._cache) > self.cache_rows:
+            while len(self._cache) > self.cache_rows:
                 self._cache.popitem(last=False)
-        return data or None
+        return [found[row] or None for row in rows]
 
     def info(self) -> dict[str, Any]:
         return {"count": len(self), "size": self.meta["size"], "cached": len(self._cache)}
