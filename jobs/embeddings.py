@@ -44,7 +44,7 @@ def run(cfg: DermarayConfig) -> dict:
     # held the rows of a whole 40k-lesion run before sending any (its memory grew with the data).
     lesions.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     read = lesions
-    if e.thumbnail_px:  # made in the read tasks, carried through the embedder into the table
+    if e.thumbnail_px:  # made before the embedder (Ray Data fuses the two), carried through it into the table
         fn_kwargs = {"size": e.thumbnail_px, "column": THUMBNAIL}
         read = lesions.map_batches(with_thumbnails, fn_kwargs=fn_kwargs, batch_format="pyarrow")
     embedded = read.map_batches(

@@ -1,12 +1,12 @@
-"""Gallery thumbnails stored beside the vector index, read one at a time by the Serve replicas.
+"""Gallery thumbnails stored beside the vector index, read by the Serve replicas as responses show them.
 
     <folder>/thumbnails.bin   the JPEGs back to back, in the index's row order
     <folder>/offsets.npy      int64 [n + 1]: thumbnail r is bytes offsets[r]:offsets[r + 1]
     <folder>/meta.json        count, size, and the digest of the lesion ids they belong to; written last
 
 The embeddings job writes them as it streams its table; a replica keeps only the offsets and a
-bounded cache, and reads a thumbnail's byte range from storage when a response shows it. So a
-replica's start and memory do not grow with the gallery's images.
+bounded cache, and reads the byte ranges of a response's thumbnails from storage in one call. So
+a replica's start and memory do not grow with the gallery's images.
 """
 
 from __future__ import annotations
