@@ -12,6 +12,7 @@ on at most `grounding_eval.max_probe_lesions` training lesions, so the work stay
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -39,14 +40,17 @@ def run(cfg: DermarayConfig) -> dict:
     if not attributes:
         raise ValueError(f"{ev.grounded}/{home} has no predicted attributes: embed it with a grounding model, not 'frozen'")
 
+    @functools.cache
+    def splits(uri: str) -> np.ndarray:  # read once per table, though its train and test rows are both taken
+        return read_parquet(uri, options, ["split"]).column("split").to_numpy(zero_copy_only=False)
+
     def table(root: str, domain: str, split: str | None = None, extra: list[str] | None = None, limit: int | None = None):
         """One embeddings table's columns the scores use; the rows of `split` (all: None), at most `limit` (seeded)."""
         columns = ["lesion_id", "split", "embedding", *attributes, *(extra or [])]
         uri = embeddings_table(join(root, domain))
         if split is None:
             return read_parquet(uri, options, columns).to_pandas()
-        keys = read_parquet(uri, options, ["split"]).column("split").to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(keys == split)
+        rows = np.flatnonzero(splits(uri) == split)
         if limit is not None and len(rows) > limit:
             rows = np.sort(np.random.default_rng(ev.seed).choice(rows, limit, replace=False))
         return take_parquet(uri, rows, options, columns).to_pandas()

@@ -167,9 +167,9 @@ class ImageProjector:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from dermaray.images import decode_rgb
 
-        z = self.project([decode_rgb(b) for b in batch["image_bytes"]]) if len(batch["lesion_id"]) else None
-        return {"lesion_id": batch["lesion_id"], "embedding": z if z is not None else np.zeros((0, self.dim), np.float32)}
-
-    @property
-    def dim(self) -> int:
-        return self.classifier.settings.projection_dim
+        if not len(batch["lesion_id"]):  # a batch with no rows: the processor refuses an empty list
+            return {
+                "lesion_id": batch["lesion_id"],
+                "embedding": np.zeros((0, self.classifier.settings.projection_dim), np.float32),
+            }
+        return {"lesion_id": batch["lesion_id"], "embedding": self.project([decode_rgb(b) for b in batch["image_bytes"]])}

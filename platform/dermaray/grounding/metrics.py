@@ -103,20 +103,32 @@ def _check_ks(ks: Sequence[int], available: int, what: str) -> tuple[int, ...]:
     return ks
 
 
-def _self_rows(exclude_self: bool, self_rows: np.ndarray | Sequence[int] | None, n_queries: int, n_gallery: int):
-    """The gallery row each query is (None: the queries are not in the gallery). exclude_self=True: the queries are
-    the whole gallery, query i being row i; `self_rows`: a sample of the gallery's rows as queries."""
+def _self_rows(
+    exclude_self: bool,
+    self_rows: np.ndarray | Sequence[int] | None,
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    names: tuple[str, str],
+) -> np.ndarray | None:
+    """The gallery row each query is (None: the queries are not in the gallery), checked against the data.
+    exclude_self=True: the queries are the whole gallery, query i being row i; `self_rows`: a sample of the
+    gallery's rows as queries. `names`: what the queries and the gallery are called in errors."""
+    query_name, gallery_name = names
     if exclude_self and self_rows is not None:
         raise ValueError("give exclude_self or self_rows, not both")
     if exclude_self:
-        return np.arange(n_gallery)
+        if queries.shape != gallery.shape or not np.array_equal(queries, gallery):
+            raise ValueError(f"exclude_self=True needs {query_name} to be {gallery_name} (same array)")
+        return np.arange(len(gallery))
     if self_rows is None:
         return None
     rows = np.asarray(self_rows)
-    if rows.ndim != 1 or len(rows) != n_queries or not np.issubdtype(rows.dtype, np.integer):
-        raise ValueError(f"self_rows must be {n_queries} integer gallery rows, one per query, got shape {rows.shape}")
-    if len(rows) and (rows.min() < 0 or rows.max() >= n_gallery or len(np.unique(rows)) != len(rows)):
-        raise ValueError(f"self_rows must be distinct rows of the gallery [0, {n_gallery})")
+    if rows.ndim != 1 or len(rows) != len(queries) or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"self_rows must be {len(queries)} integer gallery rows, one per query, got shape {rows.shape}")
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(gallery) or len(np.unique(rows)) != len(rows)):
+        raise ValueError(f"self_rows must be distinct rows of the gallery [0, {len(gallery)})")
+    if not np.array_equal(queries, gallery[rows]):
+        raise ValueError(f"self_rows: {query_name} must be those rows of {gallery_name}")
     return rows.astype(np.int64)
 
 
@@ -200,11 +212,7 @@ def cosine_knn(
     g = _as_2d(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"shape mismatch: queries have dim {q.shape[1]}, gallery has dim {g.shape[1]}")
-    if exclude_self and (q.shape != g.shape or not np.array_equal(q, g)):
-        raise ValueError("exclude_self=True needs queries to be the gallery (same array)")
-    own = _self_rows(exclude_self, self_rows, q.shape[0], g.shape[0])
-    if self_rows is not None and not np.array_equal(q, g[own]):
-        raise ValueError("self_rows: the queries must be those rows of the gallery")
+    own = _self_rows(exclude_self, self_rows, q, g, ("queries", "the gallery"))
     available = g.shape[0] - 1 if own is not None else g.shape[0]
     k = int(k)
     if k < 1:
@@ -324,11 +332,12 @@ def relevant_counts(
     edges = _check_relevance_rule(tau, bin_edges)
     qv = _as_1d(query_values, "query_values")
     gv = _as_1d(gallery_values, "gallery_values")
-    if exclude_self and (qv.shape != gv.shape or not np.array_equal(qv, gv)):
-        raise ValueError("exclude_self=True needs query_values to be gallery_values (same array)")
-    own = _self_rows(exclude_self, self_rows, len(qv), len(gv))
-    if self_rows is not None and not np.array_equal(qv, gv[own], equal_nan=True):
-        raise ValueError("self_rows: query_values must be those rows' gallery_values")
+    own = _self_rows(exclude_self, self_rows, qv, gv, ("query_values", "gallery_values"))
+    return _relevant_counts(qv, gv, tau, edges, own is not None)
+
+
+def _relevant_counts(qv: np.ndarray, gv: np.ndarray, tau: float | None, edges: np.ndarray | None, self_in: bool) -> np.ndarray:
+    """`relevant_counts` of checked arrays; `self_in`: each query is one of the gallery's rows (not counted)."""
     if edges is None:
         s = np.sort(gv)
         # Bisection with the very comparison relevance() uses (|q - x| <= tau), rather than
@@ -341,7 +350,7 @@ def relevant_counts(
     else:
         per_bin = np.bincount(_bin_of(gv, edges), minlength=len(edges) - 1)
         counts = per_bin[_bin_of(qv, edges)]
-    return counts - 1 if own is not None else counts
+    return counts - 1 if self_in else counts
 
 
 # ----------------------------------------------------------------------------- retrieval scores
@@ -405,12 +414,12 @@ def retrieval_metrics(
     nb = nb[:, :k_max]
     if exclude_self:
         _same_length(qv, gv, "query_values", "gallery_values (exclude_self)")
-    own = _self_rows(exclude_self, self_rows, len(qv), len(gv))
+    own = _self_rows(exclude_self, self_rows, qv, gv, ("query_values", "gallery_values"))
     if own is not None and (nb == own[:, None]).any():
         raise ValueError("some query has itself among its neighbours (exclude_self / self_rows)")
 
     rel = relevance(qv, gv, nb, tau=tau, bin_edges=bin_edges)
-    n_rel = relevant_counts(qv, gv, tau=tau, bin_edges=bin_edges, exclude_self=exclude_self, self_rows=self_rows)
+    n_rel = _relevant_counts(qv, gv, tau, _check_relevance_rule(tau, bin_edges), own is not None)
     has_rel = n_rel > 0
     ideal_hits = np.minimum(n_rel, k_max)
 
