@@ -35,10 +35,11 @@ from dermaray.grounding.model import (
     loss_fn,
     save_model,
 )
+from dermaray.grounding.photometric import photometric_views
 from dermaray.layout import summary_uri
 from dermaray.storage import read_parquet
 from jobs.common import clear_summary, init_ray, log, write_summary
-from jobs.training import Task, export_model, fit, split_inputs
+from jobs.training import Task, export_model, fit, split_inputs, unwrap
 
 
 def settings_of(cfg: DermarayConfig) -> GroundingSettings:
@@ -54,7 +55,11 @@ def build(config: dict) -> GroundingModel:
 
 def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
     weights = torch.tensor(config["weights"], dtype=torch.float32, device=batch[TARGETS].device)
-    return loss_fn(model(augment(batch[PIXELS]))["attributes"], batch[TARGETS], weights)
+    pixels, keep = augment(batch[PIXELS]), None
+    if config.get("photometric"):
+        embedder = unwrap(model).embedder
+        pixels, keep = photometric_views(pixels, embedder.normalization, config["settings"]["attributes"])
+    return loss_fn(model(pixels)["attributes"], batch[TARGETS], weights, keep)
 
 
 @torch.no_grad()
@@ -138,6 +143,7 @@ def run(cfg: DermarayConfig) -> dict:
         "settings": settings.model_dump(),
         "scaler": asdict(scaler),
         "weights": [float(g.attribute_weights.get(a, 1.0)) for a in g.attributes],
+        "photometric": g.photometric,
         "models": cfg.models.model_dump(),  # each worker resolves the base model on its own node
     }
     started = time.perf_counter()
@@ -146,6 +152,7 @@ def run(cfg: DermarayConfig) -> dict:
         "model": export_model(checkpoint, g.output, options),
         "base": settings.model,
         "tune": g.tune,
+        "photometric": g.photometric,
         "attributes": list(g.attributes),
         "lesions": counts,
         "epochs": history[-1]["epoch"],

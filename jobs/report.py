@@ -135,6 +135,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     from dermaray.diffusion.evaluate import markdown as diffusion_markdown
     from dermaray.grounding.evaluate import classifier_markdown
     from dermaray.grounding.evaluate import markdown as grounding_markdown
+    from dermaray.grounding.study import markdown as grounding_study_markdown
     from dermaray.notes.study import classifier_markdown as notes_classifier_markdown
     from dermaray.notes.study import markdown as notes_study_markdown
 
@@ -154,6 +155,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     )  # benchmarks/classifier_notes_study.py
     grounding = w.json(summary_uri(at.grounding, "grounding"))
     grounding_eval = w.json(join(at.grounding_eval, "grounding_eval.json"))
+    grounding_study = w.json(join(at.grounding_study, "grounding_study.json"))  # benchmarks/grounding_study.py
     classifier = w.json(summary_uri(at.classifier, "classifier"))
     diffusion = w.json(summary_uri(at.diffusion, "diffusion"))
     diffusion_eval = w.json(join(at.diffusion_eval, "diffusion_eval.json"))
@@ -210,7 +212,13 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
                 ],
             )
             + "<h3>Frozen vs grounded embedding</h3>"
-            + markdown_section(grounding_eval, "grounding_eval", "grounding_eval.json", grounding_markdown),
+            + markdown_section(grounding_eval, "grounding_eval", "grounding_eval.json", grounding_markdown)
+            + (
+                "<h3>Pretrained vs random tower, photometric augmentation (benchmarks/grounding_study.py)</h3>"
+                + markdown_section(grounding_study, "grounding study", "grounding_study.json", grounding_study_markdown)
+                if grounding_study
+                else ""
+            ),
         ),
         ("retrieval", "Retrieval gallery (held-out queries, top 5 by cosine)", report.gallery(rows, r.thumbnail_px)),
         (

@@ -173,6 +173,15 @@ def test_evaluation_separates_an_informative_embedding_from_noise() -> None:
     assert area["prediction"]["frozen_probe"]["spearman"] < 0.3
     assert area["retrieval"]["grounded"]["R@1"] > area["retrieval"]["frozen"]["R@1"] + 0.3
     assert area["retrieval"]["grounded_head"]["R@1"] > 0.9
+    # 95% bootstrap intervals around the very figures reported; the R@1 gain paired per query
+    grounded_r1, frozen_r1 = area["retrieval"]["grounded"], area["retrieval"]["frozen"]
+    for kind in ("frozen", "grounded", "grounded_head"):
+        value, low, high = area["retrieval"][kind]["R@1_ci"]
+        assert value == pytest.approx(area["retrieval"][kind]["R@1"]) and low <= value <= high
+    gain, low, high = grounded_r1["R@1_gain_ci"]
+    assert gain == pytest.approx(grounded_r1["R@1"] - frozen_r1["R@1"]) and low > 0.3
+    value, low, high = area["prediction"]["frozen_probe"]["spearman_ci"]
+    assert value == pytest.approx(area["prediction"]["frozen_probe"]["spearman"]) and low < value < high
     table = markdown({"held-out": result})
     assert "| area_mm2 |" in table and "| eccentricity |" in table
 
@@ -220,3 +229,28 @@ def test_an_index_is_refused_by_a_model_that_did_not_make_it():
     ):
         with pytest.raises(ValueError, match="re-run the embeddings job"):
             require_index_of(meta, identity, "idx")
+
+
+def test_study_table_reads_each_arms_figures() -> None:
+    from dermaray.grounding.study import markdown, summarize
+
+    frozen, grounded = _frames()
+    train_frozen, _ = _frames(seed=1)
+    informative = evaluate_set(frozen, grounded, train_frozen, ATTRS)
+    # An arm whose "grounded" embedding is as uninformative as its frozen one: no gain.
+    noise = evaluate_set(frozen, grounded.assign(embedding=frozen.embedding), train_frozen, ATTRS)
+    arms = {
+        "informative": {
+            "grounding_eval": {"clinic held-out (test split)": informative, "shifted (domain shift, all lesions)": noise}
+        },
+        "noise": {"grounding_eval": {"clinic held-out (test split)": noise, "shifted (domain shift, all lesions)": noise}},
+    }
+    study = {"lesions": 300, "shifted": 300, "epochs": 1, "arms": summarize(arms)}
+    figures = study["arms"]
+    assert figures["informative"]["r1_gain"]["area_mm2"][1] > 0.3  # the interval's low end
+    assert figures["noise"]["r1_gain"]["area_mm2"][0] == 0.0
+    assert "grounding_eval" not in figures["noise"]
+    table = markdown(study)
+    assert "| R@1 gain over frozen, area_mm2 | >= +0.15 | +0." in table
+    assert "| Spearman shifted clinic, area_mm2 | >= 0.85 |" in table
+    assert "perimeter_mm" not in figures["noise"]["r1_gain"]  # only the attributes the arms grounded

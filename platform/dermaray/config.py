@@ -251,6 +251,9 @@ class GroundingConfig(GroundingSpec):
     run_name: str = "grounding"  # re-running with the same name resumes from its last checkpoint
     attribute_weights: dict[str, float] = {}  # loss weight per attribute (default 1)
     log_sizes: bool = True  # learn lengths and areas on a log scale
+    # Also photometric views (skin tone, contrast, lighting, noise, resolution), each attribute trained only on
+    # the views that keep its value (dermaray.grounding.photometric): robustness to another clinic's images.
+    photometric: bool = True
     train: TrainConfig = TrainConfig()
 
 

@@ -140,6 +140,10 @@ class Layout:
         return self.uri("reports", "classifier_notes_study")
 
     @property
+    def grounding_study(self) -> str:
+        return self.uri("reports", "grounding_study")
+
+    @property
     def report(self) -> str:
         return self.uri("reports", "report.html")
 

@@ -23,10 +23,10 @@ import pandas as pd
 from sklearn.linear_model import Ridge
 
 from dermaray.grounding.embed import PREDICTED_PREFIX
-from dermaray.grounding.metrics import cosine_knn, regression_metrics, retrieval_metrics
+from dermaray.grounding.metrics import cosine_knn, regression_metrics, relevance, retrieval_metrics, spearman
 from dermaray.grounding.model import AttributeScaler
 from dermaray.schema import ATTRIBUTES_BY_NAME
-from dermaray.stats import format_ci
+from dermaray.stats import bootstrap_ci, format_ci, mean_ci
 
 K = 10
 
@@ -68,6 +68,11 @@ def query_rows(count: int, max_queries: int | None, seed: int = 0) -> np.ndarray
     return np.sort(np.random.default_rng(seed).choice(count, max_queries, replace=False))
 
 
+def spearman_ci(truth: np.ndarray, predicted: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman's rho with its 95% bootstrap interval over the lesions."""
+    return bootstrap_ci(lambda i: spearman(truth[i], predicted[i]), len(truth), seed=seed)
+
+
 def tau_of(values: np.ndarray, tau_std: float) -> float:
     """Relevance tolerance in native units: a fixed fraction of the attribute's spread."""
     return float(tau_std * np.std(values))
@@ -100,17 +105,22 @@ def evaluate_set(
         truth = grounded[name].to_numpy(np.float64)
         tau = tau_of(truth, tau_std)
         by_head = value_knn(grounded[PREDICTED_PREFIX + name].to_numpy(), K, rows)
+        found_by = {**neighbours, "grounded_head": by_head}
         retrieval = {
-            kind: retrieval_metrics(truth[rows], truth, found, tau=tau, self_rows=rows)
-            for kind, found in (*neighbours.items(), ("grounded_head", by_head))
+            kind: retrieval_metrics(truth[rows], truth, found, tau=tau, self_rows=rows) for kind, found in found_by.items()
         }
+        hit = {kind: relevance(truth[rows], truth, found[:, :1], tau=tau)[:, 0].astype(float) for kind, found in found_by.items()}
+        for kind in found_by:
+            retrieval[kind]["R@1_ci"] = mean_ci(hit[kind], seed=seed)
+        retrieval["grounded"]["R@1_gain_ci"] = mean_ci(hit["grounded"] - hit["frozen"], seed=seed)  # paired, per query
+        predictions = {"frozen_probe": probe[:, i], "grounded": grounded[PREDICTED_PREFIX + name].to_numpy(np.float64)}
+        prediction = {kind: regression_metrics(truth, p) for kind, p in predictions.items()}
+        for kind, p in predictions.items():
+            prediction[kind]["spearman_ci"] = spearman_ci(truth, p, seed=seed)
         result["attributes"][name] = {
             "unit": ATTRIBUTES_BY_NAME[name].unit,
             "tau": tau,
-            "prediction": {
-                "frozen_probe": regression_metrics(truth, probe[:, i]),
-                "grounded": regression_metrics(truth, grounded[PREDICTED_PREFIX + name].to_numpy(np.float64)),
-            },
+            "prediction": prediction,
             "retrieval": retrieval,
         }
     return result

@@ -154,10 +154,15 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
     return {
         "mae": float(skm.mean_absolute_error(t, p)),
         "rmse": float(skm.root_mean_squared_error(t, p)),
-        "spearman": _pearson(rankdata(t), rankdata(p)),
+        "spearman": spearman(t, p),
         # scikit-learn scores a constant y_true 1 or 0 (force_finite); undefined is NaN here
         "r2": float(skm.r2_score(t, p)) if np.ptp(t) > 0 else float("nan"),
     }
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho: the Pearson correlation of average-tie ranks (NaN when a side is constant)."""
+    return _pearson(rankdata(a), rankdata(b))
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

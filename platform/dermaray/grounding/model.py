@@ -159,9 +159,16 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
-def loss_fn(predicted: torch.Tensor, target_z: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Huber on z-scored attributes: robust to the odd extreme lesion, averaged over attributes."""
-    per_attribute = nn.functional.huber_loss(predicted, target_z, reduction="none", delta=1.0).mean(dim=0)
+def loss_fn(
+    predicted: torch.Tensor, target_z: torch.Tensor, weights: torch.Tensor | None = None, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Huber on z-scored attributes: robust to the odd extreme lesion, averaged over attributes.
+    `keep` [B, A]: 0 where a view no longer shows an attribute's true value (dermaray.grounding.photometric)."""
+    huber = nn.functional.huber_loss(predicted, target_z, reduction="none", delta=1.0)
+    if keep is None:
+        per_attribute = huber.mean(dim=0)
+    else:
+        per_attribute = (huber * keep).sum(dim=0) / keep.sum(dim=0).clamp(min=1)
     if weights is not None:
         return (per_attribute * weights).sum() / weights.sum()
     return per_attribute.mean()

@@ -20,12 +20,20 @@ from torch import nn
 class ImageEmbedder(nn.Module):
     """Vision tower + projector of a LLaVA-family model; embedding = mean over image tokens."""
 
-    def __init__(self, vision_tower: nn.Module, projector: nn.Module, feature_layer: int, drop_cls: bool):
+    def __init__(
+        self,
+        vision_tower: nn.Module,
+        projector: nn.Module,
+        feature_layer: int,
+        drop_cls: bool,
+        normalization: tuple[list[float], list[float]] | None = None,
+    ):
         super().__init__()
         self.vision_tower = vision_tower
         self.projector = projector
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls
+        self.normalization = normalization  # the image processor's (mean, std): pixels = (rgb - mean) / std
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype: torch.dtype = torch.float32) -> ImageEmbedder:
@@ -34,7 +42,7 @@ class ImageEmbedder(nn.Module):
         is never read or allocated."""
         import sys
 
-        from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText
         from transformers.initialization import no_init_weights
 
         config = AutoConfig.from_pretrained(model_path)
@@ -53,11 +61,13 @@ class ImageEmbedder(nn.Module):
         # assign: the modules take the loaded tensors as they are, no second copy of the weights
         tower.load_state_dict(_match_keys(parts["vision_tower"], tower.state_dict().keys()), strict=True, assign=True)
         projector.load_state_dict(parts["multi_modal_projector"], strict=True, assign=True)
+        processor = AutoImageProcessor.from_pretrained(model_path)
         return cls(
             tower.to(dtype).eval(),
             projector.to(dtype).eval(),
             config.vision_feature_layer,
             config.vision_feature_select_strategy == "default",
+            (list(processor.image_mean), list(processor.image_std)),
         )
 
     @property

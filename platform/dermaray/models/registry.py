@@ -77,8 +77,8 @@ def _hub(
     return ModelPreset(role, name, hub_id, None, description, allow_patterns=files, stand_in=stand_in)
 
 
-def _tiny(role: str, builder: Callable[[Path, int], None], description: str) -> ModelPreset:
-    return ModelPreset(role, "tiny", None, builder, description)
+def _tiny(role: str, builder: Callable[[Path, int], None], description: str, name: str = "tiny") -> ModelPreset:
+    return ModelPreset(role, name, None, builder, description)
 
 
 PRESETS: dict[str, dict[str, ModelPreset]] = {
@@ -113,6 +113,13 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
             "grounding_mllm",
             tiny.build_grounding_mllm,
             "Random tiny LLaVA: CLIP tower (64 px, patch 8, hidden 32) + projector + tiny Llama; AutoProcessor.",
+        ),
+        "tiny-pretrained": _tiny(
+            "grounding_mllm",
+            tiny.build_pretrained_grounding_mllm,
+            "The tiny LLaVA with tower + projector pre-trained self-supervised (SimCLR) on unlabelled rendered "
+            "lesions: the offline stand-in for a general-purpose pretrained MLLM (about a minute to build).",
+            name="tiny-pretrained",
         ),
         "llava-1.5-7b": _hub(
             "grounding_mllm",
