@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup run test lint bench gpu-check clean
+.PHONY: setup run test lint bench study gpu-check clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/ingest_throughput.py
+
+# The grounding study (README's "Grounding study"): 5,000 + 1,000 lesions, four arms, about 35 minutes.
+study: setup
+	$(PY) benchmarks/grounding_study.py --workdir out/study
 
 # On a GPU machine: the training and inference cores at cluster-like sizes (no Ray, vLLM or network
 # needed; with no .venv there, `python3 benchmarks/gpu_check.py` runs it with the machine's own torch).

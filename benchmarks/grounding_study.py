@@ -1,14 +1,16 @@
 """The grounding study: what a pretrained tower, photometric augmentation and grounding itself buy, in-domain
 and on a second clinic, with 95% bootstrap intervals.
 
-    .venv/bin/python benchmarks/grounding_study.py --workdir out/study    # `make study`; ~20 min on 2 cores
+    .venv/bin/python benchmarks/grounding_study.py --workdir out/study    # `make study`; about 35 minutes on 2 cores
 
 Arms (each a pipeline run; every arm but the first reads the first's ingested tables, linked into its
 own workdir, so all arms see the same lesions):
 
 - pretrained, photometric: configs/local.yaml as it is (the SimCLR-pretrained tiny tower, photometric views);
 - pretrained, geometric only: grounding.photometric=false;
-- random tower, photometric: models.grounding_mllm=tiny, the randomly initialised tower (the control).
+- random tower, photometric: models.grounding_mllm=tiny, the randomly initialised tower (the control);
+- pretrained, photometric, 128 px: grounding.image_size=128, the tiles at their own size (the tower was
+  pre-trained at 64 px: its position embeddings are interpolated).
 
 Each arm's "frozen" is its own untuned base. Writes <workdir>/reports/grounding_study/grounding_study.{json,md}
 (the table README shows) and the first arm's HTML report, which includes the table.
@@ -31,6 +33,7 @@ ARMS: dict[str, list[str]] = {
     "pretrained, photometric": [],
     "pretrained, geometric only": ["grounding.photometric=false"],
     "random tower, photometric": ["models.grounding_mllm=tiny"],
+    "pretrained, photometric, 128 px": ["grounding.image_size=128"],
 }
 STAGES = "[grounding,embeddings,grounding_eval]"
 

@@ -115,10 +115,12 @@ def split_dataset(
     storage_options: dict,
     materialize: bool,
     max_actors: int = 2,
+    image_size: int | None = None,
 ) -> ray.data.Dataset:
     """One split of the lesion table as model inputs (pixels, z-scored targets, class label)."""
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", *scaler.names]
-    return split_inputs(uri, columns, split, Preprocessor, (model, models, scaler, ()), storage_options, materialize, max_actors)
+    args = (model, models, scaler, (), image_size)
+    return split_inputs(uri, columns, split, Preprocessor, args, storage_options, materialize, max_actors)
 
 
 def run(cfg: DermarayConfig) -> dict:
@@ -136,7 +138,9 @@ def run(cfg: DermarayConfig) -> dict:
         g.tune,
     )
     datasets = {
-        s: split_dataset(g.input, s, settings.model, cfg.models, scaler, options, tc.materialize, max_actors=2 * tc.num_workers)
+        s: split_dataset(
+            g.input, s, settings.model, cfg.models, scaler, options, tc.materialize, 2 * tc.num_workers, g.image_size
+        )
         for s in ("train", "val")
     }
     config = {

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dermaray.config import ModelsConfig
+from dermaray.grounding.data import PIXELS
 from dermaray.grounding.embed import PREDICTED_PREFIX
 from dermaray.grounding.evaluate import evaluate_set, markdown, matrix, ridge_probe, value_knn
 from dermaray.grounding.model import (
@@ -70,6 +71,27 @@ def test_tune_mode_decides_what_trains(models: ModelsConfig, tune: str, trains: 
     assert kinds == trains
     out = model(torch.randn(3, 3, 64, 64))
     assert out["embedding"].shape == (3, model.embedder.dim) and out["attributes"].shape == (3, 2)
+
+
+def test_image_size_resizes_the_input_and_interpolates_the_tower(models: ModelsConfig, tmp_path: Path) -> None:
+    """grounding.image_size: the 128 px tiles seen at 96 px by a tower trained at 64; saved with the checkpoint, so
+    the embedder of the grounded model preprocesses at that size too."""
+    from dermaray.data.synthetic import synthesize_lesion
+    from dermaray.grounding.data import Preprocessor
+    from dermaray.grounding.embed import LesionEmbedder
+
+    model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="full", image_size=96), models)
+    jpeg = [synthesize_lesion(4, i)[1] for i in range(3)]
+    pixels = Preprocessor("tiny", models, keep=(), image_size=96)({"image_bytes": np.array(jpeg, dtype=object)})[PIXELS]
+    assert pixels.shape == (3, 3, 96, 96)
+    with torch.no_grad():
+        at_96 = model(torch.from_numpy(pixels))
+        at_64 = model(torch.nn.functional.interpolate(torch.from_numpy(pixels), size=64, mode="area"))
+    assert at_96["embedding"].shape == at_64["embedding"].shape == (3, model.embedder.dim)
+    assert not torch.allclose(at_96["embedding"], at_64["embedding"])  # it does see the larger image
+    save_model(tmp_path / "m", model, AttributeScaler(ATTRS, [0.0, 0.0], [1.0, 1.0], [False, False]))
+    embedder = LesionEmbedder(str(tmp_path / "m"), "tiny", models)
+    assert embedder.preprocess.processor.crop_size == {"height": 96, "width": 96}
 
 
 def test_checkpoint_files_restore_the_same_predictions(models: ModelsConfig, tmp_path: Path) -> None:

@@ -240,6 +240,9 @@ class GroundingSpec(Section):
 
     attributes: list[str] = Field(default_factory=lambda: list(GROUNDED_ATTRIBUTES))
     tune: Literal["frozen", "projector", "lora", "full"] = "lora"  # what trains besides the heads
+    # The side (px) images are resized to for the tower; None: its processor's (64 for the tiny tower, 336 for
+    # LLaVA-1.5). Another size interpolates the tower's position embeddings, as ViTs are fine-tuned at new sizes.
+    image_size: int | None = Field(default=None, ge=16, le=1024)
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_targets: list[str] = ["q_proj", "v_proj"]

@@ -23,18 +23,32 @@ TARGETS = "targets"
 LABEL = "label"
 
 
+def image_processor(model_path: str, image_size: int | None = None) -> Any:
+    """The model's own image processor; with `image_size`, resizing and cropping to that side instead."""
+    from transformers import AutoImageProcessor
+
+    if image_size is None:
+        return AutoImageProcessor.from_pretrained(model_path)
+    size = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    return AutoImageProcessor.from_pretrained(model_path, **size)
+
+
 class Preprocessor:
     """Decodes `image_bytes` with the model's own image processor; adds z-scored targets."""
 
     def __init__(
-        self, model: str, models: ModelsConfig, scaler: AttributeScaler | None = None, keep: Sequence[str] = ("lesion_id",)
+        self,
+        model: str,
+        models: ModelsConfig,
+        scaler: AttributeScaler | None = None,
+        keep: Sequence[str] = ("lesion_id",),
+        image_size: int | None = None,
     ):
-        """`model`: the grounding MLLM (a preset or folder), resolved on the node this runs on."""
-        from transformers import AutoImageProcessor
-
+        """`model`: the grounding MLLM (a preset or folder), resolved on the node this runs on; `image_size`:
+        the side the tower sees (None: its processor's)."""
         from dermaray.models.registry import resolve_model
 
-        self.processor = AutoImageProcessor.from_pretrained(resolve_model("grounding_mllm", model, models))
+        self.processor = image_processor(resolve_model("grounding_mllm", model, models), image_size)
         self.scaler = scaler
         self.keep = tuple(keep)
 

@@ -79,7 +79,8 @@ class LesionEmbedder:
             self.identity = grounded_identity(model, extra)
         self.model_id = self.identity["model"]
         self.network.to(self.device).eval()
-        self.preprocess = Preprocessor(base, models, keep=())
+        image_size = self.network.settings.image_size if isinstance(self.network, GroundingModel) else None
+        self.preprocess = Preprocessor(base, models, keep=(), image_size=image_size)
 
     @property
     def attributes(self) -> list[str]:

@@ -61,13 +61,17 @@ class ImageEmbedder(nn.Module):
         # assign: the modules take the loaded tensors as they are, no second copy of the weights
         tower.load_state_dict(_match_keys(parts["vision_tower"], tower.state_dict().keys()), strict=True, assign=True)
         projector.load_state_dict(parts["multi_modal_projector"], strict=True, assign=True)
-        processor = AutoImageProcessor.from_pretrained(model_path)
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_path)
+            normalization = (list(processor.image_mean), list(processor.image_std))
+        except (OSError, ValueError):  # a checkpoint saved without its processor: photometric training refuses it
+            normalization = None
         return cls(
             tower.to(dtype).eval(),
             projector.to(dtype).eval(),
             config.vision_feature_layer,
             config.vision_feature_select_strategy == "default",
-            (list(processor.image_mean), list(processor.image_std)),
+            normalization,
         )
 
     @property
@@ -75,7 +79,9 @@ class ImageEmbedder(nn.Module):
         return int(self.projector.linear_2.out_features)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        # Another input size than the tower was trained at: its position embeddings, interpolated.
+        resized = {"interpolate_pos_encoding": True} if pixel_values.shape[-1] != self.vision_tower.config.image_size else {}
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **resized).hidden_states
         tokens = hidden[self.feature_layer]
         if self.drop_cls:
             tokens = tokens[:, 1:]
