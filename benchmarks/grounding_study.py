@@ -47,12 +47,14 @@ def main() -> None:
     parser.add_argument("--arms", nargs="*", default=list(ARMS), help="a subset of the arms (the first always runs)")
     args = parser.parse_args()
 
+    from dermaray.cli import setup_logging
     from dermaray.config import load_config
     from dermaray.grounding.study import markdown, summarize
     from dermaray.layout import Layout
     from dermaray.storage import join, write_bytes
     from jobs import pipeline, report
 
+    setup_logging()  # each stage's progress, as the pipeline logs it
     root = Path(args.workdir).absolute()
     common = [
         f"synth.n_lesions={args.lesions}",
@@ -77,6 +79,7 @@ def main() -> None:
             "overrides": ARMS[arm],
             "base": cfg.models.grounding_mllm,
             "photometric": cfg.grounding.photometric,
+            "image_size": cfg.grounding.image_size,
             "seconds": round(time.perf_counter() - started, 1),
             "grounding_eval": evaluated,
             "stage_seconds": results["stage_seconds"],

@@ -157,6 +157,7 @@ def run(cfg: DermarayConfig) -> dict:
         "base": settings.model,
         "tune": g.tune,
         "photometric": g.photometric,
+        "image_size": g.image_size,
         "attributes": list(g.attributes),
         "lesions": counts,
         "epochs": history[-1]["epoch"],

@@ -39,11 +39,19 @@ def test_lab_conversion_is_the_projects():
     np.testing.assert_allclose(photometric._lab_to_rgb(lab).numpy(), rgb.numpy(), atol=1e-9)
 
 
+def _lesion_vs_skin(a: dict) -> float:
+    """ΔE between the lesion's and the skin's mean L*a*b*: how distinguishable the lesion still is."""
+    return float(np.hypot(a["lesion_L"] - a["skin_L"], np.hypot(a["lesion_A"] - a["skin_A"], a["lesion_B"] - a["skin_B"])))
+
+
 @pytest.mark.parametrize("transform", photometric.TRANSFORMS)
 def test_each_transform_keeps_the_attributes_it_trains(transform):
+    """Colour targets measured again on the changed pixels; mask-only targets are the mask's by definition, so
+    what must hold for them is that the lesion is still there to be seen (contrast at least 0.3 of before)."""
     pairs = _measured(transform, seed=1)
     changed_images = 0
     for before, after in pairs:
+        assert _lesion_vs_skin(after) >= 0.25 * _lesion_vs_skin(before), (transform, before, after)
         for name in GROUNDED_ATTRIBUTES:
             if photometric.keeps(transform, name):
                 # Mask-only attributes exactly; L*a*b* differences within rounding to 8 bits and rare clipping.
@@ -75,6 +83,18 @@ def test_views_and_the_mask_of_kept_attributes():
     assert 0 < keep[:, 2].sum() and keep[:, 2].bool().tolist() == untouched.tolist()  # absolute colour: untouched views only
 
 
+def test_views_are_computed_in_float32_under_mixed_precision():
+    """Training autocasts to bfloat16; the colour conversions must not: an untouched view stays the image."""
+    mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+    rgb = torch.from_numpy(LESIONS[0][0]).permute(2, 0, 1)[None].float().repeat(32, 1, 1, 1) / 255
+    pixels = (rgb - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        views, keep = photometric.photometric_views(pixels, (mean, std), ["lesion_L"], torch.Generator().manual_seed(0))
+    untouched = keep[:, 0].bool()
+    assert views.dtype == torch.float32 and untouched.any()
+    assert (views[untouched] - pixels[untouched]).abs().max() < 1e-3
+
+
 def test_loss_reads_only_kept_attributes():
     predicted, target = torch.zeros(4, 2), torch.zeros(4, 2)
     predicted[0, 1] = 100.0  # a wrong prediction on a view that no longer shows attribute 1
@@ -82,3 +102,6 @@ def test_loss_reads_only_kept_attributes():
     keep[0, 1] = 0
     assert float(loss_fn(predicted, target, keep=keep)) == 0.0
     assert float(loss_fn(predicted, target)) > 0.0
+    predicted[1:, 0] = 1.0  # an error of 1 on attribute 0; attribute 1 kept by no view: it does not halve the loss
+    keep[:, 1] = 0
+    assert float(loss_fn(predicted, target, torch.tensor([1.0, 1.0]), keep)) == pytest.approx(0.5 * 3 / 4)

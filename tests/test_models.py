@@ -97,6 +97,19 @@ def test_concurrent_builds_run_the_builder_once(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir() if "partial" in p.name] == []  # no staging left
 
 
+def test_a_cache_built_to_another_recipe_is_built_again(tmp_path: Path) -> None:
+    builds = []
+
+    def fill(staging: Path) -> None:
+        builds.append(staging)
+        (staging / "weights.bin").write_bytes(str(len(builds)).encode())
+
+    target = tmp_path / "grounding_mllm" / "tiny-pretrained"
+    for version in ("recipe-1", "recipe-1", "recipe-2"):
+        _once(target, fill, {"seed": 0, "version": version}, resume=False)
+    assert len(builds) == 2 and (target / "weights.bin").read_text() == "2"  # reused once, rebuilt for recipe-2
+
+
 def test_tiny_note_writer(cache_dir: Path, models: ModelsConfig) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

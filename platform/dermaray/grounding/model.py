@@ -166,12 +166,11 @@ def loss_fn(
     `keep` [B, A]: 0 where a view no longer shows an attribute's true value (dermaray.grounding.photometric)."""
     huber = nn.functional.huber_loss(predicted, target_z, reduction="none", delta=1.0)
     if keep is None:
-        per_attribute = huber.mean(dim=0)
-    else:
-        per_attribute = (huber * keep).sum(dim=0) / keep.sum(dim=0).clamp(min=1)
-    if weights is not None:
-        return (per_attribute * weights).sum() / weights.sum()
-    return per_attribute.mean()
+        keep = torch.ones_like(huber)
+    per_attribute = (huber * keep).sum(dim=0) / keep.sum(dim=0).clamp(min=1)
+    weights = torch.ones_like(per_attribute) if weights is None else weights
+    weights = weights * (keep.sum(dim=0) > 0)  # an attribute no view of this batch kept does not dilute the others
+    return (per_attribute * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 def augment(pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

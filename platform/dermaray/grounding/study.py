@@ -11,7 +11,7 @@ from typing import Any
 from dermaray.stats import format_ci
 
 GAIN_ATTRIBUTES = ("area_mm2", "perimeter_mm", "minor_axis_mm", "delta_lb_norm")
-GOALS = {  # the study's goals: figure -> (threshold, "min" or "max")
+GOALS = {  # the study's goals: figure -> the least value that meets it
     "r1_gain": 0.15,
     "spearman_in_domain": 0.70,
     "area_spearman_shifted": 0.85,
@@ -75,7 +75,7 @@ def markdown(study: dict[str, Any]) -> str:
     gained = [a for a in GAIN_ATTRIBUTES if a in attributes]
     lines = [
         f"{study['lesions']:,} synthetic lesions (+{study['shifted']:,} from the shifted clinic), {study['epochs']} epochs. "
-        "Each arm's frozen baseline is its own untuned base. Brackets: 95% bootstrap intervals (lesions for "
+        "Each arm's frozen baseline is its own untuned base at the base's input size. Brackets: 95% bootstrap intervals (lesions for "
         "Spearman; queries for R@1, the gain paired per query). R@1: the top neighbour within 0.1 sd of the query's value.",
         "",
         "| figure | goal | " + " | ".join(names) + " |",

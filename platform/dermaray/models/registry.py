@@ -59,6 +59,9 @@ class ModelPreset:
     # Hub presets: builds a tiny random model of the same architecture offline, which tests put in the
     # preset's cache folder to run the preset's own code path (loading by name, its pooling, ...).
     stand_in: Callable[[Path, int], None] | None = None
+    # Built presets: what the builder makes, recorded in the cache's marker; a cache built to another
+    # recipe is built again (bump it when the recipe changes).
+    version: str | None = None
 
     def __post_init__(self) -> None:
         sources = [self.hub_id is not None, self.builder is not None, self.local_path is not None]
@@ -77,8 +80,10 @@ def _hub(
     return ModelPreset(role, name, hub_id, None, description, allow_patterns=files, stand_in=stand_in)
 
 
-def _tiny(role: str, builder: Callable[[Path, int], None], description: str, name: str = "tiny") -> ModelPreset:
-    return ModelPreset(role, name, None, builder, description)
+def _tiny(
+    role: str, builder: Callable[[Path, int], None], description: str, name: str = "tiny", version: str | None = None
+) -> ModelPreset:
+    return ModelPreset(role, name, None, builder, description, version=version)
 
 
 PRESETS: dict[str, dict[str, ModelPreset]] = {
@@ -118,8 +123,9 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
             "grounding_mllm",
             tiny.build_pretrained_grounding_mllm,
             "The tiny LLaVA with tower + projector pre-trained self-supervised (SimCLR) on unlabelled rendered "
-            "lesions: the offline stand-in for a general-purpose pretrained MLLM (about a minute to build).",
+            "lesions: the offline stand-in for a general-purpose pretrained MLLM (about 1.5 minutes to build).",
             name="tiny-pretrained",
+            version=tiny.PRETRAIN_RECIPE,
         ),
         "llava-1.5-7b": _hub(
             "grounding_mllm",
@@ -221,7 +227,7 @@ def resolve_model(role: str, name: str, models: ModelsConfig) -> str:
             _once(
                 target,
                 lambda staging: preset.builder(staging, TINY_SEED),
-                {"role": role, "name": preset.name, "seed": TINY_SEED},
+                {"role": role, "name": preset.name, "seed": TINY_SEED, **({"version": preset.version} if preset.version else {})},
                 resume=False,
             )
         )
@@ -310,15 +316,16 @@ def _once(target: Path, fill: Callable[[Path], None], marker: dict, resume: bool
 
     Under a file lock, so concurrent callers (Ray workers of one node) wait and then find it
     done. A download's staging folder is kept across failures (`resume`): the next attempt
-    continues it; a build's is started afresh.
+    continues it; a build's is started afresh. A folder whose marker records other settings (a
+    recipe's version, a hub revision) is filled again.
     """
-    if (target / COMPLETE_MARKER).is_file():
+    if _marked(target, marker):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if (target / COMPLETE_MARKER).is_file():
+            if _marked(target, marker):
                 return target  # another process filled it while we waited
             staging = target.parent / f".{target.name}.partial"
             if not resume:
@@ -337,3 +344,11 @@ def _once(target: Path, fill: Callable[[Path], None], marker: dict, resume: bool
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
+
+
+def _marked(target: Path, marker: dict) -> bool:
+    """Whether `target` is complete for `marker`'s settings."""
+    try:
+        return json.loads((target / COMPLETE_MARKER).read_text()) == marker
+    except (OSError, ValueError):
+        return False
