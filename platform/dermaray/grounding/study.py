@@ -75,8 +75,9 @@ def markdown(study: dict[str, Any]) -> str:
     gained = [a for a in GAIN_ATTRIBUTES if a in attributes]
     lines = [
         f"{study['lesions']:,} synthetic lesions (+{study['shifted']:,} from the shifted clinic), {study['epochs']} epochs. "
-        "Each arm's frozen baseline is its own untuned base at the base's input size. Brackets: 95% bootstrap intervals (lesions for "
-        "Spearman; queries for R@1, the gain paired per query). R@1: the top neighbour within 0.1 sd of the query's value.",
+        "Each arm's frozen baseline is its own untuned base at the base's input size. Brackets: 95% bootstrap "
+        "intervals (lesions for Spearman; queries for R@1, the gain paired per query). R@1: the top neighbour within "
+        "0.1 sd of the query's value.",
         "",
         "| figure | goal | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
