@@ -113,7 +113,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bare_before = bare_loop(settings, cfg.models, pixels, targets, args.batch_size, args.epochs, tc.lr, total_steps)
     config = {
-        "settings": asdict(settings),
+        "settings": settings.model_dump(),
         "scaler": asdict(scaler),
         "weights": [1.0] * len(g.attributes),
         "models": cfg.models.model_dump(),
