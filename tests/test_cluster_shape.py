@@ -73,6 +73,7 @@ def test_pipeline_on_nodes_without_the_drivers_files(shape, s3_options):
         "synth.n_lesions=120",
         "synth.shard_size=60",
         "models.note_writer=tiny",
+        "models.grounding_mllm=tiny",  # the random tower: the pretrained one would be trained on every node
         "notes.sampling.max_tokens=8",
         "grounding.train.epochs=1",
         "grounding.train.batch_size=16",
