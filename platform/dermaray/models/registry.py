@@ -316,8 +316,8 @@ def _once(target: Path, fill: Callable[[Path], None], marker: dict, resume: bool
 
     Under a file lock, so concurrent callers (Ray workers of one node) wait and then find it
     done. A download's staging folder is kept across failures (`resume`): the next attempt
-    continues it; a build's is started afresh. A folder whose marker records other settings (a
-    recipe's version, a hub revision) is filled again.
+    continues it; a build's is started afresh. A built preset's folder whose marker records another
+    recipe version is built again.
     """
     if _marked(target, marker):
         return target
@@ -347,8 +347,14 @@ def _once(target: Path, fill: Callable[[Path], None], marker: dict, resume: bool
 
 
 def _marked(target: Path, marker: dict) -> bool:
-    """Whether `target` is complete for `marker`'s settings."""
+    """Whether `target` is complete: its marker is there and, for a built preset with a recipe version,
+    records that version (any marker else: a folder put in place by hand or by a test stays valid)."""
+    path = target / COMPLETE_MARKER
+    if not path.is_file():
+        return False
+    if "version" not in marker:
+        return True
     try:
-        return json.loads((target / COMPLETE_MARKER).read_text()) == marker
+        return json.loads(path.read_text()).get("version") == marker["version"]
     except (OSError, ValueError):
         return False
