@@ -23,7 +23,7 @@ run: setup
 	$(PY) -m jobs.pipeline --config configs/local.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # ruff's settings are in pyproject.toml; `ruff format .` and `ruff check --fix .` repair most findings.
 lint: setup
@@ -33,9 +33,9 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/ingest_throughput.py
 
-# The grounding study (README's "Grounding study"): 5,000 + 1,000 lesions, four arms, about 35 minutes.
+# The study (README's "Study"): 5,000 + 1,000 lesions, four grounding arms and the diffusion part, about 50 minutes.
 study: setup
-	$(PY) benchmarks/grounding_study.py --workdir out/study
+	$(PY) benchmarks/study.py --workdir out/study
 
 # On a GPU machine: the training and inference cores at cluster-like sizes (no Ray, vLLM or network
 # needed; with no .venv there, `python3 benchmarks/gpu_check.py` runs it with the machine's own torch).

@@ -2,14 +2,16 @@
 
     python -m jobs.diffusion --config configs/local.yaml diffusion.input=s3://bucket/ingest/clinic/lesions
 
-1. A random `tiny` base would only make noise, so it is first pre-trained briefly (VAE and UNet)
-   on the training-split lesions in one Ray task and saved with `save_pretrained` to
-   `<output>/base`; hub bases (SD 1.5) skip this.
+1. A random `tiny` base would only make noise, so it is first pre-trained on the training-split
+   lesions in one Ray task (the VAE, then the UNet on cached latents) and saved with
+   `save_pretrained` to `<output>/base`; hub bases (SD 1.5) skip this.
    Its captions leave the diagnosis out by default ("a dermoscopic photo of large lesion"): the
    base knows what a lesion looks like, not which diagnosis it is, like a general-purpose base.
 2. LoRA adapters on the UNet's attention learn the diagnoses from class captions ("a dermoscopic
    photo of large melanoma, skin lesion"): one shared adapter for every diagnosis, or one per
-   diagnosis (`diffusion.adapters`). Each is a `TorchTrainer` run over Ray Data shards with a
+   diagnosis (`diffusion.adapters`). Ray Data encodes every training image's latent posterior
+   once (the base's VAE, in the preprocessing actors; kept across epochs with
+   `train.materialize`). Each adapter is a `TorchTrainer` run over those shards with a
    checkpoint per epoch (and every `train.checkpoint_every_steps` steps) holding the adapter file,
    optimizer and schedule; a re-run with the same run name resumes with the adapter weights
    restored exactly.
@@ -40,6 +42,7 @@ from dermaray.diffusion.captions import caption, lesion_size_word
 from dermaray.diffusion.pipeline import (
     DiffusionObjective,
     add_lora,
+    encode_latents,
     image_tensor,
     load_lora_state,
     load_pipeline,
@@ -56,7 +59,7 @@ from dermaray.storage import exists, join, read_bytes, read_parquet, remove_tree
 from jobs.common import clear_summary, init_ray, log, write_summary
 from jobs.training import Task, export_model, fit, split_inputs
 
-PIXELS, IDS = "pixel_values", "input_ids"
+LATENTS, IDS = "latent_posteriors", "input_ids"
 SETTINGS_FILE = "adapter.json"
 PRETRAIN_FILE = "pretrain.json"  # written last into <output>/base: the pre-trained base is complete
 
@@ -74,7 +77,7 @@ def lesion_notes(uri: str, storage_options: dict) -> dict[str, str]:
 
 
 class DiffusionInputs:
-    """Lesion rows -> pixels in [-1, 1] at the training resolution and caption token ids."""
+    """Lesion rows -> latent posteriors of the base's VAE (`encode_latents`) and caption token ids."""
 
     def __init__(
         self,
@@ -89,11 +92,13 @@ class DiffusionInputs:
         # `base`: a preset or the pre-trained base's URI, fetched on this node; `only`: the lesion ids to
         # keep (a split's first `limit`, or one diagnosis' lesions); `notes`: a notes URI: each lesion's
         # note follows its caption
+        from diffusers import AutoencoderKL
         from transformers import CLIPTokenizer
 
         with tempfile.TemporaryDirectory(prefix="diffusion-base-") as scratch:
             folder = model_folder("diffusion_base", base, models, storage_options, scratch)
             self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+            self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
         self.resolution, self.size_words, self.only = resolution, size_words, only
         self.notes = lesion_notes(notes, storage_options) if notes else {}
 
@@ -109,8 +114,9 @@ class DiffusionInputs:
         if not keep.all():
             batch = {k: v[keep] for k, v in batch.items()}
             if not keep.any():
-                empty = (0, 3, self.resolution, self.resolution)
-                return {PIXELS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}
+                side = self.resolution // (2 ** (len(self.vae.config.block_out_channels) - 1))
+                empty = (0, 2 * self.vae.config.latent_channels, side, side)
+                return {LATENTS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}
         images = [decode_rgb(b) for b in batch["image_bytes"]]
         lengths = batch.get("long_diam_mm", np.full(len(batch["diagnosis"]), np.nan))  # without it: sized by the area
         captions = [
@@ -120,7 +126,8 @@ class DiffusionInputs:
         # The tokenizer cuts captions at the text encoder's length (77 tokens for CLIP): the
         # diagnosis words come first so they always survive.
         captions = [f"{c}, {self.notes[i]}" if i in self.notes else c for c, i in zip(captions, batch["lesion_id"], strict=True)]
-        return {PIXELS: image_tensor(images, self.resolution).numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}
+        posteriors = encode_latents(self.vae, image_tensor(images, self.resolution))
+        return {LATENTS: posteriors.numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}
 
 
 # --- Base pre-training (tiny presets only) ------------------------------------------------------
@@ -136,6 +143,8 @@ def pretrain_task(
     size_words: bool,
     resolution: int | None,
     seed: int,
+    caption_dropout: float,
+    snr_gamma: float | None,
 ) -> dict:
     """Pre-train the tiny base on this node and write it to `target` (any URI), PRETRAIN_FILE last."""
     setup_logging()  # the step losses, every 50 steps, in the worker's log (and the driver's, with log_to_driver)
@@ -148,11 +157,13 @@ def pretrain_task(
             staging,
             images,
             captions,
-            steps=p["steps"],
+            vae_steps=p["vae_steps"],
+            unet_steps=p["unet_steps"],
             batch_size=p["batch_size"],
             lr=p["lr"],
             seed=seed,
-            log_every=max(1, min(50, p["steps"])),
+            caption_dropout=caption_dropout,
+            snr_gamma=snr_gamma,
             resolution=resolution,
         )
         Path(staging, PRETRAIN_FILE).write_text(json.dumps(losses))
@@ -174,11 +185,25 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
     table = read_parquet(d.input, options, columns=["split", "image_bytes", "diagnosis", "area_mm2", "long_diam_mm"])
     rows = table.filter(pc.equal(table["split"], "train")).to_pylist()
     rows = random.Random(d.train.seed).sample(rows, min(len(rows), d.pretrain.max_images))
-    log.info("diffusion: pre-training the tiny base on %d lesions for %d steps", len(rows), d.pretrain.steps)
+    log.info(
+        "diffusion: pre-training the tiny base on %d lesions: %d VAE steps, then %d UNet steps on cached latents",
+        len(rows),
+        d.pretrain.vae_steps,
+        d.pretrain.unet_steps,
+    )
     remove_tree(target, options)  # an earlier run's partial upload (no PRETRAIN_FILE)
     losses = ray.get(
         pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
-            cfg.models, target, options, rows, d.pretrain.model_dump(), d.size_words, d.resolution, d.train.seed
+            cfg.models,
+            target,
+            options,
+            rows,
+            d.pretrain.model_dump(),
+            d.size_words,
+            d.resolution,
+            d.train.seed,
+            d.caption_dropout,
+            d.snr_gamma,
         )
     )
     return target, losses
@@ -193,19 +218,20 @@ def build(config: dict) -> DiffusionObjective:
             model_folder("diffusion_base", config["base"], ModelsConfig(**config["models"]), config["storage_options"], scratch)
         )
     add_lora(pipe.unet, rank=config["rank"], alpha=config["alpha"], targets=tuple(config["targets"]), seed=config["seed"])
-    return DiffusionObjective(pipe, "lora")
+    return DiffusionObjective(pipe, "lora", caption_dropout=config["caption_dropout"], snr_gamma=config["snr_gamma"])
 
 
 def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
-    return model(batch[PIXELS], batch[IDS])["loss"]
+    return model(batch[LATENTS], batch[IDS])["loss"]
 
 
 @torch.no_grad()
 def evaluate(model: DiffusionObjective, shard: Any, config: dict, device: torch.device) -> dict[str, float]:
-    """Validation denoising loss with fixed noise, so epochs compare like with like."""
+    """Validation denoising loss with fixed noise and no caption dropout, so epochs compare like with like."""
     generator, losses = torch.Generator(device="cpu").manual_seed(1234), []
+    model.eval()  # the training loop sets train() again at each epoch's start
     for batch in shard.iter_torch_batches(batch_size=64, device=device):
-        losses.append(float(model(batch[PIXELS], batch[IDS], generator=generator)["loss"]))
+        losses.append(float(model(batch[LATENTS], batch[IDS], generator=generator)["loss"]))
     return {"val_loss": float(np.mean(losses))} if losses else {}
 
 
@@ -271,6 +297,8 @@ def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str
         "seed": d.train.seed,
         "resolution": resolution,
         "size_words": d.size_words,
+        "caption_dropout": d.caption_dropout,
+        "snr_gamma": d.snr_gamma,
     }
     checkpoint, history = fit(LORA, config, d.train, datasets, len(ids["train"]), d.output, run_name, options)
     return {

@@ -28,12 +28,22 @@ import numpy as np
 import pyarrow.compute as pc
 import ray
 import torch
+from PIL import Image
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, ModelsConfig
 from dermaray.diffusion.base import base_resolution, prepared_base_uri
 from dermaray.diffusion.captions import caption
-from dermaray.diffusion.evaluate import class_relevance, image_grid, kid, lesion_area_mm2, markdown, size_faithfulness
+from dermaray.diffusion.evaluate import (
+    class_relevance,
+    faithfulness,
+    image_grid,
+    kid,
+    lesion_area_mm2,
+    lesion_contrast,
+    markdown,
+    size_faithfulness,
+)
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
 from dermaray.grounding.classifier import classifier_settings, load_classifier, require_diagnosis_classifier
 from dermaray.grounding.data import CLASS_CODES
@@ -99,6 +109,35 @@ def generate_by_class(pipe: Any, adapters: dict[str, str | None], n: int, settin
     return images
 
 
+def guided_by_class(pipe: Any, adapters: dict[str, str | None], guides: dict[str, list], settings: dict) -> list:
+    """One image per guide (class-major, the order of `guides`), each from its diagnosis' caption and adapter."""
+    images, offset = [], 0
+    for code, adapter in adapters.items():
+        if guides[code]:
+            images += generate(
+                pipe,
+                [caption(code)] * len(guides[code]),
+                1,
+                seed=settings["seed"] + offset,
+                steps=settings["steps"],
+                guidance_scale=settings["guidance_scale"],
+                adapter_folder=adapter,
+                resolution=settings["resolution"],
+                guides=guides[code],
+                strength=settings["guide_strength"],
+            )
+        offset += len(guides[code])
+    return images
+
+
+def follows(guides: list, images: list) -> dict[str, dict]:
+    """Area and contrast of each generated lesion against its guide's (`faithfulness`)."""
+    return {
+        "area": faithfulness([lesion_area_mm2(g) for g in guides], [lesion_area_mm2(i) for i in images]),
+        "contrast": faithfulness([lesion_contrast(g) for g in guides], [lesion_contrast(i) for i in images]),
+    }
+
+
 @ray.remote
 def evaluate_generation(
     base: str,
@@ -149,8 +188,9 @@ def _evaluate(
     # generator would score, so class relevance is read against it as well as against chance.
     results: dict[str, Any] = {"grids": {}, "real": {"class_relevance": class_relevance(real_labels, real_predicted)}}
     lora = adapters_by_class(adapter, codes)
+    generated: dict[str, list] = {}
     for name, adapters in (("base", dict.fromkeys(codes)), ("lora", lora)):
-        images = generate_by_class(pipe, adapters, n, settings)
+        images = generated[name] = generate_by_class(pipe, adapters, n, settings)
         predicted, features = judge(images)
         results[name] = {
             "class_relevance": class_relevance(prompted, predicted),
@@ -166,6 +206,34 @@ def _evaluate(
         for word in ("large", "small")
     }
     results["lora"]["size_faithfulness"] = size_faithfulness(sizes["large"], sizes["small"])
+    if settings["guide_strength"] is not None:
+        # Image-guided references: each of up to n held-out lesions per diagnosis guides one image of its
+        # diagnosis. The same lesions paired with the diagnosis-only images of their class are the baseline.
+        guides = {c: [img for img, label in zip(real, real_labels, strict=True) if label == c][:n] for c in codes}
+        guided = guided_by_class(pipe, lora, guides, settings)
+        flat = [g for c in codes for g in guides[c]]
+        predicted, features = judge(guided)
+        results["guided"] = {
+            "strength": settings["guide_strength"],
+            "class_relevance": class_relevance([c for c in codes for _ in guides[c]], predicted),
+            "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(guided))), strict=True)),
+            **follows(flat, guided),
+        }
+        text_only = [generated["lora"][i * n + j] for i, c in enumerate(codes) for j in range(len(guides[c]))]
+        baseline = follows(flat, text_only)
+        results["lora"].update(guide_area=baseline["area"], guide_contrast=baseline["contrast"])
+        # A row per diagnosis: guide, guided image, guide, guided image, ...
+        shown = min(n, 4)
+        starts = np.cumsum([0] + [len(guides[c]) for c in codes])
+        cells = [
+            img
+            for c, start in zip(codes, starts, strict=False)
+            for j in range(shown)
+            for img in (
+                (flat[start + j], guided[start + j]) if j < len(guides[c]) else (Image.new("RGB", (size, size), "white"),) * 2
+            )
+        ]
+        results["grids"]["guided"] = png(image_grid(cells, 2 * shown, labels=list(codes), cell=max(64, size)))
     results["adapters"] = "shared" if shared else "per_diagnosis"
     results["diagnoses_without_adapter"] = without_adapter
     results["chance"] = 1 / len(judge.classes)
@@ -192,6 +260,7 @@ def run(cfg: DermarayConfig) -> dict:
         "seed": ev.seed,
         "steps": ev.steps,
         "guidance_scale": ev.guidance_scale,
+        "guide_strength": ev.guide_strength,
         "classes": [c for c in CLASS_CODES if c in set(held_out["diagnosis"].to_pylist())],
     }
     log.info("diffusion_eval: %d images per class for %s, base vs LoRA", ev.images_per_class, settings["classes"])

@@ -155,7 +155,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     )  # benchmarks/classifier_notes_study.py
     grounding = w.json(summary_uri(at.grounding, "grounding"))
     grounding_eval = w.json(join(at.grounding_eval, "grounding_eval.json"))
-    grounding_study = w.json(join(at.grounding_study, "grounding_study.json"))  # benchmarks/grounding_study.py
+    grounding_study = w.json(join(at.grounding_study, "grounding_study.json"))  # benchmarks/study.py
     classifier = w.json(summary_uri(at.classifier, "classifier"))
     diffusion = w.json(summary_uri(at.diffusion, "diffusion"))
     diffusion_eval = w.json(join(at.diffusion_eval, "diffusion_eval.json"))
@@ -214,7 +214,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
             + "<h3>Frozen vs grounded embedding</h3>"
             + markdown_section(grounding_eval, "grounding_eval", "grounding_eval.json", grounding_markdown)
             + (
-                "<h3>Pretrained vs random tower, photometric augmentation (benchmarks/grounding_study.py)</h3>"
+                "<h3>Pretrained vs random tower, photometric augmentation (benchmarks/study.py)</h3>"
                 + markdown_section(grounding_study, "grounding study", "grounding_study.json", grounding_study_markdown)
                 if grounding_study
                 else ""

@@ -40,7 +40,7 @@ from dermaray.config import DermarayConfig, load_config
 from dermaray.diffusion.pipeline import GenerationStopped
 from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.schema import DIAGNOSES_BY_CODE
-from dermaray.serving.chain import chain_diagnosis
+from dermaray.serving.chain import chain_diagnosis, chain_guide
 from dermaray.serving.checks import (
     MULTIPART_OVERHEAD,
     BodyLimit,
@@ -49,6 +49,7 @@ from dermaray.serving.checks import (
     check_count,
     check_k,
     check_upload_size,
+    decode_upload,
     resolve_api_key,
 )
 from dermaray.serving.status import public_location, public_model, unschedulable_reason
@@ -204,7 +205,7 @@ def generation_class(max_adapters: int) -> type:
         async def adapter(self, code: str) -> LoadedAdapter:  # only called with a bank
             return await asyncio.to_thread(LoadedAdapter, self.bank, code)
 
-        async def generate(self, code: str, count: int, seed: int, steps: int) -> dict[str, Any]:
+        async def generate(self, code: str, count: int, seed: int, steps: int, guide: bytes | None = None) -> dict[str, Any]:
             if self.bank is None:
                 raise RequestError(
                     503,
@@ -215,12 +216,16 @@ def generation_class(max_adapters: int) -> type:
             # Cancelling this coroutine (the ingress' timeout, a client gone) cannot stop its thread: the
             # flag does, at the next denoising step, so no replica keeps computing an answer nobody awaits.
             stop = threading.Event()
+            s = self.settings
+            image = None if guide is None else decode_upload(guide, s.max_upload_bytes, s.max_image_pixels)
 
             def run() -> tuple[list[bytes], dict[str, Any]]:
                 with self.lock:
                     self.work["running"] += 1
                 try:
-                    return self.bank.generate(code, count, seed, steps, self.settings.guidance_scale, stop.is_set)
+                    return self.bank.generate(
+                        code, count, seed, steps, s.guidance_scale, stop.is_set, guide=image, strength=s.guide_strength
+                    )
                 except GenerationStopped:
                     with self.lock:
                         self.work["stopped"] += 1
@@ -415,7 +420,7 @@ class Ingress:
         check_upload_size(len(data), self.settings.max_upload_bytes)
         return data
 
-    async def _generate(self, code: str, count: int, seed: int, steps: int | None) -> dict[str, Any]:
+    async def _generate(self, code: str, count: int, seed: int, steps: int | None, guide: bytes | None = None) -> dict[str, Any]:
         if self.generation is None:
             raise RequestError(503, "generation is not deployed (serve.diffusion is null)")
         check_count(count, self.settings.max_images)
@@ -429,6 +434,7 @@ class Ingress:
             count,
             seed,
             steps,
+            guide,
             timeout=self.settings.generation_timeout_s,
             deployment=self.generation.deployment_name,
         )
@@ -570,6 +576,11 @@ class Ingress:
         count: int = Query(2, ge=1, le=HARD_MAX_IMAGES),
         seed: int = Query(0, ge=0, le=2**31 - 1),
         steps: int | None = Query(None, ge=1, le=1000),
+        guide: Literal["none", "upload", "similar"] | None = Query(
+            None,
+            description="what the references are generated from: the upload (img2img), the best-matching case's "
+            "thumbnail, or the diagnosis alone; default serve.chain_guide",
+        ),
         api_key: str | None = Security(api_key_header),
     ) -> dict[str, Any]:
         check_api_key(self.api_key, api_key)
@@ -588,8 +599,13 @@ class Ingress:
         elif self.generation is None:
             not_generated = "generation is not deployed"
         else:
-            out = await self._generate(diagnosis["code"], count, seed, steps)
-            generated = {**{k: v for k, v in out.items() if k != "pngs"}, "images": [_data_url(p) for p in out["pngs"]]}
+            source, image = chain_guide(guide or self.settings.chain_guide, upload, found["results"])
+            out = await self._generate(diagnosis["code"], count, seed, steps, image)
+            generated = {
+                **{k: v for k, v in out.items() if k != "pngs"},
+                "guide": source,
+                "images": [_data_url(p) for p in out["pngs"]],
+            }
         done = time.perf_counter()
         return {
             "query": found["query"],

@@ -23,9 +23,11 @@ from dermaray.data.synthetic import synthesize_lesion
 from dermaray.diffusion.captions import caption, size_word
 from dermaray.diffusion.pipeline import (
     LORA_WEIGHT_NAME,
+    CaptionStates,
     DiffusionObjective,
     add_lora,
     calibrate_latent_scale,
+    encode_latents,
     encode_prompts,
     generate,
     image_tensor,
@@ -33,12 +35,12 @@ from dermaray.diffusion.pipeline import (
     load_pipeline,
     lora_parameters,
     lora_state,
-    lora_step_loss,
     pretrain_base,
-    pretrain_base_step,
     read_lora,
+    sample_latents,
     save_lora,
     tokenize,
+    vae_step_loss,
 )
 from dermaray.images import decode_rgb
 from dermaray.models import resolve_model
@@ -78,7 +80,9 @@ def pretrained(base: str, lesions, tmp_path_factory: pytest.TempPathFactory) -> 
     """The tiny base after two pre-training steps: the base every LoRA test adapts."""
     out = tmp_path_factory.mktemp("pretrained") / "base"
     images, prompts = lesions
-    losses = pretrain_base(base, out, images, prompts, steps=2, batch_size=2, lr=1e-3, seed=0, log_every=1, resolution=TRAIN_PX)
+    losses = pretrain_base(
+        base, out, images, prompts, vae_steps=2, unet_steps=2, batch_size=2, lr=1e-3, seed=0, log_every=1, resolution=TRAIN_PX
+    )
     return out, losses
 
 
@@ -91,9 +95,10 @@ def lora(pretrained, lesions, tmp_path_factory: pytest.TempPathFactory) -> dict:
     lora_before = [p.detach().clone() for p in lora_parameters(pipe.unet)]
     trainable = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_parameters(pipe.unet), lr=1e-2)
-    pixels = image_tensor(lesions[0][:2], TRAIN_PX)
+    posteriors = encode_latents(pipe.vae, image_tensor(lesions[0][:2], TRAIN_PX))
+    objective = DiffusionObjective(pipe, "lora")
     for step in range(2):
-        loss = lora_step_loss(pipe, pixels, lesions[1][:2], torch.Generator().manual_seed(step))
+        loss = objective(posteriors, lesions[1][:2], torch.Generator().manual_seed(step))["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -161,50 +166,99 @@ def test_image_tensor_crops_resizes_and_scales() -> None:
 # --- base pre-training ------------------------------------------------------------------------
 
 
-def test_pretrain_step_trains_vae_and_unet_and_lowers_the_loss(base: str, lesions) -> None:
+def test_vae_step_trains_the_vae_alone(base: str, lesions) -> None:
     pipe = load_pipeline(base)
-    model = DiffusionObjective(pipe, "pretrain")
-    pixels, prompts = image_tensor(lesions[0][:2], TRAIN_PX), lesions[1][:2]
-    losses = pretrain_base_step(pipe, pixels, prompts, torch.Generator().manual_seed(0))
-    assert set(losses) == {"vae", "unet", "loss"}
-    assert all(math.isfinite(float(v.detach())) for v in losses.values())
-    assert torch.equal(losses["loss"], losses["vae"] + losses["unet"])
-    losses["loss"].backward()
-    # Every VAE and UNet weight gets a gradient: DDP (without find_unused_parameters) needs that.
-    assert all(p.grad is not None for p in [*pipe.unet.parameters(), *pipe.vae.parameters()])
-    assert all(p.grad is None for p in pipe.text_encoder.parameters())  # frozen
+    pixels = image_tensor(lesions[0][:2], TRAIN_PX)
+    loss = vae_step_loss(pipe, pixels, torch.Generator().manual_seed(0))
+    assert math.isfinite(float(loss.detach()))
+    loss.backward()
+    assert all(p.grad is not None for p in pipe.vae.parameters())  # every weight: DDP needs that
+    assert all(p.grad is None for p in [*pipe.unet.parameters(), *pipe.text_encoder.parameters()])
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae_step_loss(pipe, pixels[:, :, :12, :12])
+
+
+def test_cached_latents_equal_fresh_encodes(base: str, lesions) -> None:
+    pipe = load_pipeline(base)
+    pixels = image_tensor(lesions[0], TRAIN_PX)
+    cached = encode_latents(pipe.vae, pixels, batch_size=3)  # two chunks: 3 + 1
+    assert cached.shape == (4, 2 * pipe.vae.config.latent_channels, TRAIN_PX // 2, TRAIN_PX // 2)
+    with torch.no_grad():
+        fresh = pipe.vae.encode(pixels).latent_dist
+        drawn = fresh.sample(generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cached, fresh.parameters, rtol=1e-5, atol=1e-5)
+    # A draw from the cache is the draw a fresh encode gives with the same generator.
+    torch.testing.assert_close(sample_latents(cached, torch.Generator().manual_seed(3)), drawn, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(sample_latents(cached, torch.Generator().manual_seed(4)), drawn)  # still a sample
+    with pytest.raises(ValueError, match="2C"):
+        sample_latents(cached[:, :3])
+
+
+def test_caption_states_are_computed_once_and_equal_fresh_ones(base: str, lesions) -> None:
+    pipe = load_pipeline(base)
+    captions = CaptionStates(pipe)
+    prompts = [lesions[1][0], lesions[1][1], lesions[1][0]]
+    ids = tokenize(pipe.tokenizer, prompts)
+    states = captions(ids)
+    torch.testing.assert_close(states, encode_prompts(pipe, prompts))
+    assert len(captions.states) == len(set(prompts))
+    captions(ids[:1])
+    assert len(captions.states) == len(set(prompts))  # seen already: not encoded again
+
+    # Caption dropout: each caption becomes the empty one with probability p, and only then.
+    many = ids[[0] * 2000]
+    dropped = captions.drop(many, 0.25, torch.Generator().manual_seed(0))
+    empty = (dropped == captions.empty).all(dim=1)
+    assert 0.2 < float(empty.float().mean()) < 0.3
+    assert torch.equal(dropped[~empty], many[~empty])
+    assert torch.equal(captions.drop(many, 0.0, None), many)
+    assert pipe.tokenizer.decode(captions.empty, skip_special_tokens=True).strip() == ""
+
+
+def test_unet_objective_trains_the_unet_alone_and_lowers_the_loss(base: str, lesions) -> None:
+    pipe = load_pipeline(base)
+    posteriors = encode_latents(pipe.vae, image_tensor(lesions[0][:2], TRAIN_PX))
+    prompts = lesions[1][:2]
+    model = DiffusionObjective(pipe, "unet", snr_gamma=5.0)
+    loss = model(posteriors, prompts, torch.Generator().manual_seed(0))["loss"]
+    loss.backward()
+    assert all(p.grad is not None for p in pipe.unet.parameters())
+    assert all(p.grad is None for p in [*pipe.vae.parameters(), *pipe.text_encoder.parameters()])  # frozen
 
     # Token ids (what a Ray Train batch can carry) give the same loss as the strings.
     ids = tokenize(pipe.tokenizer, prompts)
     assert ids.shape == (2, pipe.tokenizer.model_max_length) and ids.dtype == torch.long
-    same = pretrain_base_step(pipe, pixels, ids, torch.Generator().manual_seed(0))
-    assert torch.equal(same["loss"], losses["loss"])
-
-    # The module forward is the same loss, so DDP can wrap it; on a fixed batch, noise and
-    # timesteps, a few AdamW steps lower it.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    first = None
-    for _ in range(3):
-        loss = model(pixels, prompts, generator=torch.Generator().manual_seed(0))["loss"]
-        first = float(loss.detach()) if first is None else first
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    assert first == pytest.approx(float(losses["loss"].detach()), rel=1e-6)
+    assert torch.equal(model(posteriors, ids, torch.Generator().manual_seed(0))["loss"], loss)
+    # Min-SNR weights are 1 where SNR <= gamma and below 1 at the least noisy timesteps, so over 64
+    # timesteps (some of them below t ~ 150, where SNR > 5) the weighted loss is below the plain one.
     with torch.no_grad():
-        after = float(model(pixels, prompts, generator=torch.Generator().manual_seed(0))["loss"])
-    assert after < first
+        many = (posteriors[[0, 1] * 32], ids[[0, 1] * 32])
+        weighted = model(*many, torch.Generator().manual_seed(0))["loss"]
+        plain = DiffusionObjective(pipe, "unet")(*many, torch.Generator().manual_seed(0))["loss"]
+    assert float(weighted) < float(plain)
+
+    # On a fixed batch, noise and timesteps, a few AdamW steps lower it.
+    optimizer = torch.optim.AdamW(pipe.unet.parameters(), lr=1e-3)
+    first = float(loss.detach())
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        model(posteriors, ids, torch.Generator().manual_seed(0))["loss"].backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert float(model(posteriors, ids, torch.Generator().manual_seed(0))["loss"]) < first
 
     with pytest.raises(ValueError, match="prompts"):
-        pretrain_base_step(pipe, pixels, prompts[:1])
+        model(posteriors, prompts[:1])
     with pytest.raises(ValueError, match="non-empty"):
-        pretrain_base_step(pipe, pixels, [])
+        model(posteriors, [])
     with pytest.raises(ValueError, match="token ids"):
-        pretrain_base_step(pipe, pixels, ids.float())
-    with pytest.raises(ValueError, match="multiples of 8"):
-        pretrain_base_step(pipe, pixels[:, :, :12, :12], prompts)
+        model(posteriors, ids.float())
     with pytest.raises(ValueError, match="objective"):
         DiffusionObjective(pipe, "dreambooth")
+    with pytest.raises(ValueError, match="caption_dropout"):
+        DiffusionObjective(pipe, "unet", caption_dropout=1.0)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        DiffusionObjective(pipe, "lora")
 
 
 def test_calibrated_scale_gives_unit_variance_latents(base: str, lesions) -> None:
@@ -223,7 +277,7 @@ def test_pretrain_base_saves_a_plain_diffusers_base(base: str, pretrained) -> No
     from diffusers import StableDiffusionPipeline
 
     out, losses = pretrained
-    assert set(losses) == {"vae", "unet", "loss"} and all(math.isfinite(v) for v in losses.values())
+    assert set(losses) == {"vae", "unet"} and all(math.isfinite(v) for v in losses.values())
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (out / part).is_dir()
     assert (out / "tokenizer" / "vocab.json").is_file()  # kept from the tiny base
@@ -314,3 +368,26 @@ def test_generate_is_seeded_and_loads_and_unloads_adapters(pretrained, lora: dic
         generate(pipe, prompts, 0, seed=0)
     with pytest.raises(ValueError, match="non-empty"):
         generate(pipe, "a prompt", 1, seed=0)
+
+
+def test_guided_generation_keeps_each_guide_with_its_prompt(pretrained, lesions, lora: dict) -> None:
+    pipe = load_pipeline(pretrained[0])
+    prompts = [caption("MEL", "large"), caption("NEV", "small")]
+    guides = [lesions[0][0], lesions[0][1].resize((80, 64))]
+    run = dict(steps=4, strength=0.5, adapter_folder=lora["folder"])
+    images = generate(pipe, prompts, n_per_prompt=2, seed=0, guides=guides, **run)
+    assert len(images) == 4 and all(im.size == (64, 64) for im in images)
+    # Each prompt keeps its own guide: the batch equals each (prompt, guide) pair generated alone,
+    # with the seeds it had in the batch (img2img's own repetition would pair guide 1 with prompt 0).
+    first = generate(pipe, prompts[:1], n_per_prompt=2, seed=0, guides=guides[:1], **run)
+    second = generate(pipe, prompts[1:], n_per_prompt=2, seed=2, guides=guides[1:], **run)
+    assert [im.tobytes() for im in images] == [im.tobytes() for im in first + second]
+    # The guide decides the result: another guide, same prompt and seed, another image.
+    swapped = generate(pipe, prompts[:1], n_per_prompt=1, seed=0, guides=guides[1:], **run)
+    assert swapped[0].tobytes() != images[0].tobytes()
+    assert not getattr(pipe.unet, "peft_config", None)  # the adapter unloaded from the shared UNet too
+
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(pipe, prompts, 1, seed=0, guides=guides[:1])
+    with pytest.raises(ValueError, match="strength"):
+        generate(pipe, prompts, 1, seed=0, guides=guides, strength=0.0)

@@ -7,13 +7,16 @@ import pytest
 from PIL import Image
 from scipy import stats
 
+from dermaray.colour import rgb_to_lab
 from dermaray.data.synthetic import DOMAINS, lesion_rng, render_tile, sample_spec, synthesize_lesion
 from dermaray.diffusion.evaluate import (
     class_relevance,
     estimate_lesion_mask,
+    faithfulness,
     image_grid,
     kid,
     lesion_area_mm2,
+    lesion_contrast,
     size_faithfulness,
 )
 from dermaray.schema import ATTRIBUTES_BY_NAME, TILE_FIELD_OF_VIEW_MM
@@ -97,6 +100,8 @@ def test_class_relevance_hand_case():
     assert out["per_class"] == {"MEL": pytest.approx(2 / 3), "NEV": 1.0, "BCC": 0.0}
     assert out["n_per_class"] == {"MEL": 3, "NEV": 2, "BCC": 1}
     assert out["n"] == 6
+    value, low, high = out["relevance_ci"]  # a 95% bootstrap interval over the images
+    assert value == out["relevance"] and 0 <= low < value < high <= 1
 
 
 def test_class_relevance_takes_numpy_indices_and_rejects_bad_input():
@@ -154,6 +159,33 @@ def test_lesion_mask_keeps_the_central_component_and_fills_its_holes():
     assert np.array_equal(mask, expected)
 
 
+def test_lesion_contrast_is_the_colour_difference_from_the_skin():
+    size, skin, lesion = 64, (205, 160, 140), (110, 70, 55)
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    rgb = np.full((size, size, 3), skin, np.uint8)
+    rgb[np.hypot(yy - 32, xx - 32) < 12] = lesion
+    lab = rgb_to_lab(np.array([[skin, lesion]], np.uint8))[0]
+    assert lesion_contrast(rgb) == pytest.approx(float(np.linalg.norm(lab[0] - lab[1])), rel=1e-6)
+    fainter = np.full((size, size, 3), skin, np.uint8)
+    fainter[np.hypot(yy - 32, xx - 32) < 12] = (160, 115, 95)
+    assert 5 < lesion_contrast(fainter) < lesion_contrast(rgb)
+    assert lesion_contrast(np.full((size, size, 3), skin, np.uint8)) == 0.0  # no lesion found
+
+
+def test_faithfulness_ranks_pairs_with_an_interval():
+    rng = np.random.default_rng(0)
+    guide = rng.uniform(1, 20, 40)
+    close = faithfulness(guide, guide * 1.5 + rng.normal(0, 0.5, 40))
+    assert close["spearman_ci"][0] > 0.95 and close["median_ratio"] == pytest.approx(1.5, abs=0.1) and close["n"] == 40
+    unrelated = faithfulness(guide, rng.uniform(1, 20, 40))
+    value, low, high = unrelated["spearman_ci"]
+    assert abs(value) < 0.4 and low < value < high and low < 0 < high
+    with pytest.raises(ValueError, match="same length"):
+        faithfulness(guide, guide[:-1])
+    with pytest.raises(ValueError, match="finite"):
+        faithfulness([1.0, 2.0, np.nan], [1.0, 2.0, 3.0])
+
+
 def test_lesion_free_images_give_no_or_a_tiny_area():
     assert lesion_area_mm2(np.full((64, 64, 3), (205, 160, 140), np.uint8)) == 0.0
     # Skin only, with the generator's texture, lighting gradient and sensor noise.
@@ -202,6 +234,12 @@ def test_size_faithfulness_separated_and_identical_samples():
     same = size_faithfulness(small, small)
     assert same["auc"] == 0.5 and same["ratio"] == 1.0 and same["p_value"] > 0.4
     assert size_faithfulness(small, large)["auc"] == 0.0  # the words followed backwards
+
+    # The bootstrap interval holds the AUC and is narrow for separated samples, wide for overlapping ones.
+    value, low, high = out["auc_ci"]
+    assert value == 1.0 and low == high == 1.0
+    mixed = size_faithfulness(rng.uniform(0, 10, 30), rng.uniform(0, 10, 30))
+    assert mixed["auc_ci"][1] < mixed["auc"] < mixed["auc_ci"][2] and mixed["auc_ci"][2] - mixed["auc_ci"][1] > 0.1
 
 
 def test_size_faithfulness_zero_areas_and_bad_input():

@@ -16,7 +16,8 @@ from tests.helpers import kill_driver_after_first_checkpoint
 LESIONS = "s3://dermaray/ingest/lesions"
 FAST = [
     "diffusion.resolution=32",
-    "diffusion.pretrain.steps=6",
+    "diffusion.pretrain.vae_steps=6",
+    "diffusion.pretrain.unet_steps=6",
     "diffusion.pretrain.batch_size=8",
     "diffusion.pretrain.max_images=64",
     "diffusion.train.batch_size=64",

@@ -16,7 +16,13 @@ from jobs import classifier, embeddings, grounding, grounding_eval, notes
 from tests.helpers import kill_driver_after_first_checkpoint
 
 LESIONS = "s3://dermaray/ingest/lesions"
-FAST = ["grounding.train.batch_size=64", "grounding.attributes=[area_mm2, eccentricity, delta_lb_norm]"]
+# Photometric views are tested in test_grounding_photometric and run by test_pipeline: these tests are about
+# the job (S3, checkpoints, resume, export), which they do not change, and they cost CPU per step.
+FAST = [
+    "grounding.train.batch_size=64",
+    "grounding.attributes=[area_mm2, eccentricity, delta_lb_norm]",
+    "grounding.photometric=false",
+]
 
 
 def _config(s3_options, *overrides):

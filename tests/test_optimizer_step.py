@@ -161,7 +161,7 @@ def test_gradient_checkpointing_on_a_model_without_support_is_an_error() -> None
 
 
 def test_bf16_mixed_diffusion_lora_step_keeps_the_frozen_pipeline_in_bfloat16(models: ModelsConfig) -> None:
-    from dermaray.diffusion.pipeline import DiffusionObjective, add_lora, load_pipeline
+    from dermaray.diffusion.pipeline import DiffusionObjective, add_lora, encode_latents, load_pipeline
 
     pipe = load_pipeline(resolve_model("diffusion_base", "tiny", models))
     add_lora(pipe.unet, rank=4)
@@ -172,8 +172,9 @@ def test_bf16_mixed_diffusion_lora_step_keeps_the_frozen_pipeline_in_bfloat16(mo
     assert enable_gradient_checkpointing(objective) == ["unet"]  # the frozen VAE and text encoder keep no activations
     step = OptimizerStep(params, torch.optim.AdamW(params, lr=1e-3), "bf16-mixed", "cpu", max_grad_norm=1.0)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    posteriors = encode_latents(pipe.vae, pixels)
     with step.autocast():
-        loss = objective(pixels, ["a dermoscopic photo of melanoma"] * 2, torch.Generator().manual_seed(1))["loss"]
+        loss = objective(posteriors, ["a dermoscopic photo of melanoma"] * 2, torch.Generator().manual_seed(1))["loss"]
     before = [p.detach().clone() for p in params]
     norm = step.backward(loss)
     assert torch.isfinite(loss) and norm is not None and norm > 0

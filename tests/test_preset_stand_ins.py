@@ -120,7 +120,15 @@ def test_bge_text_encoder_pools_the_cls_token(models: ModelsConfig) -> None:
 
 
 def test_sd15_base_trains_a_lora_step_and_generates(models: ModelsConfig) -> None:
-    from dermaray.diffusion.pipeline import add_lora, generate, image_tensor, load_pipeline, lora_parameters, lora_step_loss
+    from dermaray.diffusion.pipeline import (
+        DiffusionObjective,
+        add_lora,
+        encode_latents,
+        generate,
+        image_tensor,
+        load_pipeline,
+        lora_parameters,
+    )
 
     pipe = load_pipeline(resolve_model("diffusion_base", "sd-1.5", models))
     add_lora(pipe.unet, rank=4)
@@ -128,7 +136,10 @@ def test_sd15_base_trains_a_lora_step_and_generates(models: ModelsConfig) -> Non
     from dermaray.images import decode_rgb
 
     pixels = image_tensor([decode_rgb(b) for b in images], 64)
-    loss = lora_step_loss(pipe, pixels, ["a dermoscopic photo of melanoma"] * 2, torch.Generator().manual_seed(0))
+    objective = DiffusionObjective(pipe, "lora")
+    loss = objective(encode_latents(pipe.vae, pixels), ["a dermoscopic photo of melanoma"] * 2, torch.Generator().manual_seed(0))[
+        "loss"
+    ]
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(pipe.unet))
     out = generate(pipe, ["a dermoscopic photo of melanoma"], n_per_prompt=1, seed=0, steps=2)

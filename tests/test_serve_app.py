@@ -146,6 +146,20 @@ def test_chain_goes_from_upload_to_references_in_one_request(client, gallery) ->
     )
     assert body["generated"]["diagnosis"] == code and len(body["generated"]["images"]) == 2
     assert body["generated"]["adapter"] == ("per_diagnosis" if code == PER_DIAGNOSIS else "shared")
+    # By default (serve.chain_guide) the references are drawn from the upload (img2img), so they resemble it;
+    # `guide` picks the best-matching case's thumbnail instead, or the diagnosis alone.
+    assert body["generated"]["guide"] == {"source": "upload"} and body["generated"]["strength"] == 0.6
+    images = {}
+    for guide in ("none", "similar"):
+        other = client.post(
+            "/chain", params={"k": 3, "count": 2, "seed": 1, "guide": guide}, files=upload(gallery[4]["image_bytes"])
+        )
+        assert other.status_code == 200, other.text
+        images[guide] = other.json()["generated"]["images"]
+        expected = None if guide == "none" else {"source": "similar", "lesion_id": gallery[4]["lesion_id"]}
+        assert other.json()["generated"]["guide"] == expected and other.json()["generated"]["strength"] == (expected and 0.6)
+    assert len({images["none"][0], images["similar"][0], body["generated"]["images"][0]}) == 3
+    assert client.post("/chain", params={"guide": "sketch"}, files=upload(gallery[4]["image_bytes"])).status_code == 422
 
 
 def _png_declaring(width: int, height: int) -> bytes:

@@ -85,7 +85,9 @@ def test_upload_shows_attributes_similar_lesions_and_references(browser, served_
     assert "p = " in browser.find_element(By.ID, "diagnosis").text
     captions = [f.text for f in browser.find_elements(By.CSS_SELECTOR, "#similar figure")]
     assert lesion["lesion_id"] in captions[0]  # the uploaded gallery image is its own nearest case
+    # The references are drawn from the uploaded lesion by default (the page's "references from" choice).
     assert "adapter" in browser.find_element(By.ID, "reference-caption").text
+    assert "drawn from this lesion" in browser.find_element(By.ID, "reference-caption").text
     shot = tmp_path / "clinician_page.png"
     browser.save_screenshot(str(shot))
     print(f"screenshot: {shot}")

@@ -319,10 +319,12 @@ class ClassifierConfig(Section):
 
 
 class BasePretrainConfig(Section):
-    """Brief pre-training of a random tiny base (VAE + UNet) so LoRA adapts something that makes images."""
+    """Pre-training of a random tiny base so LoRA adapts something that makes images: the VAE first,
+    then the UNet on the VAE's cached latents (as Stable Diffusion was trained)."""
 
-    steps: int = Field(default=300, ge=0)  # 0: use the base as it is
-    batch_size: int = Field(default=16, ge=1)
+    vae_steps: int = Field(default=300, ge=0)
+    unet_steps: int = Field(default=2000, ge=0)  # both 0: use the base as it is
+    batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     max_images: int = Field(default=2000, ge=1)  # training-split images it sees
     # "generic": captions without the diagnosis ("a dermoscopic photo of large lesion"), so the base
@@ -338,6 +340,10 @@ class DiffusionConfig(Section):
     size_words: bool = True  # captions say small / medium / large from the lesion's long diameter, as its note does
     notes: str | None = None  # a notes Parquet (jobs.notes): each lesion's note follows its training caption
     pretrain: BasePretrainConfig = BasePretrainConfig()  # only for `tiny` (random) bases
+    # Share of training captions replaced by the empty one (base and adapters), so the UNet also learns
+    # the unconditional prediction that classifier-free guidance (diffusion_eval.guidance_scale) needs.
+    caption_dropout: float = Field(default=0.1, ge=0, lt=1)
+    snr_gamma: float | None = Field(default=5.0, gt=0)  # Min-SNR-gamma loss weighting; None: plain MSE
     run_name: str = "lora"
     limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id) of each split, for trials
     lora_rank: int = Field(default=8, ge=1)
@@ -366,6 +372,9 @@ class DiffusionEvalConfig(Section):
     images_per_class: int = Field(default=16, ge=2)
     steps: int = Field(default=20, ge=1)
     guidance_scale: float = Field(default=7.5, ge=1)
+    # Image-guided references (img2img from a held-out lesion with its diagnosis' adapter), scored against
+    # the guide; the share of the denoising redone (0: the guide itself, 1: text only). None: not evaluated.
+    guide_strength: float | None = Field(default=0.6, gt=0, le=1)
     seed: int = 0
     num_cpus: float = Field(default=1, ge=0)
     num_gpus: float = Field(default=0, ge=0)
@@ -421,6 +430,11 @@ class ServeConfig(Section):
     max_steps: int = Field(default=50, ge=1, le=500)
     guidance_scale: float = Field(default=7.5, ge=1)
     resolution: int | None = Field(default=None, ge=8)  # None: diffusion.resolution, else the base's native size
+    # What /chain's references are generated from (its `guide` parameter overrides): "upload" (img2img from the
+    # uploaded lesion, so they resemble the case at hand), "similar" (from the best-matching case's thumbnail)
+    # or "none" (the diagnosis' caption alone); `guide_strength`: the share of the denoising redone.
+    chain_guide: Literal["none", "upload", "similar"] = "upload"
+    guide_strength: float = Field(default=0.6, gt=0, le=1)
     max_adapters_per_replica: int = Field(default=4, ge=1)  # LoRA adapters a generation replica keeps loaded
     # The key requests must send as header X-API-Key: the ingress replica reads this env var, else
     # api_key_file, else api_key; with none of them the app refuses to start unless allow_anonymous.

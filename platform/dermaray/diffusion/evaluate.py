@@ -20,6 +20,7 @@ from scipy import ndimage, stats
 
 from dermaray.colour import rgb_to_lab
 from dermaray.schema import TILE_FIELD_OF_VIEW_MM
+from dermaray.stats import bootstrap_ci, format_ci, mean_ci
 
 
 def _features(name: str, x: np.ndarray) -> np.ndarray:
@@ -79,7 +80,8 @@ def _label(value: int | str) -> int | str:
 def class_relevance(prompted: Sequence[int | str], predicted: Sequence[int | str]) -> dict:
     """Share of generated images that the classifier assigns to the prompted diagnosis.
 
-    Returns `relevance` (over all images), `per_class` {prompted label: share},
+    Returns `relevance` (over all images) with its 95% bootstrap interval `relevance_ci` (value,
+    low, high), `per_class` {prompted label: share},
     `n_per_class` {prompted label: number of images} and `n`. Labels are compared with ``==``,
     so prompts and predictions must use the same coding (both codes or both indices).
     """
@@ -95,7 +97,13 @@ def class_relevance(prompted: Sequence[int | str], predicted: Sequence[int | str
         of_class = labels == label
         per_class[label] = float(hits[of_class].mean())
         n_per_class[label] = int(of_class.sum())
-    return {"relevance": float(hits.mean()), "per_class": per_class, "n_per_class": n_per_class, "n": len(prompted)}
+    return {
+        "relevance": float(hits.mean()),
+        "relevance_ci": mean_ci(hits),
+        "per_class": per_class,
+        "n_per_class": n_per_class,
+        "n": len(prompted),
+    }
 
 
 def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -135,6 +143,19 @@ def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 MIN_CONTRAST_DELTA_E = 5.0
 
 
+def _lab_and_skin(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tile in CIE L*a*b* and the skin colour: the per-channel median of a border ring (1/32 of the side, >= 2 px)."""
+    rgb = _rgb(image)
+    h, w = rgb.shape[:2]
+    ring = max(2, round(min(h, w) / 32))
+    if min(h, w) <= 2 * ring + 2:
+        raise ValueError(f"image of {w} x {h} px is too small to separate a border ring from a lesion")
+    lab = rgb_to_lab(rgb)
+    border = np.ones((h, w), dtype=bool)
+    border[ring:-ring, ring:-ring] = False
+    return lab, np.median(lab[border], axis=0)
+
+
 def estimate_lesion_mask(image: Image.Image | np.ndarray) -> np.ndarray:
     """Boolean (H, W) lesion mask of one tile, estimated from the pixels alone.
 
@@ -155,15 +176,8 @@ def estimate_lesion_mask(image: Image.Image | np.ndarray) -> np.ndarray:
     model: on the synthetic "shifted" domain (dark skin, ±18% lighting, heavy noise) Spearman
     falls to 0.83 at 96 px, and lesion-free tiles at 32 px give a median of 27 mm².
     """
-    rgb = _rgb(image)
-    h, w = rgb.shape[:2]
-    ring = max(2, round(min(h, w) / 32))
-    if min(h, w) <= 2 * ring + 2:
-        raise ValueError(f"image of {w} x {h} px is too small to separate a border ring from a lesion")
-    lab = rgb_to_lab(rgb)
-    border = np.ones((h, w), dtype=bool)
-    border[ring:-ring, ring:-ring] = False
-    skin = np.median(lab[border], axis=0)
+    lab, skin = _lab_and_skin(image)
+    h, w = lab.shape[:2]
     score = ndimage.gaussian_filter(np.linalg.norm(lab - skin, axis=-1), sigma=max(0.5, min(h, w) / 128))
     mask = score > max(_otsu_threshold(score), MIN_CONTRAST_DELTA_E)
     labels, n = ndimage.label(mask)
@@ -189,6 +203,32 @@ def lesion_area_mm2(image: Image.Image | np.ndarray, field_of_view_mm: float = T
     return float(mask.sum() * (field_of_view_mm / mask.shape[1]) ** 2)
 
 
+def lesion_contrast(image: Image.Image | np.ndarray) -> float:
+    """ΔE (CIE76) between the lesion's median colour (`estimate_lesion_mask`) and the skin's; 0 when no lesion is found."""
+    mask = estimate_lesion_mask(image)
+    if not mask.any():
+        return 0.0
+    lab, skin = _lab_and_skin(image)
+    return float(np.linalg.norm(np.median(lab[mask], axis=0) - skin))
+
+
+def faithfulness(guide: Sequence[float], generated: Sequence[float], seed: int = 0) -> dict:
+    """How closely generated images follow their guides in one measure (area, contrast, ...): Spearman's rho
+    of the pairs with its 95% bootstrap interval over pairs, and the median ratio generated / guide."""
+    a, b = np.asarray(guide, dtype=np.float64), np.asarray(generated, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 3:
+        raise ValueError(f"guide and generated must be 1-D of the same length >= 3, got {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("guide and generated must hold finite values")
+
+    def rho(i: np.ndarray) -> float:
+        return float(stats.spearmanr(a[i], b[i]).statistic) if np.ptp(a[i]) > 0 and np.ptp(b[i]) > 0 else math.nan
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.nanmedian(np.where(a > 0, b / a, np.nan))) if (a > 0).any() else math.nan
+    return {"spearman_ci": bootstrap_ci(rho, len(a), seed=seed), "median_ratio": ratio, "n": len(a)}
+
+
 def _areas(name: str, values: Sequence[float]) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64)
     if a.ndim != 1 or len(a) == 0:
@@ -203,7 +243,8 @@ def size_faithfulness(areas_large: Sequence[float], areas_small: Sequence[float]
 
     Returns the mean areas, `ratio` (mean large / mean small; inf when the small mean is 0 and
     the large one is not, nan when both are 0), `auc` = P(large area > small area) + ½ P(tie)
-    over all pairs (0.5: the size word is ignored, 1: always followed), and `p_value` of the
+    over all pairs (0.5: the size word is ignored, 1: always followed) with its 95% bootstrap
+    interval `auc_ci`, and `p_value` of the
     one-sided Mann-Whitney U test that "large" areas are stochastically greater.
     """
     large, small = _areas("areas_large", areas_large), _areas("areas_small", areas_small)
@@ -213,7 +254,16 @@ def size_faithfulness(areas_large: Sequence[float], areas_small: Sequence[float]
     else:
         ratio = math.inf if mean_large > 0 else math.nan
     test = stats.mannwhitneyu(large, small, alternative="greater")
+    both = np.concatenate([large, small])
+
+    def auc(i: np.ndarray) -> float:  # on a resample of the pooled images, each keeping its prompt
+        a, b = both[i[i < len(large)]], both[i[i >= len(large)]]
+        if not len(a) or not len(b):
+            return math.nan
+        return float(((a[:, None] > b[None, :]).sum() + 0.5 * (a[:, None] == b[None, :]).sum()) / (len(a) * len(b)))
+
     return {
+        "auc_ci": bootstrap_ci(auc, len(both)),
         "mean_large_mm2": mean_large,
         "mean_small_mm2": mean_small,
         "ratio": ratio,
@@ -267,17 +317,21 @@ def image_grid(
 
 
 def markdown(r: dict[str, Any]) -> str:
-    """The diffusion evaluation (jobs.diffusion_eval) as Markdown: base vs LoRA class relevance and KID, per
-    diagnosis, and the LoRA's size faithfulness."""
+    """The diffusion evaluation (jobs.diffusion_eval) as Markdown: base vs LoRA vs image-guided class relevance and
+    KID, per diagnosis, the LoRA's size faithfulness and how closely generated lesions follow a guiding image."""
     real = r["real"]["class_relevance"]
     lora = "LoRA (shared adapter)" if r["adapters"] == "shared" else "LoRA (one adapter per diagnosis)"
-    lines = ["| images | class relevance | of the real images' | KID (mean ± sd) |", "|---|---|---|---|"]
-    for name, label in (("base", "base"), ("lora", lora)):
+    runs = [("base", "base"), ("lora", lora)]
+    if "guided" in r:
+        runs.append(("guided", f"{lora}, guided by a held-out lesion (img2img, strength {r['guided']['strength']})"))
+    lines = ["| images | class relevance [95% CI] | of the real images' | KID (mean ± sd) |", "|---|---|---|---|"]
+    for name, label in runs:
         m = r[name]
         relevance = m["class_relevance"]["relevance"]
         of_real = f"{relevance / real['relevance']:.2f}" if real["relevance"] else "-"
-        lines.append(f"| {label} | {relevance:.3f} | {of_real} | {m['kid']['mean']:.4f} ± {m['kid']['std']:.4f} |")
-    lines.append(f"| held-out real images | {real['relevance']:.3f} | 1.00 | - |")
+        shown = format_ci(m["class_relevance"]["relevance_ci"])
+        lines.append(f"| {label} | {shown} | {of_real} | {m['kid']['mean']:.4f} ± {m['kid']['std']:.4f} |")
+    lines.append(f"| held-out real images | {format_ci(real['relevance_ci'])} | 1.00 | - |")
     lines += [
         "",
         f"Chance level for the classifier: {r['chance']:.3f}. The judge is the image head of the classifier "
@@ -296,6 +350,21 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"Size faithfulness (LoRA): 'large' prompts {s['mean_large_mm2']:.1f} mm² vs 'small' {s['mean_small_mm2']:.1f} mm² "
-        f"(ratio {s['ratio']:.2f}, AUC {s['auc']:.2f}, one-sided Mann-Whitney p = {s['p_value']:.3g}).",
+        f"(ratio {s['ratio']:.2f}, AUC {format_ci(s['auc_ci'], digits=2)}, one-sided Mann-Whitney p = {s['p_value']:.3g}).",
     ]
+    if "guided" in r:
+        g = r["guided"]
+        lines += [
+            "",
+            f"Following a guiding lesion ({g['area']['n']} held-out lesions, each paired with one image of its "
+            "diagnosis): Spearman's rho between the guide's and the generated lesion's measure, both measured on "
+            "the pixels (`lesion_area_mm2`, `lesion_contrast`).",
+            "",
+            "| images | area [95% CI] | contrast ΔE [95% CI] |",
+            "|---|---|---|",
+            f"| {lora}, diagnosis only | {format_ci(r['lora']['guide_area']['spearman_ci'])} | "
+            f"{format_ci(r['lora']['guide_contrast']['spearman_ci'])} |",
+            f"| guided (strength {g['strength']}) | {format_ci(g['area']['spearman_ci'])} | "
+            f"{format_ci(g['contrast']['spearman_ci'])} |",
+        ]
     return "\n".join(lines) + "\n"

@@ -1,11 +1,18 @@
 """Stable Diffusion building blocks: base pre-training, LoRA training, adapter files and sampling.
 
-Two training stages share one denoising objective (DDPM epsilon MSE on VAE latents):
+Training runs in two stages, as Stable Diffusion itself was trained:
 
-- `pretrain_base_step`: the tiny preset starts from random weights and would only ever make
-  noise, so its VAE and UNet are first trained briefly on the synthetic lesions; the result is
-  saved with `save_pretrained` and from then on treated exactly like a real base model.
-- `lora_step_loss`: LoRA adapters on the UNet's attention projections, everything else frozen.
+- the VAE alone (`vae_step_loss`, `pretrain_vae`): reconstruction with a weak KL term;
+- then the denoiser on the VAE's latents, cached once per dataset (`encode_latents` keeps each
+  image's posterior, `sample_latents` draws from it every step, as diffusers' `--cache_latents`
+  does) with caption embeddings cached once per distinct caption (`CaptionStates`):
+  `pretrain_unet` trains the whole UNet of the random tiny preset; LoRA adapters on the UNet's
+  attention projections train on the same cached latents with everything else frozen.
+
+Captions are replaced by the empty caption with probability `caption_dropout`, so the UNet also
+learns the unconditional prediction that classifier-free guidance subtracts at sampling time
+(`generate`'s `guidance_scale`); Min-SNR-gamma loss weighting (Hang et al. 2023) keeps the
+near-noiseless timesteps from dominating training.
 
 Adapters are written in the diffusers format (`pytorch_lora_weights.safetensors`, with the
 LoRA config as metadata), so a plain `StableDiffusionPipeline.load_lora_weights(folder)` loads
@@ -22,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,29 +120,139 @@ def encode_prompts(pipe: Any, prompts: Sequence[str] | torch.Tensor) -> torch.Te
         return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
-def pretrain_base_step(
-    pipe: Any, pixels: torch.Tensor, prompts: Sequence[str] | torch.Tensor, generator: torch.Generator | None = None
-) -> dict[str, torch.Tensor]:
-    """Losses of one batch for base pre-training: {"vae", "unet", "loss" = vae + unet}.
-
-    VAE: MSE of decode(sample of encode(x)) against x, plus KL_WEIGHT x KL. UNet: epsilon MSE
-    on the latents x `vae.config.scaling_factor`. Both models get gradients from `loss`; the
-    text encoder does not. `prompts` are strings or `tokenize` ids; `generator` draws the latent
-    sample, the noise and the timesteps.
-    """
-    _check_batch(pixels, prompts)
+def vae_step_loss(pipe: Any, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The VAE's loss on one batch: MSE of decode(sample of encode(x)) against x, plus KL_WEIGHT x KL."""
+    _check_pixels(pixels)
     vae = pipe.vae
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
     posterior = vae.encode(pixels).latent_dist
-    latents = posterior.sample(generator=generator)
-    reconstruction = vae.decode(latents).sample
+    reconstruction = vae.decode(posterior.sample(generator=generator)).sample
     kl = posterior.kl().mean() / pixels[0].numel()  # kl() sums over a sample's latent values
-    vae_loss = F.mse_loss(reconstruction.float(), pixels.float()) + KL_WEIGHT * kl.float()
-    # Detached: the UNet learns to denoise the latent space as it is, and its loss must not
-    # reshape the VAE (shrinking latents would make denoising trivially easy and hurt decoding).
-    # The VAE is shaped by reconstruction alone, as in Stable Diffusion's two-stage training.
-    unet_loss = _denoising_loss(pipe, latents.detach(), encode_prompts(pipe, prompts), generator)
-    return {"vae": vae_loss, "unet": unet_loss, "loss": vae_loss + unet_loss}
+    return F.mse_loss(reconstruction.float(), pixels.float()) + KL_WEIGHT * kl.float()
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Each image's latent posterior (mean and log-variance stacked on the channels), [B, 2C, h, w].
+
+    What the denoiser trains on, computed once per dataset: `sample_latents` draws a fresh latent
+    from it at every step, so caching loses nothing of the VAE's sampling."""
+    _check_pixels(pixels)
+    return torch.cat(
+        [vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters for chunk in pixels.split(batch_size)]
+    )
+
+
+def sample_latents(posterior: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A latent drawn from `encode_latents` posteriors, exactly as `vae.encode(x).latent_dist.sample` draws it."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if posterior.ndim != 4 or posterior.shape[1] % 2:
+        raise ValueError(f"latent posteriors must be [B, 2C, h, w] (encode_latents), got {tuple(posterior.shape)}")
+    return DiagonalGaussianDistribution(posterior).sample(generator=generator)
+
+
+class CaptionStates:
+    """The frozen text encoder's output per distinct caption, computed once: captions come from one
+    template (a few dozen distinct ones per dataset), so encoding every caption at every step
+    would repeat the same work thousands of times. Exact: the text encoder never trains."""
+
+    def __init__(self, pipe: Any):
+        self.pipe, self.states = pipe, {}
+        # The empty caption: what caption dropout trains and what guidance subtracts at sampling.
+        self.empty = pipe.tokenizer(
+            [""], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids[0]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        device = self.pipe.text_encoder.device
+        keys = [(str(device), tuple(row.tolist())) for row in ids.cpu()]
+        new = list(dict.fromkeys(k for k in keys if k not in self.states))
+        if new:
+            encoded = encode_prompts(self.pipe, torch.tensor([k[1] for k in new]))
+            self.states.update(zip(new, encoded, strict=True))
+        return torch.stack([self.states[k] for k in keys])
+
+    def drop(self, ids: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+        """`ids` with each caption replaced by the empty one with probability p (caption dropout)."""
+        if p <= 0:
+            return ids
+        dropped = torch.rand(len(ids), generator=generator) < p
+        return torch.where(dropped[:, None], self.empty.to(ids.device), ids)
+
+
+def pretrain_vae(
+    pipe: Any, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, generator: torch.Generator, log_every: int = 50
+) -> float:
+    """Train the VAE alone (`vae_step_loss`) on `pixels` for `steps` AdamW steps; the mean loss of the last `log_every`."""
+    pipe.vae.requires_grad_(True).train()
+    try:
+        return _fit(
+            "VAE",
+            list(pipe.vae.parameters()),
+            lambda b: vae_step_loss(pipe, pixels[b], generator),
+            len(pixels),
+            steps,
+            batch_size,
+            lr,
+            generator,
+            log_every,
+        )
+    finally:
+        pipe.vae.requires_grad_(False).eval()
+
+
+def pretrain_unet(
+    pipe: Any,
+    posteriors: torch.Tensor,
+    ids: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    caption_dropout: float = 0.0,
+    snr_gamma: float | None = None,
+    log_every: int = 50,
+) -> float:
+    """Train the whole UNet on cached latent posteriors and caption ids; the mean loss of the last `log_every` steps."""
+    model = DiffusionObjective(pipe, "unet", caption_dropout=caption_dropout, snr_gamma=snr_gamma).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return _fit(
+        "UNet",
+        trainable,
+        lambda b: model(posteriors[b], ids[b], generator)["loss"],
+        len(posteriors),
+        steps,
+        batch_size,
+        lr,
+        generator,
+        log_every,
+    )
+
+
+def _fit(
+    name: str,
+    params: list[torch.nn.Parameter],
+    loss_of: Callable[[list[int]], torch.Tensor],
+    n: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    log_every: int,
+) -> float:
+    """`steps` AdamW steps on `loss_of(batch indices)` over shuffled epochs of n items; the last `log_every` losses' mean."""
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    window: list[float] = []
+    for step, batch in enumerate(_batches(n, batch_size, steps, generator), start=1):
+        loss = loss_of(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window = (window + [float(loss.detach())])[-log_every:]
+        if step % log_every == 0 or step == steps:
+            logger.info("pretrain %s step %d/%d: loss %.4f", name, step, steps, np.mean(window))
+    return float(np.mean(window))
 
 
 def pretrain_base(
@@ -143,55 +260,66 @@ def pretrain_base(
     path_out: str | Path,
     images: Sequence[Image.Image],
     prompts: Sequence[str],
-    steps: int,
+    vae_steps: int,
+    unet_steps: int,
     batch_size: int,
     lr: float,
     seed: int,
+    caption_dropout: float = 0.0,
+    snr_gamma: float | None = None,
     log_every: int = 50,
     device: str | torch.device | None = None,
     resolution: int | None = None,
-) -> dict[str, float]:
-    """Pre-train a base pipeline's VAE and UNet on (image, caption) pairs and save it to `path_out`.
+) -> dict[str, float | None]:
+    """Pre-train a base pipeline in two stages on (image, caption) pairs and save it to `path_out`.
 
-    A single-process loop (AdamW, shuffled epochs) for the tiny preset; a distributed job
-    would wrap `DiffusionObjective(pipe, "pretrain")` in a `Task` instead. Images are resized to
-    `resolution` (default: the pipeline's native one). The VAE's scaling factor is first
-    calibrated on up to CALIBRATION_IMAGES random images (`calibrate_latent_scale`) and saved
-    with the model. Returns the mean losses over the last `log_every` steps.
+    1. the VAE alone for `vae_steps`; then its scaling factor is calibrated on up to
+       CALIBRATION_IMAGES random images (`calibrate_latent_scale`) and saved with the model;
+    2. every image's latent posterior and every distinct caption are encoded once, and the UNet
+       trains on them for `unet_steps` (caption dropout and Min-SNR weighting as given).
+
+    Single-process loops (AdamW, shuffled epochs) for the tiny preset. Images are resized to
+    `resolution` (default: the pipeline's native one). Returns {"vae", "unet"}: the mean losses of
+    each stage's last `log_every` steps (None for a stage with no steps).
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    if steps < 1 or batch_size < 1 or log_every < 1:
-        raise ValueError(f"steps, batch_size and log_every must be >= 1, got {steps}, {batch_size}, {log_every}")
+    if vae_steps < 0 or unet_steps < 0 or batch_size < 1 or log_every < 1:
+        raise ValueError(
+            f"steps must be >= 0, batch_size and log_every >= 1; got {vae_steps}, {unet_steps}, {batch_size}, {log_every}"
+        )
     if batch_size > len(images):
         raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} images")
     pipe = load_pipeline(path_in, device=device)
     pixels = image_tensor(images, resolution or native_resolution(pipe))
-    model = DiffusionObjective(pipe, "pretrain")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)  # calibration, batch order, latents, noise, timesteps
+    pipe.text_encoder.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)  # batch order, latents, noise, timesteps, dropout
+    losses: dict[str, float | None] = {"vae": None, "unet": None}
+    if vae_steps:
+        losses["vae"] = pretrain_vae(pipe, pixels, vae_steps, batch_size, lr, generator, log_every)
+    pipe.vae.requires_grad_(False).eval()
     calibration = torch.randperm(len(images), generator=generator)[:CALIBRATION_IMAGES]
     scale = calibrate_latent_scale(pipe, pixels[calibration], generator=generator, batch_size=batch_size)
     logger.info("pretrain: VAE scaling factor set to %.4f", scale)
-    order: list[int] = []
-    window: list[dict[str, float]] = []
-    model.train()
-    for step in range(1, steps + 1):
-        if len(order) < batch_size:  # a new epoch; the tail of the last one starts the batch
-            order += torch.randperm(len(images), generator=generator).tolist()
-        batch, order = order[:batch_size], order[batch_size:]
-        losses = model(pixels[batch], [prompts[i] for i in batch], generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        window = (window + [{k: float(v.detach()) for k, v in losses.items()}])[-log_every:]
-        if step % log_every == 0 or step == steps:
-            means = ", ".join(f"{k} {v:.4f}" for k, v in _mean(window).items())
-            logger.info("pretrain step %d/%d: %s", step, steps, means)
+    if unet_steps:
+        posteriors = encode_latents(pipe.vae, pixels, batch_size=max(batch_size, 64))
+        ids = tokenize(pipe.tokenizer, prompts)
+        losses["unet"] = pretrain_unet(
+            pipe, posteriors, ids, unet_steps, batch_size, lr, generator, caption_dropout, snr_gamma, log_every
+        )
     pipe.save_pretrained(str(path_out), safe_serialization=True)
     _copy_missing_tokenizer_files(Path(path_in), Path(path_out))
-    return _mean(window)
+    return losses
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """`steps` batches of indices from shuffled epochs; the tail of one epoch starts the next batch."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(n, generator=generator).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
 
 
 def calibrate_latent_scale(
@@ -251,18 +379,6 @@ def add_lora(unet: Any, rank: int = 4, alpha: float | None = None, targets: Sequ
 def lora_parameters(unet: Any) -> list[torch.nn.Parameter]:
     """The adapter's weights (everything peft added), in module order."""
     return [p for name, p in unet.named_parameters() if ".lora_" in name]
-
-
-def lora_step_loss(
-    pipe: Any, pixels: torch.Tensor, prompts: Sequence[str] | torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Epsilon MSE of one batch through the adapted UNet; VAE and text encoder run without gradients."""
-    _check_batch(pixels, prompts)
-    _require_adapter(pipe.unet)
-    vae = pipe.vae
-    with torch.no_grad():
-        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
-    return _denoising_loss(pipe, latents, encode_prompts(pipe, prompts), generator)
 
 
 def lora_state(unet: Any) -> dict[str, torch.Tensor]:
@@ -353,6 +469,8 @@ def generate(
     adapter_folder: str | Path | None = None,
     resolution: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    guides: Sequence[Image.Image] | None = None,
+    strength: float = 0.6,
 ) -> list[Image.Image]:
     """`n_per_prompt` images per prompt at `resolution` (default: the native one), prompt-major.
 
@@ -360,12 +478,20 @@ def generate(
     the same call with the same seed gives the same images. With `adapter_folder`, that adapter
     is loaded for this call and unloaded afterwards (the pipeline must then have no adapter of
     its own); without it, the pipeline runs as it is, e.g. with an adapter being trained.
+    `guides` (one image per prompt) make it image-guided (img2img, SDEdit): each guide is noised
+    to `strength` (0: the guide itself, 1: pure noise, as text-only generation) and denoised under
+    its prompt, so the result keeps the guide's layout (size, shape, position) and takes the
+    prompt's (the adapter's) appearance.
     `should_stop` is asked after every denoising step; True ends the call with `GenerationStopped`
     (a served request that timed out or was cancelled: its work ends with it).
     """
     _check_prompts(prompts)
     if n_per_prompt < 1 or steps < 1:
         raise ValueError(f"n_per_prompt and steps must be >= 1, got {n_per_prompt}, {steps}")
+    if guides is not None and len(guides) != len(prompts):
+        raise ValueError(f"guides are one per prompt: {len(prompts)} prompts, {len(guides)} guides")
+    if guides is not None and not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     if adapter_folder is not None:
         if getattr(pipe.unet, "peft_config", None):
             raise ValueError("adapter_folder given but the pipeline already has an adapter; use a plain base pipeline")
@@ -375,51 +501,78 @@ def generate(
     try:
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * n_per_prompt)]
         size = resolution or native_resolution(pipe)
-        return pipe(
-            prompt=list(prompts),
-            num_images_per_prompt=n_per_prompt,
-            generator=generators,
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            output_type="pil",
+        common = {
+            "generator": generators,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance_scale,
+            "output_type": "pil",
             **({"callback_on_step_end": _stop_when(should_stop)} if should_stop else {}),
-        ).images
+        }
+        if guides is None:
+            return pipe(prompt=list(prompts), num_images_per_prompt=n_per_prompt, height=size, width=size, **common).images
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        # One guide per image, spelled out: img2img repeats a short image batch whole ([a, b, a, b])
+        # while it repeats prompts each in place ([p, p, q, q]), which would pair guides with the wrong prompts.
+        guided = StableDiffusionImg2ImgPipeline.from_pipe(pipe)  # the same modules, adapter included
+        guided.set_progress_bar_config(disable=True)
+        pixels = image_tensor(guides, size).repeat_interleave(n_per_prompt, dim=0)
+        every = [prompt for prompt in prompts for _ in range(n_per_prompt)]
+        return guided(prompt=every, image=(pixels + 1) / 2, strength=strength, **common).images
     finally:
         if adapter_folder is not None:
             pipe.unload_lora_weights()
 
 
 class DiffusionObjective(torch.nn.Module):
-    """The pipeline's models as one module whose forward is a training loss ("pretrain" or "lora").
+    """The denoising loss on cached latents as one module: "unet" trains the whole UNet, "lora" its adapter only.
 
-    For Ray Train: `prepare_model` moves it (and so the pipeline's models) to the device and
-    wraps it in DDP, and calling the wrapper runs the loss with gradient sync. forward returns
-    the dict of `pretrain_base_step`, or {"unet", "loss"} for "lora".
+    forward(posteriors, prompts) takes `encode_latents` posteriors and caption strings or
+    `tokenize` ids, and returns {"loss"}. The VAE and the text encoder are frozen; caption
+    states are cached per distinct caption (`CaptionStates`). For Ray Train: `prepare_model`
+    moves it (and so the pipeline's models) to the device and wraps it in DDP, and calling the
+    wrapper runs the loss with gradient sync.
     """
 
-    def __init__(self, pipe: Any, objective: str):
+    def __init__(self, pipe: Any, objective: str, caption_dropout: float = 0.0, snr_gamma: float | None = None):
         super().__init__()
-        if objective not in ("pretrain", "lora"):
-            raise ValueError(f"objective must be 'pretrain' or 'lora', got {objective!r}")
-        self.pipe, self.objective = pipe, objective
-        self.vae, self.unet, self.text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
-        self.text_encoder.requires_grad_(False)
+        if objective not in ("unet", "lora"):
+            raise ValueError(f"objective must be 'unet' or 'lora', got {objective!r}")
+        if not 0 <= caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive or None, got {snr_gamma}")
         if objective == "lora":
-            self.vae.requires_grad_(False)
+            _require_adapter(pipe.unet)
+        else:
+            pipe.unet.requires_grad_(True)
+        self.pipe, self.objective = pipe, objective
+        self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
+        self.vae, self.unet, self.text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        self.captions = CaptionStates(pipe)
 
     def forward(
-        self, pixels: torch.Tensor, prompts: Sequence[str] | torch.Tensor, generator: torch.Generator | None = None
+        self, posteriors: torch.Tensor, prompts: Sequence[str] | torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        if self.objective == "pretrain":
-            return pretrain_base_step(self.pipe, pixels, prompts, generator)
-        loss = lora_step_loss(self.pipe, pixels, prompts, generator)
-        return {"unet": loss, "loss": loss}
+        _check_text(prompts)
+        if posteriors.shape[0] != len(prompts):
+            raise ValueError(f"{posteriors.shape[0]} latents but {len(prompts)} prompts")
+        ids = prompts if isinstance(prompts, torch.Tensor) else tokenize(self.pipe.tokenizer, prompts)
+        if self.training:
+            ids = self.captions.drop(ids.cpu(), self.caption_dropout, generator)
+        latents = sample_latents(posteriors.to(device=self.vae.device, dtype=self.vae.dtype), generator)
+        return {"loss": _denoising_loss(self.pipe, latents, self.captions(ids), generator, self.snr_gamma)}
 
 
-def _denoising_loss(pipe: Any, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """DDPM epsilon MSE: noise the scaled latents at random timesteps, predict the noise."""
+def _denoising_loss(
+    pipe: Any, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None, snr_gamma: float | None = None
+) -> torch.Tensor:
+    """DDPM epsilon MSE: noise the scaled latents at random timesteps, predict the noise.
+
+    With `snr_gamma`, each sample's error is weighted min(SNR(t), gamma) / SNR(t) (Min-SNR-gamma,
+    for epsilon prediction), as diffusers' training scripts' `--snr_gamma`."""
     from diffusers import DDPMScheduler
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -441,7 +594,12 @@ def _denoising_loss(pipe: Any, latents: torch.Tensor, text: torch.Tensor, genera
     ).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=text.to(pipe.unet.dtype)).sample
-    return F.mse_loss(prediction.float(), noise.float())
+    errors = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return errors.mean()
+    alphas = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    return (errors * torch.clamp(snr, max=snr_gamma) / snr).mean()
 
 
 def _copy_missing_tokenizer_files(source: Path, target: Path) -> None:
@@ -452,10 +610,6 @@ def _copy_missing_tokenizer_files(source: Path, target: Path) -> None:
     for file in (source / "tokenizer").iterdir():
         if file.is_file() and not (target / "tokenizer" / file.name).exists():
             shutil.copy2(file, target / "tokenizer" / file.name)
-
-
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 def _check_text(prompts: Sequence[str] | torch.Tensor) -> None:
@@ -473,12 +627,9 @@ def _check_prompts(prompts: Sequence[str]) -> None:
         raise ValueError("every prompt must be a non-empty string")
 
 
-def _check_batch(pixels: torch.Tensor, prompts: Sequence[str] | torch.Tensor) -> None:
-    _check_text(prompts)
+def _check_pixels(pixels: torch.Tensor) -> None:
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
-    if pixels.shape[0] != len(prompts):
-        raise ValueError(f"{pixels.shape[0]} images but {len(prompts)} prompts")
     if pixels.shape[2] % 8 or pixels.shape[3] % 8:
         raise ValueError(f"image height and width must be multiples of 8, got {tuple(pixels.shape[2:])}")
 

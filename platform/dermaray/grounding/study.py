@@ -1,4 +1,4 @@
-"""The grounding study's figures, from each arm's grounding_eval results (benchmarks/grounding_study.py).
+"""The grounding study's figures, from each arm's grounding_eval results (benchmarks/study.py).
 
 Pure: dicts in, dicts and Markdown out. Every figure carries its 95% bootstrap interval
 (lesions for Spearman, queries for R@1, paired per query for a gain).

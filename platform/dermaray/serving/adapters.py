@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from dermaray.diffusion.captions import caption
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
 from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
@@ -101,9 +103,12 @@ class AdapterBank:
         steps: int,
         guidance_scale: float,
         should_stop: Callable[[], bool] | None = None,
+        guide: Image.Image | None = None,
+        strength: float = 0.6,
     ) -> tuple[list[bytes], dict[str, Any]]:
         """`count` PNGs of diagnosis `code`, image i from seed + i; loads its adapter if it was released meanwhile.
-        `should_stop`: asked after every denoising step (see dermaray.diffusion.pipeline.generate)."""
+        `should_stop`: asked after every denoising step (see dermaray.diffusion.pipeline.generate). `guide`:
+        generated from that image (img2img at `strength`), so the references resemble it."""
         prompt = caption(code)
         with self.lock:
             name, folder = self.source(code)
@@ -127,6 +132,8 @@ class AdapterBank:
                     guidance_scale=guidance_scale,
                     resolution=self.resolution,
                     should_stop=should_stop,
+                    guides=None if guide is None else [guide],
+                    strength=strength,
                 )
             finally:
                 if folder is None and has_adapters:
@@ -147,4 +154,5 @@ class AdapterBank:
             "adapter": adapter,
             "seed": seed,
             "steps": steps,
+            "strength": None if guide is None else strength,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -21,3 +22,22 @@ def chain_diagnosis(query: dict[str, Any], similar: Sequence[dict[str, Any]]) ->
         return None
     code = shared[0][0]
     return {"code": code, "name": DIAGNOSES_BY_CODE[code].name, "source": "similar cases"}
+
+
+def chain_guide(mode: str, upload: bytes, similar: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, bytes | None]:
+    """(what the references were generated from, the guiding image's bytes) for /chain's `guide` mode.
+
+    "upload": the uploaded lesion; "similar": the best-matching case's thumbnail (a data URL in the
+    search results); "none": no guide. A "similar" guide without a thumbnail (serve.thumbnails unset)
+    falls back to no guide, and the answer says so rather than failing the whole chain."""
+    if mode == "none":
+        return None, None
+    if mode == "upload":
+        return {"source": "upload"}, upload
+    if mode != "similar":
+        raise ValueError(f"guide must be none, upload or similar, got {mode!r}")
+    top = similar[0] if similar else {}
+    thumbnail = top.get("thumbnail")
+    if not thumbnail:
+        return {"source": None, "reason": "the best-matching case has no thumbnail (serve.thumbnails)"}, None
+    return {"source": "similar", "lesion_id": top["lesion_id"]}, base64.b64decode(thumbnail.split(",", 1)[1])

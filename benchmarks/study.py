@@ -1,10 +1,10 @@
-"""The grounding study: what a pretrained tower, photometric augmentation and grounding itself buy, in-domain
-and on a second clinic, with 95% bootstrap intervals.
+"""The study: what a pretrained tower, photometric augmentation and grounding itself buy, in-domain and on a
+second clinic; and what diagnosis adapters and image guidance buy in generation; with 95% bootstrap intervals.
 
-    .venv/bin/python benchmarks/grounding_study.py --workdir out/study    # `make study`; about 35 minutes on 2 cores
+    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; about 50 minutes on 2 cores
 
-Arms (each a pipeline run; every arm but the first reads the first's ingested tables, linked into its
-own workdir, so all arms see the same lesions):
+Grounding arms (each a pipeline run; every arm but the first reads the first's ingested tables, linked into
+its own workdir, so all arms see the same lesions):
 
 - pretrained, photometric: configs/local.yaml as it is (the SimCLR-pretrained tiny tower, photometric views);
 - pretrained, geometric only: grounding.photometric=false;
@@ -12,8 +12,12 @@ own workdir, so all arms see the same lesions):
 - pretrained, photometric, 128 px: grounding.image_size=128, the tiles at their own size (the tower was
   pre-trained at 64 px: its position embeddings are interpolated).
 
-Each arm's "frozen" is its own untuned base. Writes <workdir>/reports/grounding_study/grounding_study.{json,md}
-(the table README shows) and the first arm's HTML report, which includes the table.
+Each arm's "frozen" is its own untuned base. Writes <workdir>/reports/grounding_study/grounding_study.{json,md}.
+
+Diffusion (`--diffusion-unet-steps 0` skips it), in the first arm's workdir: notes and the classifier (the
+judge), then the tiny base pre-trained longer than `make run` does and a shared adapter on every training
+lesion; <workdir>/reports/diffusion/ holds the evaluation (base vs LoRA vs image-guided). Last, the HTML
+report of the first arm's workdir, with both.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ ARMS: dict[str, list[str]] = {
     "pretrained, photometric, 128 px": ["grounding.image_size=128"],
 }
 STAGES = "[grounding,embeddings,grounding_eval]"
+DIFFUSION = {"vae_steps": 300, "unet_steps": 2000, "lora_epochs": 4}
 
 
 def main() -> None:
@@ -45,6 +50,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--workdir", default="out/study")
     parser.add_argument("--arms", nargs="*", default=list(ARMS), help="a subset of the arms (the first always runs)")
+    parser.add_argument("--diffusion-vae-steps", type=int, default=DIFFUSION["vae_steps"])
+    parser.add_argument("--diffusion-unet-steps", type=int, default=DIFFUSION["unet_steps"], help="0: no diffusion part")
+    parser.add_argument("--diffusion-lora-epochs", type=int, default=DIFFUSION["lora_epochs"])
     args = parser.parse_args()
 
     from dermaray.cli import setup_logging
@@ -89,6 +97,19 @@ def main() -> None:
     write_bytes(join(out, "grounding_study.json"), json.dumps(study, indent=2).encode(), {})
     write_bytes(join(out, "grounding_study.md"), markdown(study).encode(), {})
     print(markdown(study))
+    if args.diffusion_unet_steps:
+        diffusion = [
+            "diffusion.limit=null",
+            "diffusion.pretrain.max_images=4000",
+            f"diffusion.pretrain.vae_steps={args.diffusion_vae_steps}",
+            f"diffusion.pretrain.unet_steps={args.diffusion_unet_steps}",
+            f"diffusion.train.epochs={args.diffusion_lora_epochs}",
+            "diffusion_eval.images_per_class=24",
+            "diffusion_eval.steps=20",
+        ]
+        stages = "pipeline.stages=[notes,classifier,diffusion,diffusion_eval]"
+        pipeline.run(load_config("configs/local.yaml", [*common, *diffusion, f"pipeline.workdir={root}", stages]))
+        print(Path(Layout(str(root)).diffusion_eval, "diffusion_eval.md").read_text())
     report.run(load_config("configs/local.yaml", [*common, f"report.workdir={root}"]))
     print(f"report: {Layout(str(root)).report}")
 
