@@ -40,7 +40,7 @@ ARMS: dict[str, list[str]] = {
     "pretrained, photometric, 128 px": ["grounding.image_size=128"],
 }
 STAGES = "[grounding,embeddings,grounding_eval]"
-DIFFUSION = {"vae_steps": 300, "unet_steps": 2000, "lora_epochs": 4}
+DIFFUSION = {"vae_steps": 200, "unet_steps": 1500, "lora_epochs": 4}
 
 
 def main() -> None:
@@ -104,7 +104,8 @@ def main() -> None:
             f"diffusion.pretrain.vae_steps={args.diffusion_vae_steps}",
             f"diffusion.pretrain.unet_steps={args.diffusion_unet_steps}",
             f"diffusion.train.epochs={args.diffusion_lora_epochs}",
-            "diffusion_eval.images_per_class=24",
+            "diffusion.train.lr=1e-3",
+            "diffusion_eval.images_per_class=16",
             "diffusion_eval.steps=20",
         ]
         stages = "pipeline.stages=[notes,classifier,diffusion,diffusion_eval]"

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from dermaray.config import ModelsConfig, load_config
@@ -158,7 +159,17 @@ def test_note_captions_follow_the_diagnosis_caption(trained, tmp_path):
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out["input_ids"]]
     assert "melanoma" in texts[0] and "brown plaque on the back" in texts[0]  # caption first, then the note
     assert "nevus" in texts[1] and "plaque" not in texts[1]  # a note written with an error is not used
-    assert out["pixel_values"].shape == (2, 3, 32, 32)
+    # Each image's latent posterior from the base's VAE, as a fresh encode of the same pixels gives it.
+    from diffusers import AutoencoderKL
+
+    from dermaray.diffusion.pipeline import image_tensor
+    from dermaray.images import decode_rgb
+
+    with torch.no_grad():
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        fresh = vae.encode(image_tensor([decode_rgb(b) for b in rows["image_bytes"]], 32)).latent_dist.parameters
+    assert out["latent_posteriors"].shape == (2, 8, 16, 16)
+    np.testing.assert_allclose(out["latent_posteriors"], fresh.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def _png() -> bytes:
