@@ -109,7 +109,10 @@ def main() -> None:
             "diffusion_eval.steps=20",
         ]
         stages = "pipeline.stages=[notes,classifier,diffusion,diffusion_eval]"
-        pipeline.run(load_config("configs/local.yaml", [*common, *diffusion, f"pipeline.workdir={root}", stages]))
+        # The judge starts from the first arm's grounded tower, as in a full pipeline run (grounding is not among
+        # these stages, so the pipeline would not point it there itself).
+        judge = f"classifier.init_from={Layout(str(root)).grounding_model}"
+        pipeline.run(load_config("configs/local.yaml", [*common, *diffusion, judge, f"pipeline.workdir={root}", stages]))
         print(Path(Layout(str(root)).diffusion_eval, "diffusion_eval.md").read_text())
     report.run(load_config("configs/local.yaml", [*common, f"report.workdir={root}"]))
     print(f"report: {Layout(str(root)).report}")
