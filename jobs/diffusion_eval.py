@@ -138,6 +138,52 @@ def follows(guides: list, images: list) -> dict[str, dict]:
     }
 
 
+def guided_results(
+    pipe: Any,
+    judge: ImageJudge,
+    adapters: dict[str, str | None],
+    real: list,
+    real_labels: list[str],
+    real_features: np.ndarray,
+    diagnosis_only: list,
+    settings: dict,
+    codes: list[str],
+) -> dict[str, Any]:
+    """Image-guided references: each of up to n held-out lesions per diagnosis guides one image of its diagnosis.
+
+    {"guided": class relevance, KID and how closely the results follow their guides; "diagnosis_only": how
+    closely the diagnosis-only images (`diagnosis_only`, n per diagnosis) paired with the same guides do,
+    the baseline; "grid": guide / result pairs}, or {"guided_skipped": why} with fewer than 3 guides."""
+    n, size = settings["images_per_class"], settings["resolution"]
+    guides = {c: [img for img, label in zip(real, real_labels, strict=True) if label == c][:n] for c in codes}
+    flat = [g for c in codes for g in guides[c]]
+    if len(flat) < 3:
+        return {"guided_skipped": f"{len(flat)} held-out lesions of the generated diagnoses; a rank correlation needs 3"}
+    images = guided_by_class(pipe, adapters, guides, settings)
+    predicted, features = judge(images)
+    paired = [diagnosis_only[i * n + j] for i, c in enumerate(codes) for j in range(len(guides[c]))]
+    baseline = follows(flat, paired)
+    # A row per diagnosis: guide, result, guide, result, ... (white cells where a diagnosis has fewer guides)
+    shown, blank = min(n, 4), Image.new("RGB", (size, size), "white")
+    starts = np.cumsum([0] + [len(guides[c]) for c in codes])
+    cells = [
+        img
+        for c, start in zip(codes, starts, strict=False)
+        for j in range(shown)
+        for img in ((flat[start + j], images[start + j]) if j < len(guides[c]) else (blank, blank))
+    ]
+    return {
+        "guided": {
+            "strength": settings["guide_strength"],
+            "class_relevance": class_relevance([c for c in codes for _ in guides[c]], predicted),
+            "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(images))), strict=True)),
+            **follows(flat, images),
+        },
+        "diagnosis_only": {"guide_area": baseline["area"], "guide_contrast": baseline["contrast"]},
+        "grid": png(image_grid(cells, 2 * shown, labels=list(codes), cell=max(64, size))),
+    }
+
+
 @ray.remote
 def evaluate_generation(
     base: str,
@@ -207,33 +253,11 @@ def _evaluate(
     }
     results["lora"]["size_faithfulness"] = size_faithfulness(sizes["large"], sizes["small"])
     if settings["guide_strength"] is not None:
-        # Image-guided references: each of up to n held-out lesions per diagnosis guides one image of its
-        # diagnosis. The same lesions paired with the diagnosis-only images of their class are the baseline.
-        guides = {c: [img for img, label in zip(real, real_labels, strict=True) if label == c][:n] for c in codes}
-        guided = guided_by_class(pipe, lora, guides, settings)
-        flat = [g for c in codes for g in guides[c]]
-        predicted, features = judge(guided)
-        results["guided"] = {
-            "strength": settings["guide_strength"],
-            "class_relevance": class_relevance([c for c in codes for _ in guides[c]], predicted),
-            "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(guided))), strict=True)),
-            **follows(flat, guided),
-        }
-        text_only = [generated["lora"][i * n + j] for i, c in enumerate(codes) for j in range(len(guides[c]))]
-        baseline = follows(flat, text_only)
-        results["lora"].update(guide_area=baseline["area"], guide_contrast=baseline["contrast"])
-        # A row per diagnosis: guide, guided image, guide, guided image, ...
-        shown = min(n, 4)
-        starts = np.cumsum([0] + [len(guides[c]) for c in codes])
-        cells = [
-            img
-            for c, start in zip(codes, starts, strict=False)
-            for j in range(shown)
-            for img in (
-                (flat[start + j], guided[start + j]) if j < len(guides[c]) else (Image.new("RGB", (size, size), "white"),) * 2
-            )
-        ]
-        results["grids"]["guided"] = png(image_grid(cells, 2 * shown, labels=list(codes), cell=max(64, size)))
+        guided = guided_results(pipe, judge, lora, real, real_labels, real_features, generated["lora"], settings, codes)
+        if "grid" in guided:
+            results["grids"]["guided"] = guided.pop("grid")
+            results["lora"].update(guided.pop("diagnosis_only"))
+        results.update(guided)
     results["adapters"] = "shared" if shared else "per_diagnosis"
     results["diagnoses_without_adapter"] = without_adapter
     results["chance"] = 1 / len(judge.classes)

@@ -177,10 +177,14 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
             diffusion_body += "<h4>Tiny base pre-training, final losses</h4>" + report.table(
                 ["loss", "value"], [[k, v] for k, v in pre.items() if isinstance(v, (int, float))]
             )
-    diffusion_body += "<h3>Base vs LoRA</h3>" + markdown_section(
+    diffusion_body += "<h3>Base vs LoRA vs image-guided</h3>" + markdown_section(
         diffusion_eval, "diffusion_eval", "diffusion_eval.json", diffusion_markdown
     )
-    captions = {"base": "base (no adapter)", "lora": "LoRA adapter"}
+    captions = {
+        "base": "base (no adapter)",
+        "lora": "LoRA adapter",
+        "guided": "LoRA adapter, drawn from held-out lesions (pairs: guide, generated)",
+    }
     grids = {
         captions.get(name, name): w.bytes(join(at.diffusion_eval, f"grid_{name}.png"))
         for name in sorted(w.names(at.diffusion_eval, "grid_*.png"), key=lambda n: (n not in captions, n))

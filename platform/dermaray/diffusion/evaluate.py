@@ -367,4 +367,6 @@ def markdown(r: dict[str, Any]) -> str:
             f"| guided (strength {g['strength']}) | {format_ci(g['area']['spearman_ci'])} | "
             f"{format_ci(g['contrast']['spearman_ci'])} |",
         ]
+    if "guided_skipped" in r:
+        lines += ["", f"Image-guided references not evaluated: {r['guided_skipped']}."]
     return "\n".join(lines) + "\n"
