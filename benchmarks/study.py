@@ -101,6 +101,7 @@ def main() -> None:
         diffusion = [
             "diffusion.limit=null",
             "diffusion.pretrain.max_images=4000",
+            "diffusion.pretrain.batch_size=32",
             f"diffusion.pretrain.vae_steps={args.diffusion_vae_steps}",
             f"diffusion.pretrain.unet_steps={args.diffusion_unet_steps}",
             f"diffusion.train.epochs={args.diffusion_lora_epochs}",
