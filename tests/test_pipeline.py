@@ -86,7 +86,8 @@ def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypa
     assert (tmp_path / "reports" / "diffusion" / "grid_lora.png").is_file()
     page = (tmp_path / "reports" / "report.html").read_text()  # the last stage: every section has its stage's outputs
     assert results["report"] == str(tmp_path / "reports" / "report.html") and 'class="not-run"' not in page
-    assert page.count("data:image/png;base64,") == 2 + 4 * (1 + 2 * 5)  # two diffusion grids, four gallery queries
+    # three diffusion grids (base, LoRA, guided), four gallery queries
+    assert page.count("data:image/png;base64,") == 3 + 4 * (1 + 2 * 5)
     assert {"grounding", "classifier", "diffusion", "diffusion_eval", "report"} <= set(results["stage_seconds"])
 
     # A changed setting runs that stage again (and what reads it: here only the report); the rest is skipped.

@@ -187,7 +187,7 @@ def pretrain_vae(
     """Train the VAE alone (`vae_step_loss`) on `pixels` for `steps` AdamW steps; the mean loss of the last `log_every`."""
     pipe.vae.requires_grad_(True).train()
     try:
-        return _fit(
+        return train_steps(
             "VAE",
             list(pipe.vae.parameters()),
             lambda b: vae_step_loss(pipe, pixels[b], generator),
@@ -217,7 +217,7 @@ def pretrain_unet(
     """Train the whole UNet on cached latent posteriors and caption ids; the mean loss of the last `log_every` steps."""
     model = DiffusionObjective(pipe, "unet", caption_dropout=caption_dropout, snr_gamma=snr_gamma).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return _fit(
+    return train_steps(
         "UNet",
         trainable,
         lambda b: model(posteriors[b], ids[b], generator)["loss"],
@@ -230,7 +230,7 @@ def pretrain_unet(
     )
 
 
-def _fit(
+def train_steps(
     name: str,
     params: list[torch.nn.Parameter],
     loss_of: Callable[[list[int]], torch.Tensor],

@@ -1,0 +1,133 @@
+"""A diffusion trial in one process: the tiny base pre-trained in two stages, a shared adapter, the evaluation.
+
+    make run    # once: its lesion table and its classifier (the judge)
+    .venv/bin/python benchmarks/diffusion_trial.py --lesions out/ingest/clinic/lesions --judge out/classifier/model \
+        --images 1500 --vae-steps 200 --unet-steps 1500 --lora-steps 500 --out /tmp/diffusion-trial
+
+The same core functions as `jobs.diffusion` and `jobs.diffusion_eval` (pretrain_base, DiffusionObjective on
+cached latents, the evaluation's base / LoRA / image-guided runs), without Ray: for trying settings in
+minutes before a study run. Prints the evaluation's Markdown; writes the grids beside the base and adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lesions", required=True, help="an ingested lesion table (its train and test splits)")
+    parser.add_argument("--judge", required=True, help="a diagnosis classifier (jobs.classifier's model folder)")
+    parser.add_argument("--out", default="/tmp/diffusion-trial")
+    parser.add_argument("--images", type=int, default=1500, help="training-split lesions used")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--vae-steps", type=int, default=200)
+    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--lora-steps", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=1e-3, help="both pre-training stages and the adapter")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--images-per-class", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per generated image")
+    parser.add_argument("--guide-strength", type=float, default=0.6)
+    args = parser.parse_args()
+
+    import pyarrow.compute as pc
+    import torch
+
+    from dermaray.cli import setup_logging
+    from dermaray.config import ModelsConfig
+    from dermaray.diffusion import pipeline as p
+    from dermaray.diffusion.evaluate import markdown
+    from dermaray.grounding.data import CLASS_CODES
+    from dermaray.images import decode_rgb
+    from dermaray.models import resolve_model
+    from dermaray.storage import read_parquet
+    from jobs.diffusion import lesion_caption
+    from jobs.diffusion_eval import _evaluate
+
+    setup_logging()
+    out = Path(args.out)
+    table = read_parquet(args.lesions, {}, columns=["split", "image_bytes", "diagnosis", "area_mm2", "long_diam_mm"])
+    train = table.filter(pc.equal(table["split"], "train")).to_pylist()
+    rows = random.Random(0).sample(train, min(args.images, len(train)))
+    images = [decode_rgb(r["image_bytes"]) for r in rows]
+    started = time.perf_counter()
+    base = resolve_model("diffusion_base", "tiny", ModelsConfig())
+    generic = [lesion_caption(None, r, True) for r in rows]  # the base never reads a diagnosis
+    losses = p.pretrain_base(
+        base,
+        out / "base",
+        images,
+        generic,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        seed=0,
+        caption_dropout=args.caption_dropout,
+        snr_gamma=5.0,
+        resolution=args.resolution,
+        log_every=100,
+    )
+    pretrained = time.perf_counter()
+
+    pipe = p.load_pipeline(out / "base")
+    p.add_lora(pipe.unet, rank=args.rank, seed=0)
+    posteriors = p.encode_latents(pipe.vae, p.image_tensor(images, args.resolution))
+    ids = p.tokenize(pipe.tokenizer, [lesion_caption(r["diagnosis"], r, True) for r in rows])
+    model = p.DiffusionObjective(pipe, "lora", caption_dropout=args.caption_dropout, snr_gamma=5.0).train()
+    generator = torch.Generator().manual_seed(1)
+    lora_loss = p.train_steps(
+        "LoRA",
+        p.lora_parameters(pipe.unet),
+        lambda b: model(posteriors[b], ids[b], generator)["loss"],
+        len(rows),
+        args.lora_steps,
+        args.batch,
+        args.lr,
+        generator,
+        100,
+    )
+    p.save_lora(pipe, out / "adapter")
+    adapted = time.perf_counter()
+
+    test = table.filter(pc.equal(table["split"], "test")).to_pylist()[:400]
+    settings = {
+        "resolution": args.resolution,
+        "images_per_class": args.images_per_class,
+        "seed": 0,
+        "steps": args.steps,
+        "guidance_scale": 7.5,
+        "guide_strength": args.guide_strength,
+        "classes": [c for c in CLASS_CODES if c in {r["diagnosis"] for r in test}],
+    }
+    results = _evaluate(
+        str(out / "base"),
+        str(out / "adapter"),
+        args.judge,
+        ModelsConfig(),
+        [r["image_bytes"] for r in test],
+        [r["diagnosis"] for r in test],
+        settings,
+    )
+    for name, data in results.pop("grids").items():
+        (out / f"grid_{name}.png").write_bytes(data)
+    print(
+        f"pre-training losses {losses}, LoRA loss {lora_loss:.4f}; seconds: pre-training "
+        f"{pretrained - started:.0f}, LoRA {adapted - pretrained:.0f}, evaluation {time.perf_counter() - adapted:.0f}"
+    )
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
