@@ -130,12 +130,18 @@ def guided_by_class(pipe: Any, adapters: dict[str, str | None], guides: dict[str
     return images
 
 
-def follows(guides: list, images: list) -> dict[str, dict]:
-    """Area and contrast of each generated lesion against its guide's (`faithfulness`)."""
-    return {
-        "area": faithfulness([lesion_area_mm2(g) for g in guides], [lesion_area_mm2(i) for i in images]),
-        "contrast": faithfulness([lesion_contrast(g) for g in guides], [lesion_contrast(i) for i in images]),
-    }
+MEASURES = {"area": lesion_area_mm2, "contrast": lesion_contrast}  # what a generated lesion is scored on against its guide
+
+
+def measured(images: list) -> dict[str, list[float]]:
+    """Each MEASURES measure of every image, measured on its pixels."""
+    return {name: [measure(image) for image in images] for name, measure in MEASURES.items()}
+
+
+def follows(guides: dict[str, list[float]], images: list) -> dict[str, dict]:
+    """How closely each generated lesion follows its guide (`faithfulness`) in each measure; `guides`: `measured`."""
+    generated = measured(images)
+    return {name: faithfulness(guides[name], generated[name]) for name in MEASURES}
 
 
 def guided_results(
@@ -162,7 +168,8 @@ def guided_results(
     images = guided_by_class(pipe, adapters, guides, settings)
     predicted, features = judge(images)
     paired = [diagnosis_only[i * n + j] for i, c in enumerate(codes) for j in range(len(guides[c]))]
-    baseline = follows(flat, paired)
+    guide_measures = measured(flat)  # once, for both comparisons
+    baseline = follows(guide_measures, paired)
     # A row per diagnosis: guide, result, guide, result, ... (white cells where a diagnosis has fewer guides)
     shown, blank = min(n, 4), Image.new("RGB", (size, size), "white")
     starts = np.cumsum([0] + [len(guides[c]) for c in codes])
@@ -177,7 +184,7 @@ def guided_results(
             "strength": settings["guide_strength"],
             "class_relevance": class_relevance([c for c in codes for _ in guides[c]], predicted),
             "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(images))), strict=True)),
-            **follows(flat, images),
+            **follows(guide_measures, images),
         },
         "diagnosis_only": {"guide_area": baseline["area"], "guide_contrast": baseline["contrast"]},
         "grid": png(image_grid(cells, 2 * shown, labels=list(codes), cell=max(64, size))),

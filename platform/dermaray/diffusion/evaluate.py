@@ -176,7 +176,11 @@ def estimate_lesion_mask(image: Image.Image | np.ndarray) -> np.ndarray:
     model: on the synthetic "shifted" domain (dark skin, ±18% lighting, heavy noise) Spearman
     falls to 0.83 at 96 px, and lesion-free tiles at 32 px give a median of 27 mm².
     """
-    lab, skin = _lab_and_skin(image)
+    return _mask_of(*_lab_and_skin(image))
+
+
+def _mask_of(lab: np.ndarray, skin: np.ndarray) -> np.ndarray:
+    """`estimate_lesion_mask` of a tile already in L*a*b*, given its skin colour."""
     h, w = lab.shape[:2]
     score = ndimage.gaussian_filter(np.linalg.norm(lab - skin, axis=-1), sigma=max(0.5, min(h, w) / 128))
     mask = score > max(_otsu_threshold(score), MIN_CONTRAST_DELTA_E)
@@ -205,10 +209,10 @@ def lesion_area_mm2(image: Image.Image | np.ndarray, field_of_view_mm: float = T
 
 def lesion_contrast(image: Image.Image | np.ndarray) -> float:
     """ΔE (CIE76) between the lesion's median colour (`estimate_lesion_mask`) and the skin's; 0 when no lesion is found."""
-    mask = estimate_lesion_mask(image)
+    lab, skin = _lab_and_skin(image)
+    mask = _mask_of(lab, skin)
     if not mask.any():
         return 0.0
-    lab, skin = _lab_and_skin(image)
     return float(np.linalg.norm(np.median(lab[mask], axis=0) - skin))
 
 

@@ -292,7 +292,6 @@ def pretrain_base(
         raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} images")
     pipe = load_pipeline(path_in, device=device)
     pixels = image_tensor(images, resolution or native_resolution(pipe))
-    pipe.text_encoder.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)  # batch order, latents, noise, timesteps, dropout
     losses: dict[str, float | None] = {"vae": None, "unet": None}
     if vae_steps:
