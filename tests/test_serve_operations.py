@@ -116,10 +116,12 @@ def test_a_replica_killed_under_load_costs_no_request(ops, served_app) -> None:
     killed = time.perf_counter()
     os.kill(victim, signal.SIGKILL)
     # Serve counts the dead replica as running until its health check fails: wait for a new process, then two running.
-    _wait(lambda: set(replica_pids(APP, "Retrieval")) - before, 30, "a replacement replica process")
-    _wait(lambda: running(APP, "Retrieval") == 2, 30, "the replacement running")
+    # The bound is for 2 cores shared with 16 clients: the new replica imports torch and loads the index while
+    # the survivor serves; CI once saw 30.5 s.
+    _wait(lambda: set(replica_pids(APP, "Retrieval")) - before, 60, "a replacement replica process")
+    _wait(lambda: running(APP, "Retrieval") == 2, 60, "the replacement running")
     recovered = time.perf_counter() - killed
-    assert recovered < 30, f"the replacement took {recovered:.1f} s"
+    assert recovered < 60, f"the replacement took {recovered:.1f} s"
     load.join(timeout=300)
     statuses = Counter(s.status for s in samples)
     print(
