@@ -620,6 +620,31 @@ PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
             ("colour_variation_mismatch",),
         ),
         ("The diagnosis was confirmed by a biopsy.", NEV, {"history": ("was confirmed",)}, ("invented_history",)),
+        # The patient's past and other lesions are not this lesion's diagnosis, malignancy or site.
+        (
+            "A history of skin conditions such as acne and eczema. The lesion is a benign nevus.",
+            NEV,
+            {"diagnoses": ("NEV",)},
+            ("invented_history",),
+        ),
+        ("14 years ago, diagnosed with a melanoma.", NEV, {"diagnoses": ()}, ("invented_history",)),
+        ("No other identified malignancies were present.", dict(diagnosis="MEL"), {"malignancy": ()}, ()),
+        ("Her hair was examined for cancer cells.", NEV, {"malignancy": ()}, ()),
+        ("A benign sebrerokeratin keratoderma.", dict(diagnosis="SEK"), {"diagnoses": ("SEK",)}, ()),
+        (
+            "She has a large abdomen; the nevus is on her back.",
+            dict(anatom_site="posterior torso"),
+            {"sites": (("her back", frozenset({"posterior torso"})),)},
+            (),
+        ),
+        ("A rash on the face, neck, arms and legs.", dict(anatom_site="head/neck"), {}, ("site_mismatch",)),
+        ("A history of skin lesions on the legs.", dict(anatom_site="head/neck"), {"sites": ()}, ("invented_history",)),
+        # Other lengths: a border's, the patient's, an average.
+        ("It measures 6.1 mm and has a border of 3 mm.", dict(long_diam_mm=6.1), {"diameters_mm": (6.1,)}, ()),
+        ("The patient is 19 cm tall.", dict(long_diam_mm=4.8), {"diameters_mm": ()}, ()),
+        ("2.1 mm against an average measurement of 4.9 mm.", dict(long_diam_mm=2.1), {"diameters_mm": (2.1,)}, ()),
+        ("The patient's symptoms include no visible signs of infection.", NEV, {"history": ()}, ()),
+        ("It has a combination of symmetrical and asymmetrical features.", NEV, {"symmetry": ()}, ()),
     ],
 )
 def test_tricky_phrasing(note, row, facts, codes):

@@ -41,13 +41,18 @@ term followed by ":" is a field label ("Asymmetry: symmetric"), not a claim, and
 form's options ("Border: regular | slightly irregular | markedly irregular") claims nothing; nor do
 values offered as alternatives ("small, medium, or large"). From a word that speaks of the condition
 in general ("usually", "typically", "can occur", lexicon.GENERIC_CUES) to the end of its sentence,
-nothing is a claim about this lesion ("It is usually found on the legs").
+nothing is a claim about this lesion ("It is usually found on the legs"). A diagnosis, malignancy or
+site after a word of the patient's past in its sentence ("a history of skin conditions such as acne",
+"14 years ago, diagnosed with", lexicon.PAST_CONDITION_CUES), or after "other" ("no other
+malignancies"), is not this lesion's. A site word is the lesion's only when a location word leads
+to it ("on their back", "located in the abdomen", "Site: face"; not "a large abdomen").
 
 Not audited: lesion type words (macule, papule, nodule), dermoscopic structures (dots, globules,
 vessels), border sharpness (well- / ill-defined: recorded, and audited only for
 self-contradiction), colours of anything but the lesion, vague qualifiers ("normal colour",
 "moderate symmetry"), numbers other than ages and the lesion's long diameter (areas, perimeters,
-margins, thicknesses), and anything the rules above do not read (a paraphrase outside the lexicon).
+margins, thicknesses, a border's width, the patient's height, averages), and anything the rules
+above do not read (a paraphrase outside the lexicon).
 """
 
 from __future__ import annotations
@@ -83,7 +88,10 @@ from dermaray.notes.lexicon import (
     LOWER_BOUND_BEFORE,
     NEGATING_PREFIX,
     NEGATION_CUES,
+    NO_HISTORY_AFTER,
+    OTHER_BEFORE,
     OTHER_LENGTH,
+    PAST_CONDITION_CUES,
     PLAN_WORDS,
     POPULATION_AFTER,
     POST_HEDGES,
@@ -91,6 +99,7 @@ from dermaray.notes.lexicon import (
     POST_VERBS,
     RANGE_START_BEFORE,
     SEX_WORDS,
+    SITE_LEAD_BEFORE,
     SITE_WORDS,
     SIZE_COPULA_BEFORE,
     SIZE_LABEL_BEFORE,
@@ -213,6 +222,7 @@ _CONTRAST = re.compile(
 )
 _HISTORY = re.compile(_words(*HISTORY_WORDS), _I)
 _PLAN = re.compile(_words(*PLAN_WORDS), _I)
+_NO_HISTORY_AFTER = re.compile(NO_HISTORY_AFTER, _I)
 
 # Sentence and clause ends; "4.2" and "vs." are not sentence ends.
 _TERMINATOR = re.compile(
@@ -250,6 +260,9 @@ _OPTION_LIST = re.compile(r"^[^\n|]*(?:\|[^\n|]*)+$", re.MULTILINE)
 # A sentence: up to a full stop that is not a decimal point, "!", "?" or a line end.
 _SENTENCE = re.compile(r"(?:[^.!?\n]|\.(?=\d))+(?:[.!?]+|\n|$)")
 _GENERIC = re.compile(_words(*GENERIC_CUES), _I)
+_PAST_CONDITION = re.compile(_words(*PAST_CONDITION_CUES), _I)
+_OTHER_BEFORE = re.compile(OTHER_BEFORE, _I)
+_SITE_LEAD = re.compile(SITE_LEAD_BEFORE, _I)
 # Values of one kind offered as alternatives ("small, medium, or large", "benign or malignant").
 _ALTERNATIVE_GAP = re.compile(r"^\s*(?:,\s*)?(?:(?:or|and/or)\s+)?$|^\s*/\s*$", _I)
 
@@ -410,6 +423,9 @@ def _is_claim_in_context(text: str, hit: _Hit) -> bool:
             or _SIZE_NOUN_AFTER.match(after)
             or _LESION_NOUN.search(" ".join(_WORD.findall(after)[:5]))
         )
+    if hit.term.kind == "site":
+        before = text[_clause_start(text, hit.start) : hit.start]
+        return bool(_SITE_LEAD.search(before) or not before.strip())
     return True
 
 
@@ -475,7 +491,7 @@ def _history(text: str) -> list[str]:
     found = []
     for m in _HISTORY.finditer(text):
         clause = text[_clause_start(text, m.start()) : _clause_end(text, m.end())]
-        if _PLAN.search(clause) or _polarity(text, m.start(), m.end()) != "affirmed":
+        if _PLAN.search(clause) or _NO_HISTORY_AFTER.match(text, m.end()) or _polarity(text, m.start(), m.end()) != "affirmed":
             continue
         found.append(re.sub(r"\s+", " ", m.group(0).lower()))
     return found
@@ -485,6 +501,12 @@ def _without_generic_part(sentence: re.Match[str]) -> str:
     """A sentence up to its first generic cue: what follows describes the condition, not this lesion."""
     cue = _GENERIC.search(sentence.group(0))
     return sentence.group(0)[: cue.start()] + "." if cue else sentence.group(0)
+
+
+def _another_condition(text: str, hit: _Hit) -> bool:
+    """A diagnosis or malignancy word about the patient's past or another lesion, not this one."""
+    sentence_start = max(text.rfind(".", 0, hit.start), text.rfind("\n", 0, hit.start)) + 1
+    return bool(_PAST_CONDITION.search(text, sentence_start, hit.start) or _OTHER_BEFORE.search(text[sentence_start : hit.start]))
 
 
 def _alternatives_offered(text: str, hits: Sequence[_Hit]) -> set[_Hit]:
@@ -522,6 +544,8 @@ def extract_facts(note: str) -> Facts:
         if _LABEL.match(note[hit.end : hit.end + 4]):
             continue  # a field label, "Asymmetry: symmetric"
         if not _is_claim_in_context(note, hit):
+            continue
+        if term.kind in ("diagnosis", "malignancy", "site") and _another_condition(note, hit):
             continue
         polarity = _polarity(note, hit.start, hit.end, hits)
         value = term.value

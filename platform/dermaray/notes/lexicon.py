@@ -71,7 +71,10 @@ FACTS: tuple[Fact, ...] = (
         Words("SCC", (r"squamous[- ]cell carcinomas?", r"bowen'?s disease")),
         # A garbled name keeps its class when it keeps the class's own word ("solar keratoderma").
         Words("ACK", (r"(?:actinic|solar) kerato(?:s[ei]s|derma\w*)",)),
-        Words("SEK", (r"seb[oe]rr?h?o?eic (?:keratos[ei]s|keratoderma\w*)", r"seb[oe]rr?h?o?eic warts?", r"sebumkeratos[ei]s")),
+        Words("SEK", (
+            r"seb[oe]rr?h?o?eic (?:keratos[ei]s|keratoderma\w*)", r"seb[oe]rr?h?o?eic warts?",
+            r"seb\w*[ -]?kerat\w*(?: kerat\w*)?",  # "sebumkeratosis", "sebrerokeratin keratoderma"
+        )),
         Words("DF", (r"dermatofibromas?", r"(?:benign )?fibrous histiocytomas?")),
         Words("VASC", (
             r"ha?emangiomas?", r"(?:cherry )?angiomas?", r"angiokeratomas?", r"pyogenic granulomas?",
@@ -97,7 +100,9 @@ FACTS: tuple[Fact, ...] = (
             Words("symmetric", (r"symmetry",), weak=True),
             # Too vague to be a symmetry fact: "irregularly symmetrical", "a symmetrical border".
             Words("symmetric", (
-                r"irregular(?:ly)? symmetr\w*", r"symmetric(?:al)? (?:borders?|colou?r\w*|distribution|shape)",
+                r"irregular(?:ly)? symmetr\w*",
+                r"symmetric(?:al)? (?:borders?|colou?r\w*|distribution|shape|proportions?|features?|pattern)",
+                r"(?:combination|mix(?:ture)?) of (?:both )?(?:a)?symmetric(?:al)? and (?:a)?symmetric(?:al)?",
             ), weak=True),
         ),
         negation=_either("symmetric", "asymmetric"),
@@ -218,6 +223,14 @@ SITE_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"groin|inguinal", ("oral/genital", "lower extremity", "anterior torso")),
 )
 
+# A body part is where the lesion is when a location word leads to it ("a nevus on their back",
+# "located in the abdomen", "Site: face"); "a large abdomen", "blood flow through their arms" describe
+# the patient's body.
+SITE_LEAD_BEFORE = (
+    r"(?:\b(?:on|in|at|of|over|near|behind|around|across|along|to|located|involving|affecting|site|location)\b|:)"
+    r"(?:[\s,]+(?:and\s+)?[\w'-]+){0,6}?[\s,]*(?:and\s+)?$"  # "on the face, neck, arms and legs"
+)
+
 # --- Size words: when a size word is the lesion's size ------------------------------------------
 
 SIZE_LABEL_BEFORE = r"\b(?:size|diameter)[\s*_]*:\s*$"  # "Size: small"
@@ -311,6 +324,10 @@ PLAN_WORDS: tuple[str, ...] = (
     r"may need", r"needs?", r"schedul\w*", r"refer(?:ral|s)?", r"would", r"if",
 )  # fmt: skip
 
+# A history cue followed by one of these states none: "symptoms include no visible signs of infection",
+# "symptoms were non-specific", "their symptoms are unclear".
+NO_HISTORY_AFTER = r"\W*(?:(?:a|an|the|any|were|was|are|is)\s+)?(?:no|none|nothing|non-?specific|unclear|unknown)\b"
+
 # --- Polarity cues -----------------------------------------------------------------------------
 
 # Words that end a clause (besides sentence ends): a cue before them does not reach a term after.
@@ -332,7 +349,7 @@ HEDGE_CUES: tuple[str, ...] = (
     r"progress\w* (?:to|into)", r"transform\w*", r"evolv\w* into",
     r"screen\w* for", r"monitor\w* for", r"surveillance for", r"if", r"whether", r"symptoms? includ\w*",
     r"possib(?:le|ly)", r"potential(?:ly)?", r"may (?:indicate|be|have|represent|suggest)", r"might", r"could",
-    r"can (?:be|have)",
+    r"can (?:be|have)", r"(?:examined|assessed|checked|tested|evaluated|investigated) for",
 )  # fmt: skip
 # After a term, up to two words ("malignant melanoma cannot be excluded"), then these verbs, then a
 # negation ("... is absent") or a hedge ("... was ruled out").
@@ -356,6 +373,19 @@ GENERIC_CUES: tuple[str, ...] = (
     r"(?:can|may) (?:also )?(?:occur|appear|be found|affect|develop|vary)",
     r"characteri[sz]ed by (?:[\w,-]+ ){0,4}(?:lesions|spots|patches|growths)",
 )  # fmt: skip
+
+# --- Conditions that are not this lesion's ---------------------------------------------------------
+
+# A diagnosis or malignancy named after one of these, in the same sentence, is the patient's past or
+# another condition, not a claim about this lesion: "a history of skin conditions such as acne",
+# "14 years ago, diagnosed with a melanoma", "symptoms include ... acne".
+PAST_CONDITION_CUES: tuple[str, ...] = (
+    r"history of", r"has had", r"had been diagnosed", r"previously", r"experienc(?:e|es|ed|ing)",
+    r"symptoms? (?:include|includes|included|such as|are|were)", r"treated for", r"suffer(?:s|ed|ing)? from",
+    r"(?:conditions?|disorders?|issues|problems|diseases?) (?:such as|like|including)", r"(?:years|months|weeks) ago",
+)  # fmt: skip
+# "no other identified malignancies", "signs of other skin cancers": another lesion.
+OTHER_BEFORE = r"\bother\s+(?:[\w-]+\s+){0,2}$"
 
 # --- Patients: age and sex ---------------------------------------------------------------------
 
@@ -386,6 +416,10 @@ RANGE_START_BEFORE = rf"{_NUMBER}\s*(?:{_UNIT})?\s*(?:-|–|to|and)\s*$"
 UPPER_BOUND_BEFORE = r"(?:[<≤]|\bunder|less than|smaller than|below|up to|at most|no (?:more|larger|bigger) than)\s*$"
 LOWER_BOUND_BEFORE = r"(?:[>≥]|\bover|more than|greater than|larger than|bigger than|exceed\w*|above|at least)\s*$"
 # Lengths that are not the lesion's long diameter, named just before or after the number.
-OTHER_LENGTH = r"\b(?:perimeter|circumference|minor|short|thick\w*|depth|deep|breslow|margins?|away|apart|area)\b"
+# "a border of 1.8 mm", "8.5 cm tall" (the patient), "the average measurement of 3.8 mm for BCC" (other lesions).
+OTHER_LENGTH = (
+    r"\b(?:perimeter|circumference|minor|short|thick\w*|depth|deep|breslow|margins?|borders? of|away|apart|area|tall|height"
+    r"|average|mean|typical)\b"
+)
 COMPARED_AFTER = r"^\W*(?:longer|shorter|larger|smaller|bigger|wider|more|less)\b"  # "1.4 mm longer than"
 WIDTH = r"\b(?:width|wide|broad)\b"  # a width is at most the long diameter: a lower bound on it
