@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="both pre-training stages and the adapter")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--base", help="a base this script pre-trained before (its --out/base): skips pre-training")
     parser.add_argument("--images-per-class", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per generated image")
     parser.add_argument("--guide-strength", type=float, default=0.6)
@@ -62,26 +63,28 @@ def main() -> None:
     rows = random.Random(0).sample(train, min(args.images, len(train)))
     images = [decode_rgb(r["image_bytes"]) for r in rows]
     started = time.perf_counter()
-    base = resolve_model("diffusion_base", "tiny", ModelsConfig())
-    generic = [lesion_caption(None, r, True) for r in rows]  # the base never reads a diagnosis
-    losses = p.pretrain_base(
-        base,
-        out / "base",
-        images,
-        generic,
-        vae_steps=args.vae_steps,
-        unet_steps=args.unet_steps,
-        batch_size=args.batch,
-        lr=args.lr,
-        seed=0,
-        caption_dropout=args.caption_dropout,
-        snr_gamma=5.0,
-        resolution=args.resolution,
-        log_every=100,
-    )
+    base_dir, losses = Path(args.base) if args.base else out / "base", None
+    if not args.base:
+        base = resolve_model("diffusion_base", "tiny", ModelsConfig())
+        generic = [lesion_caption(None, r, True) for r in rows]  # the base never reads a diagnosis
+        losses = p.pretrain_base(
+            base,
+            base_dir,
+            images,
+            generic,
+            vae_steps=args.vae_steps,
+            unet_steps=args.unet_steps,
+            batch_size=args.batch,
+            lr=args.lr,
+            seed=0,
+            caption_dropout=args.caption_dropout,
+            snr_gamma=5.0,
+            resolution=args.resolution,
+            log_every=100,
+        )
     pretrained = time.perf_counter()
 
-    pipe = p.load_pipeline(out / "base")
+    pipe = p.load_pipeline(base_dir)
     p.add_lora(pipe.unet, rank=args.rank, seed=0)
     posteriors = p.encode_latents(pipe.vae, p.image_tensor(images, args.resolution))
     ids = p.tokenize(pipe.tokenizer, [lesion_caption(r["diagnosis"], r, True) for r in rows])
@@ -112,7 +115,7 @@ def main() -> None:
         "classes": [c for c in CLASS_CODES if c in {r["diagnosis"] for r in test}],
     }
     results = _evaluate(
-        str(out / "base"),
+        str(base_dir),
         str(out / "adapter"),
         args.judge,
         ModelsConfig(),

@@ -645,6 +645,26 @@ PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
         ("2.1 mm against an average measurement of 4.9 mm.", dict(long_diam_mm=2.1), {"diameters_mm": (2.1,)}, ()),
         ("The patient's symptoms include no visible signs of infection.", NEV, {"history": ()}, ()),
         ("It has a combination of symmetrical and asymmetrical features.", NEV, {"symmetry": ()}, ()),
+        ("It was symmetrical in one axis. It has an asymmetric border.", NEV, {"symmetry": (), "borders": ()}, ()),
+        (
+            "Marked by a symmetrical asymmetry.",
+            NEV,
+            {"symmetry": ("symmetric", "asymmetric")},
+            ("symmetry_mismatch", "self_contradiction"),
+        ),
+        ("No other visible signs of malignancy were found.", dict(diagnosis="BCC"), {"malignancy": ()}, ()),
+        (
+            "Previously diagnosed with a benign nevus, but evaluation revealed a melanoma.",
+            dict(diagnosis="MEL"),
+            {"diagnoses": ("MEL",)},
+            ("invented_history",),
+        ),
+        ("Melanomas are a type of skin cancer. This lesion is a nevus.", NEV, {"diagnoses": ("NEV",)}, ()),
+        ("A tendency to have moles and a predisposition to cancer.", dict(diagnosis="BCC"), {"diagnoses": ()}, ()),
+        ("The diagnosis was confirmed by a thorough examination.", NEV, {"history": ()}, ()),
+        ("On the palm of the hand.", dict(anatom_site="upper extremity"), {}, ()),
+        ("On the posterior torso, near the abdomen.", dict(anatom_site="posterior torso"), {}, ()),
+        ("Measured with a standard deviation of 1.5 mm.", dict(long_diam_mm=5.7), {"diameters_mm": ()}, ()),
     ],
 )
 def test_tricky_phrasing(note, row, facts, codes):

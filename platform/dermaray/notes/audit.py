@@ -78,8 +78,10 @@ from dermaray.notes.lexicon import (
     CONTRAST_WORDS,
     DECADE,
     DIMENSIONS,
+    EXAMINATION_AFTER,
     FACTS,
     GENERIC_CUES,
+    GENERIC_SUBJECT,
     HEDGE_CUES,
     HISTORY_WORDS,
     LENGTH,
@@ -223,6 +225,7 @@ _CONTRAST = re.compile(
 _HISTORY = re.compile(_words(*HISTORY_WORDS), _I)
 _PLAN = re.compile(_words(*PLAN_WORDS), _I)
 _NO_HISTORY_AFTER = re.compile(NO_HISTORY_AFTER, _I)
+_EXAMINATION_AFTER = re.compile(EXAMINATION_AFTER, _I)
 
 # Sentence and clause ends; "4.2" and "vs." are not sentence ends.
 _TERMINATOR = re.compile(
@@ -260,8 +263,10 @@ _OPTION_LIST = re.compile(r"^[^\n|]*(?:\|[^\n|]*)+$", re.MULTILINE)
 # A sentence: up to a full stop that is not a decimal point, "!", "?" or a line end.
 _SENTENCE = re.compile(r"(?:[^.!?\n]|\.(?=\d))+(?:[.!?]+|\n|$)")
 _GENERIC = re.compile(_words(*GENERIC_CUES), _I)
+_GENERIC_SUBJECT = re.compile(GENERIC_SUBJECT, _I)
 _PAST_CONDITION = re.compile(_words(*PAST_CONDITION_CUES), _I)
 _OTHER_BEFORE = re.compile(OTHER_BEFORE, _I)
+_TURN = re.compile(r"\b(?:but|however|although|though|yet|whereas)\b", _I)
 _SITE_LEAD = re.compile(SITE_LEAD_BEFORE, _I)
 # Values of one kind offered as alternatives ("small, medium, or large", "benign or malignant").
 _ALTERNATIVE_GAP = re.compile(r"^\s*(?:,\s*)?(?:(?:or|and/or)\s+)?$|^\s*/\s*$", _I)
@@ -493,20 +498,27 @@ def _history(text: str) -> list[str]:
         clause = text[_clause_start(text, m.start()) : _clause_end(text, m.end())]
         if _PLAN.search(clause) or _NO_HISTORY_AFTER.match(text, m.end()) or _polarity(text, m.start(), m.end()) != "affirmed":
             continue
+        if re.search(r"confirm|diagnos", m.group(0), _I) and _EXAMINATION_AFTER.match(text, m.end()):
+            continue
         found.append(re.sub(r"\s+", " ", m.group(0).lower()))
     return found
 
 
 def _without_generic_part(sentence: re.Match[str]) -> str:
-    """A sentence up to its first generic cue: what follows describes the condition, not this lesion."""
+    """A sentence up to its first generic cue: what follows describes the condition, not this lesion. A
+    sentence whose subject is a condition in the plural is generic throughout."""
+    if _GENERIC_SUBJECT.match(sentence.group(0)):
+        return "."
     cue = _GENERIC.search(sentence.group(0))
     return sentence.group(0)[: cue.start()] + "." if cue else sentence.group(0)
 
 
 def _another_condition(text: str, hit: _Hit) -> bool:
     """A diagnosis or malignancy word about the patient's past or another lesion, not this one."""
-    sentence_start = max(text.rfind(".", 0, hit.start), text.rfind("\n", 0, hit.start)) + 1
-    return bool(_PAST_CONDITION.search(text, sentence_start, hit.start) or _OTHER_BEFORE.search(text[sentence_start : hit.start]))
+    start = max(text.rfind(".", 0, hit.start), text.rfind("\n", 0, hit.start)) + 1
+    for turn in _TURN.finditer(text, start, hit.start):  # "had been diagnosed with X, but ... revealed Y"
+        start = turn.end()
+    return bool(_PAST_CONDITION.search(text, start, hit.start) or _OTHER_BEFORE.search(text[start : hit.start]))
 
 
 def _alternatives_offered(text: str, hits: Sequence[_Hit]) -> set[_Hit]:

@@ -103,6 +103,10 @@ FACTS: tuple[Fact, ...] = (
                 r"irregular(?:ly)? symmetr\w*",
                 r"symmetric(?:al)? (?:borders?|colou?r\w*|distribution|shape|proportions?|features?|pattern)",
                 r"(?:combination|mix(?:ture)?) of (?:both )?(?:a)?symmetric(?:al)? and (?:a)?symmetric(?:al)?",
+                r"symmetric(?:al)? (?:in|along|about) one axis",  # one axis only
+            ), weak=True),
+            Words("asymmetric", (
+                r"(?:irregularly )?asymmetric(?:al)? (?:borders?|colou?r\w*|distribution|shape|proportions?|features?|pattern)",
             ), weak=True),
         ),
         negation=_either("symmetric", "asymmetric"),
@@ -212,7 +216,9 @@ SITE_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"posterior (?:torso|trunk)|scapular?|interscapular|lumbar|sacral|(?:lower|upper|mid)[- ]back", ("posterior torso",)),
     (r"(?:the|his|her|their|patient's|left|right|on)\s+back" + _NOT_BACK_OF, ("posterior torso",)),
     (r"torso|trunk|flanks?", ("anterior torso", "posterior torso")),
-    (r"palms?(?:\s*/\s*|\s+(?:and|or)\s+)soles?|palms?|palmar|soles?(?=\s+of\b)|soles|plantar|acral", ("palms/soles",)),
+    (r"palms?(?:\s*/\s*|\s+(?:and|or)\s+)soles?|acral", ("palms/soles",)),
+    (r"palms?|palmar", ("palms/soles", "upper extremity")),  # a palm is the hand's
+    (r"soles?(?=\s+of\b)|soles|plantar", ("palms/soles", "lower extremity")),
     (
         (
             r"oral(?:\s*/\s*|\s+(?:and|or)\s+)genital(?:\s+mucosa\w*)?|oral|genital\w*|vulva\w*|penile|penis"
@@ -227,8 +233,8 @@ SITE_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 # "located in the abdomen", "Site: face"); "a large abdomen", "blood flow through their arms" describe
 # the patient's body.
 SITE_LEAD_BEFORE = (
-    r"(?:\b(?:on|in|at|of|over|near|behind|around|across|along|to|located|involving|affecting|site|location)\b|:)"
-    r"(?:[\s,]+(?:and\s+)?[\w'-]+){0,6}?[\s,]*(?:and\s+)?$"  # "on the face, neck, arms and legs"
+    r"(?:\b(?:on|in|at|of|over|behind|around|across|along|to|located|involving|affecting|site|location)\b|:)"
+    r"(?:[\s,]+(?:and\s+)?(?!near\b)[\w'-]+){0,6}?[\s,]*(?:and\s+)?$"  # "on the face, neck, arms and legs"
 )
 
 # --- Size words: when a size word is the lesion's size ------------------------------------------
@@ -326,6 +332,11 @@ PLAN_WORDS: tuple[str, ...] = (
 
 # A history cue followed by one of these states none: "symptoms include no visible signs of infection",
 # "symptoms were non-specific", "their symptoms are unclear".
+# "confirmed by a thorough examination", "diagnosed by dermatoscopy": today's examination, not history.
+EXAMINATION_AFTER = (
+    r"\W*(?:by\s+)?(?:(?:a|an|the|this|their|his|her)\s+)?(?:(?:thorough|careful|clinical|physical|visual|skin|full)\s+)*"
+    r"(?:examination|exam|inspection|dermatoscop\w*|dermoscop\w*|appearance)\b"
+)
 NO_HISTORY_AFTER = r"\W*(?:(?:a|an|the|any|were|was|are|is)\s+)?(?:no|none|nothing|non-?specific|unclear|unknown)\b"
 
 # --- Polarity cues -----------------------------------------------------------------------------
@@ -350,6 +361,7 @@ HEDGE_CUES: tuple[str, ...] = (
     r"screen\w* for", r"monitor\w* for", r"surveillance for", r"if", r"whether", r"symptoms? includ\w*",
     r"possib(?:le|ly)", r"potential(?:ly)?", r"may (?:indicate|be|have|represent|suggest)", r"might", r"could",
     r"can (?:be|have)", r"(?:examined|assessed|checked|tested|evaluated|investigated) for",
+    r"(?:tendency|predisposition|predisposed) to", r"characteristic (?:feature |sign )?of", r"associated with",
 )  # fmt: skip
 # After a term, up to two words ("malignant melanoma cannot be excluded"), then these verbs, then a
 # negation ("... is absent") or a hedge ("... was ruled out").
@@ -370,9 +382,16 @@ POST_HEDGES: tuple[str, ...] = (
 GENERIC_CUES: tuple[str, ...] = (
     r"usually", r"typically", r"often", r"commonly", r"generally", r"frequently", r"tends? to", r"most common",
     r"in general", r"anywhere on the body", r"are (?:a )?types? of", r"can be classified",
-    r"(?:can|may) (?:also )?(?:occur|appear|be found|affect|develop|vary)",
+    r"(?:can|may) (?:also )?(?:occur|appear|be found|affect|develop|vary|range)",
     r"characteri[sz]ed by (?:[\w,-]+ ){0,4}(?:lesions|spots|patches|growths)",
 )  # fmt: skip
+
+# A sentence whose subject is a condition in the plural speaks of the condition ("Melanomas are a type of
+# skin cancer that ..."), from its start.
+GENERIC_SUBJECT = (
+    r"\W*(?:[\w-]+\s+){0,2}?(?:melanomas|na?evi|moles|carcinomas|keratoses|ha?emangiomas|angiomas|dermatofibromas"
+    r"|lentigines)\s+(?:are|can|may|tend|often|usually|typically)\b"
+)
 
 # --- Conditions that are not this lesion's ---------------------------------------------------------
 
@@ -381,11 +400,11 @@ GENERIC_CUES: tuple[str, ...] = (
 # "14 years ago, diagnosed with a melanoma", "symptoms include ... acne".
 PAST_CONDITION_CUES: tuple[str, ...] = (
     r"history of", r"has had", r"had been diagnosed", r"previously", r"experienc(?:e|es|ed|ing)",
-    r"symptoms? (?:include|includes|included|such as|are|were)", r"treated for", r"suffer(?:s|ed|ing)? from",
+    r"symptoms? (?:include|includes|included|such as|are|were)", r"treat(?:ed|ment) for", r"suffer(?:s|ed|ing)? from",
     r"(?:conditions?|disorders?|issues|problems|diseases?) (?:such as|like|including)", r"(?:years|months|weeks) ago",
 )  # fmt: skip
-# "no other identified malignancies", "signs of other skin cancers": another lesion.
-OTHER_BEFORE = r"\bother\s+(?:[\w-]+\s+){0,2}$"
+# "no other identified malignancies", "no other visible signs of malignancy": another lesion.
+OTHER_BEFORE = r"\bother\s+(?:[\w-]+\s+){0,3}$"
 
 # --- Patients: age and sex ---------------------------------------------------------------------
 
@@ -419,7 +438,7 @@ LOWER_BOUND_BEFORE = r"(?:[>≥]|\bover|more than|greater than|larger than|bigge
 # "a border of 1.8 mm", "8.5 cm tall" (the patient), "the average measurement of 3.8 mm for BCC" (other lesions).
 OTHER_LENGTH = (
     r"\b(?:perimeter|circumference|minor|short|thick\w*|depth|deep|breslow|margins?|borders? of|away|apart|area|tall|height"
-    r"|average|mean|typical)\b"
+    r"|average|mean|typical|deviation)\b"
 )
 COMPARED_AFTER = r"^\W*(?:longer|shorter|larger|smaller|bigger|wider|more|less)\b"  # "1.4 mm longer than"
 WIDTH = r"\b(?:width|wide|broad)\b"  # a width is at most the long diameter: a lower bound on it

@@ -81,7 +81,7 @@ def audit_agreement(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # notes' disagreements; the test notes were labelled after that, and no rule was changed after reading them.
 FIXTURE_PARTS: dict[str, tuple[str, ...]] = {
     "test": ("audit_labels_test.jsonl",),
-    "dev": ("audit_labels.jsonl", "audit_labels_2.jsonl"),
+    "dev": ("audit_labels.jsonl", "audit_labels_2.jsonl", "audit_labels_3.jsonl", "audit_labels_4.jsonl"),
 }
 
 
