@@ -45,10 +45,10 @@ def test_audit_precision_and_recall_against_the_hand_labels():
     result = agreement_by_part(DATA)
     test, dev = result["test"]["all"], result["dev"]["all"]
     # The goal is precision >= 0.9 and recall >= 0.8 on notes the rules were not written on; measured
-    # on the test notes: 0.84 / 0.88 (precision missed; tests/data/README.md). The bounds are the
+    # on the test notes: 0.88 / 0.88 (precision missed; tests/data/README.md). The bounds are the
     # measured figures less a small margin: a change to the audit that loses agreement fails here.
-    assert test["precision"] >= 0.81 and test["recall"] >= 0.85, test
-    assert dev["precision"] >= 0.82 and dev["recall"] >= 0.88, dev
-    assert test["tp"] + test["fn"] >= 250 and dev["tp"] + dev["fn"] >= 450  # labelled contradictions measured
+    assert test["precision"] >= 0.86 and test["recall"] >= 0.86, test
+    assert dev["precision"] >= 0.87 and dev["recall"] >= 0.86, dev
+    assert test["tp"] + test["fn"] >= 250 and dev["tp"] + dev["fn"] >= 1000  # labelled contradictions measured
     table = markdown({"model": "smollm2-135m", "lesions": 60, "max_tokens": 128, "strategies": {}, "audit_agreement": result})
     assert "| all flags |" in table and f"{result['test']['notes']} test notes" in table
