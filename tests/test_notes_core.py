@@ -513,8 +513,8 @@ PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
         ("Diagnosed with melanoma.", dict(diagnosis="MEL"), {"history": (), "diagnoses": ("MEL",)}, ()),
         # Lengths in other units, widths, comparisons.
         ("About 18 inches (45 cm) across.", dict(long_diam_mm=3.0), {"diameters_mm": (457.2, 450.0)}, ("size_mismatch",)),
-        ("It is 3 mm wide.", dict(long_diam_mm=3.3), {"diameter_bounds_mm": ((3.0, float("inf")),)}, ()),
-        ("It is 9 mm wide.", dict(long_diam_mm=3.3), {"diameter_bounds_mm": ((9.0, float("inf")),)}, ("size_mismatch",)),
+        ("It is 9 mm wide.", dict(long_diam_mm=3.3), {"diameters_mm": (), "diameter_bounds_mm": ()}, ()),  # not the long one
+        ("About 4.7 cm (1 inch) wide.", dict(long_diam_mm=4.7), {"diameters_mm": (), "diameter_bounds_mm": ()}, ()),
         ("3.3 mm, which is 1.4 mm longer than usual.", dict(long_diam_mm=3.3), {"diameters_mm": (3.3,)}, ()),
         # Diagnoses outside the classes, and misspelt ones.
         ("A benign prostatic hyperplasia.", NEV, {"diagnoses": ("OTHER",)}, ("diagnosis_mismatch",)),

@@ -17,7 +17,7 @@ What is audited, by flag code:
 - sex_mismatch: a sex word or pronoun ("woman", "he", "her") of the other sex.
 - site_mismatch: a site word none of whose anatomic sites (lexicon.SITE_WORDS) is anatom_site.
 - size_mismatch: a stated long diameter (mm, cm or inches; "4 x 3 mm" counts its larger side), a
-  bound ("over 6 mm", and a width: at least that), a range ("3 to 6 mm") or a size word (small /
+  bound ("over 6 mm"), a range ("3 to 6 mm") or a size word (small /
   medium / large, prompts.SIZE_BANDS_MM) that misses `lesion_diameter_mm(row)` by more than the
   tolerance, max(`size_absolute_mm`, `size_relative` x the true diameter).
 - symmetry_mismatch, border_mismatch, colour_variation_mismatch: symmetric / asymmetric,
@@ -250,6 +250,7 @@ _RANGE_START = re.compile(RANGE_START_BEFORE, _I)
 _OTHER_LENGTH = re.compile(OTHER_LENGTH, _I)
 _COMPARED = re.compile(COMPARED_AFTER, _I)
 _WIDTH = re.compile(WIDTH, _I)
+_LENGTH_WORD = re.compile(r"\b(?:length|long|diameter)(?:\s+of)?(?:\s+(?:about|approximately|around|roughly))?\s*$", _I)
 
 # Text structure, not words.
 _WORD = re.compile(r"\w+")
@@ -449,15 +450,18 @@ def _diameters(text: str) -> list[tuple[float, float]]:
                 continue
             taken.append(m.span())
             before, after = text[max(0, m.start() - 40) : m.start()], text[m.end() : m.end() + 25]
-            if _OTHER_LENGTH.search(" ".join(_WORD.findall(before)[-3:] + _WORD.findall(after)[:2])) or _COMPARED.match(after):
+            words_before, words_after = _WORD.findall(before), _WORD.findall(after)
+            if _OTHER_LENGTH.search(" ".join(words_before[-3:] + words_after[:2])) or _COMPARED.match(after):
                 continue
+            if _WIDTH.search(" ".join(words_before[-3:] + words_after[:3])) and not _LENGTH_WORD.search(before):
+                continue  # a width ("5 mm wide"), unless a length word leads ("a length of 3 cm and a width of 1 cm")
             groups = m.groups()
             unit = groups[-1].lower()
             scale = 10.0 if unit.startswith("c") else 25.4 if unit.startswith("inch") else 1.0
             value = scale * max(float(g) for g in (groups[0], groups[2] if pattern is _DIMENSIONS else None) if g)
             if _UPPER_BOUND.search(before):
                 found.append((0.0, value))
-            elif _LOWER_BOUND.search(before) or _WIDTH.search(" ".join(_WORD.findall(before)[-2:] + _WORD.findall(after)[:2])):
+            elif _LOWER_BOUND.search(before):
                 found.append((value, float("inf")))
             elif start := _RANGE_START.search(before):
                 found.append((scale * float(start.group(1)), value))

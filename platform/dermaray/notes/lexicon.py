@@ -101,12 +101,15 @@ FACTS: tuple[Fact, ...] = (
             # Too vague to be a symmetry fact: "irregularly symmetrical", "a symmetrical border".
             Words("symmetric", (
                 r"irregular(?:ly)? symmetr\w*",
-                r"symmetric(?:al)? (?:borders?|colou?r\w*|distribution|shape|proportions?|features?|pattern)",
+                # "a symmetrical (triangular) shape", "a symmetrical asymmetrical border"
+                r"(?:(?:a)?symmetric(?:al)?[ \t]+){1,2}(?:[\w-]+[ \t]+)?"
+                r"(?:borders?|colou?r\w*|distribution|shape|proportions?|features?|pattern)",
                 r"(?:combination|mix(?:ture)?) of (?:both )?(?:a)?symmetric(?:al)? and (?:a)?symmetric(?:al)?",
                 r"symmetric(?:al)? (?:in|along|about) one axis",  # one axis only
             ), weak=True),
             Words("asymmetric", (
-                r"(?:irregularly )?asymmetric(?:al)? (?:borders?|colou?r\w*|distribution|shape|proportions?|features?|pattern)",
+                r"(?:irregularly )?asymmetric(?:al)?[ \t]+(?:[\w-]+[ \t]+)?"
+                r"(?:borders?|colou?r\w*|distribution|shape|proportions?|features?|pattern)",
             ), weak=True),
         ),
         negation=_either("symmetric", "asymmetric"),
@@ -359,9 +362,10 @@ HEDGE_CUES: tuple[str, ...] = (
     r"(?:argu\w*|speaks?|points?) against", r"against", r"history of", r"risk of", r"potential for",
     r"progress\w* (?:to|into)", r"transform\w*", r"evolv\w* into",
     r"screen\w* for", r"monitor\w* for", r"surveillance for", r"if", r"whether", r"symptoms? includ\w*",
-    r"possib(?:le|ly)", r"potential(?:ly)?", r"may (?:indicate|be|have|represent|suggest)", r"might", r"could",
+    r"possib(?:le|ly)", r"potential(?:ly)?", r"may (?:also )?(?:indicate|be|have|represent|suggest)", r"might", r"could",
     r"can (?:be|have)", r"(?:examined|assessed|checked|tested|evaluated|investigated) for",
     r"(?:tendency|predisposition|predisposed) to", r"characteristic (?:feature |sign )?of", r"associated with",
+    r"development of", r"(?:normal|usual|typical) for", r"suspect(?:s|ed)?", r"rang(?:e|es|ing) from",
 )  # fmt: skip
 # After a term, up to two words ("malignant melanoma cannot be excluded"), then these verbs, then a
 # negation ("... is absent") or a hedge ("... was ruled out").
@@ -383,7 +387,7 @@ GENERIC_CUES: tuple[str, ...] = (
     r"usually", r"typically", r"often", r"commonly", r"generally", r"frequently", r"tends? to", r"most common",
     r"in general", r"anywhere on the body", r"are (?:a )?types? of", r"can be classified",
     r"(?:can|may) (?:also )?(?:occur|appear|be found|affect|develop|vary|range)",
-    r"characteri[sz]ed by (?:[\w,-]+ ){0,4}(?:lesions|spots|patches|growths)",
+    r"characteri[sz]ed by (?:[\w,-]+ ){0,4}(?:lesions?|spots?|patch(?:es)?|growths?)",
 )  # fmt: skip
 
 # A sentence whose subject is a condition in the plural speaks of the condition ("Melanomas are a type of
@@ -440,5 +444,6 @@ OTHER_LENGTH = (
     r"\b(?:perimeter|circumference|minor|short|thick\w*|depth|deep|breslow|margins?|borders? of|away|apart|area|tall|height"
     r"|average|mean|typical|deviation)\b"
 )
+# A width is not the long diameter (the labelling rules): "5 mm wide", "4.7 cm (1 inch) wide", "a width of 1.4 cm".
+WIDTH = r"\b(?:width|wide|broad)\b"
 COMPARED_AFTER = r"^\W*(?:longer|shorter|larger|smaller|bigger|wider|more|less)\b"  # "1.4 mm longer than"
-WIDTH = r"\b(?:width|wide|broad)\b"  # a width is at most the long diameter: a lower bound on it
