@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dermaray.notes.audit import FLAG_CODES
-from dermaray.notes.study import FIXTURE_PARTS, agreement_by_part, load_labelled, markdown
+from dermaray.notes.study import FIXTURE_PARTS, agreement_by_part, labeller_agreement, load_labelled, markdown
 
 DATA = Path(__file__).parent / "data"
 
@@ -45,10 +45,20 @@ def test_audit_precision_and_recall_against_the_hand_labels():
     result = agreement_by_part(DATA)
     test, dev = result["test"]["all"], result["dev"]["all"]
     # The goal is precision >= 0.9 and recall >= 0.8 on notes the rules were not written on; measured
-    # on the test notes: 0.88 / 0.88 (precision missed; tests/data/README.md). The bounds are the
-    # measured figures less a small margin: a change to the audit that loses agreement fails here.
-    assert test["precision"] >= 0.86 and test["recall"] >= 0.86, test
-    assert dev["precision"] >= 0.87 and dev["recall"] >= 0.86, dev
-    assert test["tp"] + test["fn"] >= 250 and dev["tp"] + dev["fn"] >= 1000  # labelled contradictions measured
+    # on the test notes: 0.906 / 0.895 (tests/data/README.md). The bounds are the measured figures less a
+    # small margin: a change to the audit that loses agreement fails here.
+    assert test["precision"] >= 0.89 and test["recall"] >= 0.88, test
+    assert dev["precision"] >= 0.89 and dev["recall"] >= 0.87, dev
+    assert test["precision_ci"][1] < test["precision"] < test["precision_ci"][2]
+    assert test["tp"] + test["fn"] >= 500 and dev["tp"] + dev["fn"] >= 1200  # labelled contradictions measured
     table = markdown({"model": "smollm2-135m", "lesions": 60, "max_tokens": 128, "strategies": {}, "audit_agreement": result})
     assert "| all flags |" in table and f"{result['test']['notes']} test notes" in table
+
+
+def test_two_labellers_of_the_same_notes_agree():
+    # A second helper labelled 59 notes of the fifth sample blind: how far the labels agree bounds the audit.
+    first = load_labelled(DATA / "audit_labels_5.jsonl")
+    second = load_labelled(DATA / "audit_labels_5_second_labeller.jsonl")
+    agreement = labeller_agreement(first, second)
+    assert agreement["notes"] == len(second) == 59
+    assert agreement["precision"] >= 0.95 and agreement["recall"] >= 0.95, agreement  # measured 0.99 / 0.99

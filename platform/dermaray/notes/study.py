@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dermaray.notes.audit import FLAG_CODES, audit_note
-from dermaray.stats import format_ci, mean_ci
+from dermaray.stats import bootstrap_ci, format_ci, mean_ci
 
 # Columns of a lesion row that the audit reads: what a hand-labelled note keeps of its lesion.
 AUDITED_COLUMNS: tuple[str, ...] = (
@@ -59,8 +59,9 @@ def audit_agreement(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     flags the code and the labeller marked a contradicting fact of that kind.
     """
     counts = {code: {"tp": 0, "fp": 0, "fn": 0} for code in FLAG_CODES}
+    per_note = np.zeros((len(labelled), 3))  # tp, fp, fn of each note: the intervals resample notes
     misses = []
-    for item in labelled:
+    for n, item in enumerate(labelled):
         truth = {fact["kind"] for fact in item["labels"] if fact["contradicts"]}
         found = set(audit_note(item["note"], item["row"]).codes)
         unknown = truth - set(FLAG_CODES)
@@ -70,18 +71,26 @@ def audit_agreement(labelled: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             key = "tp" if code in truth and code in found else "fp" if code in found else "fn" if code in truth else None
             if key:
                 counts[code][key] += 1
+                per_note[n, ("tp", "fp", "fn").index(key)] += 1
         if truth != found:
             misses.append({"id": item.get("id"), "missed": sorted(truth - found), "false": sorted(found - truth)})
     per_code = {code: _precision_recall(**c) for code, c in counts.items() if any(c.values())}
     total = {k: sum(c[k] for c in counts.values()) for k in ("tp", "fp", "fn")}
-    return {"notes": len(labelled), "per_flag": per_code, "all": _precision_recall(**total), "disagreements": misses}
+    every = _precision_recall(**total)
+    every["precision_ci"] = bootstrap_ci(lambda i: _ratio(per_note[i, 0].sum(), per_note[i, :2].sum()), len(labelled))
+    every["recall_ci"] = bootstrap_ci(lambda i: _ratio(per_note[i, 0].sum(), per_note[i, ::2].sum()), len(labelled))
+    return {"notes": len(labelled), "per_flag": per_code, "all": every, "disagreements": misses}
+
+
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole else float("nan")
 
 
 # The hand-labelled fixtures (tests/data/README.md): the audit's rules were extended reading the dev
 # notes' disagreements; the test notes were labelled after that, and no rule was changed after reading them.
 FIXTURE_PARTS: dict[str, tuple[str, ...]] = {
-    "test": ("audit_labels_test.jsonl",),
-    "dev": ("audit_labels.jsonl", "audit_labels_2.jsonl", "audit_labels_3.jsonl", "audit_labels_4.jsonl"),
+    "test": ("audit_labels_test.jsonl", "audit_labels_test_2.jsonl"),
+    "dev": tuple(f"audit_labels{suffix}.jsonl" for suffix in ("", "_2", "_3", "_4", "_5")),
 }
 
 
@@ -91,6 +100,22 @@ def agreement_by_part(folder: str | Path) -> dict[str, Any]:
         part: audit_agreement([item for name in names for item in load_labelled(Path(folder, name))])
         for part, names in FIXTURE_PARTS.items()
     }
+
+
+def labeller_agreement(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Precision and recall of one labeller's contradicting (note, kind) pairs against another's, on the notes
+    both labelled: how far the labels themselves agree, which bounds what the audit can reach."""
+    theirs = {item["id"]: item for item in other}
+    counts = {"tp": 0, "fp": 0, "fn": 0}
+    for item in reference:
+        if item["id"] not in theirs:
+            continue
+        truth = {fact["kind"] for fact in item["labels"] if fact["contradicts"]}
+        found = {fact["kind"] for fact in theirs[item["id"]]["labels"] if fact["contradicts"]}
+        counts["tp"] += len(truth & found)
+        counts["fp"] += len(found - truth)
+        counts["fn"] += len(truth - found)
+    return {"notes": sum(item["id"] in theirs for item in reference), **_precision_recall(**counts)}
 
 
 def _precision_recall(tp: int, fp: int, fn: int) -> dict[str, Any]:
@@ -161,6 +186,12 @@ def markdown(results: Mapping[str, Any]) -> str:
                 f"| {code} | {t['tp'] + t['fn']} | {t['tp'] + t['fp']} | {_fraction(t['precision'])} | "
                 f"{_fraction(t['recall'])} | {d['tp'] + d['fn']} | {_fraction(d['precision'])} | {_fraction(d['recall'])} |"
             )
+        if "precision_ci" in test["all"]:
+            lines += [
+                "",
+                f"All flags on the test notes, 95% bootstrap intervals over notes: precision "
+                f"{format_ci(test['all']['precision_ci'], digits=2)}, recall {format_ci(test['all']['recall_ci'], digits=2)}.",
+            ]
     return "\n".join(lines) + "\n"
 
 
