@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--base", help="a base this script pre-trained before (its --out/base): skips pre-training")
+    parser.add_argument("--adapter", help="an adapter this script trained before (its --out/adapter): skips LoRA training")
     parser.add_argument("--images-per-class", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per generated image")
     parser.add_argument("--guide-strength", type=float, default=0.6)
@@ -84,24 +85,26 @@ def main() -> None:
         )
     pretrained = time.perf_counter()
 
-    pipe = p.load_pipeline(base_dir)
-    p.add_lora(pipe.unet, rank=args.rank, seed=0)
-    posteriors = p.encode_latents(pipe.vae, p.image_tensor(images, args.resolution))
-    ids = p.tokenize(pipe.tokenizer, [lesion_caption(r["diagnosis"], r, True) for r in rows])
-    model = p.DiffusionObjective(pipe, "lora", caption_dropout=args.caption_dropout, snr_gamma=5.0).train()
-    generator = torch.Generator().manual_seed(1)
-    lora_loss = p.train_steps(
-        "LoRA",
-        p.lora_parameters(pipe.unet),
-        lambda b: model(posteriors[b], ids[b], generator)["loss"],
-        len(rows),
-        args.lora_steps,
-        args.batch,
-        args.lr,
-        generator,
-        100,
-    )
-    p.save_lora(pipe, out / "adapter")
+    adapter_dir, lora_loss = Path(args.adapter) if args.adapter else out / "adapter", float("nan")
+    if not args.adapter:
+        pipe = p.load_pipeline(base_dir)
+        p.add_lora(pipe.unet, rank=args.rank, seed=0)
+        posteriors = p.encode_latents(pipe.vae, p.image_tensor(images, args.resolution))
+        ids = p.tokenize(pipe.tokenizer, [lesion_caption(r["diagnosis"], r, True) for r in rows])
+        model = p.DiffusionObjective(pipe, "lora", caption_dropout=args.caption_dropout, snr_gamma=5.0).train()
+        generator = torch.Generator().manual_seed(1)
+        lora_loss = p.train_steps(
+            "LoRA",
+            p.lora_parameters(pipe.unet),
+            lambda b: model(posteriors[b], ids[b], generator)["loss"],
+            len(rows),
+            args.lora_steps,
+            args.batch,
+            args.lr,
+            generator,
+            100,
+        )
+        p.save_lora(pipe, adapter_dir)
     adapted = time.perf_counter()
 
     test = table.filter(pc.equal(table["split"], "test")).to_pylist()[:400]
@@ -116,13 +119,14 @@ def main() -> None:
     }
     results = _evaluate(
         str(base_dir),
-        str(out / "adapter"),
+        str(adapter_dir),
         args.judge,
         ModelsConfig(),
         [r["image_bytes"] for r in test],
         [r["diagnosis"] for r in test],
         settings,
     )
+    out.mkdir(parents=True, exist_ok=True)
     for name, data in results.pop("grids").items():
         (out / f"grid_{name}.png").write_bytes(data)
     print(
