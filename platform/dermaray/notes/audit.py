@@ -85,6 +85,7 @@ from dermaray.notes.lexicon import (
     HEDGE_CUES,
     HISTORY_WORDS,
     LENGTH,
+    LENGTH_BEFORE,
     LESION_NOUN,
     LIST_HEDGE_CUES,
     LOWER_BOUND_BEFORE,
@@ -107,6 +108,7 @@ from dermaray.notes.lexicon import (
     SIZE_LABEL_BEFORE,
     SIZE_NOUN_AFTER,
     SKIN_BEFORE,
+    TURN_WORDS,
     UPPER_BOUND_BEFORE,
     WIDTH,
     Fact,
@@ -226,6 +228,7 @@ _HISTORY = re.compile(_words(*HISTORY_WORDS), _I)
 _PLAN = re.compile(_words(*PLAN_WORDS), _I)
 _NO_HISTORY_AFTER = re.compile(NO_HISTORY_AFTER, _I)
 _EXAMINATION_AFTER = re.compile(EXAMINATION_AFTER, _I)
+_CONFIRMED = re.compile(r"confirm|diagnos", _I)  # a history cue that today's examination answers
 
 # Sentence and clause ends; "4.2" and "vs." are not sentence ends.
 _TERMINATOR = re.compile(
@@ -250,7 +253,7 @@ _RANGE_START = re.compile(RANGE_START_BEFORE, _I)
 _OTHER_LENGTH = re.compile(OTHER_LENGTH, _I)
 _COMPARED = re.compile(COMPARED_AFTER, _I)
 _WIDTH = re.compile(WIDTH, _I)
-_LENGTH_WORD = re.compile(r"\b(?:length|long|diameter)(?:\s+of)?(?:\s+(?:about|approximately|around|roughly))?\s*$", _I)
+_LENGTH_BEFORE = re.compile(LENGTH_BEFORE, _I)
 
 # Text structure, not words.
 _WORD = re.compile(r"\w+")
@@ -267,7 +270,7 @@ _GENERIC = re.compile(_words(*GENERIC_CUES), _I)
 _GENERIC_SUBJECT = re.compile(GENERIC_SUBJECT, _I)
 _PAST_CONDITION = re.compile(_words(*PAST_CONDITION_CUES), _I)
 _OTHER_BEFORE = re.compile(OTHER_BEFORE, _I)
-_TURN = re.compile(r"\b(?:but|however|although|though|yet|whereas)\b", _I)
+_TURN = re.compile(_words(*TURN_WORDS), _I)
 _SITE_LEAD = re.compile(SITE_LEAD_BEFORE, _I)
 # Values of one kind offered as alternatives ("small, medium, or large", "benign or malignant").
 _ALTERNATIVE_GAP = re.compile(r"^\s*(?:,\s*)?(?:(?:or|and/or)\s+)?$|^\s*/\s*$", _I)
@@ -453,7 +456,7 @@ def _diameters(text: str) -> list[tuple[float, float]]:
             words_before, words_after = _WORD.findall(before), _WORD.findall(after)
             if _OTHER_LENGTH.search(" ".join(words_before[-3:] + words_after[:2])) or _COMPARED.match(after):
                 continue
-            if _WIDTH.search(" ".join(words_before[-3:] + words_after[:3])) and not _LENGTH_WORD.search(before):
+            if _WIDTH.search(" ".join(words_before[-3:] + words_after[:3])) and not _LENGTH_BEFORE.search(before):
                 continue  # a width ("5 mm wide"), unless a length word leads ("a length of 3 cm and a width of 1 cm")
             groups = m.groups()
             unit = groups[-1].lower()
@@ -502,7 +505,7 @@ def _history(text: str) -> list[str]:
         clause = text[_clause_start(text, m.start()) : _clause_end(text, m.end())]
         if _PLAN.search(clause) or _NO_HISTORY_AFTER.match(text, m.end()) or _polarity(text, m.start(), m.end()) != "affirmed":
             continue
-        if re.search(r"confirm|diagnos", m.group(0), _I) and _EXAMINATION_AFTER.match(text, m.end()):
+        if _CONFIRMED.search(m.group(0)) and _EXAMINATION_AFTER.match(text, m.end()):
             continue
         found.append(re.sub(r"\s+", " ", m.group(0).lower()))
     return found
@@ -518,7 +521,7 @@ def _without_generic_part(sentence: re.Match[str]) -> str:
 
 
 def _another_condition(text: str, hit: _Hit) -> bool:
-    """A diagnosis or malignancy word about the patient's past or another lesion, not this one."""
+    """A diagnosis, malignancy or site word about the patient's past or another lesion, not this one."""
     start = max(text.rfind(".", 0, hit.start), text.rfind("\n", 0, hit.start)) + 1
     for turn in _TURN.finditer(text, start, hit.start):  # "had been diagnosed with X, but ... revealed Y"
         start = turn.end()

@@ -409,6 +409,8 @@ PAST_CONDITION_CUES: tuple[str, ...] = (
 )  # fmt: skip
 # "no other identified malignancies", "no other visible signs of malignancy": another lesion.
 OTHER_BEFORE = r"\bother\s+(?:[\w-]+\s+){0,3}$"
+# A turn in the sentence ends a past-condition cue's reach: "had been diagnosed with X, but ... revealed Y".
+TURN_WORDS: tuple[str, ...] = ("but", "however", "although", "though", "yet", "whereas")
 
 # --- Patients: age and sex ---------------------------------------------------------------------
 
@@ -444,6 +446,8 @@ OTHER_LENGTH = (
     r"\b(?:perimeter|circumference|minor|short|thick\w*|depth|deep|breslow|margins?|borders? of|away|apart|area|tall|height"
     r"|average|mean|typical|deviation)\b"
 )
-# A width is not the long diameter (the labelling rules): "5 mm wide", "4.7 cm (1 inch) wide", "a width of 1.4 cm".
+# A width is not the long diameter (the labelling rules): "5 mm wide", "4.7 cm (1 inch) wide", "a width of 1.4 cm";
+# unless a length word leads to the number ("a length of 3.2 cm and a width of 1.4 cm").
 WIDTH = r"\b(?:width|wide|broad)\b"
+LENGTH_BEFORE = r"\b(?:length|long|diameter)(?:\s+of)?(?:\s+(?:about|approximately|around|roughly))?\s*$"
 COMPARED_AFTER = r"^\W*(?:longer|shorter|larger|smaller|bigger|wider|more|less)\b"  # "1.4 mm longer than"
