@@ -333,13 +333,13 @@ PLAN_WORDS: tuple[str, ...] = (
     r"may need", r"needs?", r"schedul\w*", r"refer(?:ral|s)?", r"would", r"if",
 )  # fmt: skip
 
-# A history cue followed by one of these states none: "symptoms include no visible signs of infection",
-# "symptoms were non-specific", "their symptoms are unclear".
 # "confirmed by a thorough examination", "diagnosed by dermatoscopy": today's examination, not history.
 EXAMINATION_AFTER = (
     r"\W*(?:by\s+)?(?:(?:a|an|the|this|their|his|her)\s+)?(?:(?:thorough|careful|clinical|physical|visual|skin|full)\s+)*"
     r"(?:examination|exam|inspection|dermatoscop\w*|dermoscop\w*|appearance)\b"
 )
+# A history cue followed by one of these states none: "symptoms include no visible signs of infection",
+# "symptoms were non-specific", "their symptoms are unclear".
 NO_HISTORY_AFTER = r"\W*(?:(?:a|an|the|any|were|was|are|is)\s+)?(?:no|none|nothing|non-?specific|unclear|unknown)\b"
 
 # --- Polarity cues -----------------------------------------------------------------------------
@@ -399,7 +399,7 @@ GENERIC_SUBJECT = (
 
 # --- Conditions that are not this lesion's ---------------------------------------------------------
 
-# A diagnosis or malignancy named after one of these, in the same sentence, is the patient's past or
+# A diagnosis, malignancy or site named after one of these, in the same sentence, is the patient's past or
 # another condition, not a claim about this lesion: "a history of skin conditions such as acne",
 # "14 years ago, diagnosed with a melanoma", "symptoms include ... acne".
 PAST_CONDITION_CUES: tuple[str, ...] = (
