@@ -628,6 +628,8 @@ PINK = dict(lesion_L=65.0, lesion_A=25.0, lesion_B=12.0, delta_lb_norm=30.0)
             ("invented_history",),
         ),
         ("14 years ago, diagnosed with a melanoma.", NEV, {"diagnoses": ()}, ("invented_history",)),
+        # "4.5" ends no sentence: the cue still reaches "acne"
+        ("Symptoms include a 4.5 mm rash, acne and eczema. A nevus.", NEV, {"diagnoses": ("NEV",)}, ("invented_history",)),
         ("No other identified malignancies were present.", dict(diagnosis="MEL"), {"malignancy": ()}, ()),
         ("Her hair was examined for cancer cells.", NEV, {"malignancy": ()}, ()),
         ("A benign sebrerokeratin keratoderma.", dict(diagnosis="SEK"), {"diagnoses": ("SEK",)}, ()),

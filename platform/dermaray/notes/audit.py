@@ -231,9 +231,10 @@ _EXAMINATION_AFTER = re.compile(EXAMINATION_AFTER, _I)
 _CONFIRMED = re.compile(r"confirm|diagnos", _I)  # a history cue that today's examination answers
 
 # Sentence and clause ends; "4.2" and "vs." are not sentence ends.
-_TERMINATOR = re.compile(
-    r"(?<!\bvs)(?<!e\.g)(?<!i\.e)(?<!approx)\.(?=\s|$)|[;!?\n]|\b" + _alternatives(*CLAUSE_BREAKS) + r"\b", _I
-)
+_SENTENCE_END = r"(?<!\bvs)(?<!e\.g)(?<!i\.e)(?<!approx)\.(?=\s|$)|[;!?\n]"
+_TERMINATOR = re.compile(_SENTENCE_END + r"|\b" + _alternatives(*CLAUSE_BREAKS) + r"\b", _I)
+# Where a past-condition cue stops reaching: a sentence end or a turn ("diagnosed with X, but ... revealed Y").
+_TURN = re.compile(_SENTENCE_END + "|" + _words(*TURN_WORDS), _I)
 _NEGATION = re.compile(_words(*NEGATION_CUES) + r"|n't\b", _I)
 _NEGATING_PREFIX = re.compile(NEGATING_PREFIX, _I)
 _LIST_HEDGE = re.compile(_words(*LIST_HEDGE_CUES), _I)
@@ -270,7 +271,6 @@ _GENERIC = re.compile(_words(*GENERIC_CUES), _I)
 _GENERIC_SUBJECT = re.compile(GENERIC_SUBJECT, _I)
 _PAST_CONDITION = re.compile(_words(*PAST_CONDITION_CUES), _I)
 _OTHER_BEFORE = re.compile(OTHER_BEFORE, _I)
-_TURN = re.compile(_words(*TURN_WORDS), _I)
 _SITE_LEAD = re.compile(SITE_LEAD_BEFORE, _I)
 # Values of one kind offered as alternatives ("small, medium, or large", "benign or malignant").
 _ALTERNATIVE_GAP = re.compile(r"^\s*(?:,\s*)?(?:(?:or|and/or)\s+)?$|^\s*/\s*$", _I)
@@ -361,9 +361,9 @@ def _terms(text: str) -> list[_Hit]:
     return kept
 
 
-def _clause_start(text: str, position: int) -> int:
+def _clause_start(text: str, position: int, ends: re.Pattern[str] = _TERMINATOR) -> int:
     start = 0
-    for m in _TERMINATOR.finditer(text, 0, position):
+    for m in ends.finditer(text, 0, position):
         start = m.end()
     return start
 
@@ -522,9 +522,7 @@ def _without_generic_part(sentence: re.Match[str]) -> str:
 
 def _another_condition(text: str, hit: _Hit) -> bool:
     """A diagnosis, malignancy or site word about the patient's past or another lesion, not this one."""
-    start = max(text.rfind(".", 0, hit.start), text.rfind("\n", 0, hit.start)) + 1
-    for turn in _TURN.finditer(text, start, hit.start):  # "had been diagnosed with X, but ... revealed Y"
-        start = turn.end()
+    start = _clause_start(text, hit.start, _TURN)
     return bool(_PAST_CONDITION.search(text, start, hit.start) or _OTHER_BEFORE.search(text[start : hit.start]))
 
 
