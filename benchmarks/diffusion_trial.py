@@ -23,6 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
+    from dermaray.config import DiffusionConfig, DiffusionEvalConfig, ModelsConfig
+
+    trained, evaluated = DiffusionConfig(), DiffusionEvalConfig()  # the jobs' defaults, unless a flag says otherwise
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lesions", required=True, help="an ingested lesion table (its train and test splits)")
     parser.add_argument("--judge", required=True, help="a diagnosis classifier (jobs.classifier's model folder)")
@@ -34,20 +37,19 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--lora-steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=1e-3, help="both pre-training stages and the adapter")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--rank", type=int, default=trained.lora_rank)
+    parser.add_argument("--caption-dropout", type=float, default=trained.caption_dropout)
     parser.add_argument("--base", help="a base this script pre-trained before (its --out/base): skips pre-training")
     parser.add_argument("--adapter", help="an adapter this script trained before (its --out/adapter): skips LoRA training")
-    parser.add_argument("--images-per-class", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps per generated image")
-    parser.add_argument("--guide-strength", type=float, default=0.6)
+    parser.add_argument("--images-per-class", type=int, default=evaluated.images_per_class)
+    parser.add_argument("--steps", type=int, default=evaluated.steps, help="denoising steps per generated image")
+    parser.add_argument("--guide-strength", type=float, default=evaluated.guide_strength)
     args = parser.parse_args()
 
     import pyarrow.compute as pc
     import torch
 
     from dermaray.cli import setup_logging
-    from dermaray.config import ModelsConfig
     from dermaray.diffusion import pipeline as p
     from dermaray.diffusion.evaluate import markdown
     from dermaray.grounding.data import CLASS_CODES
@@ -79,7 +81,7 @@ def main() -> None:
             lr=args.lr,
             seed=0,
             caption_dropout=args.caption_dropout,
-            snr_gamma=5.0,
+            snr_gamma=trained.snr_gamma,
             resolution=args.resolution,
             log_every=100,
         )
@@ -91,7 +93,7 @@ def main() -> None:
         p.add_lora(pipe.unet, rank=args.rank, seed=0)
         posteriors = p.encode_latents(pipe.vae, p.image_tensor(images, args.resolution))
         ids = p.tokenize(pipe.tokenizer, [lesion_caption(r["diagnosis"], r, True) for r in rows])
-        model = p.DiffusionObjective(pipe, "lora", caption_dropout=args.caption_dropout, snr_gamma=5.0).train()
+        model = p.DiffusionObjective(pipe, "lora", caption_dropout=args.caption_dropout, snr_gamma=trained.snr_gamma).train()
         generator = torch.Generator().manual_seed(1)
         lora_loss = p.train_steps(
             "LoRA",
@@ -111,9 +113,9 @@ def main() -> None:
     settings = {
         "resolution": args.resolution,
         "images_per_class": args.images_per_class,
-        "seed": 0,
+        "seed": evaluated.seed,
         "steps": args.steps,
-        "guidance_scale": 7.5,
+        "guidance_scale": evaluated.guidance_scale,
         "guide_strength": args.guide_strength,
         "classes": [c for c in CLASS_CODES if c in {r["diagnosis"] for r in test}],
     }
