@@ -31,7 +31,7 @@ from dermaray.grounding.model import GroundingModel, GroundingSettings, augment,
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/ lives in the repository, not in site-packages
 from jobs import ingest, synth
 from jobs.common import init_ray
-from jobs.grounding import GROUNDING, fit_scaler, split_dataset
+from jobs.grounding import GROUNDING, fit_scaler, split_datasets
 from jobs.training import fit, warmup_cosine
 
 
@@ -103,8 +103,8 @@ def main() -> None:
     g, tc = cfg.grounding, cfg.grounding.train
     settings = GroundingSettings(model=cfg.models.grounding_mllm, attributes=list(g.attributes), tune="full")
     scaler, counts = fit_scaler(g, {})
-    train = split_dataset(g.input, "train", settings.model, cfg.models, scaler, {}, materialize=True)
-    val = split_dataset(g.input, "val", settings.model, cfg.models, scaler, {}, materialize=True)
+    prepared = split_datasets(g.input, ("train", "val"), settings.model, cfg.models, scaler, {}, materialize=True)
+    train, val = prepared["train"], prepared["val"]
     columns = train.take_batch(batch_size=counts["train"], batch_format="numpy")
     pixels, targets = torch.as_tensor(columns[PIXELS]), torch.as_tensor(columns[TARGETS])
     steps_per_epoch = -(-counts["train"] // args.batch_size)

@@ -55,7 +55,7 @@ from dermaray.schema import written_notes
 from dermaray.stats import bootstrap_ci
 from dermaray.storage import absolute, download_folder, join, parquet_row_count, read_parquet, remove_tree, write_bytes
 from jobs.common import clear_summary, init_ray, log, write_summary
-from jobs.training import Task, export_model, fit, split_inputs, unwrap
+from jobs.training import Task, export_model, fit, prepared_splits, split_inputs, unwrap
 
 TEXT = "text_embedding"
 
@@ -94,19 +94,21 @@ class ClassifierInputs:
 
 
 def inputs(
-    uri: str, notes: pa.Table, split: str | None, cfg: DermarayConfig, materialize: bool, max_actors: int = 2
-) -> ray.data.Dataset:
+    uri: str, notes: pa.Table, splits: tuple[str, ...], cfg: DermarayConfig, materialize: bool, max_actors: int = 2
+) -> dict[str, ray.data.Dataset]:
+    """{split: its lesions as classifier inputs}."""
     spec = label_spec(cfg.classifier.label)
-    return split_inputs(
-        uri,
-        ["lesion_id", "split", "image_bytes", spec.column],
-        split,
-        ClassifierInputs,
-        (cfg.models, notes, spec.kind),
-        cfg.storage_options,
-        materialize,
-        max_actors,
-    )
+    columns = ["lesion_id", "split", "image_bytes", spec.column]
+    args = (cfg.models, notes, spec.kind)
+    return prepared_splits(uri, columns, splits, ClassifierInputs, args, cfg.storage_options, materialize, max_actors)
+
+
+def every_lesion(uri: str, notes: pa.Table, cfg: DermarayConfig) -> ray.data.Dataset:
+    """Every lesion of the table (whatever its split) as classifier inputs, streamed."""
+    spec = label_spec(cfg.classifier.label)
+    args = (cfg.models, notes, spec.kind)
+    columns = ["lesion_id", "split", "image_bytes", spec.column]
+    return split_inputs(uri, columns, None, ClassifierInputs, args, cfg.storage_options, False)
 
 
 # --- The task, run on the Ray Train workers ---------------------------------------------------
@@ -266,7 +268,9 @@ def run(cfg: DermarayConfig) -> dict:
         )
     train_classes = counted["class_counts"].get("train", [0] * len(spec.classes))
     weights = balanced_class_weights(train_classes) if c.class_weights == "balanced" else None
-    datasets = {s: inputs(c.input, notes, s, cfg, tc.materialize, max_actors=2 * tc.num_workers) for s in ("train", "val")}
+    # The test split is prepared in the same pass as the training splits (when they are materialized).
+    prepared = inputs(c.input, notes, ("train", "val", "test"), cfg, tc.materialize, max_actors=2 * tc.num_workers)
+    datasets = {s: prepared[s] for s in ("train", "val")}
     text_dim = TextEncoder(cfg.models.text_encoder, cfg.models).dim
     settings = ClassifierSettings(
         model=cfg.models.grounding_mllm,
@@ -292,11 +296,11 @@ def run(cfg: DermarayConfig) -> dict:
         local = download_folder(model_uri, folder, options)
         model, digest = load_classifier(local, cfg.models), weights_digest(local)
     projections = write_image_projections(model_uri, digest, cfg)
-    eval_sets = {"in-domain (test split)": (inputs(c.input, notes, "test", cfg, False), unlabelled["test"])}
+    eval_sets = {"in-domain (test split)": (prepared["test"], unlabelled["test"])}
     if c.shifted_input and c.shifted_notes:
         shifted_notes = usable_notes(c.shifted_notes, c.allow_labelled_notes, options)
         shifted_unlabelled = sum(lesion_tally(c.shifted_input, shifted_notes, spec, options)["excluded_unlabelled"].values())
-        eval_sets["shifted domain"] = (inputs(c.shifted_input, shifted_notes, None, cfg, False), shifted_unlabelled)
+        eval_sets["shifted domain"] = (every_lesion(c.shifted_input, shifted_notes, cfg), shifted_unlabelled)
     results = {name: evaluate_set(model, ds, spec, excluded) for name, (ds, excluded) in eval_sets.items()}
     write_bytes(join(c.output, "classifier_eval.md"), classifier_markdown(results).encode(), options)
     # lesions_with_note: the lesions used (with the label and a note), per split; excluded_unlabelled:

@@ -57,7 +57,7 @@ from dermaray.models.registry import model_folder, resolve_model
 from dermaray.schema import written_notes
 from dermaray.storage import exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
 from jobs.common import clear_summary, init_ray, log, write_summary
-from jobs.training import Task, export_model, fit, split_inputs
+from jobs.training import Task, export_model, fit, prepared_splits
 
 LATENTS, IDS = "latent_posteriors", "input_ids"
 SETTINGS_FILE = "adapter.json"
@@ -268,15 +268,16 @@ def split_ids(d: DiffusionConfig, storage_options: dict) -> tuple[dict[str, dict
     return ids, unlabelled
 
 
-def split_dataset(
-    d: DiffusionConfig, split: str, ids: list[str], base: str, models: ModelsConfig, resolution: int, storage_options: dict
-) -> ray.data.Dataset:
+def split_datasets(
+    d: DiffusionConfig, ids: dict[str, list[str]], base: str, models: ModelsConfig, resolution: int, storage_options: dict
+) -> dict[str, ray.data.Dataset]:
+    """{split: the latents and caption ids of its lesions `ids[split]`}."""
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2", "long_diam_mm"]
     every_row = d.adapters == "shared" and d.limit is None  # no id set to ship to the actors
-    only = None if every_row else set(ids)
+    only = None if every_row else {i for split_ids in ids.values() for i in split_ids}
     args = (base, models, storage_options, resolution, d.size_words, only, d.notes)
-    return split_inputs(
-        d.input, columns, split, DiffusionInputs, args, storage_options, d.train.materialize, max(2, 2 * d.train.num_workers)
+    return prepared_splits(
+        d.input, columns, tuple(ids), DiffusionInputs, args, storage_options, d.train.materialize, max(2, 2 * d.train.num_workers)
     )
 
 
@@ -285,7 +286,7 @@ def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str
     d, options = cfg.diffusion, cfg.storage_options
     if not ids["train"]:
         raise ValueError(f"{d.input} has no training-split lesions for adapter {name}")
-    datasets = {s: split_dataset(d, s, ids[s], base, cfg.models, resolution, options) for s in ("train", "val")}
+    datasets = split_datasets(d, {s: ids[s] for s in ("train", "val")}, base, cfg.models, resolution, options)
     config = {
         "base": base,
         "base_name": cfg.models.diffusion_base,

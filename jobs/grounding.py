@@ -39,7 +39,7 @@ from dermaray.grounding.photometric import photometric_views
 from dermaray.layout import summary_uri
 from dermaray.storage import read_parquet
 from jobs.common import clear_summary, init_ray, log, write_summary
-from jobs.training import Task, export_model, fit, split_inputs, unwrap
+from jobs.training import Task, export_model, fit, prepared_splits, unwrap
 
 
 def settings_of(cfg: DermarayConfig) -> GroundingSettings:
@@ -106,9 +106,9 @@ def fit_scaler(g: GroundingConfig, storage_options: dict) -> tuple[AttributeScal
     return AttributeScaler.fit(g.attributes, values, log_sizes=g.log_sizes), counts
 
 
-def split_dataset(
+def split_datasets(
     uri: str,
-    split: str,
+    splits: tuple[str, ...],
     model: str,
     models: ModelsConfig,
     scaler: AttributeScaler,
@@ -116,11 +116,11 @@ def split_dataset(
     materialize: bool,
     max_actors: int = 2,
     image_size: int | None = None,
-) -> ray.data.Dataset:
-    """One split of the lesion table as model inputs (pixels, z-scored targets, class label)."""
+) -> dict[str, ray.data.Dataset]:
+    """Splits of the lesion table as model inputs (pixels, z-scored targets, class label)."""
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", *scaler.names]
     args = (model, models, scaler, (), image_size)
-    return split_inputs(uri, columns, split, Preprocessor, args, storage_options, materialize, max_actors)
+    return prepared_splits(uri, columns, splits, Preprocessor, args, storage_options, materialize, max_actors)
 
 
 def run(cfg: DermarayConfig) -> dict:
@@ -137,12 +137,9 @@ def run(cfg: DermarayConfig) -> dict:
         g.attributes,
         g.tune,
     )
-    datasets = {
-        s: split_dataset(
-            g.input, s, settings.model, cfg.models, scaler, options, tc.materialize, 2 * tc.num_workers, g.image_size
-        )
-        for s in ("train", "val")
-    }
+    datasets = split_datasets(
+        g.input, ("train", "val"), settings.model, cfg.models, scaler, options, tc.materialize, 2 * tc.num_workers, g.image_size
+    )
     config = {
         "settings": settings.model_dump(),
         "scaler": asdict(scaler),

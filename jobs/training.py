@@ -272,6 +272,57 @@ def split_inputs(
     return ds.materialize() if materialize else ds
 
 
+def prepared_splits(
+    uri: str,
+    columns: list[str],
+    splits: tuple[str, ...],
+    prepare: type,
+    args: tuple,
+    storage_options: dict,
+    materialize: bool,
+    max_actors: int = 2,
+) -> dict[str, ray.data.Dataset]:
+    """Several splits of the lesion table as model inputs, {split: dataset}.
+
+    Materialized: one read and one actor pool for all of them (each `prepare` actor loads its model
+    once per stage, not once per split), then each split is kept from the prepared rows. Streamed:
+    one pipeline per split, each read as its consumer (a Ray Train run) pulls it."""
+    if not materialize or len(splits) == 1:
+        return {s: split_inputs(uri, columns, s, prepare, args, storage_options, materialize, max_actors) for s in splits}
+    fs, root = arrow_filesystem(uri, storage_options)
+    ds = ray.data.read_parquet(root, filesystem=fs, columns=columns)
+    ds = ds.filter(expr=" or ".join(f"split == '{s}'" for s in splits))
+    prepared = ds.map_batches(
+        BySplit,
+        fn_constructor_args=(prepare, *args),
+        batch_size=256,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+    ).materialize()
+    return {s: prepared.filter(expr=f"{SPLIT} == '{s}'").drop_columns([SPLIT]).materialize() for s in splits}
+
+
+SPLIT = "_split"  # the split of each prepared row, while the splits share one pass
+
+
+class BySplit:
+    """A `prepare` actor whose output rows keep their split: `prepare` may drop rows, so it is called per split."""
+
+    def __init__(self, prepare: type, *args: Any):
+        self.prepare = prepare(*args)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(batch["split"]):
+            return {**self.prepare(batch), SPLIT: np.array([], dtype=object)}
+        parts = []
+        for split in np.unique(batch["split"]):
+            keep = batch["split"] == split
+            out = self.prepare({k: v[keep] for k, v in batch.items()})
+            rows = len(next(iter(out.values())))
+            parts.append({**out, SPLIT: np.full(rows, split, dtype=object)})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def export_model(checkpoint: Checkpoint, output: str, storage_options: dict, name: str = MODEL) -> str:
     """Copy the checkpoint's model folder to `<output>/<name>` (any URI)."""
     with checkpoint.as_directory() as folder:
