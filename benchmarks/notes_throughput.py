@@ -7,8 +7,10 @@
 Every path writes exactly --max-tokens tokens per prompt (EOS ignored), so prompts/s
 compare like for like. The job is timed end to end (engine actor start, reading the
 lesions, writing and re-reading the notes Parquet, the audit); the bare engine only for
-its generate call. Hugging Face is timed on --hf-prompts prompts and scaled. Goals:
-job / bare >= 0.9, job / HF >= 20.
+its generate call. Hugging Face is timed on --hf-prompts prompts and scaled. The job runs
+twice: with one engine actor, against the one bare engine (what the job costs over it), and
+with --engines actors (default: one per core; vLLM's CPU engine uses one core), against
+Hugging Face using every core. Goals: job / bare >= 0.9, job / HF >= 20.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="note_writer preset")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--hf-prompts", type=int, default=40)
+    parser.add_argument("--engines", type=int, default=os.cpu_count(), help="engine actors of the second job run")
     parser.add_argument("--workdir", default="/tmp/dermaray-notes-bench")
     args = parser.parse_args()
 
@@ -40,7 +43,8 @@ def main() -> None:
     from dermaray.config import load_config
     from dermaray.layout import summary_uri
     from dermaray.models import resolve_model
-    from dermaray.notes.engine import NoteWriter
+    from dermaray.notes.engine import NoteWriter, engine_dtype, switches_of
+    from dermaray.notes.prompts import build_messages
     from dermaray.storage import read_parquet
     from jobs import ingest, notes, synth
     from jobs.common import init_ray
@@ -51,7 +55,7 @@ def main() -> None:
         [
             f"synth.n_lesions={args.lesions}", f"synth.output={source}", f"ingest.input={source}", f"ingest.output={canonical}",
             f"notes.input={canonical}/lesions", f"notes.output={out}", "notes.strategy=P2",
-            f"notes.sampling.max_tokens={args.max_tokens}", "notes.sampling.ignore_eos=true", "notes.shard_size=500",
+            f"notes.sampling.max_tokens={args.max_tokens}", "notes.sampling.ignore_eos=true",
             f"models.note_writer={args.model}", "notes.model_lesions=null",
         ],
     )  # fmt: skip
@@ -62,13 +66,14 @@ def main() -> None:
     model_path = resolve_model("note_writer", cfg.models.note_writer, cfg.models)
     rows = read_parquet(cfg.notes.input, columns=notes.input_columns(cfg.notes)).sort_by("lesion_id").to_pylist()
 
-    # (b) Hugging Face generate, one prompt at a time, on the same chat-templated prompts.
-    start = time.perf_counter()
-    writer = NoteWriter(cfg.notes, model_path, "bench")
-    engine_start = time.perf_counter() - start
-    prompts = [writer.engine_input(row)[0] for row in rows]
+    # (b) Hugging Face generate, one prompt at a time, on the same chat-templated prompts, before any
+    # engine starts: vLLM's CPU engine pins this process's threads to one core, Hugging Face uses them all.
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, writer.dtype)).eval()
+    messages = [build_messages(row, cfg.notes.strategy, switches_of(cfg.notes)) for row in rows]
+    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    dtype = engine_dtype(cfg.notes.dtype)
+    hf_threads = torch.get_num_threads()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
     start = time.perf_counter()
     with torch.inference_mode():
         for prompt in prompts[: args.hf_prompts]:
@@ -78,24 +83,34 @@ def main() -> None:
 
     # (a) bare vLLM in this process.
     start = time.perf_counter()
+    writer = NoteWriter(cfg.notes, model_path, "bench")
+    engine_start = time.perf_counter() - start
+    assert [writer.engine_input(row)[0] for row in rows] == prompts and writer.dtype == dtype
+    start = time.perf_counter()
     outputs = writer.llm.generate(prompts, writer.params, use_tqdm=False)
     bare_rate = len(prompts) / (time.perf_counter() - start)
     assert all(len(o.outputs[0].token_ids) == args.max_tokens for o in outputs)
-    writer_dtype = writer.dtype
     del writer, outputs
 
-    # The job: engine actor(s) in Ray Data, sharded Parquet output, audit.
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    summary = notes.run(cfg)
-    job_seconds = time.perf_counter() - start
+    def job(engines: int) -> tuple[dict, float]:
+        """The job (engine actors in Ray Data, sharded Parquet output, audit): its summary and seconds."""
+        shutil.rmtree(out, ignore_errors=True)
+        cfg.notes.concurrency = engines
+        cfg.notes.shard_size = -(-len(rows) // engines)  # a shard per engine: each writes as many notes
+        start = time.perf_counter()
+        summary = notes.run(cfg)
+        assert summary["output_tokens"] == summary["lesions"] * args.max_tokens
+        return summary, time.perf_counter() - start
+
+    summary, job_seconds = job(1)
     job_rate = summary["lesions"] / job_seconds
     warm_rate = summary["lesions"] / (job_seconds - summary["engine_start_seconds"])
     shard_rate = summary["lesions"] / summary["shard_seconds"]  # one actor: its time inside shards
-    assert summary["output_tokens"] == summary["lesions"] * args.max_tokens
+    wide, wide_seconds = job(args.engines)
+    wide_rate = wide["lesions"] / wide_seconds
 
-    print(f"prompts: {len(prompts)}, {args.max_tokens} new tokens each, note_writer {args.model} in {writer_dtype}, strategy P2")
-    print(f"hugging face generate, one at a time: {hf_rate:8.2f} prompts/s ({args.hf_prompts} prompts)")
+    print(f"prompts: {len(prompts)}, {args.max_tokens} new tokens each, note_writer {args.model} in {dtype}, strategy P2")
+    print(f"hugging face generate, one at a time: {hf_rate:8.2f} prompts/s ({args.hf_prompts} prompts, {hf_threads} threads)")
     print(f"bare LLM.generate in-process:         {bare_rate:8.2f} prompts/s")
     print(f"notes job (Ray Data + vLLM actor):    {job_rate:8.2f} prompts/s end to end, {job_seconds:.1f} s")
     print(
@@ -110,7 +125,11 @@ def main() -> None:
         f"ratio job / bare vLLM = {job_rate / bare_rate:.2f} end to end, "
         f"{warm_rate / bare_rate:.2f} without the engine start, {shard_rate / bare_rate:.2f} inside the shards  (goal >= 0.9)"
     )
-    print(f"ratio job / HF one-at-a-time = {job_rate / hf_rate:.1f}  (goal >= 20)")
+    print(f"notes job, {args.engines} engine actors:      {wide_rate:8.2f} prompts/s end to end, {wide_seconds:.1f} s")
+    print(
+        f"ratio job / HF one-at-a-time = {job_rate / hf_rate:.1f} with one engine, "
+        f"{wide_rate / hf_rate:.1f} with {args.engines}  (goal >= 20)"
+    )
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ class NotesConfig(Section):
     # OMP_NUM_THREADS=1 is vLLM's own choice for serving on CPU; Ray would otherwise set it to the actor's
     # num_cpus, and two spin-waiting torch threads made the engine actor ~1.5x slower than in-process here.
     engine_env: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
-    concurrency: int = Field(default=1, ge=1)  # engine actors
+    concurrency: int = Field(default=1, ge=1)  # engine actors: one per GPU; on CPU nodes one per core (a CPU engine uses one)
     num_gpus: float = Field(default=0, ge=0)  # per engine actor
     num_cpus: float = Field(default=1, ge=0)  # per engine actor
     resources: dict[str, float] = {}  # custom resources per engine actor, e.g. {"inference": 1}
@@ -211,7 +211,9 @@ class TrainConfig(Section):
     # Also checkpoint every N optimizer steps inside an epoch (None: at epoch ends only); a resume
     # from such a checkpoint skips the batches of the epoch already trained on.
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
-    materialize: bool = True  # keep the decoded pixels in the object store across epochs (small datasets)
+    # Keep the prepared inputs in the object store across epochs, every split prepared in one pass (small
+    # datasets); false: each split streams, read as training pulls it.
+    materialize: bool = True
     # "auto": bf16-mixed on a GPU with bfloat16 (fp16-mixed on older GPUs), fp32 on CPU. Mixed precision
     # autocasts forward passes and keeps frozen weights in the compute dtype, trainable ones in float32.
     precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "auto"

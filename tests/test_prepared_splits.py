@@ -1,0 +1,42 @@
+"""Splits prepared in one pass hold the rows the per-split pipelines do, and the prepare actor starts once."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.training import prepared_splits, split_inputs
+
+
+class DropOdd:
+    """A prepare step that drops rows (odd ids) and maps the rest; each start leaves a file behind."""
+
+    def __init__(self, starts: str):
+        Path(starts, f"{os.getpid()}-{id(self)}").touch()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = batch["id"] % 2 == 0
+        return {"id": batch["id"][keep], "double": 2 * batch["value"][keep]}
+
+
+def test_one_pass_keeps_each_splits_rows_and_starts_one_actor(ray_cluster, tmp_path):
+    table = tmp_path / "lesions"
+    table.mkdir()
+    ids = np.arange(300)
+    splits = np.array(["train", "val", "test"])[ids % 3]
+    pq.write_table(pa.table({"id": ids, "split": splits, "value": ids * 1.5}), table / "part-0.parquet")
+    starts = tmp_path / "starts"
+    starts.mkdir()
+    columns, wanted = ["id", "split", "value"], ("train", "val")
+
+    together = prepared_splits(str(table), columns, wanted, DropOdd, (str(starts),), {}, materialize=True, max_actors=1)
+    assert len(list(starts.iterdir())) == 1  # one actor for both splits
+    for split in wanted:
+        alone = split_inputs(str(table), columns, split, DropOdd, (str(starts),), {}, materialize=True, max_actors=1)
+        rows = sorted(r["id"] for r in together[split].take_all())
+        assert rows == sorted(r["id"] for r in alone.take_all())
+        assert rows == [i for i in range(300) if i % 2 == 0 and splits[i] == split]
+        assert set(together[split].columns()) == {"id", "double"}
+    assert len(list(starts.iterdir())) == 3  # and one more for each split prepared alone
