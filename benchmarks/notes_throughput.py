@@ -80,17 +80,7 @@ def main() -> None:
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
             model.generate(**ids, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False)
     hf_rate = args.hf_prompts / (time.perf_counter() - start)
-
-    # (a) bare vLLM in this process.
-    start = time.perf_counter()
-    writer = NoteWriter(cfg.notes, model_path, "bench")
-    engine_start = time.perf_counter() - start
-    assert [writer.engine_input(row)[0] for row in rows] == prompts and writer.dtype == dtype
-    start = time.perf_counter()
-    outputs = writer.llm.generate(prompts, writer.params, use_tqdm=False)
-    bare_rate = len(prompts) / (time.perf_counter() - start)
-    assert all(len(o.outputs[0].token_ids) == args.max_tokens for o in outputs)
-    del writer, outputs
+    del model
 
     def job(engines: int) -> tuple[dict, float]:
         """The job (engine actors in Ray Data, sharded Parquet output, audit): its summary and seconds."""
@@ -108,6 +98,18 @@ def main() -> None:
     shard_rate = summary["lesions"] / summary["shard_seconds"]  # one actor: its time inside shards
     wide, wide_seconds = job(args.engines)
     wide_rate = wide["lesions"] / wide_seconds
+
+    # (a) bare vLLM in this process, last: its engine pins this process to one core, and a job run from
+    # it afterwards took 105 s instead of 74 s here (244 notes, two engines).
+    start = time.perf_counter()
+    writer = NoteWriter(cfg.notes, model_path, "bench")
+    engine_start = time.perf_counter() - start
+    assert [writer.engine_input(row)[0] for row in rows] == prompts and writer.dtype == dtype
+    start = time.perf_counter()
+    outputs = writer.llm.generate(prompts, writer.params, use_tqdm=False)
+    bare_rate = len(prompts) / (time.perf_counter() - start)
+    assert all(len(o.outputs[0].token_ids) == args.max_tokens for o in outputs)
+    del writer, outputs
 
     print(f"prompts: {len(prompts)}, {args.max_tokens} new tokens each, note_writer {args.model} in {dtype}, strategy P2")
     print(f"hugging face generate, one at a time: {hf_rate:8.2f} prompts/s ({args.hf_prompts} prompts, {hf_threads} threads)")

@@ -179,7 +179,9 @@ def run(cfg: DermarayConfig) -> dict:
             fn_constructor_args=(n, cfg.models, options, bool(by_model)),  # no lesion for the model: no engine
             batch_size=None,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=n.concurrency),
+            # One shard at a time per actor: an actor whose engine is up first would otherwise queue every
+            # shard while the others still start (two engines wrote no faster than one).
+            compute=ray.data.ActorPoolStrategy(size=n.concurrency, max_tasks_in_flight_per_actor=1),
             num_cpus=n.num_cpus,
             num_gpus=n.num_gpus,
             runtime_env={"env_vars": n.engine_env},  # before the actor's process imports torch and vLLM
