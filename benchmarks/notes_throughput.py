@@ -9,7 +9,7 @@ compare like for like. The job is timed end to end (engine actor start, reading 
 lesions, writing and re-reading the notes Parquet, the audit); the bare engine only for
 its generate call. Hugging Face is timed on --hf-prompts prompts and scaled. The job runs
 twice: with one engine actor, against the one bare engine (what the job costs over it), and
-with --engines actors (default: one per core; vLLM's CPU engine uses one core), against
+with --engines actors (default: one per CPU of the Ray cluster; a CPU engine uses one core), against
 Hugging Face using every core. Goals: job / bare >= 0.9, job / HF >= 20.
 """
 
@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="note_writer preset")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--hf-prompts", type=int, default=40)
-    parser.add_argument("--engines", type=int, default=os.cpu_count(), help="engine actors of the second job run")
+    parser.add_argument("--engines", type=int, help="engine actors of the second job run (default: the Ray cluster's CPUs)")
     parser.add_argument("--workdir", default="/tmp/dermaray-notes-bench")
     args = parser.parse_args()
 
+    import ray
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,6 +61,9 @@ def main() -> None:
         ],
     )  # fmt: skip
     init_ray(cfg.ray)
+    engines = args.engines or int(ray.cluster_resources()["CPU"])
+    if ray.cluster_resources()["CPU"] < engines * cfg.notes.num_cpus:
+        raise SystemExit(f"--engines {engines} needs {engines * cfg.notes.num_cpus} CPUs; the Ray cluster has fewer")
     if not os.path.exists(summary_uri(canonical, "ingest")):
         synth.run(cfg)
         ingest.run(cfg)
@@ -96,7 +100,7 @@ def main() -> None:
     job_rate = summary["lesions"] / job_seconds
     warm_rate = summary["lesions"] / (job_seconds - summary["engine_start_seconds"])
     shard_rate = summary["lesions"] / summary["shard_seconds"]  # one actor: its time inside shards
-    wide, wide_seconds = job(args.engines)
+    wide, wide_seconds = job(engines)
     wide_rate = wide["lesions"] / wide_seconds
 
     # (a) bare vLLM in this process, last: its engine pins this process to one core, and a job run from
@@ -127,10 +131,10 @@ def main() -> None:
         f"ratio job / bare vLLM = {job_rate / bare_rate:.2f} end to end, "
         f"{warm_rate / bare_rate:.2f} without the engine start, {shard_rate / bare_rate:.2f} inside the shards  (goal >= 0.9)"
     )
-    print(f"notes job, {args.engines} engine actors:      {wide_rate:8.2f} prompts/s end to end, {wide_seconds:.1f} s")
+    print(f"notes job, {engines} engine actors:      {wide_rate:8.2f} prompts/s end to end, {wide_seconds:.1f} s")
     print(
         f"ratio job / HF one-at-a-time = {job_rate / hf_rate:.1f} with one engine, "
-        f"{wide_rate / hf_rate:.1f} with {args.engines}  (goal >= 20)"
+        f"{wide_rate / hf_rate:.1f} with {engines}  (goal >= 20)"
     )
 
 

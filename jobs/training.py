@@ -313,13 +313,13 @@ class BySplit:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not len(batch["split"]):
-            return {**self.prepare(batch), SPLIT: np.array([], dtype=object)}
+            return {**self.prepare(batch), SPLIT: np.array([], dtype=str)}  # str: Arrow types it string, not null
         parts = []
         for split in np.unique(batch["split"]):
             keep = batch["split"] == split
             out = self.prepare({k: v[keep] for k, v in batch.items()})
             rows = len(next(iter(out.values())))
-            parts.append({**out, SPLIT: np.full(rows, split, dtype=object)})
+            parts.append({**out, SPLIT: np.full(rows, str(split))})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

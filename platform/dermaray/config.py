@@ -211,8 +211,8 @@ class TrainConfig(Section):
     # Also checkpoint every N optimizer steps inside an epoch (None: at epoch ends only); a resume
     # from such a checkpoint skips the batches of the epoch already trained on.
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
-    # Keep the prepared inputs in the object store across epochs, every split prepared in one pass (small
-    # datasets); false: each split streams, read as training pulls it.
+    # Keep the prepared inputs in the object store across epochs, every split (the classifier's test split
+    # too) prepared in one pass: small datasets. false: each split streams, read as training pulls it.
     materialize: bool = True
     # "auto": bf16-mixed on a GPU with bfloat16 (fp16-mixed on older GPUs), fp32 on CPU. Mixed precision
     # autocasts forward passes and keeps frozen weights in the compute dtype, trainable ones in float32.
