@@ -292,8 +292,9 @@ def prepared_splits(
     fs, root = arrow_filesystem(uri, storage_options)
     ds = ray.data.read_parquet(root, filesystem=fs, columns=columns)
     ds = ds.filter(expr=" or ".join(f"split == '{s}'" for s in splits))
+    named = type(prepare.__name__, (BySplit,), {})  # Ray names the operator after it: MapBatches(<prepare>)
     prepared = ds.map_batches(
-        BySplit,
+        named,
         fn_constructor_args=(prepare, *args),
         batch_size=256,
         batch_format="numpy",
