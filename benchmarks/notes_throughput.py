@@ -61,8 +61,9 @@ def main() -> None:
         ],
     )  # fmt: skip
     init_ray(cfg.ray)
-    engines = args.engines or int(ray.cluster_resources()["CPU"])
-    if ray.cluster_resources()["CPU"] < engines * cfg.notes.num_cpus:
+    cpus = ray.cluster_resources()["CPU"]
+    engines = args.engines or int(cpus)
+    if cpus < engines * cfg.notes.num_cpus:
         raise SystemExit(f"--engines {engines} needs {engines * cfg.notes.num_cpus} CPUs; the Ray cluster has fewer")
     if not os.path.exists(summary_uri(canonical, "ingest")):
         synth.run(cfg)

@@ -93,21 +93,23 @@ class ClassifierInputs:
         return out
 
 
+def _input_parts(notes: pa.Table, cfg: DermarayConfig) -> tuple[list[str], tuple]:
+    """The lesion columns ClassifierInputs reads, and its constructor arguments."""
+    spec = label_spec(cfg.classifier.label)
+    return ["lesion_id", "split", "image_bytes", spec.column], (cfg.models, notes, spec.kind)
+
+
 def inputs(
     uri: str, notes: pa.Table, splits: tuple[str, ...], cfg: DermarayConfig, materialize: bool, max_actors: int = 2
 ) -> dict[str, ray.data.Dataset]:
     """{split: its lesions as classifier inputs}."""
-    spec = label_spec(cfg.classifier.label)
-    columns = ["lesion_id", "split", "image_bytes", spec.column]
-    args = (cfg.models, notes, spec.kind)
+    columns, args = _input_parts(notes, cfg)
     return prepared_splits(uri, columns, splits, ClassifierInputs, args, cfg.storage_options, materialize, max_actors)
 
 
 def every_lesion(uri: str, notes: pa.Table, cfg: DermarayConfig) -> ray.data.Dataset:
     """Every lesion of the table (whatever its split) as classifier inputs, streamed."""
-    spec = label_spec(cfg.classifier.label)
-    args = (cfg.models, notes, spec.kind)
-    columns = ["lesion_id", "split", "image_bytes", spec.column]
+    columns, args = _input_parts(notes, cfg)
     return split_inputs(uri, columns, None, ClassifierInputs, args, cfg.storage_options, False)
 
 

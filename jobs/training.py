@@ -247,7 +247,7 @@ def fit(
 def split_inputs(
     uri: str,
     columns: list[str],
-    split: str | None,
+    split: str | tuple[str, ...] | None,
     prepare: type,
     args: tuple,
     storage_options: dict,
@@ -255,12 +255,12 @@ def split_inputs(
     max_actors: int = 2,
     **actor_resources: Any,
 ) -> ray.data.Dataset:
-    """One split of the lesion table (every row when `split` is None) mapped to model inputs by an actor pool of `prepare`
-    (`actor_resources`: what each actor asks for, e.g. num_gpus=1)."""
+    """The rows of one split of the lesion table (or of several; every row when `split` is None) mapped to model
+    inputs by an actor pool of `prepare` (`actor_resources`: what each actor asks for, e.g. num_gpus=1)."""
     fs, root = arrow_filesystem(uri, storage_options)
     ds = ray.data.read_parquet(root, filesystem=fs, columns=columns)
     if split is not None:
-        ds = ds.filter(expr=f"split == '{split}'")
+        ds = ds.filter(expr=" or ".join(f"split == '{s}'" for s in ((split,) if isinstance(split, str) else split)))
     ds = ds.map_batches(
         prepare,
         fn_constructor_args=args,
@@ -289,17 +289,8 @@ def prepared_splits(
     one pipeline per split, each read as its consumer (a Ray Train run) pulls it."""
     if not materialize or len(splits) == 1:
         return {s: split_inputs(uri, columns, s, prepare, args, storage_options, materialize, max_actors) for s in splits}
-    fs, root = arrow_filesystem(uri, storage_options)
-    ds = ray.data.read_parquet(root, filesystem=fs, columns=columns)
-    ds = ds.filter(expr=" or ".join(f"split == '{s}'" for s in splits))
     named = type(prepare.__name__, (BySplit,), {})  # Ray names the operator after it: MapBatches(<prepare>)
-    prepared = ds.map_batches(
-        named,
-        fn_constructor_args=(prepare, *args),
-        batch_size=256,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-    ).materialize()
+    prepared = split_inputs(uri, columns, splits, named, (prepare, *args), storage_options, True, max_actors)
     return {s: prepared.filter(expr=f"{SPLIT} == '{s}'").drop_columns([SPLIT]).materialize() for s in splits}
 
 
