@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from dermaray.config import load_config
+from dermaray.data.readers import READERS, mark_duplicates
 from dermaray.data.synthetic import synthesize_lesion
 from jobs import ingest
 
@@ -24,8 +25,8 @@ def _ingest(source, folder, out):
     return lesions.set_index("lesion_id"), quarantine.set_index("lesion_id")
 
 
-def test_ham10000(ray_cluster, tmp_path):
-    root = tmp_path / "ham"
+def _ham10000_folder(root):
+    """Seven HAM10000 rows: four good, three that ingest must quarantine."""
     rows = [
         ("HAM_0000118", "ISIC_0027419", "bkl", "histo", "80.0", "male", "scalp"),
         ("HAM_0000118", "ISIC_0025030", "bkl", "histo", "80.0", "male", "scalp"),
@@ -40,6 +41,12 @@ def test_ham10000(ray_cluster, tmp_path):
     )
     for i, (_, image_id, *_rest) in enumerate(rows[:-1]):
         _save(root / f"HAM10000_images_part_{1 + i % 2}" / f"{image_id}.jpg", i, "JPEG")
+    return [image_id for _, image_id, *_rest in rows]
+
+
+def test_ham10000(ray_cluster, tmp_path):
+    root = tmp_path / "ham"
+    _ham10000_folder(root)
     lesions, quarantine = _ingest("ham10000", root, tmp_path / "out")
     assert len(lesions) == 4 and len(quarantine) == 3
     assert lesions.loc["ISIC_0026769", "diagnosis"] == "MEL" and lesions.loc["ISIC_0026769", "malignant"]
@@ -52,6 +59,29 @@ def test_ham10000(ray_cluster, tmp_path):
         "ISIC_0025837": "invalid_value",
         "ISIC_0025276": "image_missing",
     }
+
+
+def test_each_batch_writes_its_own_files_in_source_order_and_a_retry_replaces_them(ray_cluster, tmp_path):
+    root, out = tmp_path / "ham", tmp_path / "out"
+    ids = _ham10000_folder(root)
+    _ingest("ham10000", root, out)  # batches of 3 rows: files part-0, part-3, part-6
+    assert sorted(p.name for p in (out / "lesions").iterdir()) == [f"part-{i:012d}.parquet" for i in (0, 3)]
+    assert sorted(p.name for p in (out / "quarantine").iterdir()) == [f"part-{i:012d}.parquet" for i in (3, 6)]
+    kept = pd.read_parquet(out / "lesions").lesion_id.tolist()
+    assert kept == [i for i in ids if i in kept]  # the table reads in source order
+
+    # A retry of batch 0 that quarantines all its rows (say the limit changed between attempts) leaves no
+    # lesion file of the first attempt behind; the attempt after that removes its quarantine file again.
+    reader = READERS["ham10000"]
+    metadata = mark_duplicates(reader.load_metadata(str(root), {}), reader.id_column)
+    cfg = load_config(None, ["ingest.source=ham10000", f"ingest.input={root}", f"ingest.output={out}"]).ingest
+    strict = cfg.model_copy(update={"max_image_bytes": 1})
+    assert ingest.ingest_batch(metadata, 0, 3, strict, {}) == {"lesions": 0, "quarantine": 3}
+    assert not (out / "lesions" / "part-000000000000.parquet").exists()
+    assert pd.read_parquet(out / "quarantine" / "part-000000000000.parquet").reason.tolist() == ["image_too_large"] * 3
+    assert ingest.ingest_batch(metadata, 0, 3, cfg, {}) == {"lesions": 3, "quarantine": 0}
+    assert not (out / "quarantine" / "part-000000000000.parquet").exists()
+    assert pd.read_parquet(out / "lesions" / "part-000000000000.parquet").lesion_id.tolist() == ids[:3]
 
 
 def test_pad_ufes_20(ray_cluster, tmp_path):

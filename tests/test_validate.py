@@ -41,6 +41,19 @@ def test_bad_images_are_rejected_with_reason(blob, reason):
     assert caught.value.reason == reason
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_cut_anywhere_in_its_data_is_truncated_though_checked_at_reduced_scale(progressive):
+    buffer = io.BytesIO()
+    Image.effect_noise((450, 300), 60).convert("RGB").save(buffer, format="JPEG", quality=90, progressive=progressive)
+    blob = buffer.getvalue()
+    info = inspect_image(blob, **LIMITS)
+    assert (info.format, info.width, info.height) == ("JPEG", 450, 300)  # the declared size, not the decoded one
+    for fraction in (0.3, 0.7, 0.95, 0.995):
+        with pytest.raises(RowRejected) as caught:
+            inspect_image(blob[: int(len(blob) * fraction)], **LIMITS)
+        assert caught.value.reason == "truncated_image", fraction
+
+
 def test_bomb_is_small_on_disk_but_huge_declared():
     assert len(decompression_bomb_png()) < 100_000
     assert corrupt_image("truncated_image", b"abcd") == b"ab"

@@ -8,7 +8,9 @@ batch; `jobs.ingest` spreads batches over a Ray cluster.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import itertools
 from typing import Any, ClassVar
 
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from dermaray.config import IngestConfig
 from dermaray.data.validate import RowRejected, inspect_image, parse_age, parse_attribute, parse_number, parse_text
@@ -41,11 +44,23 @@ class MissingColumnsError(ValueError):
 
 
 def read_csv_as_text(uri: str, storage_options: dict[str, Any]) -> pa.Table:
-    """Every column as text, blanks as "", so "NaN" or "forty" reach validation as written."""
+    """Every column as text, blanks as "", so "NaN" or "forty" reach validation as written.
+
+    Arrow's reader, not pandas': it parses on every core of the driver, which waits on it before
+    any task starts (ISIC 2024's metadata is ~400k rows)."""
     fs, path = filesystem(uri, storage_options)
     with fs.open(path, "rb") as f:
-        frame = pd.read_csv(f, dtype=str, keep_default_na=False)
-    return pa.Table.from_pandas(frame, preserve_index=False)
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+        header = next(csv.reader(text), [])
+        text.detach()  # leaves `f` open
+        f.seek(0)
+        return pacsv.read_csv(
+            f,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False, quoted_strings_can_be_null=False
+            ),
+        )
 
 
 def find_one(uri: str, storage_options: dict[str, Any], patterns: tuple[str, ...], what: str) -> str:
