@@ -23,12 +23,17 @@ behind the others in both cases; the Retrieval replica batches concurrent search
 forward pass, which threads calling the model one image at a time cannot. Against plain
 uvicorn: Serve's p50 at concurrency 1 / uvicorn's (goal <= 1.3) and Serve's requests/s at
 concurrency 32 / uvicorn's (goal >= 1). Skip that part with --no-plain.
+
+With --direct-ingress (Serve's throughput-optimized settings, which include direct ingress) the
+load goes to the ingress replicas' own HTTP servers instead of the proxy, spread over them as a
+load balancer would; with --retrieval-in-ingress a search then takes no hop inside the cluster.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -100,6 +105,26 @@ def best_in_process(retriever, image: bytes, k: int, requests: int, concurrency:
     return best
 
 
+def ingress_replica_urls(app: str) -> list[str]:
+    """The HTTP servers of `app`'s ingress replicas under direct ingress: Serve's target groups, which
+    its REST API (GET /api/serve/applications/) publishes for a load balancer. Read here from the
+    controller, as the benchmark's cluster runs no dashboard. The targets name the node's address;
+    on this one-machine cluster the replicas listen on loopback (RAY_SERVE_DEFAULT_HTTP_HOST unset)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    details = ray.get(_get_global_client()._controller.get_serve_instance_details.remote())
+    targets = [
+        f"http://127.0.0.1:{target['port']}"
+        for group in details.get("target_groups", [])
+        if group["app_name"] == app and str(group["protocol"]).upper().endswith("HTTP")
+        for target in group["targets"]
+    ]
+    if not targets:
+        raise RuntimeError(f"Serve published no HTTP target of app {app!r}: is direct ingress on?")
+    return targets
+
+
 def wait_for_ray_to_exit(timeout: float = 60.0) -> None:
     """Until no process of the local cluster is left: replicas and raylet finishing their shutdown would share
     the cores with the baseline and slow it."""
@@ -141,15 +166,23 @@ def start_plain(config: str, overrides: list[str]):
 
 
 async def load(
-    url: str, image: bytes, k: int, headers: dict, requests: int, concurrency: int
+    url: str | list[str], image: bytes, k: int, headers: dict, requests: int, concurrency: int
 ) -> tuple[list[float], Counter, float]:
+    """Latencies, responses by status class and seconds of `requests` searches from `concurrency`
+    clients; given several URLs (ingress replicas' own ports), client i sends to URL i mod n, as a
+    load balancer in front of them would spread connections."""
+    urls = [url] if isinstance(url, str) else url
     latencies: list[float] = []
     statuses: Counter = Counter()
     remaining = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=u, headers=headers, timeout=60, limits=limits))
+            for u in urls
+        ]
 
-        async def worker() -> None:
+        async def worker(client: httpx.AsyncClient) -> None:
             for _ in remaining:
                 started = time.perf_counter()
                 try:
@@ -160,7 +193,7 @@ async def load(
                 latencies.append(time.perf_counter() - started)
 
         began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(clients[i % len(clients)]) for i in range(concurrency)))
         return latencies, statuses, time.perf_counter() - began
 
 
@@ -183,10 +216,19 @@ def main() -> int:
     parser.add_argument(
         "--retrieval-in-ingress", action="store_true", help="serve.retrieval_in_ingress: the ingress replica searches itself"
     )
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="as --throughput-optimized, and send to the ingress replicas' own HTTP ports (Serve's target groups), "
+        "not through the proxy",
+    )
     parser.add_argument("--replicas", type=int, default=1, help="replicas of the deployment that searches")
     args = parser.parse_args()
+    args.throughput_optimized |= args.direct_ingress  # the throughput-optimized settings include direct ingress
     if args.throughput_optimized:  # read when Serve is imported, and by every process of the cluster ray.init starts
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if args.direct_ingress and args.url:
+        parser.error("--direct-ingress starts its own app: it cannot be combined with --url")
     if not 1 <= args.concurrency <= 256 or not 1 <= args.requests <= 100_000:
         parser.error("concurrency must be 1-256 and requests 1-100000 (a bounded load)")
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
@@ -213,9 +255,10 @@ def main() -> int:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
         serve.run(app_from_config(cfg, options={searching: {"num_replicas": args.replicas}}), name="dermaray", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
+        url = ingress_replica_urls("dermaray") if args.direct_ingress else f"http://127.0.0.1:{port}"
     print(
-        f"app: {url}  Serve: {'throughput-optimized' if args.throughput_optimized else 'default settings'}, "
+        f"app: {url}  Serve: {'throughput-optimized' if args.throughput_optimized else 'default settings'}"
+        f"{', direct to the ingress replicas' if args.direct_ingress else ', through the proxy'}, "
         f"search in {searching} x {args.replicas} replica(s)\n"
         f"gallery image: {len(image)} bytes  k={args.k}  cores: {os.cpu_count()}  "
         f"load average: {os.getloadavg()[0]:.1f} (other processes share these cores)"
@@ -236,9 +279,11 @@ def main() -> int:
     )
     del retriever
 
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
-        for _ in range(20):  # warm the proxy, the ingress and the replica
-            client.post("/search", params={"k": args.k}, files={"file": ("lesion.jpg", image, "image/jpeg")}).raise_for_status()
+    upload = {"file": ("lesion.jpg", image, "image/jpeg")}
+    for each in [url] if isinstance(url, str) else url:
+        with httpx.Client(base_url=each, headers=headers, timeout=60) as client:
+            for _ in range(20):  # warm the proxy, the ingress and the replica
+                client.post("/search", params={"k": args.k}, files=upload).raise_for_status()
     sequential, statuses, _ = asyncio.run(load(url, image, args.k, headers, args.sequential, 1))
     p50_one = statistics.median(sequential)
     print(f"/search at concurrency 1 ({args.sequential} requests): p50 {1000 * p50_one:.2f} ms  {dict(statuses)}")

@@ -97,9 +97,9 @@ def run(cfg: DermarayConfig) -> dict:
         for i in range(0, rows_in, c.batch_size)
     ]
     with tqdm(total=rows_in, desc="ingest: rows", unit="row") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(sum(ray.get(done[0]).values()))
+        while pending:  # whatever finished within the second: one wait per second, however many tasks
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            bar.update(sum(sum(counts.values()) for counts in ray.get(done)))
     _ensure_table(join(c.output, LESIONS), cfg.storage_options, LESION_SCHEMA)
     _ensure_table(join(c.output, QUARANTINE), cfg.storage_options, QUARANTINE_SCHEMA)
 
