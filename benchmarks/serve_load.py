@@ -105,24 +105,30 @@ def best_in_process(retriever, image: bytes, k: int, requests: int, concurrency:
     return best
 
 
-def ingress_replica_urls(app: str) -> list[str]:
-    """The HTTP servers of `app`'s ingress replicas under direct ingress: Serve's target groups, which
-    its REST API (GET /api/serve/applications/) publishes for a load balancer. Read here from the
-    controller, as the benchmark's cluster runs no dashboard. The targets name the node's address;
-    on this one-machine cluster the replicas listen on loopback (RAY_SERVE_DEFAULT_HTTP_HOST unset)."""
+def ingress_replica_urls(app: str, replicas: int, timeout: float = 60.0) -> list[str]:
+    """The HTTP servers of `app`'s `replicas` ingress replicas under direct ingress: Serve's target
+    groups, which its REST API (GET /api/serve/applications/) publishes for a load balancer. Read here
+    through the controller's handle (private to Serve), as the benchmark's cluster runs no dashboard.
+    A replica is listed once its port is allocated, so this waits for all of them. The targets name
+    the node's address; on this one-machine cluster the replicas listen on loopback
+    (RAY_SERVE_DEFAULT_HTTP_HOST unset)."""
     import ray
     from ray.serve.context import _get_global_client
 
-    details = ray.get(_get_global_client()._controller.get_serve_instance_details.remote())
-    targets = [
-        f"http://127.0.0.1:{target['port']}"
-        for group in details.get("target_groups", [])
-        if group["app_name"] == app and str(group["protocol"]).upper().endswith("HTTP")
-        for target in group["targets"]
-    ]
-    if not targets:
-        raise RuntimeError(f"Serve published no HTTP target of app {app!r}: is direct ingress on?")
-    return targets
+    deadline = time.monotonic() + timeout
+    while True:
+        details = ray.get(_get_global_client()._controller.get_serve_instance_details.remote())
+        targets = [
+            f"http://127.0.0.1:{target['port']}"
+            for group in details.get("target_groups", [])
+            if group["app_name"] == app and str(group["protocol"]).upper().endswith("HTTP")
+            for target in group["targets"]
+        ]
+        if len(targets) >= replicas:
+            return targets
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve published {len(targets)} HTTP targets of {app!r}, not {replicas}: is direct ingress on?")
+        time.sleep(0.5)
 
 
 def wait_for_ray_to_exit(timeout: float = 60.0) -> None:
@@ -255,7 +261,11 @@ def main() -> int:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
         serve.run(app_from_config(cfg, options={searching: {"num_replicas": args.replicas}}), name="dermaray", route_prefix="/")
-        url = ingress_replica_urls("dermaray") if args.direct_ingress else f"http://127.0.0.1:{port}"
+        url = (
+            ingress_replica_urls("dermaray", args.replicas if args.retrieval_in_ingress else 1)
+            if args.direct_ingress
+            else f"http://127.0.0.1:{port}"
+        )
     print(
         f"app: {url}  Serve: {'throughput-optimized' if args.throughput_optimized else 'default settings'}"
         f"{', direct to the ingress replicas' if args.direct_ingress else ', through the proxy'}, "

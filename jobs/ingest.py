@@ -48,6 +48,11 @@ def ingest_batch(metadata: pa.Table, start: int, stop: int, cfg: IngestConfig, s
     return counts
 
 
+# Image bytes are JPEG or PNG already: compressing them again costs CPU and saves nothing.
+_COMPRESSION = {name: "none" if name == "image_bytes" else "snappy" for name in LESION_SCHEMA.names + QUARANTINE_SCHEMA.names}
+_DICTIONARY = [name for name in LESION_SCHEMA.names + QUARANTINE_SCHEMA.names if name != "image_bytes"]
+
+
 def _replace_file(uri: str, name: str, rows: pa.Table, storage_options: dict) -> None:
     """Write `rows` as file `name` of the table at `uri`; with no rows, make sure no such file is left
     (an earlier attempt of the same task may have written rows this one moved to the other table)."""
@@ -55,14 +60,9 @@ def _replace_file(uri: str, name: str, rows: pa.Table, storage_options: dict) ->
     path = f"{folder}/{name}"
     if rows.num_rows:
         fs.create_dir(folder)
-        # Image bytes are JPEG or PNG already: compressing them again costs CPU and saves nothing.
         pq.write_table(rows, path, filesystem=fs, compression=_COMPRESSION, use_dictionary=_DICTIONARY)
     elif fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_file(path)
-
-
-_COMPRESSION = {name: "none" if name == "image_bytes" else "snappy" for name in LESION_SCHEMA.names + QUARANTINE_SCHEMA.names}
-_DICTIONARY = [name for name in LESION_SCHEMA.names + QUARANTINE_SCHEMA.names if name != "image_bytes"]
 
 
 def _ensure_table(uri: str, storage_options: dict, schema: pa.Schema) -> None:
@@ -78,7 +78,7 @@ def run(cfg: DermarayConfig) -> dict:
     c = cfg.ingest
     clear_summary(summary_uri(c.output, "ingest"), cfg.storage_options)
     for name in (LESIONS, QUARANTINE):
-        remove_tree(join(c.output, name), cfg.storage_options)  # tasks add quarantine files: start from none
+        remove_tree(join(c.output, name), cfg.storage_options)  # tasks add files to both: start from none
     reader = READERS[c.source]
     metadata = mark_duplicates(reader.load_metadata(c.input, cfg.storage_options), reader.id_column)
     rows_in = metadata.num_rows
@@ -97,9 +97,14 @@ def run(cfg: DermarayConfig) -> dict:
         for i in range(0, rows_in, c.batch_size)
     ]
     with tqdm(total=rows_in, desc="ingest: rows", unit="row") as bar:
-        while pending:  # whatever finished within the second: one wait per second, however many tasks
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            bar.update(sum(sum(counts.values()) for counts in ray.get(done)))
+        try:
+            while pending:  # whatever finished within the second: one wait per second, however many tasks
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                bar.update(sum(sum(counts.values()) for counts in ray.get(done)))
+        except BaseException:
+            for task_ref in pending:  # a failed batch fails the job: the others stop writing
+                ray.cancel(task_ref)
+            raise
     _ensure_table(join(c.output, LESIONS), cfg.storage_options, LESION_SCHEMA)
     _ensure_table(join(c.output, QUARANTINE), cfg.storage_options, QUARANTINE_SCHEMA)
 

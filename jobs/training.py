@@ -269,6 +269,11 @@ def split_inputs(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
         **actor_resources,
     )
+    if materialize:
+        # Materialized rows keep the table's file order (and the splits taken from them, which inherit this
+        # setting): a resumed run must see the order the interrupted one saw, and a table of several files
+        # read by several actors would otherwise come back in whatever order they finished.
+        ds.context.execution_options.preserve_order = True
     return ds.materialize() if materialize else ds
 
 

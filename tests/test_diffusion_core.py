@@ -14,6 +14,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -370,6 +371,12 @@ def test_generate_is_seeded_and_loads_and_unloads_adapters(pretrained, lora: dic
         generate(pipe, "a prompt", 1, seed=0)
 
 
+def _pixel_difference(a, b) -> tuple[int, float]:
+    """(largest, mean) absolute difference of two images' pixel levels."""
+    diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+    return int(diff.max()), float(diff.mean())
+
+
 def test_guided_generation_keeps_each_guide_with_its_prompt(pretrained, lesions, lora: dict) -> None:
     pipe = load_pipeline(pretrained[0])
     prompts = [caption("MEL", "large"), caption("NEV", "small")]
@@ -379,12 +386,14 @@ def test_guided_generation_keeps_each_guide_with_its_prompt(pretrained, lesions,
     assert len(images) == 4 and all(im.size == (64, 64) for im in images)
     # Each prompt keeps its own guide: the batch equals each (prompt, guide) pair generated alone,
     # with the seeds it had in the batch (img2img's own repetition would pair guide 1 with prompt 0).
+    # Equal up to rounding: a batch of 4 and one of 2 may take other CPU kernels, whose float sums differ in the
+    # last bits (a pixel level at most, on some CPUs), where a swapped guide moves pixels by tens of levels.
     first = generate(pipe, prompts[:1], n_per_prompt=2, seed=0, guides=guides[:1], **run)
     second = generate(pipe, prompts[1:], n_per_prompt=2, seed=2, guides=guides[1:], **run)
-    assert [im.tobytes() for im in images] == [im.tobytes() for im in first + second]
+    assert max(_pixel_difference(a, b)[0] for a, b in zip(images, first + second, strict=True)) <= 2
     # The guide decides the result: another guide, same prompt and seed, another image.
     swapped = generate(pipe, prompts[:1], n_per_prompt=1, seed=0, guides=guides[1:], **run)
-    assert swapped[0].tobytes() != images[0].tobytes()
+    assert _pixel_difference(swapped[0], images[0])[1] > 5
     assert not getattr(pipe.unet, "peft_config", None)  # the adapter unloaded from the shared UNet too
 
     with pytest.raises(ValueError, match="one per prompt"):

@@ -1,6 +1,7 @@
 """Splits prepared in one pass hold the rows the per-split pipelines do, and the prepare actor starts once."""
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +41,25 @@ def test_one_pass_keeps_each_splits_rows_and_starts_one_actor(ray_cluster, tmp_p
         assert rows == [i for i in range(300) if i % 2 == 0 and splits[i] == split]
         assert set(together[split].columns()) == {"id", "double"}
     assert len(list(starts.iterdir())) == 3  # and one more for each split prepared alone
+
+
+class SlowFirstFile:
+    """Slow on the first file's rows: unordered, later files' rows would come back before them."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if batch["id"].min() < 25:
+            time.sleep(2.0)
+        return {"id": batch["id"]}
+
+
+def test_materialized_splits_keep_the_tables_file_order(ray_cluster, tmp_path):
+    """A resumed training run must see the rows in the order the interrupted one did: the table's order,
+    whichever of several prepare actors finishes first."""
+    table = tmp_path / "lesions"
+    table.mkdir()
+    for first in range(0, 200, 25):
+        ids = np.arange(first, first + 25)
+        pq.write_table(pa.table({"id": ids, "split": np.array(["train", "val"])[ids % 2]}), table / f"part-{first:03d}.parquet")
+    together = prepared_splits(str(table), ["id", "split"], ("train", "val"), SlowFirstFile, (), {}, materialize=True)
+    for offset, split in enumerate(("train", "val")):
+        assert [r["id"] for r in together[split].take_all()] == list(range(offset, 200, 2))

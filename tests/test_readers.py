@@ -137,3 +137,22 @@ def test_metadata_without_required_columns_fails_clearly(tmp_path, source):
 def _mkdir(path):
     path.mkdir(parents=True)
     return path
+
+
+def test_metadata_csv_reaches_validation_as_written(tmp_path):
+    from dermaray.data.readers import read_csv_as_text
+
+    path = tmp_path / "metadata.csv"
+    path.write_bytes('\ufeffid,age,note\n1,NaN,"a, b"\n2,NA,"two\nlines"\n3,,forty\n'.encode())
+    assert read_csv_as_text(str(path), {}).to_pylist() == [
+        {"id": "1", "age": "NaN", "note": "a, b"},
+        {"id": "2", "age": "NA", "note": "two\nlines"},
+        {"id": "3", "age": "", "note": "forty"},
+    ]
+    # A short row keeps its place with its missing fields blank (checked later, row by row), and a repeated
+    # column name is kept apart.
+    path.write_text("id,age,age\n1,40,41\n2\n")
+    assert read_csv_as_text(str(path), {}).to_pylist() == [
+        {"id": "1", "age": "40", "age.1": "41"},
+        {"id": "2", "age": "", "age.1": ""},
+    ]

@@ -46,21 +46,31 @@ class MissingColumnsError(ValueError):
 def read_csv_as_text(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     """Every column as text, blanks as "", so "NaN" or "forty" reach validation as written.
 
-    Arrow's reader, not pandas': it parses on every core of the driver, which waits on it before
-    any task starts (ISIC 2024's metadata is ~400k rows)."""
+    Arrow's reader parses on every core of the driver, which waits on it before any task starts
+    (ISIC 2024's metadata is ~400k rows). A file it refuses (a row with fewer fields than the
+    header) or whose header repeats a name goes through pandas, which reads the missing fields as
+    blanks (checked row by row) and renames a repeated column ("x.1")."""
     fs, path = filesystem(uri, storage_options)
     with fs.open(path, "rb") as f:
         text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
         header = next(csv.reader(text), [])
         text.detach()  # leaves `f` open
         f.seek(0)
-        return pacsv.read_csv(
-            f,
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False, quoted_strings_can_be_null=False
-            ),
-        )
+        if len(set(header)) == len(header):
+            try:
+                return pacsv.read_csv(
+                    f,
+                    parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                    convert_options=pacsv.ConvertOptions(
+                        column_types=dict.fromkeys(header, pa.string()),
+                        strings_can_be_null=False,
+                        quoted_strings_can_be_null=False,
+                    ),
+                )
+            except pa.ArrowInvalid:
+                f.seek(0)
+        frame = pd.read_csv(f, dtype=str, keep_default_na=False)
+    return pa.Table.from_pandas(frame, preserve_index=False)
 
 
 def find_one(uri: str, storage_options: dict[str, Any], patterns: tuple[str, ...], what: str) -> str:

@@ -28,7 +28,7 @@ class ImageInfo:
 
 
 def inspect_image(blob: bytes | None, max_pixels: int, max_bytes: int) -> ImageInfo:
-    """Decode `blob` to its last byte (truncation only shows on decode) or raise RowRejected."""
+    """Decode all of `blob`'s image data (truncation only shows on decode) or raise RowRejected."""
     if blob is None:
         raise RowRejected("image_missing", "no image bytes")
     if len(blob) == 0:
