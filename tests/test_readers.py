@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from dermaray.config import load_config
-from dermaray.data.readers import READERS, mark_duplicates
+from dermaray.data.readers import READERS, mark_duplicates, read_csv_as_text
 from dermaray.data.synthetic import synthesize_lesion
 from jobs import ingest
 
@@ -140,8 +140,6 @@ def _mkdir(path):
 
 
 def test_metadata_csv_reaches_validation_as_written(tmp_path):
-    from dermaray.data.readers import read_csv_as_text
-
     path = tmp_path / "metadata.csv"
     path.write_bytes('\ufeffid,age,note\n1,NaN,"a, b"\n2,NA,"two\nlines"\n3,,forty\n'.encode())
     assert read_csv_as_text(str(path), {}).to_pylist() == [
