@@ -10,7 +10,9 @@ its own workdir, so all arms see the same lesions):
 - pretrained, geometric only: grounding.photometric=false;
 - random tower, photometric: models.grounding_mllm=tiny, the randomly initialised tower (the control);
 - pretrained, photometric, 128 px: grounding.image_size=128, the tiles at their own size (the tower was
-  pre-trained at 64 px: its position embeddings are interpolated).
+  pre-trained at 64 px: its position embeddings are interpolated);
+- pretrained, photometric, mixed clinics: pipeline.mixed_clinics=true, the shifted clinic's train and val splits
+  train alongside the clinic's; its shifted figures are on that clinic's test split, which it never saw.
 
 Each arm's "frozen" is its own untuned base. Writes <workdir>/reports/grounding_study/grounding_study.{json,md}.
 
@@ -38,6 +40,7 @@ ARMS: dict[str, list[str]] = {
     "pretrained, geometric only": ["grounding.photometric=false"],
     "random tower, photometric": ["models.grounding_mllm=tiny"],
     "pretrained, photometric, 128 px": ["grounding.image_size=128"],
+    "pretrained, photometric, mixed clinics": ["pipeline.mixed_clinics=true"],
 }
 STAGES = "[grounding,embeddings,grounding_eval]"
 # LoRA: 12 epochs over 4,000 lesions at batch 32 (1,500 steps) at rank 16, what benchmarks/diffusion_trial.py showed

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
@@ -96,18 +97,25 @@ GROUNDING = Task(build=build, loss=batch_loss, evaluate=evaluate, save=save, loa
 # --- On the driver ----------------------------------------------------------------------------
 
 
+def inputs_of(g: GroundingConfig) -> list[str]:
+    """The lesion tables grounding trains on: its input, then any other clinic's (mixed-clinic training)."""
+    return [g.input, *g.mixed_inputs]
+
+
 def fit_scaler(g: GroundingConfig, storage_options: dict) -> tuple[AttributeScaler, dict[str, int]]:
-    table = read_parquet(g.input, storage_options, columns=["split", *g.attributes])
+    """The attribute scaler, fitted on every input's train split, and the lesions per split over all inputs."""
+    tables = [read_parquet(uri, storage_options, columns=["split", *g.attributes]) for uri in inputs_of(g)]
+    table = pa.concat_tables(tables, promote_options="permissive")
     counts = {s: int(pc.sum(pc.equal(table["split"], s)).as_py() or 0) for s in ("train", "val", "test")}
     if counts["train"] < 2:
-        raise ValueError(f"{g.input}: {counts['train']} training lesions; grounding needs a train split")
+        raise ValueError(f"{', '.join(inputs_of(g))}: {counts['train']} training lesions; grounding needs a train split")
     train = table.filter(pc.equal(table["split"], "train"))
     values = np.stack([train[a].to_numpy(zero_copy_only=False) for a in g.attributes], axis=1)
     return AttributeScaler.fit(g.attributes, values, log_sizes=g.log_sizes), counts
 
 
 def split_datasets(
-    uri: str,
+    uri: str | list[str],
     splits: tuple[str, ...],
     model: str,
     models: ModelsConfig,
@@ -117,7 +125,7 @@ def split_datasets(
     max_actors: int = 2,
     image_size: int | None = None,
 ) -> dict[str, ray.data.Dataset]:
-    """Splits of the lesion table as model inputs (pixels, z-scored targets, class label)."""
+    """Splits of the lesion table (or tables) as model inputs (pixels, z-scored targets, class label)."""
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", *scaler.names]
     args = (model, models, scaler, (), image_size)
     return prepared_splits(uri, columns, splits, Preprocessor, args, storage_options, materialize, max_actors)
@@ -130,15 +138,17 @@ def run(cfg: DermarayConfig) -> dict:
     settings = settings_of(cfg)
     scaler, counts = fit_scaler(g, options)
     log.info(
-        "grounding: %s on %d train / %d val lesions, attributes %s, tune=%s",
+        "grounding: %s on %d train / %d val lesions%s, attributes %s, tune=%s",
         settings.model,
         counts["train"],
         counts["val"],
+        f" of {len(inputs_of(g))} clinics" if g.mixed_inputs else "",
         g.attributes,
         g.tune,
     )
+    uris, actors = inputs_of(g), 2 * tc.num_workers
     datasets = split_datasets(
-        g.input, ("train", "val"), settings.model, cfg.models, scaler, options, tc.materialize, 2 * tc.num_workers, g.image_size
+        uris, ("train", "val"), settings.model, cfg.models, scaler, options, tc.materialize, actors, g.image_size
     )
     config = {
         "settings": settings.model_dump(),
@@ -155,6 +165,7 @@ def run(cfg: DermarayConfig) -> dict:
         "tune": g.tune,
         "photometric": g.photometric,
         "image_size": g.image_size,
+        "inputs": inputs_of(g),
         "attributes": list(g.attributes),
         "lesions": counts,
         "epochs": history[-1]["epoch"],

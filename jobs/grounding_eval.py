@@ -28,9 +28,12 @@ from jobs.common import clear_summary, log, write_summary
 
 def run(cfg: DermarayConfig) -> dict:
     ev, options = cfg.grounding_eval, cfg.storage_options
-    clear_summary(join(ev.output, "grounding_eval.json"), options)
     if not ev.domains:
         raise ValueError("grounding_eval.domains is empty")
+    unknown = sorted(set(ev.trained_on) - set(ev.domains[1:]))
+    if unknown:
+        raise ValueError(f"grounding_eval.trained_on names {unknown}, not among the shifted domains {ev.domains[1:]}")
+    clear_summary(join(ev.output, "grounding_eval.json"), options)
 
     home = ev.domains[0]
     predicted = [
@@ -58,7 +61,11 @@ def run(cfg: DermarayConfig) -> dict:
     probe_train = table(ev.frozen, home, "train", limit=ev.max_probe_lesions)
     sets = {f"{home} held-out (test split)": (table(ev.frozen, home, "test"), table(ev.grounded, home, "test", predicted))}
     for domain in ev.domains[1:]:
-        sets[f"{domain} (domain shift, all lesions)"] = (table(ev.frozen, domain), table(ev.grounded, domain, extra=predicted))
+        if domain in ev.trained_on:  # its train and val splits trained the model: only its test split is unseen
+            name, split = f"{domain} (domain shift, test split; mixed into training)", "test"
+        else:
+            name, split = f"{domain} (domain shift, all lesions)", None
+        sets[name] = (table(ev.frozen, domain, split), table(ev.grounded, domain, split, predicted))
     results = {}
     for name, (frozen, grounded) in sets.items():
         log.info("grounding_eval: %s, %d lesions", name, len(grounded))

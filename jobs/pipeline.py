@@ -96,12 +96,13 @@ def plan(cfg: DermarayConfig, at: Layout) -> list[Step]:
             lambda c=c, d=domain: {f"notes/{d}": notes.run(c)},
         )
 
-    c = _with(cfg, "grounding", input=lesions[clinic], output=at.grounding)
+    mixed = [SHIFTED_DOMAIN] if cfg.pipeline.mixed_clinics and SHIFTED_DOMAIN in lesions else []
+    c = _with(cfg, "grounding", input=lesions[clinic], mixed_inputs=[lesions[d] for d in mixed], output=at.grounding)
     step(
         "grounding",
         "grounding",
         [at.grounding],
-        [f"ingest/{clinic}"],
+        [f"ingest/{d}" for d in (clinic, *mixed)],
         c,
         ("grounding",),
         lambda c=c: {"grounding": _without_history(grounding.run(c))},
@@ -132,6 +133,7 @@ def plan(cfg: DermarayConfig, at: Layout) -> list[Step]:
         "grounding_eval",
         frozen=at.embeddings("frozen"),
         domains=list(domains(cfg)),
+        trained_on=mixed,
         grounded=at.embeddings("grounded"),
         output=at.grounding_eval,
     )

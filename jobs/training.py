@@ -245,7 +245,7 @@ def fit(
 
 
 def split_inputs(
-    uri: str,
+    uri: str | list[str],
     columns: list[str],
     split: str | tuple[str, ...] | None,
     prepare: type,
@@ -256,9 +256,13 @@ def split_inputs(
     **actor_resources: Any,
 ) -> ray.data.Dataset:
     """The rows of one split of the lesion table (or of several; every row when `split` is None) mapped to model
-    inputs by an actor pool of `prepare` (`actor_resources`: what each actor asks for, e.g. num_gpus=1)."""
-    fs, root = arrow_filesystem(uri, storage_options)
-    ds = ray.data.read_parquet(root, filesystem=fs, columns=columns)
+    inputs by an actor pool of `prepare` (`actor_resources`: what each actor asks for, e.g. num_gpus=1). Several
+    tables (a list of URIs): their rows one after the other, in that order."""
+    tables = []
+    for table in [uri] if isinstance(uri, str) else uri:
+        fs, root = arrow_filesystem(table, storage_options)  # each its own: one may be local, another in a bucket
+        tables.append(ray.data.read_parquet(root, filesystem=fs, columns=columns))
+    ds = tables[0].union(*tables[1:]) if len(tables) > 1 else tables[0]
     if split is not None:
         ds = ds.filter(expr=" or ".join(f"split == '{s}'" for s in ((split,) if isinstance(split, str) else split)))
     ds = ds.map_batches(
@@ -278,7 +282,7 @@ def split_inputs(
 
 
 def prepared_splits(
-    uri: str,
+    uri: str | list[str],
     columns: list[str],
     splits: tuple[str, ...],
     prepare: type,

@@ -28,11 +28,12 @@ def test_yaml_then_overrides(tmp_path):
         "synth.n_lesions=0",
         "ingest.source=dicom",
         "ingest.split_fractions=[0.5, 0.5, 0.5]",
+        ["pipeline.mixed_clinics=true", "pipeline.shifted_lesions=0"],
     ],
 )
 def test_bad_overrides_are_errors(override):
     with pytest.raises(ValidationError):
-        load_config(None, [override])
+        load_config(None, override if isinstance(override, list) else [override])
 
 
 def test_override_syntax():

@@ -122,6 +122,31 @@ def test_embeddings_index_and_evaluation(embedded, s3_options, tmp_path):
     assert "| area_mm2 |" in (tmp_path / "report" / "grounding_eval.md").read_text()
 
 
+def test_a_clinic_mixed_into_training_is_scored_on_its_test_split(embedded, s3_options, tmp_path):
+    fs = s3fs.S3FileSystem(**s3_options)
+    for name in ("frozen", "grounded"):  # the same lesions stand in for a second clinic
+        fs.copy(f"dermaray/emb/{name}/clinic", f"dermaray/emb/{name}/second", recursive=True)
+    runs = {}
+    for trained_on in ("[]", "[second]"):
+        overrides = ["grounding_eval.frozen=s3://dermaray/emb/frozen", "grounding_eval.grounded=s3://dermaray/emb/grounded"]
+        runs[trained_on] = grounding_eval.run(
+            _config(
+                s3_options,
+                *overrides,
+                "grounding_eval.domains=[clinic, second]",
+                f"grounding_eval.trained_on={trained_on}",
+                f"grounding_eval.output={tmp_path}/{len(runs)}",
+            )
+        )
+    splits = read_parquet(LESIONS, s3_options, columns=["split"]).column("split").to_pylist()
+    assert runs["[]"]["second (domain shift, all lesions)"]["lesions"] == len(splits)
+    mixed = runs["[second]"]["second (domain shift, test split; mixed into training)"]
+    assert mixed["lesions"] == splits.count("test") < len(splits)
+    with pytest.raises(ValueError, match="trained_on"):
+        overrides = ["grounding_eval.domains=[clinic]", "grounding_eval.trained_on=[second]", f"grounding_eval.output={tmp_path}"]
+        grounding_eval.run(_config(s3_options, *overrides))
+
+
 def test_killed_driver_resumes_from_the_last_checkpoint(ingested_on_s3, s3_options, ray_cluster, tmp_path):
     """SIGKILL the training driver after its first checkpoint; the re-run continues to the same final step."""
     out, epochs = tmp_path / "g", 6

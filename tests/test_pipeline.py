@@ -96,3 +96,15 @@ def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypa
     assert again["resumed"] == [*BEFORE_GROUNDING, "grounding", "embeddings", "classifier", "diffusion", "diffusion_eval"]
     unchanged = {k: v for k, v in results.items() if k not in ("stage_seconds", "resumed", "report")}
     assert json.loads(json.dumps({k: again[k] for k in unchanged})) == json.loads(json.dumps(unchanged))
+
+
+def test_mixed_clinics_train_on_the_shifted_clinic_and_score_its_test_split(tmp_path):
+    cfg = load_config("configs/local.yaml", [f"pipeline.workdir={tmp_path}", "pipeline.mixed_clinics=true"])
+    at = pipeline.Layout(str(tmp_path))
+    steps = {s.key: s for s in pipeline.plan(cfg, at)}
+    assert steps["grounding"].inputs == ("ingest/clinic", "ingest/shifted")  # a re-ingested clinic re-trains it
+    assert steps["grounding"].settings["grounding"]["mixed_inputs"] == [at.lesions("shifted")]
+    assert steps["grounding_eval"].settings["grounding_eval"]["trained_on"] == ["shifted"]
+    plain = {s.key: s for s in pipeline.plan(load_config("configs/local.yaml", [f"pipeline.workdir={tmp_path}"]), at)}
+    assert plain["grounding"].inputs == ("ingest/clinic",)
+    assert plain["grounding_eval"].settings["grounding_eval"]["trained_on"] == []

@@ -63,3 +63,18 @@ def test_materialized_splits_keep_the_tables_file_order(ray_cluster, tmp_path):
     together = prepared_splits(str(table), ["id", "split"], ("train", "val"), SlowFirstFile, (), {}, materialize=True)
     for offset, split in enumerate(("train", "val")):
         assert [r["id"] for r in together[split].take_all()] == list(range(offset, 200, 2))
+
+
+def test_several_tables_train_together_in_their_order(ray_cluster, tmp_path):
+    """Mixed-clinic training: the splits hold both clinics' rows, the first table's before the second's."""
+    tables = []
+    for clinic, first in (("clinic", 0), ("shifted", 100)):
+        ids = np.arange(first, first + 60)
+        (tmp_path / clinic).mkdir()
+        splits = np.array(["train", "val", "test"])[ids % 3]
+        pq.write_table(pa.table({"id": ids, "split": splits}), tmp_path / clinic / "p.parquet")
+        tables.append(str(tmp_path / clinic))
+    together = prepared_splits(tables, ["id", "split"], ("train", "val"), SlowFirstFile, (), {}, materialize=True)
+    ids = [*range(60), *range(100, 160)]
+    assert [r["id"] for r in together["train"].take_all()] == [i for i in ids if i % 3 == 0]
+    assert [r["id"] for r in together["val"].take_all()] == [i for i in ids if i % 3 == 1]

@@ -252,6 +252,9 @@ class GroundingSpec(Section):
 
 class GroundingConfig(GroundingSpec):
     input: str = "out/ingest/clinic/lesions"
+    # More lesion tables (another clinic's) whose train and val splits train alongside input's: mixed-clinic
+    # training. The attribute scaler is fitted on every table's train split.
+    mixed_inputs: list[str] = []
     output: str = "out/grounding"  # Ray Train runs under <output>/runs; the final model in <output>/model
     run_name: str = "grounding"  # re-running with the same name resumes from its last checkpoint
     attribute_weights: dict[str, float] = {}  # loss weight per attribute (default 1)
@@ -289,6 +292,8 @@ class GroundingEvalConfig(Section):
     frozen: str = "out/embeddings/frozen"  # <frozen>/<domain>/embeddings
     grounded: str = "out/embeddings/grounded"
     domains: list[str] = ["clinic", "shifted"]  # the first: its test split; the others: every lesion (domain shift)
+    # Domains after the first that the grounded model also trained on (grounding.mixed_inputs): their test split only.
+    trained_on: list[str] = []
     output: str = "out/reports/grounding"
     tau_std: float = Field(default=0.1, gt=0)  # relevance: |delta attribute| <= tau_std x its spread
     # Retrieval is scored from this many queries per set (a seeded sample; None: every lesion) against the whole set.
@@ -398,12 +403,21 @@ class PipelineConfig(Section):
 
     workdir: str = DEFAULT_WORKDIR
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
+    # Grounding also trains on the shifted clinic's train and val splits (mixed clinics); grounding_eval then
+    # scores that clinic on its test split, which no model saw.
+    mixed_clinics: bool = False
     # notes.model_lesions for the shifted clinic's notes (None: the same as the clinic's; 0: templates only)
     shifted_model_lesions: int | None = Field(default=None, ge=0)
     stages: list[Stage] = list(STAGES)
     # Skip a stage whose outputs are complete for the same settings and inputs (dermaray.completion);
     # false: delete every selected stage's outputs and run it from scratch.
     resume: bool = True
+
+    @model_validator(mode="after")
+    def _mixed_needs_a_second_clinic(self) -> PipelineConfig:
+        if self.mixed_clinics and not self.shifted_lesions:
+            raise ValueError("pipeline.mixed_clinics needs the shifted clinic: set pipeline.shifted_lesions > 0")
+        return self
 
 
 class ServeConfig(Section):
