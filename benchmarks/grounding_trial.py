@@ -1,0 +1,108 @@
+"""A grounding variant tried in one process, in about 90 s on 2 cores: Spearman per attribute, in-domain and shifted.
+
+    .venv/bin/python benchmarks/grounding_trial.py --workdir out/study                     # the study's first arm
+    .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --feature-layer -1  # the tower's last layer
+    .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --heads mlp --seed 1
+
+The study's recipe without Ray (the grounding job's model, loss, flips and quarter turns, photometric views, AdamW
+with warm-up and cosine, configs/local.yaml's settings) on a workdir's ingested lesions: the clinic's train split
+trains, its test split and every shifted lesion are scored. A first look before a variant earns a study arm; it
+does not replace one (no validation, checkpoints or resume). Appends one JSON line per run to --results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="out/study", help="a pipeline workdir with ingest/clinic and ingest/shifted")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feature-layer", type=int, default=None, help="the tower's hidden layer the embedding reads")
+    parser.add_argument("--heads", choices=["linear", "mlp"], default="linear", help="mlp: one hidden layer of 128")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--results", default=None, help="a JSON-lines file to append the run to")
+    args = parser.parse_args()
+
+    import pyarrow.compute as pc
+    import torch
+
+    from dermaray.config import GroundingSpec, load_config
+    from dermaray.grounding.data import PIXELS, TARGETS, Preprocessor
+    from dermaray.grounding.metrics import spearman
+    from dermaray.grounding.model import AttributeScaler, GroundingModel, GroundingSettings, augment, loss_fn
+    from dermaray.grounding.photometric import photometric_views
+    from dermaray.layout import Layout
+    from dermaray.storage import read_parquet
+    from jobs.training import warmup_cosine
+
+    cfg = load_config("configs/local.yaml")
+    g, attributes, at = cfg.grounding, cfg.grounding.attributes, Layout(str(Path(args.workdir).absolute()))
+    tables = {d: read_parquet(at.lesions(d), {}, ["split", "image_bytes", *attributes]) for d in ("clinic", "shifted")}
+    train = tables["clinic"].filter(pc.equal(tables["clinic"]["split"], "train"))
+    scored = {"in_domain": tables["clinic"].filter(pc.equal(tables["clinic"]["split"], "test")), "shifted": tables["shifted"]}
+    scaler = AttributeScaler.fit(attributes, np.stack([train[a].to_numpy() for a in attributes], axis=1), g.log_sizes)
+    prepare = Preprocessor(cfg.models.grounding_mllm, cfg.models, scaler, (), args.image_size)
+
+    def tensors(table) -> tuple[torch.Tensor, torch.Tensor]:
+        def batch(t) -> dict:
+            images = np.array(t["image_bytes"].to_pylist(), dtype=object)
+            return {"image_bytes": images, **{a: t[a].to_numpy() for a in attributes}}
+
+        parts = [prepare(batch(table.slice(i, 256))) for i in range(0, table.num_rows, 256)]
+        return tuple(torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in (PIXELS, TARGETS))
+
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    x, y = tensors(train)
+    spec = g.model_dump(include=set(GroundingSpec.model_fields) - {"attributes", "image_size"})
+    model = GroundingModel.from_settings(
+        GroundingSettings(cfg.models.grounding_mllm, attributes, image_size=args.image_size, **spec), cfg.models
+    )
+    if args.feature_layer is not None:
+        model.embedder.feature_layer = args.feature_layer
+    if args.heads == "mlp":
+        dim = model.embedder.dim
+        model.heads = torch.nn.Sequential(torch.nn.Linear(dim, 128), torch.nn.GELU(), torch.nn.Linear(128, len(attributes)))
+    weights = torch.tensor([g.attribute_weights.get(a, 1.0) for a in attributes])
+    params = [p for p in model.parameters() if p.requires_grad]
+    tc = g.train
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    steps = args.epochs * -(-len(x) // tc.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, tc.warmup_fraction))
+    model.train()
+    for _ in range(args.epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), tc.batch_size):
+            rows = order[i : i + tc.batch_size]
+            pixels, keep = photometric_views(augment(x[rows]), model.embedder.normalization, attributes)
+            loss = loss_fn(model(pixels)["attributes"], y[rows], weights, keep)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    result: dict = {"args": vars(args), "seconds": round(time.perf_counter() - started, 1)}
+    for name, table in scored.items():
+        px, truth = tensors(table)
+        with torch.no_grad():
+            predicted = torch.cat([model(px[i : i + 512])["attributes"] for i in range(0, len(px), 512)]).numpy()
+        result[name] = {a: round(float(spearman(truth[:, j].numpy(), predicted[:, j])), 3) for j, a in enumerate(attributes)}
+    print(json.dumps(result))
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
