@@ -94,6 +94,30 @@ def test_image_size_resizes_the_input_and_interpolates_the_tower(models: ModelsC
     assert embedder.preprocess.processor.crop_size == {"height": 96, "width": 96}
 
 
+def test_feature_layer_is_read_saved_and_kept_by_a_classifier_started_from_it(models: ModelsConfig, tmp_path: Path) -> None:
+    from dermaray.grounding.classifier import ClassifierSettings, MultimodalClassifier, load_classifier, save_classifier
+
+    last = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="full", feature_layer=-1), models)
+    own = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="full"), models)
+    assert (own.embedder.feature_layer, last.embedder.feature_layer) == (-2, -1)  # the tiny LLaVA's own: the penultimate
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(last.embed(x), own.embed(x))
+    save_model(tmp_path / "m", last.eval(), AttributeScaler(ATTRS, [0.0, 0.0], [1.0, 1.0], [False, False]))
+    loaded = load_model(tmp_path / "m", models)[0]
+    with torch.no_grad():
+        assert loaded.embedder.feature_layer == -1 and torch.allclose(loaded.embed(x), last.embed(x), atol=1e-6)
+    # A classifier started from it is rebuilt from the base when loaded: it must still read that layer.
+    settings = ClassifierSettings(model="tiny", classes=["MEL", "NEV"], text_encoder="tiny", text_dim=32)
+    started = MultimodalClassifier.build(settings, models, init_from=str(tmp_path / "m")).eval()
+    save_classifier(tmp_path / "c", started)
+    reloaded = load_classifier(tmp_path / "c", models)
+    with torch.no_grad():
+        assert reloaded.image.feature_layer == -1 and torch.allclose(reloaded.encode_image(x), started.encode_image(x), atol=1e-6)
+    with pytest.raises(ValueError, match="feature layer 3: the tower has 3 hidden states"):
+        GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, feature_layer=3), models)
+
+
 def test_checkpoint_files_restore_the_same_predictions(models: ModelsConfig, tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="lora"), models)
@@ -253,6 +277,9 @@ def test_an_index_is_refused_by_a_model_that_did_not_make_it():
             require_index_of(meta, identity, "idx")
 
 
+MIXED_SET = "domain shift, test split; mixed into training"
+
+
 def test_study_table_reads_each_arms_figures() -> None:
     from dermaray.grounding.study import markdown, summarize
 
@@ -265,7 +292,8 @@ def test_study_table_reads_each_arms_figures() -> None:
         "informative": {
             "grounding_eval": {"clinic held-out (test split)": informative, "shifted (domain shift, all lesions)": noise}
         },
-        "noise": {"grounding_eval": {"clinic held-out (test split)": noise, "shifted (domain shift, all lesions)": noise}},
+        # An arm that trained on the shifted clinic too (mixed clinics): scored on its test split.
+        "noise": {"grounding_eval": {"clinic held-out (test split)": noise, f"shifted ({MIXED_SET})": noise}},
     }
     study = {"lesions": 300, "shifted": 300, "epochs": 1, "arms": summarize(arms)}
     figures = study["arms"]
@@ -275,4 +303,5 @@ def test_study_table_reads_each_arms_figures() -> None:
     table = markdown(study)
     assert "| R@1 gain over frozen, area_mm2 | >= +0.15 | +0." in table
     assert "| Spearman shifted clinic, area_mm2 | >= 0.85 |" in table
+    assert "| shifted clinic, lesions scored |  | 300 (all lesions) | 300 (test split) |" in table
     assert "perimeter_mm" not in figures["noise"]["r1_gain"]  # only the attributes the arms grounded

@@ -245,6 +245,9 @@ class GroundingSpec(Section):
     # The side (px) images are resized to for the tower; None: its processor's (64 for the tiny tower, 336 for
     # LLaVA-1.5). Another size interpolates the tower's position embeddings, as ViTs are fine-tuned at new sizes.
     image_size: int | None = Field(default=None, ge=16, le=1024)
+    # The tower's hidden layer the embedding reads (LLaVA's vision_feature_layer: -2, the penultimate, for LLaVA-1.5;
+    # 0 is the patch embeddings); None: the base model's own. The frozen baseline always reads the base's own.
+    feature_layer: int | None = None
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_targets: list[str] = ["q_proj", "v_proj"]

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class ClassifierSettings:
     projection_dim: int = 128
     tune_image: bool = True  # train the tower and projector (else only the projections and heads)
     label: str = "diagnosis"  # what `classes` are (dermaray.grounding.labels); checkpoints before it: diagnosis
+    # The tower's hidden layer the image branch reads: a grounded start's (grounding.feature_layer); None: the base's own
+    feature_layer: int | None = None
     class_weights: list[float] | None = None  # cross-entropy weight per class (None: equal)
 
 
@@ -64,7 +66,10 @@ class MultimodalClassifier(nn.Module):
             from dermaray.models.registry import resolve_model
 
             embedder = ImageEmbedder.from_pretrained(resolve_model("grounding_mllm", settings.model, models))
-        return cls(embedder, settings)
+            if settings.feature_layer is not None:
+                embedder.use_layer(settings.feature_layer)
+        # Saved with the weights, so a reloaded classifier (built from the base, not the grounded start) reads that layer.
+        return cls(embedder, replace(settings, feature_layer=embedder.feature_layer))
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.image_projection(self.image(pixel_values)), dim=-1)

@@ -109,6 +109,8 @@ class GroundingModel(nn.Module):
         from dermaray.models.registry import resolve_model
 
         embedder = ImageEmbedder.from_pretrained(resolve_model("grounding_mllm", settings.model, models))
+        if settings.feature_layer is not None:
+            embedder.use_layer(settings.feature_layer)
         if settings.tune == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 

@@ -74,6 +74,13 @@ class ImageEmbedder(nn.Module):
             normalization,
         )
 
+    def use_layer(self, layer: int) -> None:
+        """Read hidden layer `layer` of the tower (an index into its hidden states: 0 the patch embeddings, -1 the last)."""
+        states = self.vision_tower.config.num_hidden_layers + 1
+        if not -states <= layer < states:
+            raise ValueError(f"feature layer {layer}: the tower has {states} hidden states, {-states} to {states - 1}")
+        self.feature_layer = layer
+
     @property
     def dim(self) -> int:
         return int(self.projector.linear_2.out_features)
