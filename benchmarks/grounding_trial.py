@@ -65,12 +65,9 @@ def main() -> None:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     x, y = tensors(train)
-    spec = g.model_dump(include=set(GroundingSpec.model_fields) - {"attributes", "image_size"})
-    model = GroundingModel.from_settings(
-        GroundingSettings(cfg.models.grounding_mllm, attributes, image_size=args.image_size, **spec), cfg.models
-    )
-    if args.feature_layer is not None:
-        model.embedder.feature_layer = args.feature_layer
+    spec = g.model_dump(include=set(GroundingSpec.model_fields) - {"attributes", "image_size", "feature_layer"})
+    chosen = {"image_size": args.image_size, "feature_layer": args.feature_layer}
+    model = GroundingModel.from_settings(GroundingSettings(cfg.models.grounding_mllm, attributes, **chosen, **spec), cfg.models)
     if args.heads == "mlp":
         dim = model.embedder.dim
         model.heads = torch.nn.Sequential(torch.nn.Linear(dim, 128), torch.nn.GELU(), torch.nn.Linear(128, len(attributes)))
