@@ -45,18 +45,19 @@ def measured(images: list[bytes], size: int) -> tuple[dict[str, np.ndarray], np.
     return values, np.isfinite(values[ATTRIBUTE_NAMES[0]])
 
 
-def model_spearman(workdir: Path) -> dict[str, dict[str, list[float]]]:
-    """{"clinic" | "shifted": {attribute: [rho, low, high]}} from the workdir's grounding evaluation, if any."""
+def model_spearman(workdir: Path) -> tuple[dict[str, dict[str, list[float]]], set[str]]:
+    """({"clinic" | "shifted": {attribute: [rho, low, high]}} from the workdir's grounding evaluation, if any;
+    the domains it scored on their test split only: the clinic, and a shifted clinic mixed into training)."""
     from dermaray.layout import Layout
 
     path = Path(Layout(str(workdir)).grounding_eval, "grounding_eval.json")
-    if not path.exists():
-        return {}
-    out = {}
-    for name, result in json.loads(path.read_text()).items():
+    scores, test_only = {}, {"clinic"}
+    for name, result in json.loads(path.read_text()).items() if path.exists() else ():
         domain = "clinic" if "held-out" in name else "shifted"
-        out[domain] = {a: v["prediction"]["grounded"]["spearman_ci"] for a, v in result["attributes"].items()}
-    return out
+        scores[domain] = {a: v["prediction"]["grounded"]["spearman_ci"] for a, v in result["attributes"].items()}
+        if "test split" in name:
+            test_only.add(domain)
+    return scores, test_only
 
 
 def main() -> None:
@@ -75,19 +76,21 @@ def main() -> None:
     from dermaray.stats import format_ci
     from dermaray.storage import read_parquet
 
-    at, model = Layout(str(Path(args.workdir).absolute())), model_spearman(Path(args.workdir).absolute())
-    grounded = load_config("configs/local.yaml").grounding.attributes  # the attributes the study grounds
+    at = Layout(str(Path(args.workdir).absolute()))
+    model, test_only = model_spearman(Path(args.workdir).absolute())
+    # The attributes the workdir's model grounded, else those the local config grounds.
+    grounded = list(model.get("clinic", {})) or load_config("configs/local.yaml").grounding.attributes
     for domain in ("clinic", "shifted"):
         if not Path(at.lesions(domain)).exists():
             continue
         table = read_parquet(at.lesions(domain), {}, ["split", "image_bytes", *ATTRIBUTE_NAMES])
-        if domain == "clinic":
+        if domain in test_only:
             table = table.filter(pc.equal(table["split"], "test"))
         if table.num_rows > args.lesions:
             table = table.take(np.sort(np.random.default_rng(0).choice(table.num_rows, args.lesions, replace=False)))
         images = table.column("image_bytes").to_pylist()
         side = Image.open(io.BytesIO(images[0])).size[0]
-        print(f"\n### {domain}: {table.num_rows} lesions{' (test split)' if domain == 'clinic' else ''}, tiles of {side} px\n")
+        print(f"\n### {domain}: {table.num_rows} lesions{' (test split)' if domain in test_only else ''}, tiles of {side} px\n")
         sizes = {size: measured(images, size) for size in args.sizes}
         header = [f"measured at {s} px" for s in args.sizes] + (["grounded model"] if domain in model else [])
         print("| attribute | " + " | ".join(header) + " |")
@@ -98,6 +101,7 @@ def main() -> None:
             if domain in model:
                 cells.append(format_ci(tuple(model[domain][a])))
             print(f"| {a} | " + " | ".join(cells) + " |")
+        # A tile where no lesion was found has no measurement: the measured columns leave it out, the model's does not.
         print("\nno lesion found: " + ", ".join(f"{s} px {int((~ok).sum())}" for s, (_, ok) in sizes.items()))
 
 

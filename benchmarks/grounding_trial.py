@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --feature-layer -1  # the tower's last layer
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --heads mlp --seed 1
 
-The study's recipe without Ray (the grounding job's model, loss, flips and quarter turns, photometric views, AdamW
-with warm-up and cosine, configs/local.yaml's settings) on a workdir's ingested lesions: the clinic's train split
-trains, its test split and every shifted lesion are scored. A first look before a variant earns a study arm; it
+The study's first arm without Ray (the grounding job's model, loss, flips and quarter turns, photometric views,
+AdamW with warm-up and cosine; configs/local.yaml's base, learning rate, batch size and attribute weights; fp32, no
+clipping) on a workdir's ingested lesions: the clinic's train split trains, its test split and every shifted lesion
+are scored. A first look before a variant earns a study arm; it
 does not replace one (no validation, checkpoints or resume). Appends one JSON line per run to --results.
 """
 

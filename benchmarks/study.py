@@ -42,7 +42,8 @@ ARMS: dict[str, list[str]] = {
     "pretrained, photometric, 128 px": ["grounding.image_size=128"],
     "pretrained, photometric, mixed clinics": ["pipeline.mixed_clinics=true"],
 }
-STAGES = "[grounding,embeddings,grounding_eval]"
+# Stages by whether an arm is the first: the others read the first arm's ingested lesions.
+STAGES = {True: "[synth,ingest,grounding,embeddings,grounding_eval]", False: "[grounding,embeddings,grounding_eval]"}
 # LoRA: 12 epochs over 4,000 lesions at batch 32 (1,500 steps) at rank 16, what benchmarks/diffusion_trial.py showed
 # to pay (class relevance 0.87 of the judge's ceiling, against 0.60 for 500 steps at rank 8).
 DIFFUSION = {"vae_steps": 200, "unet_steps": 1500, "lora_epochs": 12, "lora_rank": 16}
@@ -75,16 +76,22 @@ def main() -> None:
         f"grounding.train.epochs={args.epochs}",
     ]
     first, *others = [a for a in ARMS if a == next(iter(ARMS)) or a in args.arms]
+    folders = {arm: root if arm == first else root / "arms" / arm.replace(", ", "_").replace(" ", "-") for arm in ARMS}
+    configs = {  # every arm's settings checked before any arm runs (mixed clinics need --shifted > 0)
+        arm: load_config(
+            "configs/local.yaml",
+            [*common, *ARMS[arm], f"pipeline.workdir={folders[arm]}", f"pipeline.stages={STAGES[arm == first]}"],
+        )
+        for arm in (first, *others)
+    }
     arms: dict[str, dict] = {}
-    for arm in (first, *others):
-        folder = root if arm == first else root / "arms" / arm.replace(", ", "_").replace(" ", "-")
-        stages = "[synth,ingest,grounding,embeddings,grounding_eval]" if arm == first else STAGES
+    for arm, cfg in configs.items():
+        folder = folders[arm]
         if arm != first:  # the first arm's lesions, not new ones
             folder.mkdir(parents=True, exist_ok=True)
             for shared in ("synthetic", "ingest"):
                 if not (folder / shared).exists():
                     (folder / shared).symlink_to(root / shared, target_is_directory=True)
-        cfg = load_config("configs/local.yaml", [*common, *ARMS[arm], f"pipeline.workdir={folder}", f"pipeline.stages={stages}"])
         started = time.perf_counter()
         results = pipeline.run(cfg)
         evaluated = json.loads(Path(Layout(str(folder)).grounding_eval, "grounding_eval.json").read_text())

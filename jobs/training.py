@@ -38,7 +38,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from dermaray.config import TrainConfig
 from dermaray.layout import MODEL
 from dermaray.optimizer_step import OptimizerStep, cast_frozen, enable_gradient_checkpointing, resolve_precision
-from dermaray.storage import arrow_filesystem, is_remote, join, upload_folder
+from dermaray.storage import arrow_filesystem, is_remote, join, parquet_files, upload_folder
 from jobs.common import log
 
 TRAIN_STATE = "train_state.pt"
@@ -256,13 +256,18 @@ def split_inputs(
     **actor_resources: Any,
 ) -> ray.data.Dataset:
     """The rows of one split of the lesion table (or of several; every row when `split` is None) mapped to model
-    inputs by an actor pool of `prepare` (`actor_resources`: what each actor asks for, e.g. num_gpus=1). Several
-    tables (a list of URIs): their rows one after the other, in that order."""
-    tables = []
-    for table in [uri] if isinstance(uri, str) else uri:
-        fs, root = arrow_filesystem(table, storage_options)  # each its own: one may be local, another in a bucket
-        tables.append(ray.data.read_parquet(root, filesystem=fs, columns=columns))
-    ds = tables[0].union(*tables[1:]) if len(tables) > 1 else tables[0]
+    inputs by an actor pool of `prepare` (`actor_resources`: what each actor asks for, e.g. num_gpus=1).
+
+    Several tables (a list of URIs, e.g. two clinics'): their files in one seeded shuffled order, so each stretch
+    of an epoch mixes them (training shuffles only within a buffer of a few batches), the same on every run."""
+    tables = [uri] if isinstance(uri, str) else list(uri)
+    fs, root = arrow_filesystem(tables[0], storage_options)
+    if len(tables) > 1:
+        if len({t.split("://")[0] if is_remote(t) else "file" for t in tables}) > 1:
+            raise ValueError(f"tables trained together must be on one filesystem (all local or all in one store): {tables}")
+        files = [f for t in tables for f in parquet_files(t, storage_options)[1]]
+        root = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
+    ds = ray.data.read_parquet(root, filesystem=fs, columns=columns)
     if split is not None:
         ds = ds.filter(expr=" or ".join(f"split == '{s}'" for s in ((split,) if isinstance(split, str) else split)))
     ds = ds.map_batches(

@@ -29,6 +29,7 @@ def test_yaml_then_overrides(tmp_path):
         "ingest.source=dicom",
         "ingest.split_fractions=[0.5, 0.5, 0.5]",
         ["pipeline.mixed_clinics=true", "pipeline.shifted_lesions=0"],
+        ["grounding.input=out/a", "grounding.mixed_inputs=[out/b, out/a]"],
     ],
 )
 def test_bad_overrides_are_errors(override):

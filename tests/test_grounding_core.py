@@ -94,6 +94,24 @@ def test_image_size_resizes_the_input_and_interpolates_the_tower(models: ModelsC
     assert embedder.preprocess.processor.crop_size == {"height": 96, "width": 96}
 
 
+def test_the_scaler_is_fitted_on_every_clinics_train_split(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermaray.config import load_config
+    from jobs.grounding import fit_scaler
+
+    areas = {"clinic": [1.0, 2.0, 4.0, 100.0], "shifted": [8.0, 16.0, 100.0]}  # the last of each: its test split
+    for clinic, values in areas.items():
+        (tmp_path / clinic).mkdir()
+        splits = ["train"] * (len(values) - 1) + ["test"]
+        pq.write_table(pa.table({"split": splits, "area_mm2": values}), tmp_path / clinic / "part-0.parquet")
+    tables = [f"grounding.input={tmp_path}/clinic", f"grounding.mixed_inputs=[{tmp_path}/shifted]"]
+    scaler, counts = fit_scaler(load_config(None, [*tables, "grounding.attributes=[area_mm2]"]).grounding, {})
+    assert counts == {"train": 5, "val": 0, "test": 2}
+    assert scaler.mean == pytest.approx([np.log([1, 2, 4, 8, 16]).mean()])  # both train splits, on a log scale
+
+
 def test_feature_layer_is_read_saved_and_kept_by_a_classifier_started_from_it(models: ModelsConfig, tmp_path: Path) -> None:
     from dermaray.grounding.classifier import ClassifierSettings, MultimodalClassifier, load_classifier, save_classifier
 

@@ -65,16 +65,22 @@ def test_materialized_splits_keep_the_tables_file_order(ray_cluster, tmp_path):
         assert [r["id"] for r in together[split].take_all()] == list(range(offset, 200, 2))
 
 
-def test_several_tables_train_together_in_their_order(ray_cluster, tmp_path):
-    """Mixed-clinic training: the splits hold both clinics' rows, the first table's before the second's."""
-    tables = []
+def test_several_tables_train_together_their_files_shuffled_the_same_every_run(ray_cluster, tmp_path):
+    """Mixed-clinic training: both clinics' rows, their files in one seeded order (each stretch of an epoch mixes
+    them), the same in every run (a resumed run relies on it), whichever prepare actor finishes first."""
+    files = []
     for clinic, first in (("clinic", 0), ("shifted", 100)):
-        ids = np.arange(first, first + 60)
         (tmp_path / clinic).mkdir()
-        splits = np.array(["train", "val", "test"])[ids % 3]
-        pq.write_table(pa.table({"id": ids, "split": splits}), tmp_path / clinic / "p.parquet")
-        tables.append(str(tmp_path / clinic))
-    together = prepared_splits(tables, ["id", "split"], ("train", "val"), SlowFirstFile, (), {}, materialize=True)
-    ids = [*range(60), *range(100, 160)]
-    assert [r["id"] for r in together["train"].take_all()] == [i for i in ids if i % 3 == 0]
-    assert [r["id"] for r in together["val"].take_all()] == [i for i in ids if i % 3 == 1]
+        for start in range(first, first + 75, 25):
+            ids = np.arange(start, start + 25)
+            splits = np.array(["train", "val", "test"])[ids % 3]
+            pq.write_table(pa.table({"id": ids, "split": splits}), tmp_path / clinic / f"part-{start:03d}.parquet")
+            files.append(ids)
+    tables = [str(tmp_path / "clinic"), str(tmp_path / "shifted")]
+    order = np.random.default_rng(0).permutation(len(files))  # the order split_inputs promises
+    expected = np.concatenate([files[i] for i in order])
+    for _ in range(2):
+        together = prepared_splits(tables, ["id", "split"], ("train", "val"), SlowFirstFile, (), {}, materialize=True)
+        assert [r["id"] for r in together["train"].take_all()] == [i for i in expected if i % 3 == 0]
+        assert [r["id"] for r in together["val"].take_all()] == [i for i in expected if i % 3 == 1]
+    assert set(order[:3]) not in ({0, 1, 2}, {3, 4, 5})  # the first half of an epoch holds both clinics

@@ -267,6 +267,13 @@ class GroundingConfig(GroundingSpec):
     photometric: bool = True
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="after")
+    def _each_table_once(self) -> GroundingConfig:
+        tables = [self.input, *self.mixed_inputs]
+        if len(set(tables)) < len(tables):
+            raise ValueError(f"grounding.input and grounding.mixed_inputs name a table twice (its lesions count twice): {tables}")
+        return self
+
 
 class IndexConfig(Section):
     kind: Literal["exact", "ivf", "hnsw"] = "exact"  # exact up to ~1e5 lesions; ivf beyond
@@ -294,7 +301,7 @@ class GroundingEvalConfig(Section):
 
     frozen: str = "out/embeddings/frozen"  # <frozen>/<domain>/embeddings
     grounded: str = "out/embeddings/grounded"
-    domains: list[str] = ["clinic", "shifted"]  # the first: its test split; the others: every lesion (domain shift)
+    domains: list[str] = ["clinic", "shifted"]  # the first: its test split; the others: every lesion, unless trained_on
     # Domains after the first that the grounded model also trained on (grounding.mixed_inputs): their test split only.
     trained_on: list[str] = []
     output: str = "out/reports/grounding"
@@ -406,8 +413,9 @@ class PipelineConfig(Section):
 
     workdir: str = DEFAULT_WORKDIR
     shifted_lesions: int = Field(default=400, ge=0)  # a domain-shift test set; 0 to skip
-    # Grounding also trains on the shifted clinic's train and val splits (mixed clinics); grounding_eval then
-    # scores that clinic on its test split, which no model saw.
+    # Grounding also trains on the shifted clinic's train and val splits (mixed clinics); grounding_eval then scores
+    # that clinic on its test split. The classifier, started from the grounded tower, still scores every shifted
+    # lesion: its tower then saw the images of the train and val splits (their attributes, not their diagnoses).
     mixed_clinics: bool = False
     # notes.model_lesions for the shifted clinic's notes (None: the same as the clinic's; 0: templates only)
     shifted_model_lesions: int | None = Field(default=None, ge=0)
