@@ -12,7 +12,9 @@ its own workdir, so all arms see the same lesions):
 - pretrained, photometric, 128 px: grounding.image_size=128, the tiles at their own size (the tower was
   pre-trained at 64 px: its position embeddings are interpolated);
 - pretrained, photometric, mixed clinics: pipeline.mixed_clinics=true, the shifted clinic's train and val splits
-  train alongside the clinic's; its shifted figures are on that clinic's test split, which it never saw.
+  train alongside the clinic's; its shifted figures are on that clinic's test split, which it never saw;
+- pretrained, photometric, last layer: grounding.feature_layer=-1, the embedding read from the tower's last layer
+  (the tiny LLaVA's own, the penultimate, leaves one of its two layers unused; benchmarks/grounding_trial.py).
 
 Each arm's "frozen" is its own untuned base. Writes <workdir>/reports/grounding_study/grounding_study.{json,md}.
 
@@ -41,6 +43,7 @@ ARMS: dict[str, list[str]] = {
     "random tower, photometric": ["models.grounding_mllm=tiny"],
     "pretrained, photometric, 128 px": ["grounding.image_size=128"],
     "pretrained, photometric, mixed clinics": ["pipeline.mixed_clinics=true"],
+    "pretrained, photometric, last layer": ["grounding.feature_layer=-1"],
 }
 # Stages by whether an arm is the first: the others read the first arm's ingested lesions.
 STAGES = {True: "[synth,ingest,grounding,embeddings,grounding_eval]", False: "[grounding,embeddings,grounding_eval]"}
