@@ -308,7 +308,11 @@ def test_study_table_reads_each_arms_figures() -> None:
     noise = evaluate_set(frozen, grounded.assign(embedding=frozen.embedding), train_frozen, ATTRS)
     arms = {
         "informative": {
-            "grounding_eval": {"clinic held-out (test split)": informative, "shifted (domain shift, all lesions)": noise}
+            "grounding_eval": {
+                "clinic held-out (test split)": informative,
+                "shifted (domain shift, all lesions)": noise,
+                "shifted (domain shift, test split)": noise,
+            }
         },
         # An arm that trained on the shifted clinic too (mixed clinics): scored on its test split.
         "noise": {"grounding_eval": {"clinic held-out (test split)": noise, f"shifted ({MIXED_SET})": noise}},
@@ -322,4 +326,6 @@ def test_study_table_reads_each_arms_figures() -> None:
     assert "| R@1 gain over frozen, area_mm2 | >= +0.15 | +0." in table
     assert "| Spearman shifted clinic, area_mm2 | >= 0.85 |" in table
     assert "| shifted clinic, lesions scored |  | 300 (all lesions) | 300 (test split) |" in table
+    assert "| shifted clinic's test split (like for like), lesions |  | 300 | 300 |" in table
+    assert "| Spearman shifted test split, area_mm2 |" in table
     assert "perimeter_mm" not in figures["noise"]["r1_gain"]  # only the attributes the arms grounded

@@ -140,6 +140,8 @@ def test_a_clinic_mixed_into_training_is_scored_on_its_test_split(embedded, s3_o
         )
     splits = read_parquet(LESIONS, s3_options, columns=["split"]).column("split").to_pylist()
     assert runs["[]"]["second (domain shift, all lesions)"]["lesions"] == len(splits)
+    assert runs["[]"]["second (domain shift, test split)"]["lesions"] == splits.count("test")  # like for like
+    assert "second (domain shift, all lesions)" not in runs["[second]"]
     mixed = runs["[second]"]["second (domain shift, test split; mixed into training)"]
     assert mixed["lesions"] == splits.count("test") < len(splits)
     with pytest.raises(ValueError, match="trained_on"):

@@ -18,16 +18,18 @@ GOALS = {  # the study's goals: figure -> the least value that meets it
 }
 
 
-def _sets(evaluated: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """(the held-out set's results, the shifted clinic's set name or None), by grounding_eval's set names."""
+def _sets(evaluated: dict[str, Any]) -> tuple[dict[str, Any], str | None, str | None]:
+    """(the held-out set's results, the shifted clinic's set name, its test split's set name), by grounding_eval's
+    set names; the shifted clinic's set is every lesion, or its test split where the model trained on the rest."""
     home = next(v for k, v in evaluated.items() if "held-out" in k)
-    shifted = next((k for k in evaluated if "domain shift" in k), None)
-    return home, shifted
+    shifted = [k for k in evaluated if "domain shift" in k]
+    test = next((k for k in shifted if "test split" in k), None)
+    return home, next((k for k in shifted if "all lesions" in k), test), test
 
 
 def figures(evaluated: dict[str, Any]) -> dict[str, Any]:
     """One arm's figures: R@1 gains over its frozen base and Spearman per attribute, in-domain and shifted."""
-    home, shifted_set = _sets(evaluated)
+    home, shifted_set, test_set = _sets(evaluated)
     shifted = None if shifted_set is None else evaluated[shifted_set]
     scored = home["attributes"]
     gained = [a for a in GAIN_ATTRIBUTES if a in scored]
@@ -46,6 +48,9 @@ def figures(evaluated: dict[str, Any]) -> dict[str, Any]:
         out["shifted_lesions"] = shifted["lesions"]
         # A model that trained on the shifted clinic's other splits (mixed clinics) is scored on its test split only.
         out["shifted_scored"] = "test split" if "test split" in shifted_set else "all lesions"
+    if test_set is not None:  # the same lesions for every arm, mixed or not
+        out["shifted_test_lesions"] = evaluated[test_set]["lesions"]
+        out["spearman_shifted_test_split"] = spearman(evaluated[test_set])
         out["spearman_shifted"] = spearman(shifted)
     return out
 
@@ -120,4 +125,8 @@ def markdown(study: dict[str, Any]) -> str:
         for a in attributes:
             if a != "area_mm2":
                 row(f"Spearman shifted clinic, {a}", "", lambda arm, a=a: _ci(arm["spearman_shifted"][a]))
+    if all("spearman_shifted_test_split" in arm for arm in arms.values()):
+        row("shifted clinic's test split (like for like), lesions", "", lambda arm: f"{arm['shifted_test_lesions']:,}")
+        for a in attributes:
+            row(f"Spearman shifted test split, {a}", "", lambda arm, a=a: _ci(arm["spearman_shifted_test_split"][a]))
     return "\n".join(lines) + "\n"
