@@ -328,4 +328,8 @@ def test_study_table_reads_each_arms_figures() -> None:
     assert "| shifted clinic, lesions scored |  | 300 (all lesions) | 300 (test split) |" in table
     assert "| shifted clinic's test split (like for like), lesions |  | 300 | 300 |" in table
     assert "| Spearman shifted test split, area_mm2 |" in table
+    # An evaluation with no shifted test split (one too small to query) still gives the shifted clinic's rows.
+    without = {"clinic held-out (test split)": informative, "shifted (domain shift, all lesions)": noise}
+    alone = markdown({**study, "arms": summarize({"informative": {"grounding_eval": without}})})
+    assert "| Spearman shifted clinic, area_mm2 |" in alone and "like for like" not in alone
     assert "perimeter_mm" not in figures["noise"]["r1_gain"]  # only the attributes the arms grounded

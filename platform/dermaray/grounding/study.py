@@ -48,10 +48,10 @@ def figures(evaluated: dict[str, Any]) -> dict[str, Any]:
         out["shifted_lesions"] = shifted["lesions"]
         # A model that trained on the shifted clinic's other splits (mixed clinics) is scored on its test split only.
         out["shifted_scored"] = "test split" if "test split" in shifted_set else "all lesions"
+        out["spearman_shifted"] = spearman(shifted)
     if test_set is not None:  # the same lesions for every arm, mixed or not
         out["shifted_test_lesions"] = evaluated[test_set]["lesions"]
         out["spearman_shifted_test_split"] = spearman(evaluated[test_set])
-        out["spearman_shifted"] = spearman(shifted)
     return out
 
 
