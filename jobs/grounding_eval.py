@@ -62,11 +62,14 @@ def run(cfg: DermarayConfig) -> dict:
     sets = {f"{home} held-out (test split)": (table(ev.frozen, home, "test"), table(ev.grounded, home, "test", predicted))}
     for domain in ev.domains[1:]:
         mixed = domain in ev.trained_on  # its train and val splits trained the model: only its test split is unseen
-        if not mixed:
+        if mixed:
+            test = (table(ev.frozen, domain, "test"), table(ev.grounded, domain, "test", predicted))
+        else:
             every = (table(ev.frozen, domain), table(ev.grounded, domain, extra=predicted))
             sets[f"{domain} (domain shift, all lesions)"] = every
-        # Its test split alone too, what a model mixed with this clinic is scored on: a like-for-like figure for every run.
-        test = (table(ev.frozen, domain, "test"), table(ev.grounded, domain, "test", predicted))
+            # Its test split alone too, taken from the rows just read: what a model mixed with this clinic is
+            # scored on, so every run has a like-for-like figure.
+            test = tuple(t[t["split"] == "test"].reset_index(drop=True) for t in every)
         if mixed or len(test[1]) > K:  # one of K lesions or fewer cannot be queried: left out
             sets[f"{domain} (domain shift, test split{'; mixed into training' if mixed else ''})"] = test
     results = {}
