@@ -48,18 +48,18 @@ def measured(images: list[bytes], size: int) -> tuple[dict[str, np.ndarray], np.
 def model_spearman(workdir: Path) -> tuple[dict[str, dict[str, list[float]]], set[str]]:
     """({"clinic" | "shifted": {attribute: [rho, low, high]}} from the workdir's grounding evaluation, if any;
     the domains it scored on their test split only: the clinic, and a shifted clinic mixed into training)."""
+    from dermaray.grounding.study import figures
     from dermaray.layout import Layout
 
     path = Path(Layout(str(workdir)).grounding_eval, "grounding_eval.json")
-    scores, test_only = {}, {"clinic"}
-    for name, result in json.loads(path.read_text()).items() if path.exists() else ():
-        domain = "clinic" if "held-out" in name else "shifted"
-        if domain in scores:  # the shifted clinic's test split, scored besides all its lesions
-            continue
-        scores[domain] = {a: v["prediction"]["grounded"]["spearman_ci"] for a, v in result["attributes"].items()}
-        if "test split" in name:
-            test_only.add(domain)
-    return scores, test_only
+    if not path.exists():
+        return {}, {"clinic"}
+    # As the study reads them: the shifted clinic's every lesion, or only its test split where the model trained on it.
+    found = figures(json.loads(path.read_text()))
+    scores = {"clinic": found["spearman_in_domain"]}
+    if "spearman_shifted" in found:
+        scores["shifted"] = found["spearman_shifted"]
+    return scores, {"clinic"} | ({"shifted"} if found.get("shifted_scored") == "test split" else set())
 
 
 def main() -> None:

@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --feature-layer -1  # the tower's last layer
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --heads mlp --seed 1
 
-The study's first arm without Ray (the grounding job's model, loss, flips and quarter turns, photometric views,
-AdamW with warm-up and cosine; configs/local.yaml's base, learning rate, batch size and attribute weights; fp32, no
+The study's first arm without Ray (the grounding job's model and batch loss: flips and quarter turns, photometric
+views; AdamW with warm-up and cosine; configs/local.yaml's base, learning rate, batch size and attribute weights; fp32, no
 clipping) on a workdir's ingested lesions: the clinic's train split trains, its test split and every shifted lesion
 are scored. A first look before a variant earns a study arm; it
 does not replace one (no validation, checkpoints or resume). Appends one JSON line per run to --results.
@@ -41,10 +41,10 @@ def main() -> None:
     from dermaray.config import GroundingSpec, load_config
     from dermaray.grounding.data import PIXELS, TARGETS, Preprocessor
     from dermaray.grounding.metrics import spearman
-    from dermaray.grounding.model import AttributeScaler, GroundingModel, GroundingSettings, augment, loss_fn
-    from dermaray.grounding.photometric import photometric_views
+    from dermaray.grounding.model import AttributeScaler, GroundingModel, GroundingSettings
     from dermaray.layout import Layout
     from dermaray.storage import read_parquet
+    from jobs.grounding import batch_loss
     from jobs.training import warmup_cosine
 
     cfg = load_config("configs/local.yaml")
@@ -72,7 +72,12 @@ def main() -> None:
     if args.heads == "mlp":
         dim = model.embedder.dim
         model.heads = torch.nn.Sequential(torch.nn.Linear(dim, 128), torch.nn.GELU(), torch.nn.Linear(128, len(attributes)))
-    weights = torch.tensor([g.attribute_weights.get(a, 1.0) for a in attributes])
+    # What the grounding job's loss reads (jobs.grounding.run builds the same).
+    loss_config = {
+        "weights": [float(g.attribute_weights.get(a, 1.0)) for a in attributes],
+        "photometric": g.photometric,
+        "settings": {"attributes": attributes},
+    }
     params = [p for p in model.parameters() if p.requires_grad]
     tc = g.train
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -83,8 +88,7 @@ def main() -> None:
         order = torch.randperm(len(x))
         for i in range(0, len(x), tc.batch_size):
             rows = order[i : i + tc.batch_size]
-            pixels, keep = photometric_views(augment(x[rows]), model.embedder.normalization, attributes)
-            loss = loss_fn(model(pixels)["attributes"], y[rows], weights, keep)
+            loss = batch_loss(model, {PIXELS: x[rows], TARGETS: y[rows]}, loss_config)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
