@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--images-per-class", type=int, default=evaluated.images_per_class)
     parser.add_argument("--steps", type=int, default=evaluated.steps, help="denoising steps per generated image")
     parser.add_argument("--guide-strength", type=float, default=evaluated.guide_strength)
+    parser.add_argument("--guide-sweep", type=float, nargs="*", default=evaluated.guide_sweep, help="further strengths")
     args = parser.parse_args()
 
     import pyarrow.compute as pc
@@ -117,6 +118,7 @@ def main() -> None:
         "steps": args.steps,
         "guidance_scale": evaluated.guidance_scale,
         "guide_strength": args.guide_strength,
+        "guide_sweep": args.guide_sweep,
         "classes": [c for c in CLASS_CODES if c in {r["diagnosis"] for r in test}],
     }
     results = _evaluate(

@@ -1,7 +1,7 @@
 """A grounding variant tried in one process, in about 90 s on 2 cores: Spearman per attribute, in-domain and shifted.
 
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study                     # the study's first arm
-    .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --feature-layer -1  # the tower's last layer
+    .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --feature-layer -2  # the tower's penultimate layer
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --heads mlp --seed 1
 
 The study's first arm without Ray (the grounding job's model and batch loss: flips and quarter turns, photometric
@@ -29,9 +29,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="out/study", help="a pipeline workdir with ingest/clinic and ingest/shifted")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--feature-layer", type=int, default=None, help="the tower's hidden layer the embedding reads")
+    parser.add_argument("--feature-layer", type=int, default=None, help="the tower's layer read (default: the config's)")
     parser.add_argument("--heads", choices=["linear", "mlp"], default="linear", help="mlp: one hidden layer of 128")
-    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=None, help="the tower's input side (default: the config's)")
     parser.add_argument("--results", default=None, help="a JSON-lines file to append the run to")
     args = parser.parse_args()
 
@@ -66,9 +66,10 @@ def main() -> None:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     x, y = tensors(train)
-    spec = g.model_dump(include=set(GroundingSpec.model_fields) - {"attributes", "image_size", "feature_layer"})
-    chosen = {"image_size": args.image_size, "feature_layer": args.feature_layer}
-    model = GroundingModel.from_settings(GroundingSettings(cfg.models.grounding_mllm, attributes, **chosen, **spec), cfg.models)
+    spec = g.model_dump(include=set(GroundingSpec.model_fields) - {"attributes"})
+    chosen = {k: v for k, v in {"image_size": args.image_size, "feature_layer": args.feature_layer}.items() if v is not None}
+    settings = GroundingSettings(cfg.models.grounding_mllm, attributes, **{**spec, **chosen})
+    model = GroundingModel.from_settings(settings, cfg.models)
     if args.heads == "mlp":
         dim = model.embedder.dim
         model.heads = torch.nn.Sequential(torch.nn.Linear(dim, 128), torch.nn.GELU(), torch.nn.Linear(128, len(attributes)))

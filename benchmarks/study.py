@@ -6,21 +6,22 @@ second clinic; and what diagnosis adapters and image guidance buy in generation;
 Grounding arms (each a pipeline run; every arm but the first reads the first's ingested tables, linked into
 its own workdir, so all arms see the same lesions):
 
-- pretrained, photometric: configs/local.yaml as it is (the SimCLR-pretrained tiny tower, photometric views);
+- pretrained, photometric: configs/local.yaml as it is (the SimCLR-pretrained tiny tower, photometric views, the
+  embedding read from the tower's last layer);
 - pretrained, geometric only: grounding.photometric=false;
 - random tower, photometric: models.grounding_mllm=tiny, the randomly initialised tower (the control);
 - pretrained, photometric, 128 px: grounding.image_size=128, the tiles at their own size (the tower was
   pre-trained at 64 px: its position embeddings are interpolated);
 - pretrained, photometric, mixed clinics: pipeline.mixed_clinics=true, the shifted clinic's train and val splits
   train alongside the clinic's; its shifted figures are on that clinic's test split, which it never saw;
-- pretrained, photometric, last layer: grounding.feature_layer=-1, the embedding read from the tower's last layer
-  (the tiny LLaVA's own, the penultimate, leaves one of its two layers unused; benchmarks/grounding_trial.py).
+- pretrained, photometric, penultimate layer: grounding.feature_layer=-2, the embedding read from the tower's
+  penultimate layer, the tiny LLaVA's own (which leaves one of its two layers unused), not its last as configured.
 
 Each arm's "frozen" is its own untuned base. Writes <workdir>/reports/grounding_study/grounding_study.{json,md}.
 
 Diffusion (`--diffusion-unet-steps 0` skips it), in the first arm's workdir: notes and the classifier (the
 judge), then the tiny base pre-trained longer than `make run` does and a shared adapter on every training
-lesion; <workdir>/reports/diffusion/ holds the evaluation (base vs LoRA vs image-guided). Last, the HTML
+lesion; <workdir>/reports/diffusion/ holds the evaluation (base vs LoRA vs image-guided at four strengths). Last, the HTML
 report of the first arm's workdir, with both.
 """
 
@@ -43,7 +44,7 @@ ARMS: dict[str, list[str]] = {
     "random tower, photometric": ["models.grounding_mllm=tiny"],
     "pretrained, photometric, 128 px": ["grounding.image_size=128"],
     "pretrained, photometric, mixed clinics": ["pipeline.mixed_clinics=true"],
-    "pretrained, photometric, last layer": ["grounding.feature_layer=-1"],
+    "pretrained, photometric, penultimate layer": ["grounding.feature_layer=-2"],
 }
 # Stages by whether an arm is the first: the others read the first arm's ingested lesions.
 STAGES = {True: "[synth,ingest,grounding,embeddings,grounding_eval]", False: "[grounding,embeddings,grounding_eval]"}
@@ -125,6 +126,7 @@ def main() -> None:
             "diffusion.train.lr=1e-3",
             "diffusion_eval.images_per_class=16",
             "diffusion_eval.steps=20",
+            "diffusion_eval.guide_sweep=[0.2,0.4,0.8]",  # beside guide_strength 0.6: following the guide vs changing it
         ]
         stages = "pipeline.stages=[notes,classifier,diffusion,diffusion_eval]"
         # The judge starts from the first arm's grounded tower, as in a full pipeline run (grounding is not among

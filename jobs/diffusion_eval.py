@@ -42,9 +42,10 @@ from dermaray.diffusion.evaluate import (
     lesion_area_mm2,
     lesion_contrast,
     markdown,
+    pixel_change,
     size_faithfulness,
 )
-from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
+from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline, vae_round_trip
 from dermaray.grounding.classifier import classifier_settings, load_classifier, require_diagnosis_classifier
 from dermaray.grounding.data import CLASS_CODES
 from dermaray.images import decode_rgb
@@ -93,14 +94,17 @@ def adapters_by_class(folder: str | None, codes: list[str]) -> dict[str, str | N
 
 
 def generate_by_class(pipe: Any, adapters: dict[str, str | None], n: int, settings: dict, size: str | None = None) -> list:
-    """`n` images per diagnosis (class-major), each diagnosis with its adapter; image i is seeded `seed + i`."""
+    """`n` images per diagnosis (class-major), each diagnosis with its adapter; its image i is seeded `seed + i`.
+
+    Every diagnosis starts from the same seeds (common random numbers): what tells its images apart from
+    another diagnosis' is its prompt and adapter alone, not the noise they happened to start from."""
     images = []
-    for index, (code, adapter) in enumerate(adapters.items()):
+    for code, adapter in adapters.items():
         images += generate(
             pipe,
             [caption(code, size)],
             n,
-            seed=settings["seed"] + index * n,
+            seed=settings["seed"],
             steps=settings["steps"],
             guidance_scale=settings["guidance_scale"],
             adapter_folder=adapter,
@@ -109,7 +113,7 @@ def generate_by_class(pipe: Any, adapters: dict[str, str | None], n: int, settin
     return images
 
 
-def guided_by_class(pipe: Any, adapters: dict[str, str | None], guides: dict[str, list], settings: dict) -> list:
+def guided_by_class(pipe: Any, adapters: dict[str, str | None], guides: dict[str, list], settings: dict, strength: float) -> list:
     """One image per guide (class-major, the order of `guides`), each from its diagnosis' caption and adapter."""
     images, offset = [], 0
     for code, adapter in adapters.items():
@@ -124,7 +128,7 @@ def guided_by_class(pipe: Any, adapters: dict[str, str | None], guides: dict[str
                 adapter_folder=adapter,
                 resolution=settings["resolution"],
                 guides=guides[code],
-                strength=settings["guide_strength"],
+                strength=strength,
             )
         offset += len(guides[code])
     return images
@@ -144,6 +148,29 @@ def follows(guides: dict[str, list[float]], images: list) -> dict[str, dict]:
     return {name: faithfulness(guides[name], generated[name]) for name in MEASURES}
 
 
+def guided_run(
+    pipe: Any,
+    judge: ImageJudge,
+    adapters: dict[str, str | None],
+    guides: dict[str, list],
+    guide_measures: dict[str, list[float]],
+    real_features: np.ndarray,
+    settings: dict,
+    strength: float,
+) -> tuple[dict[str, Any], list]:
+    """One image per guide at `strength`: its class relevance, KID, how closely it follows its guide
+    (`guide_measures`: `measured` of the guides) and how much of the guide's pixels it changed; and the images."""
+    images = guided_by_class(pipe, adapters, guides, settings, strength)
+    predicted, features = judge(images)
+    return {
+        "strength": strength,
+        "class_relevance": class_relevance([c for c in adapters for _ in guides[c]], predicted),
+        "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(images))), strict=True)),
+        "pixel_change": pixel_change([g for c in adapters for g in guides[c]], images),
+        **follows(guide_measures, images),
+    }, images
+
+
 def guided_results(
     pipe: Any,
     judge: ImageJudge,
@@ -157,19 +184,29 @@ def guided_results(
 ) -> dict[str, Any]:
     """Image-guided references: each of up to n held-out lesions per diagnosis guides one image of its diagnosis.
 
-    {"guided": class relevance, KID and how closely the results follow their guides; "diagnosis_only": how
-    closely the diagnosis-only images (`diagnosis_only`, n per diagnosis) paired with the same guides do,
-    the baseline; "grid": guide / result pairs}, or {"guided_skipped": why} with fewer than 3 guides."""
+    {"guided": `guided_run` at guide_strength; "guide_sweep": `guided_run` at guide_strength and each
+    guide_sweep strength, by strength (what following the guide more closely costs in change and relevance);
+    "diagnosis_only": how closely the diagnosis-only images (`diagnosis_only`, n per diagnosis) paired with the
+    same guides do, the baseline; "vae_round_trip": how closely the guides do after the VAE alone, the
+    ceiling; "grid": guide / result pairs at guide_strength}, or {"guided_skipped": why}
+    with fewer than 3 guides."""
     n, size = settings["images_per_class"], settings["resolution"]
     guides = {c: [img for img, label in zip(real, real_labels, strict=True) if label == c][:n] for c in codes}
     flat = [g for c in codes for g in guides[c]]
     if len(flat) < 3:
         return {"guided_skipped": f"{len(flat)} held-out lesions of the generated diagnoses; a rank correlation needs 3"}
-    images = guided_by_class(pipe, adapters, guides, settings)
-    predicted, features = judge(images)
     paired = [diagnosis_only[i * n + j] for i, c in enumerate(codes) for j in range(len(guides[c]))]
-    guide_measures = measured(flat)  # once, for both comparisons
+    guide_measures = measured(flat)  # once, for every comparison
     baseline = follows(guide_measures, paired)
+    # The ceiling: each guide through the VAE alone (strength -> 0), measured as a result is.
+    round_trip = vae_round_trip(pipe.vae, flat, size)
+
+    def run(strength: float) -> tuple[dict[str, Any], list]:
+        return guided_run(pipe, judge, adapters, guides, guide_measures, real_features, settings, strength)
+
+    headline, images = run(settings["guide_strength"])
+    others = sorted(set(settings.get("guide_sweep") or ()) - {settings["guide_strength"]})
+    sweep = sorted([headline, *(run(s)[0] for s in others)], key=lambda row: row["strength"])
     # A row per diagnosis: guide, result, guide, result, ... (white cells where a diagnosis has fewer guides)
     shown, blank = min(n, 4), Image.new("RGB", (size, size), "white")
     starts = np.cumsum([0] + [len(guides[c]) for c in codes])
@@ -180,13 +217,14 @@ def guided_results(
         for img in ((flat[start + j], images[start + j]) if j < len(guides[c]) else (blank, blank))
     ]
     return {
-        "guided": {
-            "strength": settings["guide_strength"],
-            "class_relevance": class_relevance([c for c in codes for _ in guides[c]], predicted),
-            "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(images))), strict=True)),
-            **follows(guide_measures, images),
+        "guided": headline,
+        "guide_sweep": sweep,
+        "diagnosis_only": {
+            "guide_area": baseline["area"],
+            "guide_contrast": baseline["contrast"],
+            "guide_pixel_change": pixel_change(flat, paired),
         },
-        "diagnosis_only": {"guide_area": baseline["area"], "guide_contrast": baseline["contrast"]},
+        "vae_round_trip": {**follows(guide_measures, round_trip), "pixel_change": pixel_change(flat, round_trip)},
         "grid": png(image_grid(cells, 2 * shown, labels=list(codes), cell=max(64, size))),
     }
 
@@ -292,6 +330,7 @@ def run(cfg: DermarayConfig) -> dict:
         "steps": ev.steps,
         "guidance_scale": ev.guidance_scale,
         "guide_strength": ev.guide_strength,
+        "guide_sweep": ev.guide_sweep,
         "classes": [c for c in CLASS_CODES if c in set(held_out["diagnosis"].to_pylist())],
     }
     log.info("diffusion_eval: %d images per class for %s, base vs LoRA", ev.images_per_class, settings["classes"])

@@ -427,6 +427,8 @@ class Ingress:
         steps = steps or self.default_steps
         if steps > self.settings.max_steps:
             raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
+        if guide is not None and int(steps * self.settings.guide_strength) < 1:  # img2img runs int(steps x strength)
+            raise RequestError(422, f"{steps} steps at guide strength {self.settings.guide_strength} denoise none: ask for more")
         handle = self.generation.options(multiplexed_model_id=code)
         return await self._call(
             handle.generate,

@@ -30,6 +30,9 @@ def test_yaml_then_overrides(tmp_path):
         "ingest.split_fractions=[0.5, 0.5, 0.5]",
         ["pipeline.mixed_clinics=true", "pipeline.shifted_lesions=0"],
         ["grounding.input=out/a", "grounding.mixed_inputs=[out/b, out/a]"],
+        "diffusion_eval.guide_sweep=[0.2, 1.5]",
+        ["diffusion_eval.guide_strength=null", "diffusion_eval.guide_sweep=[0.2]"],
+        ["diffusion_eval.steps=2", "diffusion_eval.guide_sweep=[0.3]"],
     ],
 )
 def test_bad_overrides_are_errors(override):

@@ -41,6 +41,7 @@ from dermaray.diffusion.pipeline import (
     sample_latents,
     save_lora,
     tokenize,
+    vae_round_trip,
     vae_step_loss,
 )
 from dermaray.images import decode_rgb
@@ -193,6 +194,17 @@ def test_cached_latents_equal_fresh_encodes(base: str, lesions) -> None:
     assert not torch.equal(sample_latents(cached, torch.Generator().manual_seed(4)), drawn)  # still a sample
     with pytest.raises(ValueError, match="2C"):
         sample_latents(cached[:, :3])
+
+
+def test_vae_round_trip_decodes_the_posterior_mean(pretrained, lesions) -> None:
+    pipe = load_pipeline(pretrained[0])
+    images = vae_round_trip(pipe.vae, lesions[0], TRAIN_PX, batch_size=3)  # two chunks: 3 + 1
+    assert [i.size for i in images] == [(TRAIN_PX, TRAIN_PX)] * 4 and all(i.mode == "RGB" for i in images)
+    with torch.no_grad():
+        pixels = image_tensor(lesions[0], TRAIN_PX)
+        by_hand = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+    got = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.testing.assert_close(got, by_hand, atol=1 / 127.5 + 1e-4, rtol=0)  # one 8-bit level: the rounding
 
 
 def test_caption_states_are_computed_once_and_equal_fresh_ones(base: str, lesions) -> None:
@@ -400,3 +412,5 @@ def test_guided_generation_keeps_each_guide_with_its_prompt(pretrained, lesions,
         generate(pipe, prompts, 1, seed=0, guides=guides[:1])
     with pytest.raises(ValueError, match="strength"):
         generate(pipe, prompts, 1, seed=0, guides=guides, strength=0.0)
+    with pytest.raises(ValueError, match="no denoising step"):
+        generate(pipe, prompts, 1, seed=0, steps=2, guides=guides, strength=0.3)

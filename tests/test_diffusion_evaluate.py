@@ -17,6 +17,7 @@ from dermaray.diffusion.evaluate import (
     kid,
     lesion_area_mm2,
     lesion_contrast,
+    pixel_change,
     size_faithfulness,
 )
 from dermaray.schema import ATTRIBUTES_BY_NAME, TILE_FIELD_OF_VIEW_MM
@@ -184,6 +185,16 @@ def test_faithfulness_ranks_pairs_with_an_interval():
         faithfulness(guide, guide[:-1])
     with pytest.raises(ValueError, match="finite"):
         faithfulness([1.0, 2.0, np.nan], [1.0, 2.0, 3.0])
+
+
+def test_pixel_change_is_zero_for_a_copy_and_one_for_the_opposite():
+    rng = np.random.default_rng(0)
+    guides = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    assert pixel_change(guides, [g.resize((32, 32), Image.Resampling.LANCZOS) for g in guides]) == 0  # resized first
+    black, white = Image.new("RGB", (8, 8), "black"), Image.new("RGB", (8, 8), "white")
+    assert pixel_change([black, white], [white, white]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="one guide per image"):
+        pixel_change(guides, guides[:2])
 
 
 def test_lesion_free_images_give_no_or_a_tiny_area():

@@ -39,6 +39,7 @@ def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypa
         "diffusion.train.cpus_per_worker=1",
         "diffusion_eval.images_per_class=2",
         "diffusion_eval.steps=2",
+        "diffusion_eval.guide_sweep=[0.5]",
     ]
     # The driver killed once grounding has its first checkpoint (of two epochs). It runs from the repository,
     # as `ray job submit --working-dir .` would: Ray's workers import jobs/ from the driver's directory.
@@ -84,6 +85,11 @@ def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypa
     assert (tmp_path / "diffusion" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert set(results["diffusion_eval"]) == {"base", "lora"} and all(0 <= v <= 1 for v in results["diffusion_eval"].values())
     assert (tmp_path / "reports" / "diffusion" / "grid_lora.png").is_file()
+    evaluated = json.loads((tmp_path / "reports" / "diffusion" / "diffusion_eval.json").read_text())
+    sweep = evaluated["guide_sweep"]  # guide_strength (0.6) and the sweep's, by strength; the headline is 0.6's
+    assert [row["strength"] for row in sweep] == [0.5, 0.6] and sweep[1] == evaluated["guided"]
+    assert all(0 < row["pixel_change"] < 1 and row["area"]["n"] == sweep[0]["area"]["n"] for row in sweep)
+    assert "| 0.5 |" in (tmp_path / "reports" / "diffusion" / "diffusion_eval.md").read_text()
     page = (tmp_path / "reports" / "report.html").read_text()  # the last stage: every section has its stage's outputs
     assert results["report"] == str(tmp_path / "reports" / "report.html") and 'class="not-run"' not in page
     # three diffusion grids (base, LoRA, guided), four gallery queries

@@ -392,9 +392,23 @@ class DiffusionEvalConfig(Section):
     # Image-guided references (img2img from a held-out lesion with its diagnosis' adapter), scored against
     # the guide; the share of the denoising redone (0: the guide itself, 1: text only). None: not evaluated.
     guide_strength: float | None = Field(default=0.6, gt=0, le=1)
+    # Further strengths scored as guide_strength is (class relevance, following the guide, pixel change from it),
+    # a table of what following the guide more closely costs; the grid and the headline row stay guide_strength's.
+    guide_sweep: list[float] = []
     seed: int = 0
     num_cpus: float = Field(default=1, ge=0)
     num_gpus: float = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _sweep_is_of_strengths(self) -> DiffusionEvalConfig:
+        if self.guide_sweep and self.guide_strength is None:
+            raise ValueError("guide_sweep scores image-guided generation: it needs guide_strength, not null")
+        if not all(0 < s <= 1 for s in self.guide_sweep):
+            raise ValueError(f"guide_sweep holds strengths in (0, 1], got {self.guide_sweep}")
+        weakest = min([*self.guide_sweep, self.guide_strength or 1])
+        if int(self.steps * weakest) < 1:  # img2img denoises int(steps x strength) steps
+            raise ValueError(f"guide strength {weakest} of {self.steps} steps leaves no denoising step")
+        return self
 
 
 class ReportConfig(Section):

@@ -143,6 +143,21 @@ def encode_latents(vae: Any, pixels: torch.Tensor, batch_size: int = 64) -> torc
     )
 
 
+@torch.no_grad()
+def vae_round_trip(vae: Any, images: Sequence[Image.Image], resolution: int, batch_size: int = 64) -> list[Image.Image]:
+    """Each image at `resolution`, encoded and decoded by the VAE (its posterior's mean): what image-guided
+    generation returns as its strength goes to 0, so how closely any result can follow its guide."""
+    pixels = image_tensor(images, resolution)
+    decoded = torch.cat(
+        [
+            vae.decode(vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()).sample.float().cpu()
+            for chunk in pixels.split(batch_size)
+        ]
+    )
+    arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
 def sample_latents(posterior: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A latent drawn from `encode_latents` posteriors, exactly as `vae.encode(x).latent_dist.sample` draws it."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -491,6 +506,8 @@ def generate(
         raise ValueError(f"guides are one per prompt: {len(prompts)} prompts, {len(guides)} guides")
     if guides is not None and not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if guides is not None and int(steps * strength) < 1:  # img2img denoises int(steps x strength) steps
+        raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step: raise either")
     if adapter_folder is not None:
         if getattr(pipe.unet, "peft_config", None):
             raise ValueError("adapter_folder given but the pipeline already has an adapter; use a plain base pipeline")
