@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--guide-strength", type=float, default=evaluated.guide_strength)
     parser.add_argument("--guide-sweep", type=float, nargs="*", default=evaluated.guide_sweep, help="further strengths")
     args = parser.parse_args()
+    # The evaluation's settings checked before minutes of pre-training (a strength that leaves no denoising step).
+    DiffusionEvalConfig(steps=args.steps, guide_strength=args.guide_strength, guide_sweep=args.guide_sweep)
 
     import pyarrow.compute as pc
     import torch

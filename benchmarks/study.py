@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--diffusion-unet-steps", type=int, default=DIFFUSION["unet_steps"], help="0: no diffusion part")
     parser.add_argument("--diffusion-lora-epochs", type=int, default=DIFFUSION["lora_epochs"])
     args = parser.parse_args()
+    if unknown := set(args.arms) - set(ARMS):
+        parser.error(f"unknown arms {sorted(unknown)}; the arms are {list(ARMS)}")
 
     from dermaray.cli import setup_logging
     from dermaray.config import load_config

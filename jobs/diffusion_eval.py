@@ -94,17 +94,17 @@ def adapters_by_class(folder: str | None, codes: list[str]) -> dict[str, str | N
 
 
 def generate_by_class(pipe: Any, adapters: dict[str, str | None], n: int, settings: dict, size: str | None = None) -> list:
-    """`n` images per diagnosis (class-major), each diagnosis with its adapter; its image i is seeded `seed + i`.
+    """`n` images per diagnosis (class-major), each diagnosis with its adapter; image i is seeded `seed + i`.
 
-    Every diagnosis starts from the same seeds (common random numbers): what tells its images apart from
-    another diagnosis' is its prompt and adapter alone, not the noise they happened to start from."""
+    Distinct seeds across diagnoses: KID takes the images as independent draws (shared seeds make a
+    diagnosis-free base's images near-copies across diagnoses, which inflates it)."""
     images = []
-    for code, adapter in adapters.items():
+    for index, (code, adapter) in enumerate(adapters.items()):
         images += generate(
             pipe,
             [caption(code, size)],
             n,
-            seed=settings["seed"],
+            seed=settings["seed"] + index * n,
             steps=settings["steps"],
             guidance_scale=settings["guidance_scale"],
             adapter_folder=adapter,
@@ -148,24 +148,33 @@ def follows(guides: dict[str, list[float]], images: list) -> dict[str, dict]:
     return {name: faithfulness(guides[name], generated[name]) for name in MEASURES}
 
 
+def denoising_steps(steps: int, strength: float) -> int:
+    """The steps img2img runs at `strength` of `steps` (diffusers: int(steps x strength))."""
+    return int(steps * strength)
+
+
 def guided_run(
     pipe: Any,
     judge: ImageJudge,
     adapters: dict[str, str | None],
     guides: dict[str, list],
     guide_measures: dict[str, list[float]],
-    real_features: np.ndarray,
+    reference: np.ndarray | None,
     settings: dict,
     strength: float,
 ) -> tuple[dict[str, Any], list]:
-    """One image per guide at `strength`: its class relevance, KID, how closely it follows its guide
-    (`guide_measures`: `measured` of the guides) and how much of the guide's pixels it changed; and the images."""
+    """One image per guide at `strength`: its class relevance, KID against `reference` (real images' features,
+    the guides left out; None: not computed), how closely it follows its guide (`guide_measures`: `measured`
+    of the guides) and how much of the guide's pixels it changed; and the images."""
     images = guided_by_class(pipe, adapters, guides, settings, strength)
     predicted, features = judge(images)
     return {
         "strength": strength,
+        "denoising_steps": denoising_steps(settings["steps"], strength),
         "class_relevance": class_relevance([c for c in adapters for _ in guides[c]], predicted),
-        "kid": dict(zip(("mean", "std"), kid(real_features, features, subset_size=min(100, len(images))), strict=True)),
+        "kid": None
+        if reference is None
+        else dict(zip(("mean", "std"), kid(reference, features, subset_size=min(100, len(images))), strict=True)),
         "pixel_change": pixel_change([g for c in adapters for g in guides[c]], images),
         **follows(guide_measures, images),
     }, images
@@ -184,29 +193,36 @@ def guided_results(
 ) -> dict[str, Any]:
     """Image-guided references: each of up to n held-out lesions per diagnosis guides one image of its diagnosis.
 
-    {"guided": `guided_run` at guide_strength; "guide_sweep": `guided_run` at guide_strength and each
-    guide_sweep strength, by strength (what following the guide more closely costs in change and relevance);
-    "diagnosis_only": how closely the diagnosis-only images (`diagnosis_only`, n per diagnosis) paired with the
-    same guides do, the baseline; "vae_round_trip": how closely the guides do after the VAE alone, the
-    ceiling; "grid": guide / result pairs at guide_strength}, or {"guided_skipped": why}
-    with fewer than 3 guides."""
-    n, size = settings["images_per_class"], settings["resolution"]
-    guides = {c: [img for img, label in zip(real, real_labels, strict=True) if label == c][:n] for c in codes}
+    {"guided": `guided_run` at guide_strength; "guide_sweep": `guided_run` at guide_strength and at each
+    guide_sweep strength that runs another number of denoising steps, by strength (what following the guide
+    more closely costs in change and relevance); "diagnosis_only": how closely the diagnosis-only images
+    (`diagnosis_only`, n per diagnosis) paired with the same guides do, the baseline; "vae_round_trip": how
+    closely the guides themselves do after the VAE alone, the ceiling; "grid": guide / result pairs at
+    guide_strength}, or {"guided_skipped": why} with fewer than 3 guides."""
+    n, size, steps = settings["images_per_class"], settings["resolution"], settings["steps"]
+    chosen = {c: [i for i, label in enumerate(real_labels) if label == c][:n] for c in codes}
+    guides = {c: [real[i] for i in chosen[c]] for c in codes}
     flat = [g for c in codes for g in guides[c]]
     if len(flat) < 3:
         return {"guided_skipped": f"{len(flat)} held-out lesions of the generated diagnoses; a rank correlation needs 3"}
+    # KID against the real images that guide nothing: a result close to its guide is not thereby close to the rest.
+    others = np.setdiff1d(np.arange(len(real)), [i for c in codes for i in chosen[c]])
+    reference = real_features[others] if len(others) >= 2 else None
     paired = [diagnosis_only[i * n + j] for i, c in enumerate(codes) for j in range(len(guides[c]))]
     guide_measures = measured(flat)  # once, for every comparison
     baseline = follows(guide_measures, paired)
     # The ceiling: each guide through the VAE alone (strength -> 0), measured as a result is.
     round_trip = vae_round_trip(pipe.vae, flat, size)
 
-    def run(strength: float) -> tuple[dict[str, Any], list]:
-        return guided_run(pipe, judge, adapters, guides, guide_measures, real_features, settings, strength)
+    def at_strength(strength: float) -> tuple[dict[str, Any], list]:
+        return guided_run(pipe, judge, adapters, guides, guide_measures, reference, settings, strength)
 
-    headline, images = run(settings["guide_strength"])
-    others = sorted(set(settings.get("guide_sweep") or ()) - {settings["guide_strength"]})
-    sweep = sorted([headline, *(run(s)[0] for s in others)], key=lambda row: row["strength"])
+    headline, images = at_strength(settings["guide_strength"])
+    # One strength per number of denoising steps: two that run the same steps give the same images.
+    by_steps = {headline["denoising_steps"]: headline}
+    for strength in sorted(settings.get("guide_sweep") or ()):
+        if denoising_steps(steps, strength) not in by_steps:
+            by_steps[denoising_steps(steps, strength)] = at_strength(strength)[0]
     # A row per diagnosis: guide, result, guide, result, ... (white cells where a diagnosis has fewer guides)
     shown, blank = min(n, 4), Image.new("RGB", (size, size), "white")
     starts = np.cumsum([0] + [len(guides[c]) for c in codes])
@@ -218,7 +234,7 @@ def guided_results(
     ]
     return {
         "guided": headline,
-        "guide_sweep": sweep,
+        "guide_sweep": [by_steps[k] for k in sorted(by_steps)],
         "diagnosis_only": {
             "guide_area": baseline["area"],
             "guide_contrast": baseline["contrast"],

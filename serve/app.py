@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -428,7 +429,10 @@ class Ingress:
         if steps > self.settings.max_steps:
             raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
         if guide is not None and int(steps * self.settings.guide_strength) < 1:  # img2img runs int(steps x strength)
-            raise RequestError(422, f"{steps} steps at guide strength {self.settings.guide_strength} denoise none: ask for more")
+            least = math.ceil(1 / self.settings.guide_strength)
+            raise RequestError(
+                422, f"{steps} steps at guide strength {self.settings.guide_strength} denoise none: ask for {least}+"
+            )
         handle = self.generation.options(multiplexed_model_id=code)
         return await self._call(
             handle.generate,

@@ -30,14 +30,26 @@ def test_yaml_then_overrides(tmp_path):
         "ingest.split_fractions=[0.5, 0.5, 0.5]",
         ["pipeline.mixed_clinics=true", "pipeline.shifted_lesions=0"],
         ["grounding.input=out/a", "grounding.mixed_inputs=[out/b, out/a]"],
-        "diffusion_eval.guide_sweep=[0.2, 1.5]",
-        ["diffusion_eval.guide_strength=null", "diffusion_eval.guide_sweep=[0.2]"],
-        ["diffusion_eval.steps=2", "diffusion_eval.guide_sweep=[0.3]"],
     ],
 )
 def test_bad_overrides_are_errors(override):
     with pytest.raises(ValidationError):
         load_config(None, override if isinstance(override, list) else [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["diffusion_eval.guide_sweep=[0.2, 1.5]"], "strengths in"),
+        (["diffusion_eval.guide_strength=null", "diffusion_eval.guide_sweep=[0.2]"], "needs guide_strength"),
+        (["diffusion_eval.steps=2", "diffusion_eval.guide_sweep=[0.3]"], "no denoising step"),  # int(2 x 0.3) = 0
+        (["serve.steps=1"], "chain_guide: none"),  # /chain draws from the upload by default, at strength 0.6
+    ],
+)
+def test_a_guide_strength_that_denoises_nothing_is_refused(overrides, match):
+    with pytest.raises(ValidationError, match=match):
+        load_config(None, overrides)
+    assert load_config(None, ["serve.steps=1", "serve.chain_guide=none"]).serve.steps == 1  # text alone: fine
 
 
 def test_override_syntax():

@@ -17,6 +17,7 @@ from dermaray.diffusion.evaluate import (
     kid,
     lesion_area_mm2,
     lesion_contrast,
+    markdown,
     pixel_change,
     size_faithfulness,
 )
@@ -187,7 +188,7 @@ def test_faithfulness_ranks_pairs_with_an_interval():
         faithfulness([1.0, 2.0, np.nan], [1.0, 2.0, 3.0])
 
 
-def test_pixel_change_is_zero_for_a_copy_and_one_for_the_opposite():
+def test_pixel_change_is_zero_for_a_copy_and_the_mean_over_pairs():
     rng = np.random.default_rng(0)
     guides = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
     assert pixel_change(guides, [g.resize((32, 32), Image.Resampling.LANCZOS) for g in guides]) == 0  # resized first
@@ -195,6 +196,73 @@ def test_pixel_change_is_zero_for_a_copy_and_one_for_the_opposite():
     assert pixel_change([black, white], [white, white]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="one guide per image"):
         pixel_change(guides, guides[:2])
+
+
+def _evaluation(rng: np.random.Generator, sweep: list[float]) -> dict:
+    """A diffusion evaluation's results (jobs.diffusion_eval's keys), from this module's own functions."""
+    codes = ["MEL", "NEV", "BCC"]
+    prompted = [c for c in codes for _ in range(6)]
+
+    def judged(p: float) -> dict:
+        return class_relevance(prompted, [c if rng.random() < p else "DF" for c in prompted])
+
+    guide = rng.uniform(1, 20, 18)
+
+    def follow(noise: float) -> dict:
+        return faithfulness(guide, guide + rng.normal(0, noise, 18))
+
+    def guided(strength: float) -> dict:
+        return {
+            "strength": strength,
+            "denoising_steps": int(20 * strength),
+            "class_relevance": judged(0.5),
+            "kid": {"mean": 0.001, "std": 0.0002},
+            "pixel_change": strength / 4,
+            "area": follow(10 * strength),
+            "contrast": follow(10 * strength),
+        }
+
+    headline = guided(0.6)
+    return {
+        "real": {"class_relevance": judged(0.6)},
+        "adapters": "shared",
+        "base": {"class_relevance": judged(0.1), "kid": {"mean": 0.005, "std": 0.001}},
+        "lora": {
+            "class_relevance": judged(0.4),
+            "kid": {"mean": 0.004, "std": 0.001},
+            "size_faithfulness": size_faithfulness(rng.uniform(20, 40, 9), rng.uniform(5, 20, 9)),
+            "guide_area": follow(20),
+            "guide_contrast": follow(20),
+            "guide_pixel_change": 0.3,
+        },
+        "chance": 1 / 9,
+        "guided": headline,
+        "guide_sweep": sorted([headline, *(guided(s) for s in sweep)], key=lambda row: row["strength"]),
+        "vae_round_trip": {"area": follow(0.5), "contrast": follow(0.5), "pixel_change": 0.02},
+    }
+
+
+def test_markdown_shows_the_strength_table_only_with_a_sweep():
+    rng = np.random.default_rng(0)
+    swept = markdown(_evaluation(rng, [0.2, 0.4]))
+    rows = [line for line in swept.splitlines() if line.startswith(("| -> 0", "| 0.", "| 1: diagnosis"))]
+    # the ceiling first, then by strength (the headline marked as the grid's), then diagnosis only
+    assert [row.split(" |")[0] for row in rows] == [
+        "| -> 0: the guide through the VAE alone",
+        "| 0.2 (4)",
+        "| 0.4 (8)",
+        "| 0.6 (12) (the grid)",
+        "| 1: diagnosis only (paired with the same guides)",
+    ]
+    assert "0.020 | - |" in rows[0] and "| 0.050 | 0.0010 ± 0.0002 |" in rows[1]  # pixel change; KID
+    alone = markdown(_evaluation(np.random.default_rng(0), []))
+    assert "By guide strength" not in alone and "guided by a held-out lesion (img2img, strength 0.6)" in alone
+    skipped = _evaluation(np.random.default_rng(0), [])
+    for key in ("guided", "guide_sweep", "vae_round_trip"):
+        del skipped[key]
+    skipped["guided_skipped"] = "2 held-out lesions of the generated diagnoses; a rank correlation needs 3"
+    text = markdown(skipped)
+    assert "not evaluated: 2 held-out lesions" in text and "guided by" not in text and "By guide strength" not in text
 
 
 def test_lesion_free_images_give_no_or_a_tiny_area():

@@ -38,8 +38,8 @@ def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypa
         "diffusion.train.epochs=1",
         "diffusion.train.cpus_per_worker=1",
         "diffusion_eval.images_per_class=2",
-        "diffusion_eval.steps=2",
-        "diffusion_eval.guide_sweep=[0.5]",
+        "diffusion_eval.steps=4",
+        "diffusion_eval.guide_sweep=[0.25, 0.3, 0.5]",  # 1, 1 and 2 steps of 4: 0.5 runs guide_strength's 2
     ]
     # The driver killed once grounding has its first checkpoint (of two epochs). It runs from the repository,
     # as `ray job submit --working-dir .` would: Ray's workers import jobs/ from the driver's directory.
@@ -86,10 +86,11 @@ def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypa
     assert set(results["diffusion_eval"]) == {"base", "lora"} and all(0 <= v <= 1 for v in results["diffusion_eval"].values())
     assert (tmp_path / "reports" / "diffusion" / "grid_lora.png").is_file()
     evaluated = json.loads((tmp_path / "reports" / "diffusion" / "diffusion_eval.json").read_text())
-    sweep = evaluated["guide_sweep"]  # guide_strength (0.6) and the sweep's, by strength; the headline is 0.6's
-    assert [row["strength"] for row in sweep] == [0.5, 0.6] and sweep[1] == evaluated["guided"]
-    assert all(0 < row["pixel_change"] < 1 and row["area"]["n"] == sweep[0]["area"]["n"] for row in sweep)
-    assert "| 0.5 |" in (tmp_path / "reports" / "diffusion" / "diffusion_eval.md").read_text()
+    sweep = evaluated["guide_sweep"]  # one strength per number of denoising steps, by strength; 0.6 is the headline
+    assert [(row["strength"], row["denoising_steps"]) for row in sweep] == [(0.25, 1), (0.6, 2)]
+    assert sweep[1] == evaluated["guided"] and sweep[0]["pixel_change"] < sweep[1]["pixel_change"]
+    assert all(0 < row["pixel_change"] < 1 and row["area"]["n"] == evaluated["guided"]["area"]["n"] for row in sweep)
+    assert "| 0.25 (1) |" in (tmp_path / "reports" / "diffusion" / "diffusion_eval.md").read_text()
     page = (tmp_path / "reports" / "report.html").read_text()  # the last stage: every section has its stage's outputs
     assert results["report"] == str(tmp_path / "reports" / "report.html") and 'class="not-run"' not in page
     # three diffusion grids (base, LoRA, guided), four gallery queries

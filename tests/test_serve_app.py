@@ -161,7 +161,7 @@ def test_chain_goes_from_upload_to_references_in_one_request(client, gallery) ->
     assert len({images["none"][0], images["similar"][0], body["generated"]["images"][0]}) == 3
     assert client.post("/chain", params={"guide": "sketch"}, files=upload(gallery[4]["image_bytes"])).status_code == 422
     one_step = client.post("/chain", params={"steps": 1}, files=upload(gallery[4]["image_bytes"]))  # 1 x 0.6: no step
-    assert one_step.status_code == 422 and "denoise none" in one_step.text
+    assert one_step.status_code == 422 and "denoise none: ask for 2+" in one_step.text
 
 
 def _png_declaring(width: int, height: int) -> bytes:

@@ -489,6 +489,16 @@ class ServeConfig(Section):
     retrieval_in_ingress: bool = False
     generation_timeout_s: float = Field(default=120.0, gt=0)  # ingress -> generation (a cold replica loads first)
 
+    @model_validator(mode="after")
+    def _default_chain_denoises(self) -> ServeConfig:
+        steps = min(self.steps, self.max_steps)
+        if self.chain_guide != "none" and int(steps * self.guide_strength) < 1:  # img2img: int(steps x strength)
+            raise ValueError(
+                f"steps {steps} at guide_strength {self.guide_strength} leave /chain's image-guided references no "
+                f"denoising step: raise either, or set chain_guide: none"
+            )
+        return self
+
 
 class DermarayConfig(Section):
     # fsspec storage options for every URI (s3fs: endpoint_url, client_kwargs, profile, ...). No credentials:

@@ -336,9 +336,22 @@ def image_grid(
     return grid
 
 
+def _kid(m: dict[str, Any]) -> str:
+    return "-" if m.get("kid") is None else f"{m['kid']['mean']:.4f} ± {m['kid']['std']:.4f}"
+
+
+def _strength_row(row: dict[str, Any], in_grid: bool) -> str:
+    return (
+        f"| {row['strength']} ({row['denoising_steps']}){' (the grid)' if in_grid else ''} | "
+        f"{format_ci(row['class_relevance']['relevance_ci'])} | {format_ci(row['area']['spearman_ci'])} | "
+        f"{format_ci(row['contrast']['spearman_ci'])} | {row['pixel_change']:.3f} | {_kid(row)} |"
+    )
+
+
 def markdown(r: dict[str, Any]) -> str:
     """The diffusion evaluation (jobs.diffusion_eval) as Markdown: base vs LoRA vs image-guided class relevance and
-    KID, per diagnosis, the LoRA's size faithfulness and how closely generated lesions follow a guiding image."""
+    KID, per diagnosis, the LoRA's size faithfulness, how closely generated lesions follow a guiding image and,
+    with a guide_sweep, what following it more closely costs at each strength."""
     real = r["real"]["class_relevance"]
     lora = "LoRA (shared adapter)" if r["adapters"] == "shared" else "LoRA (one adapter per diagnosis)"
     runs = [("base", "base"), ("lora", lora)]
@@ -350,7 +363,7 @@ def markdown(r: dict[str, Any]) -> str:
         relevance = m["class_relevance"]["relevance"]
         of_real = f"{relevance / real['relevance']:.2f}" if real["relevance"] else "-"
         shown = format_ci(m["class_relevance"]["relevance_ci"])
-        lines.append(f"| {label} | {shown} | {of_real} | {m['kid']['mean']:.4f} ± {m['kid']['std']:.4f} |")
+        lines.append(f"| {label} | {shown} | {of_real} | {_kid(m)} |")
     lines.append(f"| held-out real images | {format_ci(real['relevance_ci'])} | 1.00 | - |")
     lines += [
         "",
@@ -394,29 +407,21 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{format_ci(v['contrast']['spearman_ci'])} |"
             )
     if len(r.get("guide_sweep", ())) > 1:
+        v = r["vae_round_trip"]
         lines += [
             "",
-            "Guide strength (the share of the denoising redone): the closer a result follows its guide, the less it "
-            "changes of it. Pixel change: mean absolute difference from the guide, in [0, 1] of the RGB range.",
+            "By guide strength (the share of the denoising redone, and the steps that makes): a result that keeps "
+            "more of its guide follows it more closely and is less of a new image. Pixel change: mean absolute "
+            "difference from the guide, in [0, 1] of the RGB range; KID against the real images that guide nothing.",
             "",
-            "| strength | class relevance [95% CI] | area [95% CI] | contrast ΔE [95% CI] | pixel change | KID |",
+            "| strength (steps) | class relevance [95% CI] | area [95% CI] | contrast ΔE [95% CI] | pixel change | KID |",
             "|---|---|---|---|---|---|",
-            *(
-                f"| {row['strength']} | {format_ci(row['class_relevance']['relevance_ci'])} | "
-                f"{format_ci(row['area']['spearman_ci'])} | {format_ci(row['contrast']['spearman_ci'])} | "
-                f"{row['pixel_change']:.3f} | {row['kid']['mean']:.4f} |"
-                for row in r["guide_sweep"]
-            ),
-            f"| {lora}, diagnosis only | {format_ci(r['lora']['class_relevance']['relevance_ci'])} | "
-            f"{format_ci(r['lora']['guide_area']['spearman_ci'])} | {format_ci(r['lora']['guide_contrast']['spearman_ci'])} | "
-            f"{r['lora']['guide_pixel_change']:.3f} | {r['lora']['kid']['mean']:.4f} |",
+            f"| -> 0: the guide through the VAE alone | - | {format_ci(v['area']['spearman_ci'])} | "
+            f"{format_ci(v['contrast']['spearman_ci'])} | {v['pixel_change']:.3f} | - |",
+            *(_strength_row(row, row["strength"] == r["guided"]["strength"]) for row in r["guide_sweep"]),
+            f"| 1: diagnosis only (paired with the same guides) | - | {format_ci(r['lora']['guide_area']['spearman_ci'])} | "
+            f"{format_ci(r['lora']['guide_contrast']['spearman_ci'])} | {r['lora']['guide_pixel_change']:.3f} | - |",
         ]
-        if "vae_round_trip" in r:
-            v = r["vae_round_trip"]
-            lines.append(
-                f"| -> 0 (the guide through the VAE alone) | - | {format_ci(v['area']['spearman_ci'])} | "
-                f"{format_ci(v['contrast']['spearman_ci'])} | {v['pixel_change']:.3f} | - |"
-            )
     if "guided_skipped" in r:
         lines += ["", f"Image-guided references not evaluated: {r['guided_skipped']}."]
     return "\n".join(lines) + "\n"

@@ -144,9 +144,10 @@ def encode_latents(vae: Any, pixels: torch.Tensor, batch_size: int = 64) -> torc
 
 
 @torch.no_grad()
-def vae_round_trip(vae: Any, images: Sequence[Image.Image], resolution: int, batch_size: int = 64) -> list[Image.Image]:
-    """Each image at `resolution`, encoded and decoded by the VAE (its posterior's mean): what image-guided
-    generation returns as its strength goes to 0, so how closely any result can follow its guide."""
+def vae_round_trip(vae: Any, images: Sequence[Image.Image], resolution: int, batch_size: int = 8) -> list[Image.Image]:
+    """Each image at `resolution`, encoded and decoded by the VAE (its posterior's mean): about what image-guided
+    generation returns as its strength goes to 0 (img2img encodes with a draw, not the mean), so how closely
+    any result can follow its guide. Small batches: a VAE decoder's activations at 512 px are large."""
     pixels = image_tensor(images, resolution)
     decoded = torch.cat(
         [
@@ -154,6 +155,8 @@ def vae_round_trip(vae: Any, images: Sequence[Image.Image], resolution: int, bat
             for chunk in pixels.split(batch_size)
         ]
     )
+    if not torch.isfinite(decoded).all():  # a half-precision VAE can overflow; clamping would hide it as black pixels
+        raise FloatingPointError(f"the VAE ({vae.dtype}) decoded non-finite pixels; run it in float32")
     arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arrays]
 
