@@ -33,7 +33,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/ingest_throughput.py
 
-# The study (README's "Results"): 5,000 + 1,000 lesions, six grounding arms (about 27 minutes) and the diffusion part (26).
+# The study (README's "Results"): 5,000 + 1,000 lesions, six grounding arms (about 29 minutes) and the diffusion part (25): 54 in all.
 study: setup
 	$(PY) benchmarks/study.py --workdir out/study
 

@@ -111,7 +111,9 @@ def test_generation_uses_the_diagnosis_adapter_or_the_shared_one(client, served_
     assert len(images) == 2 and images[0].size == (32, 32)
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # seeds 7 and 8
     again = client.post("/generate", json={"diagnosis": PER_DIAGNOSIS, "count": 1, "seed": 7}).json()
-    assert again["images"][0] == body["images"][0]  # seeded: same request, same image
+    # Seeded: the same image, up to a level of rounding (seed 7 alone vs in a batch of two: CPU kernels may differ).
+    repeat = np.asarray(png_of(again["images"][0]), dtype=int) - np.asarray(images[0], dtype=int)
+    assert np.abs(repeat).max() <= 2 < np.abs(np.asarray(images[1], dtype=int) - np.asarray(images[0], dtype=int)).max()
 
     shared = client.post("/generate", json={"diagnosis": "NEV", "count": 1, "seed": 7}).json()
     assert shared["adapter"] == "shared" and "nevus" in shared["prompt"]
@@ -123,7 +125,8 @@ def test_generation_uses_the_diagnosis_adapter_or_the_shared_one(client, served_
     assert generation.loaded_adapters.remote().result() == ["shared"]  # bound of 1: MEL's adapter was evicted
     png = client.get(f"/generate/{PER_DIAGNOSIS}.png", params={"seed": 7})
     assert png.headers["content-type"] == "image/png" and png.headers["x-adapter"] == "per_diagnosis"
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.content))), np.asarray(images[0]))  # reloaded, same image
+    reloaded = np.asarray(Image.open(io.BytesIO(png.content)), dtype=int) - np.asarray(images[0], dtype=int)
+    assert np.abs(reloaded).max() <= 2  # the adapter reloaded: the same image, up to a level of rounding as above
     assert generation.loaded_adapters.remote().result() == [PER_DIAGNOSIS]
 
 
