@@ -32,6 +32,7 @@ from PIL import Image
 
 from dermaray.cli import config_from_argv, setup_logging
 from dermaray.config import DermarayConfig, ModelsConfig
+from dermaray.diffusion import denoising_steps
 from dermaray.diffusion.base import base_resolution, prepared_base_uri
 from dermaray.diffusion.captions import caption
 from dermaray.diffusion.evaluate import (
@@ -146,11 +147,6 @@ def follows(guides: dict[str, list[float]], images: list) -> dict[str, dict]:
     """How closely each generated lesion follows its guide (`faithfulness`) in each measure; `guides`: `measured`."""
     generated = measured(images)
     return {name: faithfulness(guides[name], generated[name]) for name in MEASURES}
-
-
-def denoising_steps(steps: int, strength: float) -> int:
-    """The steps img2img runs at `strength` of `steps` (diffusers: int(steps x strength))."""
-    return int(steps * strength)
 
 
 def guided_run(

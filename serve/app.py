@@ -38,6 +38,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from dermaray.config import DermarayConfig, load_config
+from dermaray.diffusion import denoising_steps
 from dermaray.diffusion.pipeline import GenerationStopped
 from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.schema import DIAGNOSES_BY_CODE
@@ -428,7 +429,7 @@ class Ingress:
         steps = steps or self.default_steps
         if steps > self.settings.max_steps:
             raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
-        if guide is not None and int(steps * self.settings.guide_strength) < 1:  # img2img runs int(steps x strength)
+        if guide is not None and denoising_steps(steps, self.settings.guide_strength) < 1:
             least = math.ceil(1 / self.settings.guide_strength)
             raise RequestError(
                 422, f"{steps} steps at guide strength {self.settings.guide_strength} denoise none: ask for {least}+"

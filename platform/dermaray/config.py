@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dermaray.diffusion import denoising_steps
 from dermaray.layout import DEFAULT_WORKDIR, MAIN_DOMAIN, Layout, embeddings_index, embeddings_table, embeddings_thumbnails
 
 _OUT = Layout(DEFAULT_WORKDIR)  # where `make run` writes: serve.* defaults point into it
@@ -406,7 +407,7 @@ class DiffusionEvalConfig(Section):
         if not all(0 < s <= 1 for s in self.guide_sweep):
             raise ValueError(f"guide_sweep holds strengths in (0, 1], got {self.guide_sweep}")
         weakest = min([*self.guide_sweep, self.guide_strength or 1])
-        if int(self.steps * weakest) < 1:  # img2img denoises int(steps x strength) steps
+        if denoising_steps(self.steps, weakest) < 1:
             raise ValueError(f"guide strength {weakest} of {self.steps} steps leaves no denoising step")
         return self
 
@@ -492,7 +493,7 @@ class ServeConfig(Section):
     @model_validator(mode="after")
     def _default_chain_denoises(self) -> ServeConfig:
         steps = min(self.steps, self.max_steps)
-        if self.chain_guide != "none" and int(steps * self.guide_strength) < 1:  # img2img: int(steps x strength)
+        if self.chain_guide != "none" and denoising_steps(steps, self.guide_strength) < 1:
             raise ValueError(
                 f"steps {steps} at guide_strength {self.guide_strength} leave /chain's image-guided references no "
                 f"denoising step: raise either, or set chain_guide: none"

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dermaray.diffusion import denoising_steps
+
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -509,7 +511,7 @@ def generate(
         raise ValueError(f"guides are one per prompt: {len(prompts)} prompts, {len(guides)} guides")
     if guides is not None and not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if guides is not None and int(steps * strength) < 1:  # img2img denoises int(steps x strength) steps
+    if guides is not None and denoising_steps(steps, strength) < 1:
         raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step: raise either")
     if adapter_folder is not None:
         if getattr(pipe.unet, "peft_config", None):
