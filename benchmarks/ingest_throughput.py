@@ -70,7 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lesions", type=int, default=20000)
     parser.add_argument("--workdir", default="/tmp/dermaray-bench")
-    parser.add_argument("--batch-size", type=int, default=IngestConfig().batch_size, help="lesions per task")
+    parser.add_argument(
+        "--batch-size", type=int, default=IngestConfig().batch_size, help="most lesions per task (the job may take fewer)"
+    )
     parser.add_argument("--image-size", type=int, default=128, help="tile side in pixels (SLICE-3D tiles are ~133)")
     args = parser.parse_args()
     init_ray(load_config(None, []).ray)

@@ -118,3 +118,28 @@ def test_isic_images_read_as_byte_ranges_or_through_hdf5_alike_locally_and_on_s3
 
     s3fs.S3FileSystem(**s3_options).put(str(tmp_path / "train-image.hdf5"), "dermaray/hdf5-layouts/train-image.hdf5")
     assert reader.fetch_images("s3://dermaray/hdf5-layouts", s3_options, rows) == expected
+
+
+def test_rows_per_task_keeps_every_cpu_busy_without_tiny_tasks():
+    assert ingest.rows_per_task(400_000, 1024, 16) == 1024  # a large source: batch_size bounds the file
+    assert ingest.rows_per_task(5000, 1024, 2) == 625  # 8 tasks: 4 a CPU, not 5 tasks of 1,024
+    assert ingest.rows_per_task(600, 1024, 2) == 128  # never below 128 rows ...
+    assert ingest.rows_per_task(600, 3, 2) == 3  # ... unless batch_size asks for fewer
+    assert ingest.rows_per_task(0, 1024, 2) == 128
+
+
+def test_null_counts_come_from_parquet_statistics_or_from_the_column_where_a_file_has_none(tmp_path):
+    from dermaray.storage import parquet_null_counts, parquet_row_count
+
+    folder = tmp_path / "table"
+    folder.mkdir()
+    first = pa.table({"diagnosis": ["MEL", None, None], "malignant": [True, None, False]})
+    second = pa.table({"diagnosis": [None, "NEV"], "malignant": [None, None]})
+    pq.write_table(first, folder / "part-0.parquet", row_group_size=2)  # two row groups
+    pq.write_table(second, folder / "part-3.parquet", write_statistics=False)
+    assert pq.ParquetFile(folder / "part-3.parquet").metadata.row_group(0).column(0).statistics is None
+    rows, nulls = parquet_null_counts(str(folder), ["diagnosis", "malignant"])
+    assert rows == parquet_row_count(str(folder)) == 5
+    assert nulls == {"diagnosis": 3, "malignant": 3}
+    with pytest.raises(KeyError, match="no columns \\['split'\\]"):
+        parquet_null_counts(str(folder), ["split"])

@@ -218,12 +218,33 @@ def parquet_schema(uri: str, storage_options: dict[str, Any] | None = None) -> p
 
 def parquet_row_count(uri: str, storage_options: dict[str, Any] | None = None) -> int:
     """Rows in a folder of Parquet files, from their footers alone."""
+    return parquet_null_counts(uri, [], storage_options)[0]
+
+
+def parquet_null_counts(
+    uri: str, columns: Sequence[str], storage_options: dict[str, Any] | None = None
+) -> tuple[int, dict[str, int]]:
+    """Rows in a folder of Parquet files and the nulls of each of `columns`, from the footers'
+    statistics; a column chunk written without them is read."""
     fs, files = parquet_files(uri, storage_options)
-    total = 0
+    rows, nulls = 0, dict.fromkeys(columns, 0)
     for name in files:
         with fs.open(name, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
+            parquet = pq.ParquetFile(f)
+            meta = parquet.metadata
+            rows += meta.num_rows
+            missing = [c for c in columns if c not in parquet.schema_arrow.names]
+            if missing:
+                raise KeyError(f"{name} has no columns {missing}")
+            leaf = {parquet.schema.column(i).path: i for i in range(meta.num_columns)}
+            for group in range(meta.num_row_groups):
+                for column in columns:
+                    stats = meta.row_group(group).column(leaf[column]).statistics
+                    if stats is not None and stats.has_null_count:
+                        nulls[column] += stats.null_count
+                    else:
+                        nulls[column] += parquet.read_row_group(group, columns=[column]).column(0).null_count
+    return rows, nulls
 
 
 def write_parquet_atomic(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,86 @@
+"""Byte ranges read from HDF5 object headers agree with libhdf5's own answer, or defer to it."""
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from dermaray.data.hdf5 import contiguous_extent
+from dermaray.data.readers import _hdf5_extent, _reader_of_headers
+
+
+def _blob(i: int) -> bytes:
+    return bytes(np.random.default_rng(i).integers(0, 256, 200 + 37 * i, dtype=np.uint8))
+
+
+def _write(path, libver: str) -> dict[str, bool]:
+    """Datasets of every kind a source may hold; each maps to whether its header gives the range."""
+    with h5py.File(path, "w", libver=libver) as store:
+        store.create_dataset("opaque", data=np.void(_blob(0)))  # how ISIC 2024 stores a JPEG
+        store.create_dataset("bytes_1d", data=np.frombuffer(_blob(1), np.uint8))
+        store.create_dataset("bytes_2d", data=np.frombuffer(_blob(2)[:240], np.uint8).reshape(12, 20))
+        store.create_dataset("signed", data=np.frombuffer(_blob(3), np.int8))  # raw bytes, but not "plain"
+        store.create_dataset("gzip", data=np.frombuffer(_blob(4), np.uint8), compression="gzip")
+        store.create_dataset("string", data=np.bytes_(_blob(5)))  # a fixed-length string: padded on read
+        store.create_dataset("never_written", shape=(64,), dtype=np.uint8)  # no storage yet: the fill value
+        space = h5py.h5s.create_simple((16,))
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        plist.set_layout(h5py.h5d.COMPACT)  # the values inside the header itself
+        compact = h5py.h5d.create(store.id, b"compact", h5py.h5t.STD_U8LE, space, plist)
+        compact.write(h5py.h5s.ALL, h5py.h5s.ALL, np.arange(16, dtype=np.uint8))
+        store["committed_type"] = np.dtype("V300")  # a named datatype: the dataset's type message is shared
+        store.create_dataset("shared_type", data=np.void(_blob(6)), dtype=store["committed_type"])
+        store.create_dataset("group/nested", data=np.void(_blob(7)))
+        store["soft"] = h5py.SoftLink("/opaque")
+    return {
+        "opaque": True, "bytes_1d": True, "bytes_2d": True, "group/nested": True, "signed": False, "gzip": False,
+        "string": False, "never_written": False, "compact": False, "shared_type": False,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("libver", ["earliest", "latest"])  # object header versions 1 and 2
+def test_header_ranges_equal_libhdf5s_and_anything_else_defers_to_it(tmp_path, libver):
+    path = tmp_path / "images.hdf5"
+    expected = _write(path, libver)
+    with open(path, "rb") as raw, h5py.File(path, "r") as store:
+        read = _reader_of_headers(store, raw)
+        assert read is not None
+        for key, from_header in expected.items():
+            address = store.id.links.get_info(key.encode()).u
+            extent = contiguous_extent(read, address)
+            dataset = store[key]
+            if from_header:
+                assert extent == (dataset.id.get_offset(), dataset.id.get_storage_size()), key
+            else:
+                assert extent is None, key
+            # The reader's answer is libhdf5's whichever way it was found.
+            assert _hdf5_extent(store, key, read) == _hdf5_extent(store, key), key
+        assert _hdf5_extent(store, "soft", read) == bytes(store["opaque"][()].tobytes())  # a soft link: read by HDF5
+        assert _hdf5_extent(store, "absent", read) is None
+        offset, size = _hdf5_extent(store, "opaque", read)
+        assert os.pread(raw.fileno(), size, offset) == _blob(0)
+
+
+def test_a_user_block_shifts_addresses_so_headers_are_left_to_libhdf5(tmp_path):
+    path = tmp_path / "images.hdf5"
+    with h5py.File(path, "w", userblock_size=512) as store:
+        store.create_dataset("opaque", data=np.void(_blob(0)))
+    with open(path, "rb") as raw, h5py.File(path, "r") as store:
+        assert _reader_of_headers(store, raw) is None
+        offset, size = _hdf5_extent(store, "opaque", None)
+        raw.seek(offset)
+        assert raw.read(size) == _blob(0)
+
+
+def test_a_header_cut_short_gives_no_range():
+    header = bytes([1, 0, 3, 0, 1, 0, 0, 0, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0])  # 3 messages in a 65,535-byte chunk
+
+    def read(offset, size):
+        return header[offset : offset + size]
+
+    assert contiguous_extent(read, 0) is None
+    assert contiguous_extent(lambda offset, size: b"", 0) is None
+    assert contiguous_extent(lambda offset, size: b"OHDR\x02", 0) is None
+    chunk_beyond_the_file = b"OHDR\x02\x02" + (1 << 20).to_bytes(4, "little") + b"\x01\x04\x00\x00"
+    assert contiguous_extent(lambda offset, size: chunk_beyond_the_file[offset : offset + size], 0) is None
