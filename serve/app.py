@@ -426,14 +426,7 @@ class Ingress:
         if self.generation is None:
             raise RequestError(503, "generation is not deployed (serve.diffusion is null)")
         check_count(count, self.settings.max_images)
-        steps = steps or self.default_steps
-        if steps > self.settings.max_steps:
-            raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
-        if guide is not None and denoising_steps(steps, self.settings.guide_strength) < 1:
-            least = math.ceil(1 / self.settings.guide_strength)
-            raise RequestError(
-                422, f"{steps} steps at guide strength {self.settings.guide_strength} denoise none: ask for {least}+"
-            )
+        steps = self._steps(steps, guided=guide is not None)
         handle = self.generation.options(multiplexed_model_id=code)
         return await self._call(
             handle.generate,
@@ -445,6 +438,18 @@ class Ingress:
             timeout=self.settings.generation_timeout_s,
             deployment=self.generation.deployment_name,
         )
+
+    def _steps(self, steps: int | None, guided: bool) -> int:
+        """The steps a generation runs (the default where none are asked for), or a 422 that says why not."""
+        steps = steps or self.default_steps
+        if steps > self.settings.max_steps:
+            raise RequestError(422, f"steps must be between 1 and {self.settings.max_steps}, got {steps}")
+        if guided and denoising_steps(steps, self.settings.guide_strength) < 1:
+            least = math.ceil(1 / self.settings.guide_strength)
+            raise RequestError(
+                422, f"{steps} steps at guide strength {self.settings.guide_strength} denoise none: ask for {least}+"
+            )
+        return steps
 
     # -- page and metadata --
 
@@ -592,6 +597,9 @@ class Ingress:
     ) -> dict[str, Any]:
         check_api_key(self.api_key, api_key)
         check_count(count, self.settings.max_images)
+        mode = guide or self.settings.chain_guide
+        if self.generation is not None:  # steps no generation can run fail before the search, not after it
+            self._steps(steps, guided=mode != "none")
         upload = await self._read(file)
         started = time.perf_counter()
         k = check_k(k, self.settings.max_k)
@@ -606,7 +614,7 @@ class Ingress:
         elif self.generation is None:
             not_generated = "generation is not deployed"
         else:
-            source, image = chain_guide(guide or self.settings.chain_guide, upload, found["results"])
+            source, image = chain_guide(mode, upload, found["results"])
             out = await self._generate(diagnosis["code"], count, seed, steps, image)
             generated = {
                 **{k: v for k, v in out.items() if k != "pngs"},

@@ -255,8 +255,10 @@ def test_markdown_shows_the_strength_table_only_with_a_sweep():
         "| 1: diagnosis only (paired with the same guides)",
     ]
     assert "0.020 | - |" in rows[0] and "| 0.050 | 0.0010 ± 0.0002 |" in rows[1]  # pixel change; KID
+    assert swept.count("through the VAE alone") == 1 and "| guided (strength" not in swept  # no second table of them
     alone = markdown(_evaluation(np.random.default_rng(0), []))
     assert "By guide strength" not in alone and "guided by a held-out lesion (img2img, strength 0.6)" in alone
+    assert "| guided (strength 0.6) |" in alone and alone.count("through the VAE alone") == 1
     skipped = _evaluation(np.random.default_rng(0), [])
     for key in ("guided", "guide_sweep", "vae_round_trip"):
         del skipped[key]

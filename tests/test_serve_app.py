@@ -165,6 +165,9 @@ def test_chain_goes_from_upload_to_references_in_one_request(client, gallery) ->
     assert client.post("/chain", params={"guide": "sketch"}, files=upload(gallery[4]["image_bytes"])).status_code == 422
     one_step = client.post("/chain", params={"steps": 1}, files=upload(gallery[4]["image_bytes"]))  # 1 x 0.6: no step
     assert one_step.status_code == 422 and "denoise none: ask for 2+" in one_step.text
+    # Checked before the search: an upload the search would refuse is not looked at.
+    not_searched = client.post("/chain", params={"steps": 1}, files=upload(b"not an image"))
+    assert not_searched.status_code == 422 and "denoise none" in not_searched.text
 
 
 def _png_declaring(width: int, height: int) -> bytes:

@@ -385,6 +385,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"Size faithfulness (LoRA): 'large' prompts {s['mean_large_mm2']:.1f} mm² vs 'small' {s['mean_small_mm2']:.1f} mm² "
         f"(ratio {s['ratio']:.2f}, AUC {format_ci(s['auc_ci'], digits=2)}, one-sided Mann-Whitney p = {s['p_value']:.3g}).",
     ]
+    swept = len(r.get("guide_sweep", ())) > 1
     if "guided" in r:
         g = r["guided"]
         lines += [
@@ -392,6 +393,9 @@ def markdown(r: dict[str, Any]) -> str:
             f"Following a guiding lesion ({g['area']['n']} held-out lesions, each paired with one image of its "
             "diagnosis): Spearman's rho between the guide's and the generated lesion's measure, both measured on "
             "the pixels (`lesion_area_mm2`, `lesion_contrast`).",
+        ]
+    if "guided" in r and not swept:  # with a sweep, these rows are the strength table's first, headline and last
+        lines += [
             "",
             "| images | area [95% CI] | contrast ΔE [95% CI] |",
             "|---|---|---|",
@@ -406,7 +410,7 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| the guide through the VAE alone (strength -> 0: the ceiling) | {format_ci(v['area']['spearman_ci'])} | "
                 f"{format_ci(v['contrast']['spearman_ci'])} |"
             )
-    if len(r.get("guide_sweep", ())) > 1:
+    if swept:
         v = r["vae_round_trip"]
         lines += [
             "",
