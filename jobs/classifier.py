@@ -46,7 +46,7 @@ from dermaray.grounding.data import LABEL, PIXELS, Preprocessor
 from dermaray.grounding.evaluate import classifier_markdown
 from dermaray.grounding.labels import LabelSpec, balanced_class_weights, label_spec, tally
 from dermaray.grounding.metrics import class_retrieval_metrics, classification_metrics, partial_auc_above_tpr
-from dermaray.grounding.model import augment
+from dermaray.grounding.model import augment, grounding_settings
 from dermaray.grounding.text import TextEncoder
 from dermaray.layout import IMAGE_PROJECTIONS, summary_uri
 from dermaray.notes.prompts import states_label
@@ -77,8 +77,8 @@ class ClassifierInputs:
 
     Rows without a note or without the label are dropped here; the driver counts them (`lesion_tally`)."""
 
-    def __init__(self, models: ModelsConfig, notes: pa.Table, label: str = "diagnosis"):
-        self.pixels = Preprocessor(models.grounding_mllm, models, keep=())
+    def __init__(self, models: ModelsConfig, notes: pa.Table, label: str = "diagnosis", image_size: int | None = None):
+        self.pixels = Preprocessor(models.grounding_mllm, models, keep=(), image_size=image_size)
         self.text = TextEncoder(models.text_encoder, models)
         self.notes = dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist(), strict=True))
         self.label = label_spec(label)
@@ -96,7 +96,13 @@ class ClassifierInputs:
 def _input_parts(notes: pa.Table, cfg: DermarayConfig) -> tuple[list[str], tuple]:
     """The lesion columns ClassifierInputs reads, and its constructor arguments."""
     spec = label_spec(cfg.classifier.label)
-    return ["lesion_id", "split", "image_bytes", spec.column], (cfg.models, notes, spec.kind)
+    return ["lesion_id", "split", "image_bytes", spec.column], (cfg.models, notes, spec.kind, input_size(cfg))
+
+
+def input_size(cfg: DermarayConfig) -> int | None:
+    """The side the tower sees: a grounded start's (its grounding.image_size), as MultimodalClassifier.build records it."""
+    c = cfg.classifier
+    return grounding_settings(absolute(c.init_from), cfg.storage_options).image_size if c.init_from else None
 
 
 def inputs(

@@ -47,11 +47,16 @@ from dermaray.diffusion.evaluate import (
     size_faithfulness,
 )
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline, vae_round_trip
-from dermaray.grounding.classifier import classifier_settings, load_classifier, require_diagnosis_classifier
+from dermaray.grounding.classifier import (
+    classifier_processor,
+    classifier_settings,
+    load_classifier,
+    require_diagnosis_classifier,
+)
 from dermaray.grounding.data import CLASS_CODES
 from dermaray.images import decode_rgb
 from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
-from dermaray.models.registry import model_folder, resolve_model
+from dermaray.models.registry import model_folder
 from dermaray.storage import absolute, download_folder, join, read_parquet, take_parquet, write_bytes
 from jobs.common import clear_summary, init_ray, log, write_summary
 
@@ -60,11 +65,9 @@ class ImageJudge:
     """The classifier's image branch: predicted class and image features for PIL images."""
 
     def __init__(self, folder: str, models: ModelsConfig, device: torch.device):
-        from transformers import AutoImageProcessor
-
         self.model = load_classifier(folder, models).to(device)
         require_diagnosis_classifier(self.model.settings, f"the judge {folder}")
-        self.processor = AutoImageProcessor.from_pretrained(resolve_model("grounding_mllm", self.model.settings.model, models))
+        self.processor = classifier_processor(self.model.settings, models)
         self.classes = list(self.model.settings.classes)
         self.device = device
 

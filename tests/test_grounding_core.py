@@ -1,9 +1,11 @@
 """Grounding cores without a cluster: scaler, model modes, checkpoint files, text encoder, evaluation."""
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
@@ -95,7 +97,6 @@ def test_image_size_resizes_the_input_and_interpolates_the_tower(models: ModelsC
 
 
 def test_the_scaler_is_fitted_on_every_clinics_train_split(tmp_path: Path) -> None:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from dermaray.config import load_config
@@ -134,6 +135,43 @@ def test_feature_layer_is_read_saved_and_kept_by_a_classifier_started_from_it(mo
         assert reloaded.image.feature_layer == -1 and torch.allclose(reloaded.encode_image(x), started.encode_image(x), atol=1e-6)
     with pytest.raises(ValueError, match="feature layer 3: the tower has 3 hidden states"):
         GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, feature_layer=3), models)
+
+
+def test_a_classifier_started_from_a_grounded_tower_sees_images_at_the_side_it_learned(
+    models: ModelsConfig, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from dermaray.grounding.classifier import (
+        ClassifierSettings,
+        MultimodalClassifier,
+        classifier_processor,
+        load_classifier,
+        save_classifier,
+    )
+    from dermaray.grounding.model import grounding_settings
+    from jobs.classifier import ClassifierInputs
+
+    grounded = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="full", image_size=96), models)
+    save_model(tmp_path / "m", grounded.eval(), AttributeScaler(ATTRS, [0.0, 0.0], [1.0, 1.0], [False, False]))
+    assert grounding_settings(str(tmp_path / "m")).image_size == 96  # read without loading the weights
+    settings = ClassifierSettings(model="tiny", classes=["MEL", "NEV"], text_encoder="tiny", text_dim=32)
+    image = Image.new("RGB", (150, 120), (180, 120, 100))
+
+    def side(s: ClassifierSettings) -> tuple[int, int]:
+        return classifier_processor(s, models)(images=[image], return_tensors="np")[PIXELS].shape[-2:]
+
+    assert side(settings) == (64, 64)  # the base's own processor
+    save_classifier(tmp_path / "c", MultimodalClassifier.build(settings, models, init_from=str(tmp_path / "m")))
+    reloaded = load_classifier(tmp_path / "c", models)
+    assert reloaded.settings.image_size == 96 and side(reloaded.settings) == (96, 96)
+    # The job's training inputs at that side too (jobs.classifier.input_size reads it from classifier.init_from).
+    notes = pa.table({"lesion_id": ["a"], "note": ["a pink papule"]})
+    inputs = ClassifierInputs(models, notes, "diagnosis", image_size=96)
+    jpeg = io.BytesIO()
+    image.save(jpeg, "JPEG")
+    batch = {"lesion_id": np.array(["a"]), "image_bytes": np.array([jpeg.getvalue()], object), "diagnosis": np.array(["MEL"])}
+    assert inputs(batch)[PIXELS].shape[-2:] == (96, 96)
 
 
 def test_checkpoint_files_restore_the_same_predictions(models: ModelsConfig, tmp_path: Path) -> None:

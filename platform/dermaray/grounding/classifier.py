@@ -41,6 +41,8 @@ class ClassifierSettings:
     # The tower's hidden layer the image branch reads: a grounded start's (grounding.feature_layer); None: the base's own
     feature_layer: int | None = None
     class_weights: list[float] | None = None  # cross-entropy weight per class (None: equal)
+    # The side of the square the tower sees: a grounded start's (grounding.image_size); None: the base processor's
+    image_size: int | None = None
 
 
 class MultimodalClassifier(nn.Module):
@@ -61,14 +63,17 @@ class MultimodalClassifier(nn.Module):
     def build(cls, settings: ClassifierSettings, models: ModelsConfig, init_from: str | None = None) -> MultimodalClassifier:
         """`init_from`: a local grounding model folder whose (grounded) tower starts the image branch."""
         if init_from:
-            embedder = merge_lora(load_model(init_from, models)[0].embedder)
+            grounded = load_model(init_from, models)[0]
+            embedder = merge_lora(grounded.embedder)
+            settings = replace(settings, image_size=grounded.settings.image_size)
         else:
             from dermaray.models.registry import resolve_model
 
             embedder = ImageEmbedder.from_pretrained(resolve_model("grounding_mllm", settings.model, models))
             if settings.feature_layer is not None:
                 embedder.use_layer(settings.feature_layer)
-        # Saved with the weights, so a reloaded classifier (built from the base, not the grounded start) reads that layer.
+        # Saved with the weights, so a reloaded classifier (built from the base, not the grounded start) reads that
+        # layer, and whatever preprocesses for it (classifier_processor) resizes to the side the tower learned.
         return cls(embedder, replace(settings, feature_layer=embedder.feature_layer))
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -120,6 +125,14 @@ def classifier_settings(uri: str, storage_options: dict | None = None) -> Classi
     return ClassifierSettings(**json.loads(read_bytes(join(uri, SETTINGS_FILE), storage_options))["settings"])
 
 
+def classifier_processor(settings: ClassifierSettings, models: ModelsConfig) -> Any:
+    """The image processor a classifier's inputs go through: its base's, at the side its tower learned."""
+    from dermaray.grounding.data import image_processor
+    from dermaray.models.registry import resolve_model
+
+    return image_processor(resolve_model("grounding_mllm", settings.model, models), settings.image_size)
+
+
 def save_classifier(folder: str | Path, model: MultimodalClassifier, extra: dict[str, Any] | None = None) -> None:
     """The whole state (the tower may have been fine-tuned from a grounded start)."""
     folder = Path(folder)
@@ -149,9 +162,6 @@ class ImageProjector:
     (lesion_id, embedding)."""
 
     def __init__(self, uri: str, models: ModelsConfig, storage_options: dict | None = None, device: str | None = None):
-        from transformers import AutoImageProcessor
-
-        from dermaray.models.registry import resolve_model
         from dermaray.storage import download_folder
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -159,9 +169,7 @@ class ImageProjector:
         local = download_folder(uri, self._folder.name, storage_options)
         self.weights = weights_digest(local)
         self.classifier = load_classifier(local, models).to(self.device)
-        self.processor = AutoImageProcessor.from_pretrained(
-            resolve_model("grounding_mllm", self.classifier.settings.model, models)
-        )
+        self.processor = classifier_processor(self.classifier.settings, models)
 
     @torch.no_grad()
     def project(self, images: list) -> np.ndarray:

@@ -209,6 +209,13 @@ def save_model(folder: str | Path, model: GroundingModel, scaler: AttributeScale
     (folder / SETTINGS_FILE).write_text(json.dumps(payload, indent=2))
 
 
+def grounding_settings(uri: str, storage_options: dict | None = None) -> GroundingSettings:
+    """The settings of a grounding checkpoint at any URI, without loading its weights."""
+    from dermaray.storage import join, read_bytes
+
+    return GroundingSettings(**json.loads(read_bytes(join(uri, SETTINGS_FILE), storage_options))["settings"])
+
+
 def load_model(folder: str | Path, models: ModelsConfig) -> tuple[GroundingModel, AttributeScaler, dict[str, Any]]:
     """(model in eval mode, scaler, the rest of grounding.json) from a folder `save_model` wrote."""
     folder = Path(folder)
