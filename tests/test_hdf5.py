@@ -9,6 +9,8 @@ import pytest
 from dermaray.data.hdf5 import contiguous_extent
 from dermaray.data.readers import _hdf5_extent, _reader_of_headers
 
+JPEG_START = b"\xff\xd8\x00"  # a JPEG's bytes hold zeros
+
 
 def _blob(i: int) -> bytes:
     return bytes(np.random.default_rng(i).integers(0, 256, 200 + 37 * i, dtype=np.uint8))
@@ -22,7 +24,12 @@ def _write(path, libver: str) -> dict[str, bool]:
         store.create_dataset("bytes_2d", data=np.frombuffer(_blob(2)[:240], np.uint8).reshape(12, 20))
         store.create_dataset("signed", data=np.frombuffer(_blob(3), np.int8))  # raw bytes, but not "plain"
         store.create_dataset("gzip", data=np.frombuffer(_blob(4), np.uint8), compression="gzip")
-        store.create_dataset("string", data=np.bytes_(_blob(5)))  # a fixed-length string: padded on read
+        store.create_dataset("string", data=np.bytes_(_blob(5)))  # a fixed-length string, null-padded: bytes as stored
+        terminated = h5py.h5t.C_S1.copy()
+        terminated.set_size(300)
+        terminated.set_strpad(h5py.h5t.STR_NULLTERM)  # HDF5 cuts such a value at its first zero byte
+        cut = h5py.h5d.create(store.id, b"null_terminated", terminated, h5py.h5s.create(h5py.h5s.SCALAR))
+        cut.write(h5py.h5s.ALL, h5py.h5s.ALL, np.array(JPEG_START + _blob(8)[:297], "S300"))
         store.create_dataset("never_written", shape=(64,), dtype=np.uint8)  # no storage yet: the fill value
         space = h5py.h5s.create_simple((16,))
         plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -34,8 +41,8 @@ def _write(path, libver: str) -> dict[str, bool]:
         store.create_dataset("group/nested", data=np.void(_blob(7)))
         store["soft"] = h5py.SoftLink("/opaque")
     return {
-        "opaque": True, "bytes_1d": True, "bytes_2d": True, "group/nested": True, "signed": False, "gzip": False,
-        "string": False, "never_written": False, "compact": False, "shared_type": False,
+        "opaque": True, "bytes_1d": True, "bytes_2d": True, "group/nested": True, "string": True, "signed": False,
+        "gzip": False, "null_terminated": False, "never_written": False, "compact": False, "shared_type": False,
     }  # fmt: skip
 
 
@@ -58,8 +65,11 @@ def test_header_ranges_equal_libhdf5s_and_anything_else_defers_to_it(tmp_path, l
             assert _hdf5_extent(store, key, read) == _hdf5_extent(store, key), key
         assert _hdf5_extent(store, "soft", read) == bytes(store["opaque"][()].tobytes())  # a soft link: read by HDF5
         assert _hdf5_extent(store, "absent", read) is None
-        offset, size = _hdf5_extent(store, "opaque", read)
-        assert os.pread(raw.fileno(), size, offset) == _blob(0)
+        for key, blob in (("opaque", _blob(0)), ("string", _blob(5))):
+            offset, size = _hdf5_extent(store, key, read)
+            assert os.pread(raw.fileno(), size, offset) == blob
+        assert _hdf5_extent(store, "null_terminated", read)[:3] == b"\xff\xd8\x00"  # HDF5's own reading, cut short:
+        assert _hdf5_extent(store, "null_terminated", read) != JPEG_START + _blob(8)[:297]  # zeros after the first
 
 
 def test_a_user_block_shifts_addresses_so_headers_are_left_to_libhdf5(tmp_path):

@@ -1,6 +1,7 @@
 """Where a plain HDF5 dataset's bytes lie, read from its object header without opening it.
 
-ISIC 2024 keeps each JPEG as its own scalar dataset, contiguous and unfiltered: the image is
+ISIC 2024 keeps each JPEG as its own scalar dataset (opaque or a fixed-length string, as h5py
+writes `np.void` or `np.bytes_`), contiguous and unfiltered: the image is
 a byte range of the file. libhdf5 finds that range by opening the dataset (H5Dopen builds its
 type, space and property lists: ~15-35 us, as long as a 128 px tile's whole metadata check),
 where the range is two fields of the object header's layout message. This reads them from
@@ -19,7 +20,8 @@ from collections.abc import Callable
 
 DATASPACE, DATATYPE, LAYOUT, CONTINUATION = 0x0001, 0x0003, 0x0008, 0x0010
 CONTIGUOUS = 1
-OPAQUE, FIXED_POINT = 5, 0
+OPAQUE, FIXED_POINT, STRING = 5, 0, 3
+NULL_PAD = 1  # a fixed-length string's padding: its bytes are read as stored (null-terminated ones are cut)
 UNDEFINED_ADDRESS = 0xFFFFFFFFFFFFFFFF
 SHARED = 0x02  # message flag: the message is stored elsewhere (a committed datatype)
 FIRST_READ = 512  # bytes read at a header's address: a scalar dataset's whole header is ~200-300
@@ -102,10 +104,13 @@ def _elements(space: bytes) -> int | None:
 
 
 def _raw_item_size(datatype: bytes) -> int | None:
-    """Bytes per value when the raw bytes are the value (opaque, or an unsigned byte); else None."""
+    """Bytes per value when the raw bytes are the value (opaque, a null-padded fixed-length string, or
+    an unsigned byte); else None."""
     if len(datatype) < 8:
         return None
     kind, size = datatype[0] & 0x0F, struct.unpack_from("<I", datatype, 4)[0]
-    if kind == OPAQUE or (kind == FIXED_POINT and size == 1 and not datatype[1] & 0x08):
+    if kind == OPAQUE or (kind == STRING and datatype[1] & 0x0F == NULL_PAD):
+        return size
+    if kind == FIXED_POINT and size == 1 and not datatype[1] & 0x08:  # unsigned
         return size
     return None

@@ -336,9 +336,11 @@ def _hdf5_extent(store, key: str | None, read: Callable[[int, int], bytes] | Non
         return None
     offset, dtype = dataset.get_offset(), dataset.dtype
     size = dtype.itemsize * int(np.prod(dataset.shape, dtype=np.int64))
-    # Raw bytes equal what HDF5 returns only for opaque values and single bytes (not compound
-    # records or padded strings), and only in this file (not behind an external link).
+    # Raw bytes equal what HDF5 returns only for opaque values, null-padded strings (h5py's `np.bytes_`; a
+    # null-terminated one is cut at its first zero byte) and single bytes (not compound records), and only
+    # in this file (not behind an external link).
     plain = (dtype.kind == "V" and dtype.names is None) or dtype == np.uint8
+    plain |= dtype.kind == "S" and dataset.get_type().get_strpad() == h5py.h5t.STR_NULLPAD
     if offset is not None and plain and dataset.get_storage_size() == size:
         if store.id.links.get_info(key.encode()).type == h5py.h5l.TYPE_HARD:
             return offset, size
