@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ray
 
@@ -51,3 +56,35 @@ def clear_summary(uri: str, storage_options: dict) -> None:
 def write_summary(uri: str, summary: dict, storage_options: dict) -> None:
     write_bytes(uri, json.dumps(summary, indent=2, sort_keys=True).encode(), storage_options)
     log.info("summary %s", json.dumps(summary, sort_keys=True))
+
+
+def reporting(work: Callable[[], Any], logger: str) -> Iterator[tuple[str, Any]]:
+    """Run `work` in a thread; yield ("log", message) for each record `logger` emits meanwhile, then
+    ("result", what `work` returned). The body of a Ray streaming-generator task, it shows a long task's
+    progress on the driver whatever `ray.log_to_driver` says (the local config turns that off)."""
+    records: queue.Queue = queue.Queue()
+    done = object()
+    handler = logging.handlers.QueueHandler(records)
+    source = logging.getLogger(logger)
+    source.addHandler(handler)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # raised again below, in the task
+            outcome["error"] = exc
+        finally:
+            records.put(done)
+
+    thread = threading.Thread(target=run, name=f"reporting {logger}", daemon=True)
+    thread.start()
+    try:
+        while (record := records.get()) is not done:
+            yield "log", record.getMessage()
+    finally:
+        source.removeHandler(handler)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    yield "result", outcome["value"]

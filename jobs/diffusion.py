@@ -56,7 +56,7 @@ from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER, summary_uri
 from dermaray.models.registry import model_folder, resolve_model
 from dermaray.schema import written_notes
 from dermaray.storage import exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
-from jobs.common import clear_summary, init_ray, log, write_summary
+from jobs.common import clear_summary, init_ray, log, reporting, write_summary
 from jobs.training import Task, export_model, fit, prepared_splits
 
 LATENTS, IDS = "latent_posteriors", "input_ids"
@@ -133,7 +133,7 @@ class DiffusionInputs:
 # --- Base pre-training (tiny presets only) ------------------------------------------------------
 
 
-@ray.remote
+@ray.remote(num_returns="streaming")
 def pretrain_task(
     models: ModelsConfig,
     target: str,
@@ -146,29 +146,35 @@ def pretrain_task(
     caption_dropout: float,
     snr_gamma: float | None,
 ) -> dict:
-    """Pre-train the tiny base on this node and write it to `target` (any URI), PRETRAIN_FILE last."""
-    setup_logging()  # the step losses, every 50 steps, in the worker's log (and the driver's, with log_to_driver)
-    images = [decode_rgb(r["image_bytes"]) for r in rows]
-    with_diagnosis = p["captions"] == "diagnosis"
-    captions = [lesion_caption(r["diagnosis"] if with_diagnosis else None, r, size_words) for r in rows]
-    with tempfile.TemporaryDirectory(prefix="diffusion-base-") as staging:
-        losses = pretrain_base(
-            resolve_model("diffusion_base", models.diffusion_base, models),
-            staging,
-            images,
-            captions,
-            vae_steps=p["vae_steps"],
-            unet_steps=p["unet_steps"],
-            batch_size=p["batch_size"],
-            lr=p["lr"],
-            seed=seed,
-            caption_dropout=caption_dropout,
-            snr_gamma=snr_gamma,
-            resolution=resolution,
-        )
-        Path(staging, PRETRAIN_FILE).write_text(json.dumps(losses))
-        upload_folder(staging, target, storage_options, last=PRETRAIN_FILE)
-    return losses
+    """Pre-train the tiny base on this node and write it to `target` (any URI), PRETRAIN_FILE last.
+
+    Yields ("log", line) as it goes (the step losses, every 50 steps), then ("result", the losses)."""
+    setup_logging()  # the step losses in the worker's log too
+
+    def work() -> dict:
+        images = [decode_rgb(r["image_bytes"]) for r in rows]
+        with_diagnosis = p["captions"] == "diagnosis"
+        captions = [lesion_caption(r["diagnosis"] if with_diagnosis else None, r, size_words) for r in rows]
+        with tempfile.TemporaryDirectory(prefix="diffusion-base-") as staging:
+            losses = pretrain_base(
+                resolve_model("diffusion_base", models.diffusion_base, models),
+                staging,
+                images,
+                captions,
+                vae_steps=p["vae_steps"],
+                unet_steps=p["unet_steps"],
+                batch_size=p["batch_size"],
+                lr=p["lr"],
+                seed=seed,
+                caption_dropout=caption_dropout,
+                snr_gamma=snr_gamma,
+                resolution=resolution,
+            )
+            Path(staging, PRETRAIN_FILE).write_text(json.dumps(losses))
+            upload_folder(staging, target, storage_options, last=PRETRAIN_FILE)
+        return losses
+
+    yield from reporting(work, pretrain_base.__module__)
 
 
 def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
@@ -192,20 +198,25 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
         d.pretrain.unet_steps,
     )
     remove_tree(target, options)  # an earlier run's partial upload (no PRETRAIN_FILE)
-    losses = ray.get(
-        pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
-            cfg.models,
-            target,
-            options,
-            rows,
-            d.pretrain.model_dump(),
-            d.size_words,
-            d.resolution,
-            d.train.seed,
-            d.caption_dropout,
-            d.snr_gamma,
-        )
+    stream = pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
+        cfg.models,
+        target,
+        options,
+        rows,
+        d.pretrain.model_dump(),
+        d.size_words,
+        d.resolution,
+        d.train.seed,
+        d.caption_dropout,
+        d.snr_gamma,
     )
+    losses = None
+    for ref in stream:  # the worker's progress as it goes: minutes of pre-training are not silent on the driver
+        kind, value = ray.get(ref)
+        if kind == "log":
+            log.info("diffusion: %s", value)
+        else:
+            losses = value
     return target, losses
 
 
