@@ -82,9 +82,12 @@ class ShardWriter:
 
 
 def model_id_of(name: str) -> str:
-    """The hub id of a hub preset, the source of a packaged one, else a name for the preset or folder."""
+    """The hub id of a hub preset (`@revision` when pinned), the source of a packaged one, else a name for the
+    preset or folder."""
     preset = get_preset("note_writer", name) if is_preset("note_writer", name) else None
-    return (preset and (preset.hub_id or preset.source)) or f"dermaray/note_writer-{name}"
+    if preset and preset.hub_id:
+        return preset.hub_id + (f"@{preset.revision}" if preset.revision else "")
+    return (preset and preset.source) or f"dermaray/note_writer-{name}"
 
 
 def chosen_for_model(lesions: pa.Table, model_lesions: int | None) -> set[str]:

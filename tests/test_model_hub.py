@@ -152,3 +152,43 @@ def test_offline_without_cache_or_store_says_how_to_fetch(tmp_path):
     # Online by config but offline by the submitter's environment (as in this test process): the environment wins, said plainly.
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
         resolve_model("note_writer", "qwen2.5-7b", models.model_copy(update={"offline": False}))
+
+
+def test_a_pinned_revision_is_fetched_and_cached_apart_from_the_default_branch(tmp_path):
+    from dermaray.models.registry import get_preset, is_preset
+    from jobs.notes import model_id_of
+
+    main = repository("text_encoder", tmp_path)
+    pinned = tmp_path / "repo-v1"
+    shutil.copytree(main, pinned)
+    (pinned / "revision.txt").write_text("v1\n")  # a file only that revision holds
+    cache = tmp_path / "cache"
+    fetch = (
+        "import sys; from dermaray.config import ModelsConfig; from dermaray.models.registry import resolve_model; "
+        f"print(resolve_model('text_encoder', sys.argv[1], ModelsConfig(cache_dir={str(cache)!r}, offline=False)))"
+    )
+    with LoopbackHub({BERT: {"main": main, "v1": pinned}}) as hub:
+        folders = {}
+        for revision in ("v1", None):
+            name = f"hub:{BERT}" + (f"@{revision}" if revision else "")
+            run = subprocess.run(
+                [sys.executable, "-c", fetch, name], cwd=REPO, env=online_env(hub), capture_output=True, text=True, timeout=120
+            )
+            assert run.returncode == 0, run.stderr[-3000:]
+            folders[revision] = Path(run.stdout.strip().splitlines()[-1])
+        assert {p for m, p in hub.requests if m == "GET" and "/resolve/" in p and p.endswith("revision.txt")}, hub.requests
+    assert folders["v1"] == cache / "text_encoder" / f"{BERT.replace('/', '--')}@v1"
+    assert (folders["v1"] / "revision.txt").read_text() == "v1\n" and not (folders[None] / "revision.txt").exists()
+    assert json.loads((folders["v1"] / COMPLETE_MARKER).read_text())["revision"] == "v1"
+
+    # Named presets pin the same way; models built or shipped here have no revisions.
+    qwen = get_preset("note_writer", "qwen2.5-7b@0123abc")
+    assert (qwen.name, qwen.hub_id, qwen.revision) == ("qwen2.5-7b@0123abc", "Qwen/Qwen2.5-7B-Instruct", "0123abc")
+    assert get_preset("note_writer", "hub:org/model@refs/pr/1").name == "org--model@refs--pr--1"
+    assert model_id_of("qwen2.5-7b@0123abc") == "Qwen/Qwen2.5-7B-Instruct@0123abc"  # recorded with every note
+    assert model_id_of("qwen2.5-7b") == "Qwen/Qwen2.5-7B-Instruct"
+    assert is_preset("note_writer", "qwen2.5-7b@v2") and not is_preset("note_writer", str(tmp_path / "weights@v2"))
+    with pytest.raises(ValueError, match="only hub models have revisions"):
+        get_preset("note_writer", "tiny@v1")
+    with pytest.raises(ValueError, match="name a branch, tag or commit"):
+        get_preset("note_writer", "hub:org/model@")

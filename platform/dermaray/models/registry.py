@@ -2,7 +2,8 @@
 
 Every role resolves through `resolve_model(role, name, models)`, on the node that loads the model:
 
-- a hub preset (or `hub:owner/repo`) is fetched once per node into `models.cache_dir`: from the
+- a hub preset (or `hub:owner/repo`; either with `@revision` to pin a branch, tag or commit, each
+  revision its own folder) is fetched once per node into `models.cache_dir`: from the
   object-storage mirror `models.store` when it holds the snapshot (`dermaray models push`), else
   from the hub with `huggingface_hub.snapshot_download` (resumable, only the preset's file
   patterns) unless `models.offline`; offline with nothing cached is an error naming the command
@@ -27,7 +28,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dermaray.config import ModelsConfig
@@ -37,6 +38,7 @@ ROLES: tuple[str, ...] = ("note_writer", "grounding_mllm", "text_encoder", "diff
 TINY_SEED = 0
 COMPLETE_MARKER = ".complete"
 HUB_PREFIX = "hub:"  # `models.<role>: hub:owner/repo` names any hub model, not only a preset
+REVISION = "@"  # `<hub model>@<branch, tag or commit>` pins the revision fetched (as pip's `repo@ref`)
 
 # What a snapshot keeps of a hub repository: weights as safetensors, configs, tokenizers, templates.
 # Repositories also hold the same weights as .bin / .pth / .h5 / .msgpack / .onnx / GGUF or fp16
@@ -179,25 +181,37 @@ def list_presets() -> dict[str, list[str]]:
 
 
 def get_preset(role: str, name: str) -> ModelPreset:
-    """The preset `role`/`name`; `hub:owner/repo` makes one for any hub repository."""
+    """The preset `role`/`name`; `hub:owner/repo` makes one for any hub repository; `@revision` after
+    either pins the branch, tag or commit fetched (cached apart from the default branch's)."""
     if role not in PRESETS:
         raise ValueError(f"unknown model role {role!r}; valid roles: {', '.join(PRESETS)}")
-    if name.startswith(HUB_PREFIX):
-        hub_id = name.removeprefix(HUB_PREFIX)
+    base, pinned, revision = name.partition(REVISION)
+    if base.startswith(HUB_PREFIX):
+        hub_id = base.removeprefix(HUB_PREFIX)
         if hub_id.count("/") != 1 or not all(hub_id.split("/")):
-            raise ValueError(f"{name!r}: write a hub model as hub:owner/repo")
+            raise ValueError(f"{name!r}: write a hub model as hub:owner/repo (or hub:owner/repo@revision)")
         files = DIFFUSERS_FILES if role == "diffusion_base" else MODEL_FILES
-        return ModelPreset(role, hub_id.replace("/", "--"), hub_id, None, f"{hub_id} from the hub", allow_patterns=files)
-    if name not in PRESETS[role]:
+        preset = ModelPreset(role, hub_id.replace("/", "--"), hub_id, None, f"{hub_id} from the hub", allow_patterns=files)
+    elif base in PRESETS[role]:
+        preset = PRESETS[role][base]
+    else:
         raise ValueError(
             f"unknown {role} preset {name!r}; valid names: {', '.join(PRESETS[role])} "
             f"(or {HUB_PREFIX}owner/repo, or a local folder)"
         )
-    return PRESETS[role][name]
+    if not pinned:
+        return preset
+    if not revision or revision.startswith(("/", ".")) or ".." in revision:
+        raise ValueError(f"{name!r}: name a branch, tag or commit after {REVISION!r}")
+    if preset.hub_id is None:
+        raise ValueError(f"{role} {name!r}: only hub models have revisions; {base} is built or shipped with the project")
+    # Its own cache folder (and store copy): one node may hold several revisions of a model.
+    return replace(preset, name=f"{preset.name}{REVISION}{revision.replace('/', '--')}", revision=revision)
 
 
 def is_preset(role: str, name: str) -> bool:
-    return name in PRESETS.get(role, {}) or name.startswith(HUB_PREFIX)
+    base = name.partition(REVISION)[0]
+    return base in PRESETS.get(role, {}) or base.startswith(HUB_PREFIX)
 
 
 def cache_root(models: ModelsConfig) -> Path:
