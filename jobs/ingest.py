@@ -55,8 +55,8 @@ TASKS_PER_CPU, MIN_ROWS_PER_TASK = 4, 128
 def rows_per_task(rows: int, batch_size: int, cpus: int) -> int:
     """`batch_size`, or fewer rows (down to MIN_ROWS_PER_TASK) where that leaves under TASKS_PER_CPU
     tasks a CPU: with fewer, a small source ends on one busy CPU while the others wait (5,000 450 px
-    tiles on 2 CPUs: 2,200 rows/s in 5 tasks, 2,700 in 8). A task costs ~15 ms beyond its rows, so
-    tasks stay no smaller than ~20 ms of work."""
+    tiles on 2 CPUs: 2,200 rows/s in 5 tasks, 2,700 in 8). Beyond its rows a task costs ~4 ms of
+    set-up and Ray ~10 ms before a worker's next task, so tasks stay no smaller than ~20 ms of work."""
     return max(1, min(batch_size, max(MIN_ROWS_PER_TASK, math.ceil(rows / (TASKS_PER_CPU * max(1, cpus))))))
 
 

@@ -599,7 +599,8 @@ class Ingress:
         check_count(count, self.settings.max_images)
         mode = guide or self.settings.chain_guide
         if self.generation is not None:  # steps no generation can run fail before the search, not after it
-            self._steps(steps, guided=mode != "none")
+            # (a "similar" guide may turn out absent, and then fewer steps do: that one is checked after the search)
+            self._steps(steps, guided=mode == "upload")
         upload = await self._read(file)
         started = time.perf_counter()
         k = check_k(k, self.settings.max_k)

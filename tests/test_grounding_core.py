@@ -165,7 +165,12 @@ def test_a_classifier_started_from_a_grounded_tower_sees_images_at_the_side_it_l
     save_classifier(tmp_path / "c", MultimodalClassifier.build(settings, models, init_from=str(tmp_path / "m")))
     reloaded = load_classifier(tmp_path / "c", models)
     assert reloaded.settings.image_size == 96 and side(reloaded.settings) == (96, 96)
-    # The job's training inputs at that side too (jobs.classifier.input_size reads it from classifier.init_from).
+    # The job's training inputs at that side too: jobs.classifier.input_size reads it from classifier.init_from.
+    from dermaray.config import load_config
+    from jobs.classifier import input_size
+
+    assert input_size(load_config(None, [f"classifier.init_from={tmp_path / 'm'}"])) == 96
+    assert input_size(load_config(None, ["classifier.init_from=null"])) is None
     notes = pa.table({"lesion_id": ["a"], "note": ["a pink papule"]})
     inputs = ClassifierInputs(models, notes, "diagnosis", image_size=96)
     jpeg = io.BytesIO()

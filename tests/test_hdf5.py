@@ -1,6 +1,7 @@
 """Byte ranges read from HDF5 object headers agree with libhdf5's own answer, or defer to it."""
 
 import os
+import struct
 
 import h5py
 import numpy as np
@@ -40,9 +41,17 @@ def _write(path, libver: str) -> dict[str, bool]:
         store.create_dataset("shared_type", data=np.void(_blob(6)), dtype=store["committed_type"])
         store.create_dataset("group/nested", data=np.void(_blob(7)))
         store["soft"] = h5py.SoftLink("/opaque")
+        for n in (3, 40):  # attributes: messages of one type repeated; 40 continue the header (or go dense)
+            with_attributes = store.create_dataset(f"attributes_{n}", data=np.void(_blob(9 + n)))
+            for i in range(n):
+                with_attributes.attrs[f"a{i}"] = i
+        store["empty"] = h5py.Empty("V10")  # a null dataspace: no value at all
+    with h5py.File(path, "a", track_order=True) as store:
+        store.create_dataset("ordered", data=np.void(_blob(60)), track_order=True)
     return {
         "opaque": True, "bytes_1d": True, "bytes_2d": True, "group/nested": True, "string": True, "signed": False,
         "gzip": False, "null_terminated": False, "never_written": False, "compact": False, "shared_type": False,
+        "attributes_3": True, "ordered": True, "empty": False,
     }  # fmt: skip
 
 
@@ -61,10 +70,14 @@ def test_header_ranges_equal_libhdf5s_and_anything_else_defers_to_it(tmp_path, l
                 assert extent == (dataset.id.get_offset(), dataset.id.get_storage_size()), key
             else:
                 assert extent is None, key
+        continued = contiguous_extent(read, store.id.links.get_info(b"attributes_40").u)
+        assert continued in (None, (store["attributes_40"].id.get_offset(), store["attributes_40"].id.get_storage_size()))
+        for key in [*expected, "attributes_40"]:
             # The reader's answer is libhdf5's whichever way it was found.
             assert _hdf5_extent(store, key, read) == _hdf5_extent(store, key), key
         assert _hdf5_extent(store, "soft", read) == bytes(store["opaque"][()].tobytes())  # a soft link: read by HDF5
         assert _hdf5_extent(store, "absent", read) is None
+        assert _hdf5_extent(store, "empty", read) == b"" == _hdf5_extent(store, "empty")  # an empty image, not a crash
         for key, blob in (("opaque", _blob(0)), ("string", _blob(5))):
             offset, size = _hdf5_extent(store, key, read)
             assert os.pread(raw.fileno(), size, offset) == blob
@@ -94,3 +107,33 @@ def test_a_header_cut_short_gives_no_range():
     assert contiguous_extent(lambda offset, size: b"OHDR\x02", 0) is None
     chunk_beyond_the_file = b"OHDR\x02\x02" + (1 << 20).to_bytes(4, "little") + b"\x01\x04\x00\x00"
     assert contiguous_extent(lambda offset, size: chunk_beyond_the_file[offset : offset + size], 0) is None
+
+
+def test_a_path_through_an_external_link_reads_the_other_files_bytes(tmp_path):
+    """HDF5 follows the link and reports an offset in the other file: such a key is read through HDF5."""
+    for name, i in (("main.hdf5", 70), ("other.hdf5", 71)):
+        with h5py.File(tmp_path / name, "w") as store:
+            store.create_dataset("g/image", data=np.void(_blob(i)))  # the same layout: the same offsets
+    with h5py.File(tmp_path / "main.hdf5", "a") as store:
+        store["linked"] = h5py.ExternalLink(str(tmp_path / "other.hdf5"), "/g")
+    with open(tmp_path / "main.hdf5", "rb") as raw, h5py.File(tmp_path / "main.hdf5", "r") as store:
+        read = _reader_of_headers(store, raw)
+        assert _hdf5_extent(store, "linked/image", read) == _blob(71) == _hdf5_extent(store, "linked/image")
+
+
+def test_a_version_1_header_is_read_to_its_message_count_and_no_further():
+    """Messages of one type repeat (attributes): the count, not the number of types, ends the header."""
+
+    def message(kind: int, body: bytes) -> bytes:
+        body += b"\0" * (-len(body) % 8)
+        return struct.pack("<HHB3x", kind, len(body), 0) + body
+
+    space = bytes([1, 0, 0, 0, 0, 0, 0, 0])  # version 1, scalar
+    opaque = bytes([0x15, 0, 0, 0]) + struct.pack("<I", 300) + b"tag\0\0\0\0\0"
+    layout = bytes([3, 1]) + struct.pack("<QQ", 4096, 300)
+    body = b"".join(
+        [message(1, space), message(3, opaque), message(0x0C, b"attr one"), message(0x0C, b"attr two"), message(8, layout)]
+    )
+    after = message(0x10, struct.pack("<QQ", 8192, 64))  # the next object's bytes, read as a continuation
+    header = struct.pack("<BBHII4x", 1, 0, 5, 1, len(body)) + body + after
+    assert contiguous_extent(lambda offset, size: header[offset : offset + size], 0) == (4096, 300)

@@ -1,10 +1,11 @@
 """Where a plain HDF5 dataset's bytes lie, read from its object header without opening it.
 
-ISIC 2024 keeps each JPEG as its own scalar dataset (opaque or a fixed-length string, as h5py
-writes `np.void` or `np.bytes_`), contiguous and unfiltered: the image is
-a byte range of the file. libhdf5 finds that range by opening the dataset (H5Dopen builds its
-type, space and property lists: ~15-35 us, as long as a 128 px tile's whole metadata check),
-where the range is two fields of the object header's layout message. This reads them from
+ISIC 2024 keeps each JPEG as its own scalar dataset (opaque or a fixed-length string: h5py writes
+`np.void` or `np.bytes_` so), contiguous and unfiltered: the image is a byte range of the file.
+libhdf5 finds that range by opening the dataset (H5Dopen builds its type, space and property
+lists; with the calls that ask for offset, size and type, ~36 us a key, more than a 128 px
+tile's metadata checks), where the range is two fields of the object header's layout message
+(~8 us to read and parse, the link lookup included). This reads them from
 the header (HDF5 file format specification 3.0, section IV.A: object header versions 1 and 2;
 messages 0x0001 dataspace, 0x0003 datatype, 0x0008 data layout versions 3 and 4).
 
@@ -23,13 +24,14 @@ CONTIGUOUS = 1
 OPAQUE, FIXED_POINT, STRING = 5, 0, 3
 NULL_PAD = 1  # a fixed-length string's padding: its bytes are read as stored (null-terminated ones are cut)
 UNDEFINED_ADDRESS = 0xFFFFFFFFFFFFFFFF
-SHARED = 0x02  # message flag: the message is stored elsewhere (a committed datatype)
+SHARED = 0x02  # message flag: the message is stored elsewhere (a committed datatype, a shared-message table)
 FIRST_READ = 512  # bytes read at a header's address: a scalar dataset's whole header is ~200-300
 
 
 def contiguous_extent(read: Callable[[int, int], bytes], address: int) -> tuple[int, int] | None:
     """(offset, size) of the dataset whose object header starts at `address` when its values are
-    one contiguous range of raw bytes (opaque values or single unsigned bytes); else None.
+    one contiguous range of raw bytes (opaque values, null-padded strings or single unsigned bytes);
+    else None.
 
     `read(offset, n)` returns up to n bytes of the file from offset. Assumes 8-byte addresses
     and lengths and no user block (the caller checks the superblock)."""
@@ -59,11 +61,14 @@ def _messages_v1(head: bytes, read, address: int) -> dict[int, tuple[int, bytes]
     if len(head) < 16:
         return None
     count, chunk_size = struct.unpack_from("<H4xI", head, 2)
-    chunk = _whole(head, read, address, 16 + chunk_size)
+    end = 16 + chunk_size  # the count covers every chunk; a continued header ends this one first
+    chunk = _whole(head, read, address, end)
     messages, at = {}, 16
-    while len(messages) < count and at + 8 <= len(chunk):
+    for _ in range(count):
+        if at + 8 > min(end, len(chunk)):
+            break
         kind, size, flags = struct.unpack_from("<HHB", chunk, at)
-        messages.setdefault(kind, (flags, chunk[at + 8 : at + 8 + size]))
+        messages.setdefault(kind, (flags, chunk[at + 8 : at + 8 + size]))  # a type may repeat (attributes)
         at += 8 + size
     return messages
 

@@ -314,14 +314,17 @@ def _hdf5_extent(store, key: str | None, read: Callable[[int, int], bytes] | Non
     """Where dataset `key`'s bytes lie in the file, (offset, size), when they are one contiguous
     unfiltered range of fixed-size values; else its bytes as HDF5 reads them; None if absent.
 
-    With `read`, a hard link's object header is parsed here (`dermaray.data.hdf5`: ~8 us, where
-    libhdf5's open of the dataset costs ~30, as much as a 128 px row's metadata checks); libhdf5
-    opens the dataset when the header gives no answer."""
+    With `read`, a hard link's object header is parsed here (`dermaray.data.hdf5`: ~8 us a key,
+    where opening the dataset through libhdf5 and asking costs ~36); libhdf5 opens the dataset when
+    the header gives no answer."""
     if not key:
         return None
     import h5py
 
-    if read is not None:
+    # Only a key in the root group is a range: a path ("group/name") may pass through an external link
+    # into another file, where the offsets HDF5 reports lie; its bytes are read through HDF5.
+    ranged = "/" not in key.strip("/")
+    if read is not None and ranged:
         try:
             link = store.id.links.get_info(key.encode())
         except (KeyError, RuntimeError):  # absent: libhdf5's open below says so
@@ -334,14 +337,16 @@ def _hdf5_extent(store, key: str | None, read: Callable[[int, int], bytes] | Non
         dataset = h5py.h5d.open(store.id, key.encode())
     except KeyError:
         return None
+    if dataset.shape is None:  # a null dataspace (h5py.Empty) holds no value: no image bytes
+        return b""
     offset, dtype = dataset.get_offset(), dataset.dtype
     size = dtype.itemsize * int(np.prod(dataset.shape, dtype=np.int64))
     # Raw bytes equal what HDF5 returns only for opaque values, null-padded strings (h5py's `np.bytes_`; a
     # null-terminated one is cut at its first zero byte) and single bytes (not compound records), and only
-    # in this file (not behind an external link).
+    # in this file (a hard link in the root group: not behind an external link).
     plain = (dtype.kind == "V" and dtype.names is None) or dtype == np.uint8
     plain |= dtype.kind == "S" and dataset.get_type().get_strpad() == h5py.h5t.STR_NULLPAD
-    if offset is not None and plain and dataset.get_storage_size() == size:
+    if ranged and offset is not None and plain and dataset.get_storage_size() == size:
         if store.id.links.get_info(key.encode()).type == h5py.h5l.TYPE_HARD:
             return offset, size
     buffer = np.empty(dataset.shape, dtype)
