@@ -59,13 +59,19 @@ def write_summary(uri: str, summary: dict, storage_options: dict) -> None:
 
 
 def reporting(work: Callable[[], Any], logger: str) -> Iterator[tuple[str, Any]]:
-    """Run `work` in a thread; yield ("log", message) for each record `logger` emits meanwhile, then
-    ("result", what `work` returned). The body of a Ray streaming-generator task, it shows a long task's
-    progress on the driver whatever `ray.log_to_driver` says (the local config turns that off)."""
+    """Run `work` in a thread; yield ("log", message) for each INFO or higher record `logger` emits
+    meanwhile, then ("result", what `work` returned). The body of a Ray streaming-generator task, it
+    shows a long task's progress on the driver whatever `ray.log_to_driver` says (the local config
+    turns that off), once: the records go to the driver's log through the stream, not to stderr.
+
+    Run it in a task with `max_calls=1`: a cancelled task leaves its thread running, and the worker
+    process must end with it."""
     records: queue.Queue = queue.Queue()
     done = object()
     handler = logging.handlers.QueueHandler(records)
     source = logging.getLogger(logger)
+    level = source.level
+    source.setLevel(logging.INFO if not level or level > logging.INFO else level)
     source.addHandler(handler)
     outcome: dict[str, Any] = {}
 
@@ -80,10 +86,17 @@ def reporting(work: Callable[[], Any], logger: str) -> Iterator[tuple[str, Any]]
     thread = threading.Thread(target=run, name=f"reporting {logger}", daemon=True)
     thread.start()
     try:
-        while (record := records.get()) is not done:
+        while True:
+            try:  # a timeout, so that Ray's cancel (an interrupt of this thread) lands within a second
+                record = records.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if record is done:
+                break
             yield "log", record.getMessage()
     finally:
         source.removeHandler(handler)
+        source.setLevel(level)
     thread.join()
     if "error" in outcome:
         raise outcome["error"]

@@ -27,6 +27,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ class DiffusionInputs:
 # --- Base pre-training (tiny presets only) ------------------------------------------------------
 
 
-@ray.remote(num_returns="streaming")
+@ray.remote(num_returns="streaming", max_calls=1)  # a worker of its own: see jobs.common.reporting
 def pretrain_task(
     models: ModelsConfig,
     target: str,
@@ -145,11 +146,10 @@ def pretrain_task(
     seed: int,
     caption_dropout: float,
     snr_gamma: float | None,
-) -> dict:
+) -> Iterator[tuple[str, Any]]:
     """Pre-train the tiny base on this node and write it to `target` (any URI), PRETRAIN_FILE last.
 
     Yields ("log", line) as it goes (the step losses, every 50 steps), then ("result", the losses)."""
-    setup_logging()  # the step losses in the worker's log too
 
     def work() -> dict:
         images = [decode_rgb(r["image_bytes"]) for r in rows]

@@ -69,13 +69,14 @@ class LoopbackHub:
         return self.revisions[repo][self.names[repo][revision]]
 
     def _serve(self, request: BaseHTTPRequestHandler, body: bool) -> None:
-        path = unquote(urlsplit(request.path).path)
+        raw = urlsplit(request.path).path  # split before unquoting: a revision ("refs/pr/1") arrives quoted whole
+        path = unquote(raw)
         self.requests.append((request.command, path))
         for repo, names in self.names.items():
             for api in ("revision", "tree"):
                 prefix = f"/api/models/{repo}/{api}/"
-                if path.startswith(prefix) and path.removeprefix(prefix).split("/")[0] in names:
-                    revision = path.removeprefix(prefix).split("/")[0]
+                revision = unquote(raw.removeprefix(prefix).split("/")[0]) if raw.startswith(prefix) else None
+                if revision in names:
                     files = self.files(repo, revision)
                     if api == "revision":
                         info = {"id": repo, "sha": names[revision], "siblings": [{"rfilename": f} for f in files]}
@@ -83,8 +84,8 @@ class LoopbackHub:
                     root = self._root(repo, revision)
                     tree = [{"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": _oid(root / f)} for f in files]
                     return self._send(request, json.dumps(tree).encode(), body)
-            if path.startswith(f"/{repo}/resolve/"):
-                revision, name = path.removeprefix(f"/{repo}/resolve/").split("/", 1)
+            if raw.startswith(f"/{repo}/resolve/"):
+                revision, name = map(unquote, raw.removeprefix(f"/{repo}/resolve/").split("/", 1))
                 file = self._root(repo, revision) / name if revision in names else None
                 if file is not None and file.is_file():
                     headers = {"X-Repo-Commit": names[revision], "ETag": f'"{_oid(file)}"'}

@@ -167,9 +167,9 @@ def test_a_pinned_revision_is_fetched_and_cached_apart_from_the_default_branch(t
         "import sys; from dermaray.config import ModelsConfig; from dermaray.models.registry import resolve_model; "
         f"print(resolve_model('text_encoder', sys.argv[1], ModelsConfig(cache_dir={str(cache)!r}, offline=False)))"
     )
-    with LoopbackHub({BERT: {"main": main, "v1": pinned}}) as hub:
+    with LoopbackHub({BERT: {"main": main, "v1": pinned, "refs/pr/1": pinned}}) as hub:
         folders = {}
-        for revision in ("v1", None):
+        for revision in ("v1", None, "refs/pr/1"):
             name = f"hub:{BERT}" + (f"@{revision}" if revision else "")
             run = subprocess.run(
                 [sys.executable, "-c", fetch, name], cwd=REPO, env=online_env(hub), capture_output=True, text=True, timeout=120
@@ -178,13 +178,15 @@ def test_a_pinned_revision_is_fetched_and_cached_apart_from_the_default_branch(t
             folders[revision] = Path(run.stdout.strip().splitlines()[-1])
         assert {p for m, p in hub.requests if m == "GET" and "/resolve/" in p and p.endswith("revision.txt")}, hub.requests
     assert folders["v1"] == cache / "text_encoder" / f"{BERT.replace('/', '--')}@v1"
+    assert folders["refs/pr/1"].name == f"{BERT.replace('/', '--')}@refs%2Fpr%2F1"  # "a/b" and "a--b" stay apart
+    assert (folders["refs/pr/1"] / "revision.txt").is_file()
     assert (folders["v1"] / "revision.txt").read_text() == "v1\n" and not (folders[None] / "revision.txt").exists()
     assert json.loads((folders["v1"] / COMPLETE_MARKER).read_text())["revision"] == "v1"
 
     # Named presets pin the same way; models built or shipped here have no revisions.
     qwen = get_preset("note_writer", "qwen2.5-7b@0123abc")
     assert (qwen.name, qwen.hub_id, qwen.revision) == ("qwen2.5-7b@0123abc", "Qwen/Qwen2.5-7B-Instruct", "0123abc")
-    assert get_preset("note_writer", "hub:org/model@refs/pr/1").name == "org--model@refs--pr--1"
+    assert get_preset("note_writer", "hub:org/model@a--b").name != get_preset("note_writer", "hub:org/model@a/b").name
     assert model_id_of("qwen2.5-7b@0123abc") == "Qwen/Qwen2.5-7B-Instruct@0123abc"  # recorded with every note
     assert model_id_of("qwen2.5-7b") == "Qwen/Qwen2.5-7B-Instruct"
     assert is_preset("note_writer", "qwen2.5-7b@v2") and not is_preset("note_writer", str(tmp_path / "weights@v2"))
@@ -192,3 +194,6 @@ def test_a_pinned_revision_is_fetched_and_cached_apart_from_the_default_branch(t
         get_preset("note_writer", "tiny@v1")
     with pytest.raises(ValueError, match="name a branch, tag or commit"):
         get_preset("note_writer", "hub:org/model@")
+    # Offline with nothing cached, the error names the model as the config does, for the command it suggests.
+    with pytest.raises(FileNotFoundError, match=r"dermaray models pull note_writer/qwen2\.5-7b@refs/pr/1 "):
+        resolve_model("note_writer", "qwen2.5-7b@refs/pr/1", ModelsConfig(cache_dir=str(tmp_path / "offline"), offline=True))

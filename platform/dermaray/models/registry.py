@@ -30,6 +30,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import quote
 
 from dermaray.config import ModelsConfig
 from dermaray.models import packaged, tiny
@@ -38,7 +39,7 @@ ROLES: tuple[str, ...] = ("note_writer", "grounding_mllm", "text_encoder", "diff
 TINY_SEED = 0
 COMPLETE_MARKER = ".complete"
 HUB_PREFIX = "hub:"  # `models.<role>: hub:owner/repo` names any hub model, not only a preset
-REVISION = "@"  # `<hub model>@<branch, tag or commit>` pins the revision fetched (as pip's `repo@ref`)
+REVISION = "@"  # `<hub model>@<branch, tag or commit>`: the revision fetched (as pip's `repo@ref`; a commit pins it)
 
 # What a snapshot keeps of a hub repository: weights as safetensors, configs, tokenizers, templates.
 # Repositories also hold the same weights as .bin / .pth / .h5 / .msgpack / .onnx / GGUF or fp16
@@ -205,12 +206,15 @@ def get_preset(role: str, name: str) -> ModelPreset:
         raise ValueError(f"{name!r}: name a branch, tag or commit after {REVISION!r}")
     if preset.hub_id is None:
         raise ValueError(f"{role} {name!r}: only hub models have revisions; {base} is built or shipped with the project")
-    # Its own cache folder (and store copy): one node may hold several revisions of a model.
-    return replace(preset, name=f"{preset.name}{REVISION}{revision.replace('/', '--')}", revision=revision)
+    # Its own cache folder (and store copy): one node may hold several revisions of a model. Percent-encoded,
+    # so that no two revisions share a folder ("a/b" and "a--b" are both branch names).
+    return replace(preset, name=f"{preset.name}{REVISION}{quote(revision, safe='')}", revision=revision)
 
 
 def is_preset(role: str, name: str) -> bool:
     base = name.partition(REVISION)[0]
+    if REVISION in name and Path(name).expanduser().is_dir():  # a folder named like a pinned preset ("tiny@v2")
+        return False
     return base in PRESETS.get(role, {}) or base.startswith(HUB_PREFIX)
 
 
@@ -248,7 +252,7 @@ def resolve_model(role: str, name: str, models: ModelsConfig) -> str:
     return str(
         _once(
             target,
-            lambda staging: _acquire(preset, models, staging),
+            lambda staging: _acquire(preset, models, staging, name),
             {"role": role, "name": preset.name, "hub_id": preset.hub_id, "revision": preset.revision},
             resume=True,
         )
@@ -269,17 +273,18 @@ def store_uri(models: ModelsConfig, preset: ModelPreset) -> str:
     return f"{models.store.rstrip('/')}/{preset.role}/{preset.name}"
 
 
-def _acquire(preset: ModelPreset, models: ModelsConfig, staging: Path) -> None:
-    """Fill `staging` with the preset's snapshot: from the store when it holds one, else from the hub."""
+def _acquire(preset: ModelPreset, models: ModelsConfig, staging: Path, name: str) -> None:
+    """Fill `staging` with the preset's snapshot: from the store when it holds one, else from the hub.
+    `name`: the model as the config names it (what the commands in an error take)."""
     if models.store is not None and _pull_from_store(preset, models, staging):
         return
     where = f" (models.store {models.store} holds no complete copy)" if models.store else ""
     if models.offline:
         raise FileNotFoundError(
-            f"model {preset.role}/{preset.name} ({preset.hub_id}) is not in this node's cache {cache_root(models)}{where} "
+            f"model {preset.role}/{name} ({preset.hub_id}) is not in this node's cache {cache_root(models)}{where} "
             f"and models.offline is true. Fetch it once on a machine that reaches the hub: "
-            f"`dermaray models pull {preset.role}/{preset.name} models.offline=false` (this cache), or "
-            f"`dermaray models push {preset.role}/{preset.name} models.offline=false models.store=s3://...` "
+            f"`dermaray models pull {preset.role}/{name} models.offline=false` (this cache), or "
+            f"`dermaray models push {preset.role}/{name} models.offline=false models.store=s3://...` "
             f"(a mirror every node pulls from)"
         )
     from huggingface_hub import constants, snapshot_download
@@ -362,13 +367,16 @@ def _once(target: Path, fill: Callable[[Path], None], marker: dict, resume: bool
 
 def _marked(target: Path, marker: dict) -> bool:
     """Whether `target` is complete: its marker is there and, for a built preset with a recipe version,
-    records that version (any marker else: a folder put in place by hand or by a test stays valid)."""
+    records that version; a hub snapshot's does not record another hub id or revision (any marker else:
+    a folder put in place by hand or by a test stays valid)."""
     path = target / COMPLETE_MARKER
     if not path.is_file():
         return False
-    if "version" not in marker:
-        return True
     try:
-        return json.loads(path.read_text()).get("version") == marker["version"]
+        recorded = json.loads(path.read_text())
     except (OSError, ValueError):
+        return "version" not in marker
+    if "version" in marker and recorded.get("version") != marker["version"]:
         return False
+    # A hub snapshot is another repository's or revision's only if its marker says so.
+    return all(recorded[key] == marker[key] for key in ("hub_id", "revision") if key in recorded and key in marker)

@@ -30,8 +30,9 @@ def public_location(uri: str | None) -> str | None:
 
 
 def public_model(name: str) -> str:
-    """A model setting as /info shows it: a preset name (or hub:owner/repo) as is, a folder as a location."""
-    return public_location(name) if "/" in name and not name.startswith("hub:") else name
+    """A model setting as /info shows it: a preset name (or hub:owner/repo, either with its @revision) as is,
+    a folder as a location."""
+    return public_location(name) if "/" in name.partition("@")[0] and not name.startswith("hub:") else name
 
 
 def _fmt(resources: Mapping[str, float]) -> str:
