@@ -77,8 +77,16 @@ class ClassifierInputs:
 
     Rows without a note or without the label are dropped here; the driver counts them (`lesion_tally`)."""
 
-    def __init__(self, models: ModelsConfig, notes: pa.Table, label: str = "diagnosis", image_size: int | None = None):
-        self.pixels = Preprocessor(models.grounding_mllm, models, keep=(), image_size=image_size)
+    def __init__(
+        self,
+        models: ModelsConfig,
+        notes: pa.Table,
+        label: str = "diagnosis",
+        base: str | None = None,
+        image_size: int | None = None,
+    ):
+        """`base` and `image_size`: the tower's base model and side (`image_input`); None: models.grounding_mllm's own."""
+        self.pixels = Preprocessor(base or models.grounding_mllm, models, keep=(), image_size=image_size)
         self.text = TextEncoder(models.text_encoder, models)
         self.notes = dict(zip(notes["lesion_id"].to_pylist(), notes["note"].to_pylist(), strict=True))
         self.label = label_spec(label)
@@ -96,13 +104,17 @@ class ClassifierInputs:
 def _input_parts(notes: pa.Table, cfg: DermarayConfig) -> tuple[list[str], tuple]:
     """The lesion columns ClassifierInputs reads, and its constructor arguments."""
     spec = label_spec(cfg.classifier.label)
-    return ["lesion_id", "split", "image_bytes", spec.column], (cfg.models, notes, spec.kind, input_size(cfg))
+    return ["lesion_id", "split", "image_bytes", spec.column], (cfg.models, notes, spec.kind, *image_input(cfg))
 
 
-def input_size(cfg: DermarayConfig) -> int | None:
-    """The side the tower sees: a grounded start's (its grounding.image_size), as MultimodalClassifier.build records it."""
+def image_input(cfg: DermarayConfig) -> tuple[str, int | None]:
+    """(the tower's base model, the side it sees): a grounded start's (its settings' model and grounding.image_size),
+    as MultimodalClassifier.build records them; else models.grounding_mllm at its processor's side."""
     c = cfg.classifier
-    return grounding_settings(absolute(c.init_from), cfg.storage_options).image_size if c.init_from else None
+    if not c.init_from:
+        return cfg.models.grounding_mllm, None
+    start = grounding_settings(absolute(c.init_from), cfg.storage_options)
+    return start.model, start.image_size
 
 
 def inputs(
@@ -281,7 +293,7 @@ def run(cfg: DermarayConfig) -> dict:
     datasets = {s: prepared[s] for s in ("train", "val")}
     text_dim = TextEncoder(cfg.models.text_encoder, cfg.models).dim
     settings = ClassifierSettings(
-        model=cfg.models.grounding_mllm,
+        model=image_input(cfg)[0],
         classes=list(spec.classes),
         text_encoder=cfg.models.text_encoder,
         text_dim=text_dim,

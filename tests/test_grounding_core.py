@@ -155,24 +155,26 @@ def test_a_classifier_started_from_a_grounded_tower_sees_images_at_the_side_it_l
     grounded = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="full", image_size=96), models)
     save_model(tmp_path / "m", grounded.eval(), AttributeScaler(ATTRS, [0.0, 0.0], [1.0, 1.0], [False, False]))
     assert grounding_settings(str(tmp_path / "m")).image_size == 96  # read without loading the weights
-    settings = ClassifierSettings(model="tiny", classes=["MEL", "NEV"], text_encoder="tiny", text_dim=32)
+    settings = ClassifierSettings(model="tiny-pretrained", classes=["MEL", "NEV"], text_encoder="tiny", text_dim=32)
     image = Image.new("RGB", (150, 120), (180, 120, 100))
 
     def side(s: ClassifierSettings) -> tuple[int, int]:
         return classifier_processor(s, models)(images=[image], return_tensors="np")[PIXELS].shape[-2:]
 
-    assert side(settings) == (64, 64)  # the base's own processor
+    assert side(ClassifierSettings(model="tiny", classes=["MEL"], text_encoder="tiny", text_dim=32)) == (64, 64)  # its own
     save_classifier(tmp_path / "c", MultimodalClassifier.build(settings, models, init_from=str(tmp_path / "m")))
     reloaded = load_classifier(tmp_path / "c", models)
     assert reloaded.settings.image_size == 96 and side(reloaded.settings) == (96, 96)
-    # The job's training inputs at that side too: jobs.classifier.input_size reads it from classifier.init_from.
+    assert reloaded.settings.model == "tiny"  # the grounded start's base, not the one the settings named
+    # The job's training inputs at that side too: jobs.classifier.image_input reads it from classifier.init_from.
     from dermaray.config import load_config
-    from jobs.classifier import input_size
+    from jobs.classifier import image_input
 
-    assert input_size(load_config(None, [f"classifier.init_from={tmp_path / 'm'}"])) == 96
-    assert input_size(load_config(None, ["classifier.init_from=null"])) is None
+    overrides = ["models.grounding_mllm=tiny-pretrained"]
+    assert image_input(load_config(None, [*overrides, f"classifier.init_from={tmp_path / 'm'}"])) == ("tiny", 96)
+    assert image_input(load_config(None, [*overrides, "classifier.init_from=null"])) == ("tiny-pretrained", None)
     notes = pa.table({"lesion_id": ["a"], "note": ["a pink papule"]})
-    inputs = ClassifierInputs(models, notes, "diagnosis", image_size=96)
+    inputs = ClassifierInputs(models, notes, "diagnosis", "tiny", image_size=96)
     jpeg = io.BytesIO()
     image.save(jpeg, "JPEG")
     batch = {"lesion_id": np.array(["a"]), "image_bytes": np.array([jpeg.getvalue()], object), "diagnosis": np.array(["MEL"])}

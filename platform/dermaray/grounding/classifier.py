@@ -65,7 +65,8 @@ class MultimodalClassifier(nn.Module):
         if init_from:
             grounded = load_model(init_from, models)[0]
             embedder = merge_lora(grounded.embedder)
-            settings = replace(settings, image_size=grounded.settings.image_size)
+            # Its base and side, so that a reloaded classifier is built as this tower and sees what it learned on.
+            settings = replace(settings, model=grounded.settings.model, image_size=grounded.settings.image_size)
         else:
             from dermaray.models.registry import resolve_model
 
