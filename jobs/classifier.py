@@ -293,7 +293,7 @@ def run(cfg: DermarayConfig) -> dict:
     datasets = {s: prepared[s] for s in ("train", "val")}
     text_dim = TextEncoder(cfg.models.text_encoder, cfg.models).dim
     settings = ClassifierSettings(
-        model=image_input(cfg)[0],
+        model=cfg.models.grounding_mllm,  # a grounded start's own base replaces it (MultimodalClassifier.build)
         classes=list(spec.classes),
         text_encoder=cfg.models.text_encoder,
         text_dim=text_dim,

@@ -36,9 +36,12 @@ def contiguous_extent(read: Callable[[int, int], bytes], address: int) -> tuple[
     `read(offset, n)` returns up to n bytes of the file from offset. Assumes 8-byte addresses
     and lengths and no user block (the caller checks the superblock)."""
     head = read(address, FIRST_READ)
-    messages = _messages_v1(head, read, address) if head[:1] == b"\x01" else None
     if head[:4] == b"OHDR":
         messages = _messages_v2(head, read, address)
+    elif head[:1] == b"\x01":
+        messages = _messages_v1(head, read, address)
+    else:
+        return None
     if messages is None or CONTINUATION in messages:
         return None
     found = {kind: messages.get(kind) for kind in (DATASPACE, DATATYPE, LAYOUT)}
