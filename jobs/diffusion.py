@@ -4,7 +4,8 @@
 
 1. A random `tiny` base would only make noise, so it is first pre-trained on the training-split
    lesions in one Ray task (the VAE, then the UNet on cached latents) and saved with
-   `save_pretrained` to `<output>/base`; hub bases (SD 1.5) skip this.
+   `save_pretrained` to `<output>/base`; hub bases (SD 1.5) skip this. With
+   `diffusion.pretrain.ip_adapter_steps`, an IP-Adapter is trained on it too (`<output>/base/ip_adapter`).
    Its captions leave the diagnosis out by default ("a dermoscopic photo of large lesion"): the
    base knows what a lesion looks like, not which diagnosis it is, like a general-purpose base.
 2. LoRA adapters on the UNet's attention learn the diagnoses from class captions ("a dermoscopic
@@ -169,6 +170,7 @@ def pretrain_task(
                 caption_dropout=caption_dropout,
                 snr_gamma=snr_gamma,
                 resolution=resolution,
+                ip_adapter_steps=p["ip_adapter_steps"],
             )
             Path(staging, PRETRAIN_FILE).write_text(json.dumps(losses))
             upload_folder(staging, target, storage_options, last=PRETRAIN_FILE)
@@ -192,10 +194,12 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
     rows = table.filter(pc.equal(table["split"], "train")).to_pylist()
     rows = random.Random(d.train.seed).sample(rows, min(len(rows), d.pretrain.max_images))
     log.info(
-        "diffusion: pre-training the tiny base on %d lesions: %d VAE steps, then %d UNet steps on cached latents",
+        "diffusion: pre-training the tiny base on %d lesions: %d VAE steps, then %d UNet and %d IP-Adapter steps on "
+        "cached latents",
         len(rows),
         d.pretrain.vae_steps,
         d.pretrain.unet_steps,
+        d.pretrain.ip_adapter_steps,
     )
     remove_tree(target, options)  # an earlier run's partial upload (no PRETRAIN_FILE)
     stream = pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(

@@ -10,6 +10,8 @@ the same seeds and prompts. The image head of the classifier trained on real les
 - KID between generated and held-out real images, on that classifier's image features
   (real images resized to the generation size first, so size alone does not separate them);
 - size faithfulness: "large" vs "small" prompts, lesion area measured on the generated pixels;
+- image-guided references (a held-out lesion guides each image of its diagnosis): img2img at
+  guide_strength and its sweep, and through the base's IP-Adapter when it has one;
 - sample grids (one row per diagnosis) as PNG for the report.
 
 Generation runs in one Ray task (`diffusion_eval.num_gpus` on clusters).
@@ -46,6 +48,7 @@ from dermaray.diffusion.evaluate import (
     pixel_change,
     size_faithfulness,
 )
+from dermaray.diffusion.ip_adapter import IP_ADAPTER_FOLDER, IP_ADAPTER_WEIGHT_NAME
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline, vae_round_trip
 from dermaray.grounding.classifier import (
     classifier_processor,
@@ -117,8 +120,11 @@ def generate_by_class(pipe: Any, adapters: dict[str, str | None], n: int, settin
     return images
 
 
-def guided_by_class(pipe: Any, adapters: dict[str, str | None], guides: dict[str, list], settings: dict, strength: float) -> list:
-    """One image per guide (class-major, the order of `guides`), each from its diagnosis' caption and adapter."""
+def guided_by_class(
+    pipe: Any, adapters: dict[str, str | None], guides: dict[str, list], settings: dict, strength: float, ip_scale: float | None
+) -> list:
+    """One image per guide (class-major, the order of `guides`), each from its diagnosis' caption and adapter; with
+    `ip_scale`, the guide is also its image prompt through settings["ip_adapter"] at that scale."""
     images, offset = [], 0
     for code, adapter in adapters.items():
         if guides[code]:
@@ -133,6 +139,7 @@ def guided_by_class(pipe: Any, adapters: dict[str, str | None], guides: dict[str
                 resolution=settings["resolution"],
                 guides=guides[code],
                 strength=strength,
+                **({} if ip_scale is None else {"ip_adapter_folder": settings["ip_adapter"], "ip_adapter_scale": ip_scale}),
             )
         offset += len(guides[code])
     return images
@@ -161,14 +168,16 @@ def guided_run(
     reference: np.ndarray | None,
     settings: dict,
     strength: float,
+    ip_scale: float | None = None,
 ) -> tuple[dict[str, Any], list]:
-    """One image per guide at `strength`: its class relevance, KID against `reference` (real images' features,
-    the guides left out; None: not computed), how closely it follows its guide (`guide_measures`: `measured`
-    of the guides) and how much of the guide's pixels it changed; and the images."""
-    images = guided_by_class(pipe, adapters, guides, settings, strength)
+    """One image per guide at `strength` (and through the IP-Adapter at `ip_scale`): its class relevance, KID against
+    `reference` (real images' features, the guides left out; None: not computed), how closely it follows its guide
+    (`guide_measures`: `measured` of the guides) and how much of the guide's pixels it changed; and the images."""
+    images = guided_by_class(pipe, adapters, guides, settings, strength, ip_scale)
     predicted, features = judge(images)
     return {
         "strength": strength,
+        **({} if ip_scale is None else {"ip_adapter_scale": ip_scale}),
         "denoising_steps": denoising_steps(settings["steps"], strength),
         "class_relevance": class_relevance([c for c in adapters for _ in guides[c]], predicted),
         "kid": None
@@ -197,7 +206,9 @@ def guided_results(
     more closely costs in change and relevance); "diagnosis_only": how closely the diagnosis-only images
     (`diagnosis_only`, n per diagnosis) paired with the same guides do, the baseline; "vae_round_trip": how
     closely the guides themselves do after the VAE alone, the ceiling; "grid": guide / result pairs at
-    guide_strength}, or {"guided_skipped": why} with fewer than 3 guides."""
+    guide_strength; with settings["ip_adapter"], "ip_adapter": `guided_run` through the IP-Adapter at each of
+    ip_adapter_scales, from noise and at guide_strength, and "ip_grid", the pairs of the first (from noise)}, or
+    {"guided_skipped": why} with fewer than 3 guides."""
     n, size, steps = settings["images_per_class"], settings["resolution"], settings["steps"]
     chosen = {c: [i for i, label in enumerate(real_labels) if label == c][:n] for c in codes}
     guides = {c: [real[i] for i in chosen[c]] for c in codes}
@@ -213,8 +224,8 @@ def guided_results(
     # The ceiling: each guide through the VAE alone (strength -> 0), measured as a result is.
     round_trip = vae_round_trip(pipe.vae, flat, size)
 
-    def at_strength(strength: float) -> tuple[dict[str, Any], list]:
-        return guided_run(pipe, judge, adapters, guides, guide_measures, reference, settings, strength)
+    def at_strength(strength: float, ip_scale: float | None = None) -> tuple[dict[str, Any], list]:
+        return guided_run(pipe, judge, adapters, guides, guide_measures, reference, settings, strength, ip_scale)
 
     headline, images = at_strength(settings["guide_strength"])
     # One strength per number of denoising steps: two that run the same steps give the same images.
@@ -222,16 +233,32 @@ def guided_results(
     for strength in sorted(settings.get("guide_sweep") or ()):
         if denoising_steps(steps, strength) not in by_steps:
             by_steps[denoising_steps(steps, strength)] = at_strength(strength)[0]
+    # The IP-Adapter from noise (strength 1: the guide reaches the image as an image prompt only), and with img2img
+    # at guide_strength (the image prompt on top of the noised guide), at each scale.
+    by_scale = {
+        (scale, strength): at_strength(strength, scale)
+        for scale in (settings["ip_adapter_scales"] if settings["ip_adapter"] else ())
+        for strength in dict.fromkeys((1.0, settings["guide_strength"]))
+    }
     # A row per diagnosis: guide, result, guide, result, ... (white cells where a diagnosis has fewer guides)
     shown, blank = min(n, 4), Image.new("RGB", (size, size), "white")
     starts = np.cumsum([0] + [len(guides[c]) for c in codes])
-    cells = [
-        img
-        for c, start in zip(codes, starts, strict=False)
-        for j in range(shown)
-        for img in ((flat[start + j], images[start + j]) if j < len(guides[c]) else (blank, blank))
-    ]
+
+    def grid(results: list) -> bytes:
+        cells = [
+            img
+            for c, start in zip(codes, starts, strict=False)
+            for j in range(shown)
+            for img in ((flat[start + j], results[start + j]) if j < len(guides[c]) else (blank, blank))
+        ]
+        return png(image_grid(cells, 2 * shown, labels=list(codes), cell=max(64, size)))
+
     return {
+        **(
+            {"ip_adapter": [row for row, _ in by_scale.values()], "ip_grid": grid(next(iter(by_scale.values()))[1])}
+            if by_scale
+            else {}
+        ),
         "guided": headline,
         "guide_sweep": [by_steps[k] for k in sorted(by_steps)],
         "diagnosis_only": {
@@ -240,7 +267,7 @@ def guided_results(
             "guide_pixel_change": pixel_change(flat, paired),
         },
         "vae_round_trip": {**follows(guide_measures, round_trip), "pixel_change": pixel_change(flat, round_trip)},
-        "grid": png(image_grid(cells, 2 * shown, labels=list(codes), cell=max(64, size))),
+        "grid": grid(images),
     }
 
 
@@ -257,8 +284,17 @@ def evaluate_generation(
 ) -> dict[str, Any]:
     """On the node Ray picks (a GPU node on clusters): fetch base, adapters and judge there, evaluate on its device."""
     with tempfile.TemporaryDirectory(prefix="diffusion-eval-") as scratch:
+        base_folder = model_folder("diffusion_base", base, models, storage_options, str(Path(scratch, "base")))
+        own = Path(base_folder, IP_ADAPTER_FOLDER)
+        if settings["ip_adapter"]:
+            settings = {
+                **settings,
+                "ip_adapter": download_folder(settings["ip_adapter"], str(Path(scratch, "ip")), storage_options),
+            }
+        else:
+            settings = {**settings, "ip_adapter": str(own) if (own / IP_ADAPTER_WEIGHT_NAME).is_file() else None}
         return _evaluate(
-            model_folder("diffusion_base", base, models, storage_options, str(Path(scratch, "base"))),
+            base_folder,
             download_folder(adapter, str(Path(scratch, "adapter")), storage_options),
             download_folder(judge, str(Path(scratch, "judge")), storage_options),
             models,
@@ -314,6 +350,8 @@ def _evaluate(
     results["lora"]["size_faithfulness"] = size_faithfulness(sizes["large"], sizes["small"])
     if settings["guide_strength"] is not None:
         guided = guided_results(pipe, judge, lora, real, real_labels, real_features, generated["lora"], settings, codes)
+        if "ip_grid" in guided:
+            results["grids"]["ip_adapter"] = guided.pop("ip_grid")
         if "grid" in guided:
             results["grids"]["guided"] = guided.pop("grid")
             results["lora"].update(guided.pop("diagnosis_only"))
@@ -346,6 +384,8 @@ def run(cfg: DermarayConfig) -> dict:
         "guidance_scale": ev.guidance_scale,
         "guide_strength": ev.guide_strength,
         "guide_sweep": ev.guide_sweep,
+        "ip_adapter": ev.ip_adapter and absolute(ev.ip_adapter),  # None: the base's own, if it has one (on the node)
+        "ip_adapter_scales": ev.ip_adapter_scales,
         "classes": [c for c in CLASS_CODES if c in set(held_out["diagnosis"].to_pylist())],
     }
     log.info("diffusion_eval: %d images per class for %s, base vs LoRA", ev.images_per_class, settings["classes"])

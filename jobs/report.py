@@ -184,6 +184,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
         "base": "base (no adapter)",
         "lora": "LoRA adapter",
         "guided": "LoRA adapter, drawn from held-out lesions (pairs: guide, generated)",
+        "ip_adapter": "LoRA adapter + IP-Adapter, the held-out lesion as image prompt (pairs: guide, generated)",
     }
     grids = {
         captions.get(name, name): w.bytes(join(at.diffusion_eval, f"grid_{name}.png"))

@@ -202,6 +202,10 @@ def generation_class(max_adapters: int) -> type:
                     if part == DIFFUSION_BASE or present(root, part, options):
                         download_folder(join(root, part), os.path.join(local, part), options)
             self.bank = AdapterBank(local, resolution=cfg.serve.resolution or cfg.diffusion.resolution, base=base)
+            if cfg.serve.guide_ip_adapter_scale is not None and self.bank.ip_adapter is None:
+                log.warning(
+                    "serve.guide_ip_adapter_scale is set but the base has no IP-Adapter: guided references use img2img only"
+                )
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def adapter(self, code: str) -> LoadedAdapter:  # only called with a bank
@@ -226,7 +230,15 @@ def generation_class(max_adapters: int) -> type:
                     self.work["running"] += 1
                 try:
                     return self.bank.generate(
-                        code, count, seed, steps, s.guidance_scale, stop.is_set, guide=image, strength=s.guide_strength
+                        code,
+                        count,
+                        seed,
+                        steps,
+                        s.guidance_scale,
+                        stop.is_set,
+                        guide=image,
+                        strength=s.guide_strength,
+                        ip_adapter_scale=s.guide_ip_adapter_scale,
                     )
                 except GenerationStopped:
                     with self.lock:

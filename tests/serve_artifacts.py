@@ -3,7 +3,7 @@
 The same files the pipeline writes, in the same layouts: a canonical lesion table, a grounding
 checkpoint (tiny tower, untrained heads), its embeddings table, vector index and thumbnails, an
 image + note classifier checkpoint and the index of its image projections, and a diffusion
-folder with a tiny base, the shared adapter and one per-diagnosis adapter (MEL). The models
+folder with a tiny base (and its IP-Adapter), the shared adapter and one per-diagnosis adapter (MEL). The models
 are untrained: the tests check the serving, not the model quality (a gallery image finds
 itself first whatever the weights).
 """
@@ -114,7 +114,12 @@ def build(root: Path, cache_dir: Path, n_lesions: int = 24, diffusion: bool = Tr
     ]
     if diffusion:
         build_diffusion(root / "diffusion", cache_dir, lesions)
-        overrides += [f"serve.diffusion={root / 'diffusion'}", "serve.resolution=32", "serve.steps=2"]
+        overrides += [
+            f"serve.diffusion={root / 'diffusion'}",
+            "serve.resolution=32",
+            "serve.steps=2",
+            "serve.guide_ip_adapter_scale=0.5",  # the base has an IP-Adapter: guided references use it too
+        ]
     else:
         overrides.append("serve.diffusion=null")
     return overrides
@@ -136,6 +141,7 @@ def build_diffusion(root: Path, cache_dir: Path, lesions: pa.Table) -> None:
         prompts,
         vae_steps=1,
         unet_steps=1,
+        ip_adapter_steps=1,
         batch_size=2,
         lr=1e-3,
         seed=0,

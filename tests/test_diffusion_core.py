@@ -290,7 +290,8 @@ def test_pretrain_base_saves_a_plain_diffusers_base(base: str, pretrained) -> No
     from diffusers import StableDiffusionPipeline
 
     out, losses = pretrained
-    assert set(losses) == {"vae", "unet"} and all(math.isfinite(v) for v in losses.values())
+    assert set(losses) == {"vae", "unet", "ip_adapter"} and all(math.isfinite(losses[k]) for k in ("vae", "unet"))
+    assert losses["ip_adapter"] is None and not (out / "ip_adapter").exists()  # none asked for
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (out / part).is_dir()
     assert (out / "tokenizer" / "vocab.json").is_file()  # kept from the tiny base

@@ -265,6 +265,17 @@ def test_markdown_shows_the_strength_table_only_with_a_sweep():
     skipped["guided_skipped"] = "2 held-out lesions of the generated diagnoses; a rank correlation needs 3"
     text = markdown(skipped)
     assert "not evaluated: 2 held-out lesions" in text and "guided by" not in text and "By guide strength" not in text
+    assert "IP-Adapter" not in swept  # no IP-Adapter evaluated, no table of it
+
+
+def test_markdown_shows_the_ip_adapter_rows_by_scale_and_strength():
+    evaluation = _evaluation(np.random.default_rng(0), [0.2])
+    rows = [
+        {**evaluation["guided"], "strength": strength, "ip_adapter_scale": scale} for scale, strength in ((1.0, 1.0), (0.5, 0.6))
+    ]
+    text = markdown({**evaluation, "ip_adapter": rows})
+    shown = [line.split(" |")[0] for line in text.splitlines() if line.startswith(("| 1.0, ", "| 0.5, "))]
+    assert shown == ["| 1.0, 1 (from noise)", "| 0.5, 0.6"]
 
 
 def test_lesion_free_images_give_no_or_a_tiny_area():

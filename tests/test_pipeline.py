@@ -34,6 +34,7 @@ def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypa
         "classifier.train.cpus_per_worker=1",
         "diffusion.pretrain.vae_steps=2",
         "diffusion.pretrain.unet_steps=2",
+        "diffusion.pretrain.ip_adapter_steps=2",
         "diffusion.limit=64",
         "diffusion.train.epochs=1",
         "diffusion.train.cpus_per_worker=1",
@@ -91,10 +92,16 @@ def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypa
     assert sweep[1] == evaluated["guided"]  # (how far each strays depends on a trained VAE: not this 2-step one)
     assert all(0 < row["pixel_change"] < 1 and row["area"]["n"] == evaluated["guided"]["area"]["n"] for row in sweep)
     assert "| 0.25 (1) |" in (tmp_path / "reports" / "diffusion" / "diffusion_eval.md").read_text()
+    # The base's IP-Adapter (trained with it, in base/ip_adapter) guides from noise, scored on the same guides.
+    assert (tmp_path / "diffusion" / "base" / "ip_adapter" / "ip-adapter.safetensors").is_file()
+    ip = evaluated["ip_adapter"]  # from noise, and with img2img at guide_strength
+    assert [(row["ip_adapter_scale"], row["strength"]) for row in ip] == [(1.0, 1.0), (1.0, 0.6)]
+    assert all(row["area"]["n"] == evaluated["guided"]["area"]["n"] for row in ip)
+    assert "| 1.0, 1 (from noise) |" in (tmp_path / "reports" / "diffusion" / "diffusion_eval.md").read_text()
     page = (tmp_path / "reports" / "report.html").read_text()  # the last stage: every section has its stage's outputs
     assert results["report"] == str(tmp_path / "reports" / "report.html") and 'class="not-run"' not in page
-    # three diffusion grids (base, LoRA, guided), four gallery queries
-    assert page.count("data:image/png;base64,") == 3 + 4 * (1 + 2 * 5)
+    # four diffusion grids (base, LoRA, guided, IP-Adapter), four gallery queries
+    assert page.count("data:image/png;base64,") == 4 + 4 * (1 + 2 * 5)
     assert {"grounding", "classifier", "diffusion", "diffusion_eval", "report"} <= set(results["stage_seconds"])
 
     # A changed setting runs that stage again (and what reads it: here only the report); the rest is skipped.

@@ -152,6 +152,7 @@ def test_chain_goes_from_upload_to_references_in_one_request(client, gallery) ->
     # By default (serve.chain_guide) the references are drawn from the upload (img2img), so they resemble it;
     # `guide` picks the best-matching case's thumbnail instead, or the diagnosis alone.
     assert body["generated"]["guide"] == {"source": "upload"} and body["generated"]["strength"] == 0.6
+    assert body["generated"]["ip_adapter_scale"] == 0.5  # the upload is the image prompt too (the base's IP-Adapter)
     images = {}
     for guide in ("none", "similar"):
         other = client.post(
@@ -161,6 +162,7 @@ def test_chain_goes_from_upload_to_references_in_one_request(client, gallery) ->
         images[guide] = other.json()["generated"]["images"]
         expected = None if guide == "none" else {"source": "similar", "lesion_id": gallery[4]["lesion_id"]}
         assert other.json()["generated"]["guide"] == expected and other.json()["generated"]["strength"] == (expected and 0.6)
+        assert other.json()["generated"]["ip_adapter_scale"] == (expected and 0.5)
     assert len({images["none"][0], images["similar"][0], body["generated"]["images"][0]}) == 3
     assert client.post("/chain", params={"guide": "sketch"}, files=upload(gallery[4]["image_bytes"])).status_code == 422
     one_step = client.post("/chain", params={"steps": 1}, files=upload(gallery[4]["image_bytes"]))  # 1 x 0.6: no step

@@ -347,6 +347,9 @@ class BasePretrainConfig(Section):
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     max_images: int = Field(default=2000, ge=1)  # training-split images it sees
+    # Steps of an IP-Adapter trained on the pre-trained base (UNet frozen; a tiny random CLIP image encoder reads
+    # each image), saved in <base>/ip_adapter: image prompts for every adapter of this base. 0: none.
+    ip_adapter_steps: int = Field(default=0, ge=0)
     # "generic": captions without the diagnosis ("a dermoscopic photo of large lesion"), so the base
     # knows lesions but not diagnoses, like a general-purpose base; "diagnosis": the class captions
     # the adapters use (the base then already draws classes and the adapters have little to add).
@@ -398,6 +401,10 @@ class DiffusionEvalConfig(Section):
     # Further strengths scored as guide_strength is (class relevance, following the guide, pixel change from it),
     # a table of what following the guide more closely costs; the grid and the headline row stay guide_strength's.
     guide_sweep: list[float] = []
+    # Image-guided references through an IP-Adapter (the guide as an image prompt to the diagnosis' LoRA, from
+    # noise), scored as guide_strength is, at each of these scales. None: <base>/ip_adapter when the base has one.
+    ip_adapter: str | None = None
+    ip_adapter_scales: list[float] = [1.0]
     seed: int = 0
     num_cpus: float = Field(default=1, ge=0)
     num_gpus: float = Field(default=0, ge=0)
@@ -408,6 +415,8 @@ class DiffusionEvalConfig(Section):
             raise ValueError("guide_sweep scores image-guided generation: it needs guide_strength, not null")
         if not all(0 < s <= 1 for s in self.guide_sweep):
             raise ValueError(f"guide_sweep holds strengths in (0, 1], got {self.guide_sweep}")
+        if any(scale <= 0 for scale in self.ip_adapter_scales):
+            raise ValueError(f"ip_adapter_scales are positive, got {self.ip_adapter_scales}")
         weakest = min([*self.guide_sweep, self.guide_strength or 1])
         if denoising_steps(self.steps, weakest) < 1:
             raise ValueError(f"guide strength {weakest} of {self.steps} steps leaves no denoising step")
@@ -479,6 +488,10 @@ class ServeConfig(Section):
     # or "none" (the diagnosis' caption alone); `guide_strength`: the share of the denoising redone.
     chain_guide: Literal["none", "upload", "similar"] = "upload"
     guide_strength: float = Field(default=0.6, gt=0, le=1)
+    # With an IP-Adapter beside the base (<diffusion>/base/ip_adapter, trained by diffusion.pretrain), guided
+    # references also take the guide as an image prompt at this scale (guide_strength 1: from noise, through the
+    # IP-Adapter alone). None: img2img only.
+    guide_ip_adapter_scale: float | None = Field(default=None, gt=0)
     max_adapters_per_replica: int = Field(default=4, ge=1)  # LoRA adapters a generation replica keeps loaded
     # The key requests must send as header X-API-Key: the ingress replica reads this env var, else
     # api_key_file, else api_key; with none of them the app refuses to start unless allow_anonymous.

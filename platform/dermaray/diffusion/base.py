@@ -19,7 +19,9 @@ from dermaray.storage import absolute, join
 def prepared_base_uri(cfg: DermarayConfig) -> str:
     """What the adapters adapt: the tiny preset pre-trained to <output>/base, or the base preset as it is."""
     pretrain = cfg.diffusion.pretrain
-    tiny_pretrained = cfg.models.diffusion_base == "tiny" and pretrain.vae_steps + pretrain.unet_steps > 0
+    tiny_pretrained = (
+        cfg.models.diffusion_base == "tiny" and pretrain.vae_steps + pretrain.unet_steps + pretrain.ip_adapter_steps > 0
+    )
     return absolute(join(cfg.diffusion.output, DIFFUSION_BASE)) if tiny_pretrained else cfg.models.diffusion_base
 
 

@@ -426,6 +426,22 @@ def markdown(r: dict[str, Any]) -> str:
             f"| 1: diagnosis only (paired with the same guides) | - | {format_ci(r['lora']['guide_area']['spearman_ci'])} | "
             f"{format_ci(r['lora']['guide_contrast']['spearman_ci'])} | {r['lora']['guide_pixel_change']:.3f} | - |",
         ]
+    if r.get("ip_adapter"):
+        lines += [
+            "",
+            "Through the IP-Adapter (the guide as an image prompt to the diagnosis' LoRA), drawn from noise (strength 1) "
+            "or with img2img from the guide as well, by IP-Adapter scale:",
+            "",
+            "| IP-Adapter scale, strength | class relevance [95% CI] | area [95% CI] | contrast ΔE [95% CI] | pixel change | KID |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {row['ip_adapter_scale']}, {'1 (from noise)' if row['strength'] == 1 else row['strength']} | "
+                f"{format_ci(row['class_relevance']['relevance_ci'])} | "
+                f"{format_ci(row['area']['spearman_ci'])} | {format_ci(row['contrast']['spearman_ci'])} | "
+                f"{row['pixel_change']:.3f} | {_kid(row)} |"
+                for row in r["ip_adapter"]
+            ),
+        ]
     if "guided_skipped" in r:
         lines += ["", f"Image-guided references not evaluated: {r['guided_skipped']}."]
     return "\n".join(lines) + "\n"

@@ -39,6 +39,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dermaray.diffusion import denoising_steps
+from dermaray.diffusion.ip_adapter import (
+    IMAGE_ENCODER_FOLDER,
+    IP_ADAPTER_FOLDER,
+    add_ip_adapter,
+    image_embeddings,
+    ip_adapter_parameters,
+    load_ip_adapter,
+    save_ip_adapter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +168,7 @@ def vae_round_trip(vae: Any, images: Sequence[Image.Image], resolution: int, bat
     )
     if not torch.isfinite(decoded).all():  # a half-precision VAE can overflow; clamping would hide it as black pixels
         raise FloatingPointError(f"the VAE ({vae.dtype}) decoded non-finite pixels; run it in float32")
-    arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arrays]
+    return pixel_images(decoded)
 
 
 def sample_latents(posterior: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -250,6 +258,47 @@ def pretrain_unet(
     )
 
 
+def train_ip_adapter(
+    pipe: Any,
+    posteriors: torch.Tensor,
+    ids: torch.Tensor,
+    embeds: torch.Tensor,
+    unconditional: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    dropout: float = 0.0,
+    snr_gamma: float | None = None,
+    log_every: int = 50,
+) -> float:
+    """Train the UNet's IP-Adapter (`ip_adapter.add_ip_adapter`) on cached latent posteriors, caption ids and image
+    tokens (`ip_adapter.image_embeddings` of the same images, and its unconditional tokens): each image is denoised
+    under its own caption and its own image prompt, as the paper trains it. Captions and image prompts are each
+    dropped (the empty caption, the unconditional tokens) with probability `dropout`, so guidance has the
+    unconditional prediction it subtracts. The mean loss of the last `log_every` steps."""
+    if not len(posteriors) == len(ids) == len(embeds):
+        raise ValueError(f"{len(posteriors)} latents, {len(ids)} captions and {len(embeds)} image embeddings")
+    if unconditional.shape != embeds.shape[1:]:
+        raise ValueError(f"unconditional tokens {tuple(unconditional.shape)} do not match {tuple(embeds.shape[1:])}")
+    params = ip_adapter_parameters(pipe.unet)
+    captions = CaptionStates(pipe)
+    pipe.vae.requires_grad_(False)
+
+    def loss_of(batch: list[int]) -> torch.Tensor:
+        dropped = torch.rand(len(batch), generator=generator) < dropout
+        image = torch.where(dropped[:, None, None], unconditional, embeds[batch])
+        text = captions(captions.drop(ids[batch], dropout, generator))
+        latents = sample_latents(posteriors[batch].to(device=pipe.vae.device, dtype=pipe.vae.dtype), generator)
+        return _denoising_loss(pipe, latents, text, generator, snr_gamma, image_embeds=image)
+
+    pipe.unet.train()
+    try:
+        return train_steps("IP-Adapter", params, loss_of, len(posteriors), steps, batch_size, lr, generator, log_every)
+    finally:
+        pipe.unet.eval()
+
+
 def train_steps(
     name: str,
     params: list[torch.nn.Parameter],
@@ -290,45 +339,82 @@ def pretrain_base(
     log_every: int = 50,
     device: str | torch.device | None = None,
     resolution: int | None = None,
+    ip_adapter_steps: int = 0,
 ) -> dict[str, float | None]:
     """Pre-train a base pipeline in two stages on (image, caption) pairs and save it to `path_out`.
 
     1. the VAE alone for `vae_steps`; then its scaling factor is calibrated on up to
        CALIBRATION_IMAGES random images (`calibrate_latent_scale`) and saved with the model;
     2. every image's latent posterior and every distinct caption are encoded once, and the UNet
-       trains on them for `unet_steps` (caption dropout and Min-SNR weighting as given).
+       trains on them for `unet_steps` (caption dropout and Min-SNR weighting as given);
+    3. with `ip_adapter_steps`, an IP-Adapter on the saved base (`train_ip_adapter`, the UNet frozen),
+       each image its own prompt as the tiny image encoder (`models.tiny.build_image_encoder`) sees it
+       at `resolution`, saved to `<path_out>/ip_adapter` (`ip_adapter.save_ip_adapter`).
 
     Single-process loops (AdamW, shuffled epochs) for the tiny preset. Images are resized to
-    `resolution` (default: the pipeline's native one). Returns {"vae", "unet"}: the mean losses of
-    each stage's last `log_every` steps (None for a stage with no steps).
+    `resolution` (default: the pipeline's native one). Returns {"vae", "unet", "ip_adapter"}: the mean
+    losses of each stage's last `log_every` steps (None for a stage with no steps).
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    if vae_steps < 0 or unet_steps < 0 or batch_size < 1 or log_every < 1:
+    if min(vae_steps, unet_steps, ip_adapter_steps) < 0 or batch_size < 1 or log_every < 1:
         raise ValueError(
-            f"steps must be >= 0, batch_size and log_every >= 1; got {vae_steps}, {unet_steps}, {batch_size}, {log_every}"
+            f"steps must be >= 0, batch_size and log_every >= 1; got {vae_steps}, {unet_steps}, {ip_adapter_steps}, "
+            f"{batch_size}, {log_every}"
         )
     if batch_size > len(images):
         raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} images")
     pipe = load_pipeline(path_in, device=device)
     pixels = image_tensor(images, resolution or native_resolution(pipe))
     generator = torch.Generator().manual_seed(seed)  # batch order, latents, noise, timesteps, dropout
-    losses: dict[str, float | None] = {"vae": None, "unet": None}
+    losses: dict[str, float | None] = {"vae": None, "unet": None, "ip_adapter": None}
     if vae_steps:
         losses["vae"] = pretrain_vae(pipe, pixels, vae_steps, batch_size, lr, generator, log_every)
     pipe.vae.requires_grad_(False).eval()
     calibration = torch.randperm(len(images), generator=generator)[:CALIBRATION_IMAGES]
     scale = calibrate_latent_scale(pipe, pixels[calibration], generator=generator, batch_size=batch_size)
     logger.info("pretrain: VAE scaling factor set to %.4f", scale)
-    if unet_steps:
+    if unet_steps or ip_adapter_steps:
         posteriors = encode_latents(pipe.vae, pixels, batch_size=max(batch_size, 64))
         ids = tokenize(pipe.tokenizer, prompts)
+    if unet_steps:
         losses["unet"] = pretrain_unet(
             pipe, posteriors, ids, unet_steps, batch_size, lr, generator, caption_dropout, snr_gamma, log_every
         )
-    pipe.save_pretrained(str(path_out), safe_serialization=True)
+    pipe.save_pretrained(str(path_out), safe_serialization=True)  # the base alone, before any IP-Adapter joins it
     _copy_missing_tokenizer_files(Path(path_in), Path(path_out))
+    if ip_adapter_steps:
+        from transformers import CLIPVisionModelWithProjection
+
+        from dermaray.models.tiny import build_image_encoder
+
+        folder = Path(path_out) / IP_ADAPTER_FOLDER
+        build_image_encoder(folder / IMAGE_ENCODER_FOLDER, seed)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(folder / IMAGE_ENCODER_FOLDER).to(pipe.unet.device).eval()
+        embeds, unconditional = image_embeddings(encoder, pixel_images(pixels))
+        add_ip_adapter(pipe, embeds.shape[-1], seed=seed)
+        losses["ip_adapter"] = train_ip_adapter(
+            pipe,
+            posteriors,
+            ids,
+            embeds,
+            unconditional,
+            ip_adapter_steps,
+            batch_size,
+            lr,
+            generator,
+            caption_dropout,
+            snr_gamma,
+            log_every,
+        )
+        save_ip_adapter(pipe.unet, encoder, folder)
     return losses
+
+
+def pixel_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """`image_tensor` pixels ([B, 3, R, R] in [-1, 1]) back to PIL images."""
+    arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arrays]
 
 
 def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
@@ -490,6 +576,8 @@ def generate(
     should_stop: Callable[[], bool] | None = None,
     guides: Sequence[Image.Image] | None = None,
     strength: float = 0.6,
+    ip_adapter_folder: str | Path | None = None,
+    ip_adapter_scale: float = 1.0,
 ) -> list[Image.Image]:
     """`n_per_prompt` images per prompt at `resolution` (default: the native one), prompt-major.
 
@@ -500,7 +588,10 @@ def generate(
     `guides` (one image per prompt) make it image-guided (img2img, SDEdit): each guide is noised
     to `strength` (0: the guide itself, 1: pure noise, as text-only generation) and denoised under
     its prompt, so the result keeps the guide's layout (size, shape, position) and takes the
-    prompt's (the adapter's) appearance.
+    prompt's (the adapter's) appearance. With `ip_adapter_folder` (`ip_adapter.save_ip_adapter`), each
+    guide, at the generation size, is also its image's image prompt at `ip_adapter_scale` (as SkinGEN
+    adds an IP-Adapter to the diagnosis' LoRA); at strength 1 the image then starts from noise, not from
+    the guide, so the guide reaches it through the IP-Adapter alone.
     `should_stop` is asked after every denoising step; True ends the call with `GenerationStopped`
     (a served request that timed out or was cancelled: its work ends with it).
     """
@@ -513,6 +604,10 @@ def generate(
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if guides is not None and denoising_steps(steps, strength) < 1:
         raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step: raise either")
+    if ip_adapter_folder is not None and guides is None:
+        raise ValueError("ip_adapter_folder needs guides: they are the image prompts")
+    if ip_adapter_folder is not None and getattr(pipe.unet, "encoder_hid_proj", None) is not None:
+        raise ValueError("ip_adapter_folder given but the pipeline already has an IP-Adapter; use a plain base pipeline")
     if adapter_folder is not None:
         if getattr(pipe.unet, "peft_config", None):
             raise ValueError("adapter_folder given but the pipeline already has an adapter; use a plain base pipeline")
@@ -520,6 +615,8 @@ def generate(
             raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} in {adapter_folder}")
         pipe.load_lora_weights(str(adapter_folder), weight_name=LORA_WEIGHT_NAME)
     try:
+        if ip_adapter_folder is not None:
+            load_ip_adapter(pipe, ip_adapter_folder, ip_adapter_scale)
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * n_per_prompt)]
         size = resolution or native_resolution(pipe)
         common = {
@@ -535,12 +632,26 @@ def generate(
 
         # One guide per image, spelled out: img2img repeats a short image batch whole ([a, b, a, b])
         # while it repeats prompts each in place ([p, p, q, q]), which would pair guides with the wrong prompts.
-        guided = StableDiffusionImg2ImgPipeline.from_pipe(pipe)  # the same modules, adapter included
+        pixels = image_tensor(guides, size)
+        guided = StableDiffusionImg2ImgPipeline.from_pipe(pipe)  # the same modules, adapters included
         guided.set_progress_bar_config(disable=True)
-        pixels = image_tensor(guides, size).repeat_interleave(n_per_prompt, dim=0)
-        every = [prompt for prompt in prompts for _ in range(n_per_prompt)]
-        return guided(prompt=every, image=(pixels + 1) / 2, strength=strength, **common).images
+        if ip_adapter_folder is None:
+            every = [prompt for prompt in prompts for _ in range(n_per_prompt)]
+            image = (pixels.repeat_interleave(n_per_prompt, dim=0) + 1) / 2
+            return guided(prompt=every, image=image, strength=strength, **common).images
+        # A pipeline gives one image prompt to its whole batch, so each guide runs as a batch of its own.
+        images = []
+        for i, (prompt, guide) in enumerate(zip(prompts, pixel_images(pixels), strict=True)):
+            own = {**common, "generator": generators[i * n_per_prompt : (i + 1) * n_per_prompt], "ip_adapter_image": guide}
+            if strength == 1:
+                images += pipe(prompt=prompt, num_images_per_prompt=n_per_prompt, height=size, width=size, **own).images
+            else:
+                image = (pixels[i : i + 1] + 1) / 2
+                images += guided(prompt=prompt, image=image, num_images_per_prompt=n_per_prompt, strength=strength, **own).images
+        return images
     finally:
+        if ip_adapter_folder is not None and getattr(pipe.unet, "encoder_hid_proj", None) is not None:
+            pipe.unload_ip_adapter()
         if adapter_folder is not None:
             pipe.unload_lora_weights()
 
@@ -588,12 +699,18 @@ class DiffusionObjective(torch.nn.Module):
 
 
 def _denoising_loss(
-    pipe: Any, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None, snr_gamma: float | None = None
+    pipe: Any,
+    latents: torch.Tensor,
+    text: torch.Tensor,
+    generator: torch.Generator | None,
+    snr_gamma: float | None = None,
+    image_embeds: torch.Tensor | None = None,  # [B, T, D]
 ) -> torch.Tensor:
     """DDPM epsilon MSE: noise the scaled latents at random timesteps, predict the noise.
 
     With `snr_gamma`, each sample's error is weighted min(SNR(t), gamma) / SNR(t) (Min-SNR-gamma,
-    for epsilon prediction), as diffusers' training scripts' `--snr_gamma`."""
+    for epsilon prediction), as diffusers' training scripts' `--snr_gamma`. `image_embeds` [B, D]:
+    each sample's image tokens, for a UNet with an IP-Adapter."""
     from diffusers import DDPMScheduler
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -614,7 +731,8 @@ def _denoising_loss(
         device=generator.device if generator is not None else latents.device,
     ).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=text.to(pipe.unet.dtype)).sample
+    image = {} if image_embeds is None else {"added_cond_kwargs": {"image_embeds": [image_embeds.to(latents)[:, None]]}}
+    prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=text.to(pipe.unet.dtype), **image).sample
     errors = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is None:
         return errors.mean()

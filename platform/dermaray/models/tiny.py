@@ -540,6 +540,27 @@ def build_pretrained_grounding_mllm(out_dir: Path, seed: int) -> None:
     (out_dir / PRETRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def build_image_encoder(out_dir: Path, seed: int) -> None:
+    """Tiny random CLIP image encoder with projection (64 px, 8 px patches, hidden 32, 32-d embeddings): the
+    offline stand-in for the CLIP ViT an IP-Adapter reads the guiding image with."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        image_size=64,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(config).to(torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
 def build_text_encoder(out_dir: Path, seed: int) -> None:
     """Tiny BERT (hidden 32, 2 layers) + WordPiece tokenizer; use with mean pooling like MiniLM."""
     import torch

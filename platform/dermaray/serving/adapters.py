@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image
 
 from dermaray.diffusion.captions import caption
+from dermaray.diffusion.ip_adapter import IP_ADAPTER_FOLDER, IP_ADAPTER_WEIGHT_NAME
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
 from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.schema import DIAGNOSES_BY_CODE
@@ -49,6 +50,9 @@ class AdapterBank:
         self.pipe = load_pipeline(
             base or root / DIFFUSION_BASE, device=device, dtype=torch.float16 if device == "cuda" else torch.float32
         )
+        # The IP-Adapter trained with the tiny base, if it was: image prompts for guided references.
+        own = Path(base or root / DIFFUSION_BASE) / IP_ADAPTER_FOLDER
+        self.ip_adapter = own if (own / IP_ADAPTER_WEIGHT_NAME).is_file() else None
         self.shared_folder = root / SHARED_ADAPTER
         self.per_diagnosis_root = root / PER_DIAGNOSIS_ADAPTERS
         self.resolution = resolution
@@ -105,11 +109,14 @@ class AdapterBank:
         should_stop: Callable[[], bool] | None = None,
         guide: Image.Image | None = None,
         strength: float = 0.6,
+        ip_adapter_scale: float | None = None,
     ) -> tuple[list[bytes], dict[str, Any]]:
         """`count` PNGs of diagnosis `code`, image i from seed + i; loads its adapter if it was released meanwhile.
         `should_stop`: asked after every denoising step (see dermaray.diffusion.pipeline.generate). `guide`:
-        generated from that image (img2img at `strength`), so the references resemble it."""
+        generated from that image (img2img at `strength`), so the references resemble it; with `ip_adapter_scale`
+        and an IP-Adapter beside the base, the guide is their image prompt as well."""
         prompt = caption(code)
+        ip_scale = ip_adapter_scale if guide is not None and self.ip_adapter is not None else None
         with self.lock:
             name, folder = self.source(code)
             # Evicted between the multiplexer's load and this call: load it for this call only.
@@ -134,6 +141,7 @@ class AdapterBank:
                     should_stop=should_stop,
                     guides=None if guide is None else [guide],
                     strength=strength,
+                    **({} if ip_scale is None else {"ip_adapter_folder": self.ip_adapter, "ip_adapter_scale": ip_scale}),
                 )
             finally:
                 if folder is None and has_adapters:
@@ -155,4 +163,5 @@ class AdapterBank:
             "seed": seed,
             "steps": steps,
             "strength": None if guide is None else strength,
+            "ip_adapter_scale": ip_scale,
         }
