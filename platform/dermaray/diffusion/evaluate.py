@@ -432,7 +432,8 @@ def markdown(r: dict[str, Any]) -> str:
             "Through the IP-Adapter (the guide as an image prompt to the diagnosis' LoRA), drawn from noise (strength 1) "
             "or with img2img from the guide as well, by IP-Adapter scale:",
             "",
-            "| IP-Adapter scale, strength | class relevance [95% CI] | area [95% CI] | contrast ΔE [95% CI] | pixel change | KID |",
+            "| IP-Adapter scale, strength | class relevance [95% CI] | area [95% CI] | contrast ΔE [95% CI] "
+            "| pixel change | KID |",
             "|---|---|---|---|---|---|",
             *(
                 f"| {row['ip_adapter_scale']}, {'1 (from noise)' if row['strength'] == 1 else row['strength']} | "
