@@ -401,8 +401,9 @@ class DiffusionEvalConfig(Section):
     # Further strengths scored as guide_strength is (class relevance, following the guide, pixel change from it),
     # a table of what following the guide more closely costs; the grid and the headline row stay guide_strength's.
     guide_sweep: list[float] = []
-    # Image-guided references through an IP-Adapter (the guide as an image prompt to the diagnosis' LoRA, from
-    # noise), scored as guide_strength is, at each of these scales. None: <base>/ip_adapter when the base has one.
+    # Image-guided references through an IP-Adapter (the guide as an image prompt to the diagnosis' LoRA), scored as
+    # guide_strength is, at each of ip_adapter_scales, from noise and with img2img at guide_strength. None: the base's
+    # own (<base>/ip_adapter), when it has one.
     ip_adapter: str | None = None
     ip_adapter_scales: list[float] = [1.0]
     seed: int = 0
