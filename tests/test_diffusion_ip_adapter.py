@@ -39,6 +39,7 @@ from dermaray.diffusion.pipeline import (
     image_tensor,
     load_pipeline,
     pretrain_base,
+    prompt_dropout,
     save_lora,
     tokenize,
     train_ip_adapter,
@@ -119,7 +120,7 @@ def trained(pretrained, lesions, tmp_path_factory: pytest.TempPathFactory) -> di
     trainable = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
     posteriors = encode_latents(pipe.vae, image_tensor(images, TRAIN_PX))
     ids = tokenize(pipe.tokenizer, prompts)
-    train_ip_adapter(pipe, posteriors, ids, embeds, unconditional, 3, 2, 1e-2, torch.Generator().manual_seed(0), dropout=0.5)
+    train_ip_adapter(pipe, posteriors, ids, embeds, unconditional, 3, 2, 1e-2, torch.Generator().manual_seed(0), dropout=0.3)
     folder = save_ip_adapter(pipe.unet, encoder, tmp_path_factory.mktemp("ip") / "adapter")
     return {
         "pipe": pipe,
@@ -165,6 +166,15 @@ def test_saved_ip_adapter_loads_in_plain_diffusers_exactly(pretrained, trained) 
     assert torch.allclose(pipeline_unconditional, unconditional.expand_as(tokens), atol=1e-5)  # what guidance subtracts
 
 
+def test_prompt_dropout_drops_the_caption_the_image_and_both_equally_often() -> None:
+    no_caption, no_image = prompt_dropout(30_000, 0.1, torch.Generator().manual_seed(0))
+    shares = [float(m.float().mean()) for m in (no_caption & ~no_image, no_image & ~no_caption, no_caption & no_image)]
+    assert all(abs(share - 0.1) < 0.01 for share in shares)  # guidance's case (both) is not 0.1 squared
+    assert prompt_dropout(5, 0.0, None)[0].sum() == prompt_dropout(5, 0.0, None)[1].sum() == 0
+    with pytest.raises(ValueError, match="at most 1/3"):
+        train_ip_adapter(None, torch.zeros(1), torch.zeros(1), torch.zeros(1, 2, 3), torch.zeros(2, 3), 1, 1, 1e-3, None, 0.5)
+
+
 def _mean_difference(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean())
 
@@ -189,11 +199,23 @@ def test_generation_takes_each_guide_as_its_own_image_prompt(pretrained, trained
     swapped = generate(pipe, prompts[:1], 1, seed=0, adapter_folder=lora, **{**run, "guides": guides[1:]})
     unguided = generate(pipe, prompts[:1], 1, seed=0, adapter_folder=lora, steps=3, resolution=SAMPLE_PX)
     assert _mean_difference(swapped[0], images[0]) > 1 and _mean_difference(unguided[0], images[0]) > 1
-    # With img2img as well (strength < 1) it runs the image-to-image pipeline with the same image prompts.
+    # With img2img as well (strength < 1): the image prompt changes what img2img alone draws from the same guides.
     both = generate(pipe, prompts, 1, seed=0, **{**run, "strength": 0.7})
-    assert len(both) == 2 and pipe.unet.encoder_hid_proj is None
+    img2img = generate(pipe, prompts, 1, seed=0, steps=3, resolution=SAMPLE_PX, guides=guides, strength=0.7)
+    assert len(both) == 2 and all(_mean_difference(a, b) > 0.5 for a, b in zip(both, img2img, strict=True))
+    assert pipe.unet.encoder_hid_proj is None and pipe.feature_extractor is None  # the base's own state again
 
     with pytest.raises(ValueError, match="needs guides"):
         generate(pipe, prompts, 1, seed=0, ip_adapter_folder=trained["folder"])
     with pytest.raises(FileNotFoundError, match=IP_ADAPTER_WEIGHT_NAME):
         generate(pipe, prompts, 1, seed=0, guides=guides, ip_adapter_folder=tmp_path)
+    # A load that fails halfway (diffusers sets the attention processors before the projection) leaves nothing behind.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / IP_ADAPTER_WEIGHT_NAME).write_bytes((trained["folder"] / IP_ADAPTER_WEIGHT_NAME).read_bytes())
+    (broken / IMAGE_ENCODER_FOLDER).mkdir()
+    (broken / IMAGE_ENCODER_FOLDER / "config.json").write_text("{}")  # no weights: the encoder cannot load
+    with pytest.raises(Exception):  # noqa: B017 - transformers' error for a config without a model type
+        generate(pipe, prompts, 1, seed=0, guides=guides, ip_adapter_folder=broken)
+    after = generate(pipe, prompts[:1], 1, seed=0, adapter_folder=lora, steps=3, resolution=SAMPLE_PX)
+    assert _mean_difference(after[0], unguided[0]) < 1 and pipe.unet.encoder_hid_proj is None

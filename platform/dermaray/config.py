@@ -416,6 +416,8 @@ class DiffusionEvalConfig(Section):
             raise ValueError("guide_sweep scores image-guided generation: it needs guide_strength, not null")
         if not all(0 < s <= 1 for s in self.guide_sweep):
             raise ValueError(f"guide_sweep holds strengths in (0, 1], got {self.guide_sweep}")
+        if self.ip_adapter is not None and self.guide_strength is None:
+            raise ValueError("diffusion_eval.ip_adapter scores image-guided generation: it needs guide_strength, not null")
         if any(scale <= 0 for scale in self.ip_adapter_scales):
             raise ValueError(f"ip_adapter_scales are positive, got {self.ip_adapter_scales}")
         weakest = min([*self.guide_sweep, self.guide_strength or 1])

@@ -145,13 +145,16 @@ def save_ip_adapter(unet: Any, encoder: Any, folder: str | Path) -> Path:
 
 
 def load_ip_adapter(pipe: Any, folder: str | Path, scale: float) -> None:
-    """Load a `save_ip_adapter` folder (or a published one laid out the same way) onto the pipeline at `scale`."""
+    """Load a `save_ip_adapter` folder (or a published one laid out the same way, its weights renamed to
+    IP_ADAPTER_WEIGHT_NAME) onto the pipeline at `scale`, with the encoder's own preprocessing: a base that
+    brings a feature extractor of its own (SD 1.5's, 224 px) would otherwise keep it."""
     if not (Path(folder) / IP_ADAPTER_WEIGHT_NAME).is_file():
         raise FileNotFoundError(f"no {IP_ADAPTER_WEIGHT_NAME} in {folder}")
     if not (Path(folder) / IMAGE_ENCODER_FOLDER / "config.json").is_file():
         raise FileNotFoundError(f"no image encoder in {Path(folder) / IMAGE_ENCODER_FOLDER}")
     pipe.load_ip_adapter(str(folder), subfolder="", weight_name=IP_ADAPTER_WEIGHT_NAME, image_encoder_folder=IMAGE_ENCODER_FOLDER)
     pipe.set_ip_adapter_scale(scale)
+    pipe.feature_extractor = image_processor(pipe.image_encoder)
 
 
 def _cross_attention_layers(unet: Any) -> list[str]:

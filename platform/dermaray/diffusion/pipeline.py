@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ from PIL import Image
 
 from dermaray.diffusion import denoising_steps
 from dermaray.diffusion.ip_adapter import (
-    IMAGE_ENCODER_FOLDER,
     IP_ADAPTER_FOLDER,
     add_ip_adapter,
     image_embeddings,
@@ -274,11 +274,14 @@ def train_ip_adapter(
 ) -> float:
     """Train the UNet's IP-Adapter (`ip_adapter.add_ip_adapter`) on cached latent posteriors, caption ids and image
     tokens (`ip_adapter.image_embeddings` of the same images, and its unconditional tokens): each image is denoised
-    under its own caption and its own image prompt, as the paper trains it. Captions and image prompts are each
-    dropped (the empty caption, the unconditional tokens) with probability `dropout`, so guidance has the
-    unconditional prediction it subtracts. The mean loss of the last `log_every` steps."""
+    under its own caption and its own image prompt, as the paper trains it. As there, a sample loses its caption
+    (the empty one), its image prompt (the unconditional tokens) or both, each with probability `dropout`: the
+    last is what guidance subtracts at sampling (empty caption and unconditional tokens together), so it is
+    trained as often as either alone, not at dropout squared. The mean loss of the last `log_every` steps."""
     if not len(posteriors) == len(ids) == len(embeds):
         raise ValueError(f"{len(posteriors)} latents, {len(ids)} captions and {len(embeds)} image embeddings")
+    if not 0 <= dropout <= 1 / 3:
+        raise ValueError(f"dropout is per case (caption, image prompt, both): at most 1/3, got {dropout}")
     if unconditional.shape != embeds.shape[1:]:
         raise ValueError(f"unconditional tokens {tuple(unconditional.shape)} do not match {tuple(embeds.shape[1:])}")
     params = ip_adapter_parameters(pipe.unet)
@@ -286,9 +289,9 @@ def train_ip_adapter(
     pipe.vae.requires_grad_(False)
 
     def loss_of(batch: list[int]) -> torch.Tensor:
-        dropped = torch.rand(len(batch), generator=generator) < dropout
-        image = torch.where(dropped[:, None, None], unconditional, embeds[batch])
-        text = captions(captions.drop(ids[batch], dropout, generator))
+        no_caption, no_image = prompt_dropout(len(batch), dropout, generator)
+        image = torch.where(no_image[:, None, None], unconditional, embeds[batch])
+        text = captions(torch.where(no_caption[:, None], captions.empty, ids[batch]))
         latents = sample_latents(posteriors[batch].to(device=pipe.vae.device, dtype=pipe.vae.dtype), generator)
         return _denoising_loss(pipe, latents, text, generator, snr_gamma, image_embeds=image)
 
@@ -297,6 +300,14 @@ def train_ip_adapter(
         return train_steps("IP-Adapter", params, loss_of, len(posteriors), steps, batch_size, lr, generator, log_every)
     finally:
         pipe.unet.eval()
+
+
+def prompt_dropout(n: int, p: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(no caption, no image prompt) masks of n samples: the caption alone, the image prompt alone and both are
+    each dropped with probability p (IP-Adapter's training), so the unconditional case guidance subtracts is as
+    frequent as either alone."""
+    case = torch.rand(n, generator=generator)  # [0, p): caption, [p, 2p): image prompt, [2p, 3p): both
+    return (case < p) | ((case >= 2 * p) & (case < 3 * p)), (case >= p) & (case < 3 * p)
 
 
 def train_steps(
@@ -388,9 +399,9 @@ def pretrain_base(
 
         from dermaray.models.tiny import build_image_encoder
 
-        folder = Path(path_out) / IP_ADAPTER_FOLDER
-        build_image_encoder(folder / IMAGE_ENCODER_FOLDER, seed)
-        encoder = CLIPVisionModelWithProjection.from_pretrained(folder / IMAGE_ENCODER_FOLDER).to(pipe.unet.device).eval()
+        with tempfile.TemporaryDirectory(prefix="image-encoder-") as built:  # saved with the adapter, below
+            build_image_encoder(Path(built), seed)
+            encoder = CLIPVisionModelWithProjection.from_pretrained(built).to(pipe.unet.device).eval()
         embeds, unconditional = image_embeddings(encoder, pixel_images(pixels))
         add_ip_adapter(pipe, embeds.shape[-1], seed=seed)
         losses["ip_adapter"] = train_ip_adapter(
@@ -407,7 +418,7 @@ def pretrain_base(
             snr_gamma,
             log_every,
         )
-        save_ip_adapter(pipe.unet, encoder, folder)
+        save_ip_adapter(pipe.unet, encoder, Path(path_out) / IP_ADAPTER_FOLDER)
     return losses
 
 
@@ -588,7 +599,8 @@ def generate(
     `guides` (one image per prompt) make it image-guided (img2img, SDEdit): each guide is noised
     to `strength` (0: the guide itself, 1: pure noise, as text-only generation) and denoised under
     its prompt, so the result keeps the guide's layout (size, shape, position) and takes the
-    prompt's (the adapter's) appearance. With `ip_adapter_folder` (`ip_adapter.save_ip_adapter`), each
+    prompt's (the adapter's) appearance (img2img at strength 1 still starts from the guide noised to the
+    scheduler's first step, so a trace of it stays). With `ip_adapter_folder` (`ip_adapter.save_ip_adapter`), each
     guide, at the generation size, is also its image's image prompt at `ip_adapter_scale` (as SkinGEN
     adds an IP-Adapter to the diagnosis' LoRA); at strength 1 the image then starts from noise, not from
     the guide, so the guide reaches it through the IP-Adapter alone.
@@ -614,6 +626,7 @@ def generate(
         if not (Path(adapter_folder) / LORA_WEIGHT_NAME).is_file():
             raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} in {adapter_folder}")
         pipe.load_lora_weights(str(adapter_folder), weight_name=LORA_WEIGHT_NAME)
+    feature_extractor = getattr(pipe, "feature_extractor", None)
     try:
         if ip_adapter_folder is not None:
             load_ip_adapter(pipe, ip_adapter_folder, ip_adapter_scale)
@@ -650,8 +663,9 @@ def generate(
                 images += guided(prompt=prompt, image=image, num_images_per_prompt=n_per_prompt, strength=strength, **own).images
         return images
     finally:
-        if ip_adapter_folder is not None and getattr(pipe.unet, "encoder_hid_proj", None) is not None:
+        if ip_adapter_folder is not None:  # also after a failed load: diffusers sets the processors before the projection
             pipe.unload_ip_adapter()
+            pipe.feature_extractor = feature_extractor
         if adapter_folder is not None:
             pipe.unload_lora_weights()
 
