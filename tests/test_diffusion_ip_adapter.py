@@ -219,3 +219,26 @@ def test_generation_takes_each_guide_as_its_own_image_prompt(pretrained, trained
         generate(pipe, prompts, 1, seed=0, guides=guides, ip_adapter_folder=broken)
     after = generate(pipe, prompts[:1], 1, seed=0, adapter_folder=lora, steps=3, resolution=SAMPLE_PX)
     assert _mean_difference(after[0], unguided[0]) < 1 and pipe.unet.encoder_hid_proj is None
+
+
+def test_serving_bank_passes_the_guide_to_the_ip_adapter(pretrained, lesions, tmp_path: Path) -> None:
+    """Serve's generation replica: with a scale and an IP-Adapter beside the base, the guide is also the image prompt."""
+    import io
+    import shutil
+
+    from dermaray.serving.adapters import AdapterBank
+
+    shutil.copytree(pretrained[0], tmp_path / "base")
+    pipe = load_pipeline(tmp_path / "base")
+    add_lora(pipe.unet, rank=2, seed=0)
+    save_lora(pipe, tmp_path / "adapter")
+    bank = AdapterBank(tmp_path, resolution=SAMPLE_PX)
+    assert bank.ip_adapter == tmp_path / "base" / IP_ADAPTER_FOLDER
+    run = dict(count=1, seed=0, steps=3, guidance_scale=7.5, guide=lesions[0][0], strength=0.7)
+    with_prompt, info = bank.generate("MEL", ip_adapter_scale=1.0, **run)
+    without, plain = bank.generate("MEL", ip_adapter_scale=None, **run)
+    assert info["ip_adapter_scale"] == 1.0 and plain["ip_adapter_scale"] is None
+    images = [Image.open(io.BytesIO(png[0])).convert("RGB") for png in (with_prompt, without)]
+    assert _mean_difference(*images) > 0.5  # the image prompt reached the pipeline
+    unguided = bank.generate("MEL", 1, 0, 3, 7.5, ip_adapter_scale=1.0)[1]  # no guide: no image prompt either
+    assert unguided["ip_adapter_scale"] is None and bank.pipe.unet.encoder_hid_proj is None
