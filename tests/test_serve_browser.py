@@ -88,6 +88,7 @@ def test_upload_shows_attributes_similar_lesions_and_references(browser, served_
     # The references are drawn from the uploaded lesion by default (the page's "references from" choice).
     assert "adapter" in browser.find_element(By.ID, "reference-caption").text
     assert "drawn from this lesion" in browser.find_element(By.ID, "reference-caption").text
+    assert "IP-Adapter scale 0.5" in browser.find_element(By.ID, "reference-caption").text  # serve_artifacts' setting
     shot = tmp_path / "clinician_page.png"
     browser.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
