@@ -6,10 +6,11 @@ attends to those through its own key and value projections (`to_k_ip`, `to_v_ip`
 caption's, the result added at `scale`. Only the MLP and those key/value weights train, on the base
 with the UNet frozen, so one IP-Adapter serves every LoRA adapter of that base.
 
-Patch tokens, not the pooled embedding of the plain IP-Adapter: what a reference has to keep from its
-guide is where the lesion is and how large, which a patch token holds and a single pooled vector of a
-small encoder blurs (the pooled variant followed the guide's area at Spearman 0.43 on the study's
-lesions; `benchmarks/` notes in README). This is the layout of the published ip-adapter-full-face_sd15.
+Patch tokens, not only the pooled embedding of the plain IP-Adapter: what a reference has to keep from its
+guide is where the lesion is and how large, which the patch tokens hold. In a trial on the study's base the
+two followed the guide's area about equally from noise (Spearman 0.43 pooled, 0.45 every token), so the
+choice rests on that argument more than on a measured gain. This is the layout of the published
+ip-adapter-full-face_sd15.
 
 The modules are diffusers' own (`IPAdapterFullImageProjection`, `IPAdapterAttnProcessor2_0`), put on
 the UNet through `load_ip_adapter`, and the saved folder is laid out as the published SD 1.5 adapters
@@ -36,8 +37,8 @@ PROJECTION_KEYS = {"proj.0": "ff.net.0.proj", "proj.2": "ff.net.2", "proj.3": "n
 
 
 def image_processor(encoder: Any) -> Any:
-    """The preprocessing a pipeline gives its image encoder when `load_ip_adapter` creates its feature extractor:
-    training embeds the lesions exactly as generation will."""
+    """The encoder's preprocessing (at its own input size, as diffusers builds it for a pipeline without a feature
+    extractor), in training and at generation (`load_ip_adapter` sets it): both embed the lesions alike."""
     from transformers import CLIPImageProcessor
 
     side = encoder.config.image_size
