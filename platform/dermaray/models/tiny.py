@@ -452,14 +452,11 @@ LLAVA_15_TEXT = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention
 LLAVA_15_DECODER_LAYERS = 32
 
 
-def build_grounding_mllm(out_dir: Path, seed: int) -> None:
-    """Tiny LLaVA: CLIP vision tower (64 px, 8 px patches) + projector + tiny Llama, with its processor."""
-    import torch
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+def _tiny_clip_vision_config() -> Any:
+    """The tiny CLIP vision tower (64 px, 8 px patches, hidden 32, 2 layers): the tiny LLaVA's and the IP-Adapter's."""
+    from transformers import CLIPVisionConfig
 
-    tokenizer = build_lm_tokenizer(extra_special=("<image>",))
-    vision = CLIPVisionConfig(
+    return CLIPVisionConfig(
         image_size=64,
         patch_size=8,
         hidden_size=32,
@@ -468,6 +465,16 @@ def build_grounding_mllm(out_dir: Path, seed: int) -> None:
         num_attention_heads=4,
         projection_dim=32,
     )
+
+
+def build_grounding_mllm(out_dir: Path, seed: int) -> None:
+    """Tiny LLaVA: CLIP vision tower (64 px, 8 px patches) + projector + tiny Llama, with its processor."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = build_lm_tokenizer(extra_special=("<image>",))
+    vision = _tiny_clip_vision_config()
     config = LlavaConfig(
         vision_config=vision,
         text_config=_tiny_llama_config(tokenizer),
@@ -544,17 +551,9 @@ def build_image_encoder(out_dir: Path, seed: int) -> None:
     """Tiny random CLIP image encoder with projection (64 px, 8 px patches, hidden 32, 32-d embeddings): the
     offline stand-in for the CLIP ViT an IP-Adapter reads the guiding image with."""
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
-    config = CLIPVisionConfig(
-        image_size=64,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=32,
-    )
+    config = _tiny_clip_vision_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPVisionModelWithProjection(config).to(torch.float32)
