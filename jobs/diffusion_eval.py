@@ -48,7 +48,7 @@ from dermaray.diffusion.evaluate import (
     pixel_change,
     size_faithfulness,
 )
-from dermaray.diffusion.ip_adapter import IP_ADAPTER_FOLDER, IP_ADAPTER_WEIGHT_NAME
+from dermaray.diffusion.ip_adapter import base_ip_adapter
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline, vae_round_trip
 from dermaray.grounding.classifier import (
     classifier_processor,
@@ -285,14 +285,14 @@ def evaluate_generation(
     """On the node Ray picks (a GPU node on clusters): fetch base, adapters and judge there, evaluate on its device."""
     with tempfile.TemporaryDirectory(prefix="diffusion-eval-") as scratch:
         base_folder = model_folder("diffusion_base", base, models, storage_options, str(Path(scratch, "base")))
-        own = Path(base_folder, IP_ADAPTER_FOLDER)
         if settings["ip_adapter"]:
             settings = {
                 **settings,
                 "ip_adapter": download_folder(settings["ip_adapter"], str(Path(scratch, "ip")), storage_options),
             }
         else:
-            settings = {**settings, "ip_adapter": str(own) if (own / IP_ADAPTER_WEIGHT_NAME).is_file() else None}
+            own = base_ip_adapter(base_folder)
+            settings = {**settings, "ip_adapter": own and str(own)}
         return _evaluate(
             base_folder,
             download_folder(adapter, str(Path(scratch, "adapter")), storage_options),

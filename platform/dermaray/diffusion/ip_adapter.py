@@ -36,6 +36,12 @@ IMAGE_ENCODER_FOLDER = "image_encoder"
 PROJECTION_KEYS = {"proj.0": "ff.net.0.proj", "proj.2": "ff.net.2", "proj.3": "norm"}
 
 
+def base_ip_adapter(base_folder: str | Path) -> Path | None:
+    """The IP-Adapter a pre-trained base carries (`<base>/ip_adapter`, trained with it), or None."""
+    folder = Path(base_folder) / IP_ADAPTER_FOLDER
+    return folder if (folder / IP_ADAPTER_WEIGHT_NAME).is_file() else None
+
+
 def image_processor(encoder: Any) -> Any:
     """The encoder's preprocessing (at its own input size, as diffusers builds it for a pipeline without a feature
     extractor), in training and at generation (`load_ip_adapter` sets it): both embed the lesions alike."""
@@ -88,7 +94,7 @@ def add_ip_adapter(pipe: Any, image_embed_dim: int, seed: int = 0) -> None:
         "proj.3.bias": torch.zeros(cross),
     }
     state: dict[str, dict[str, torch.Tensor]] = {"image_proj": projection, "ip_adapter": {}}
-    for key, name in zip(range(1, 10**6, 2), _cross_attention_layers(unet), strict=False):
+    for key, name in _layer_keys(_cross_attention_layers(unet)):
         attention = unet.get_submodule(name)
         state["ip_adapter"][f"{key}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
         state["ip_adapter"][f"{key}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
@@ -128,7 +134,7 @@ def ip_adapter_state(unet: Any) -> dict[str, torch.Tensor]:
     state = {
         f"image_proj.{key}.{w}": projection[f"{name}.{w}"] for key, name in PROJECTION_KEYS.items() for w in ("weight", "bias")
     }
-    for key, processor in zip(range(1, 10**6, 2), _ip_processors(unet), strict=False):
+    for key, processor in _layer_keys(_ip_processors(unet)):
         state[f"ip_adapter.{key}.to_k_ip.weight"] = processor.to_k_ip[0].weight
         state[f"ip_adapter.{key}.to_v_ip.weight"] = processor.to_v_ip[0].weight
     return {k: v.detach().float().cpu().clone().contiguous() for k, v in state.items()}
@@ -156,6 +162,11 @@ def load_ip_adapter(pipe: Any, folder: str | Path, scale: float) -> None:
     pipe.load_ip_adapter(str(folder), subfolder="", weight_name=IP_ADAPTER_WEIGHT_NAME, image_encoder_folder=IMAGE_ENCODER_FOLDER)
     pipe.set_ip_adapter_scale(scale)
     pipe.feature_extractor = image_processor(pipe.image_encoder)
+
+
+def _layer_keys(layers: list[Any]) -> list[tuple[int, Any]]:
+    """(key id, layer) over the cross-attention layers: the files number them 1, 3, 5, ... as diffusers reads them."""
+    return [(2 * i + 1, layer) for i, layer in enumerate(layers)]
 
 
 def _cross_attention_layers(unet: Any) -> list[str]:

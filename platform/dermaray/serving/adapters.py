@@ -27,7 +27,7 @@ from typing import Any
 from PIL import Image
 
 from dermaray.diffusion.captions import caption
-from dermaray.diffusion.ip_adapter import IP_ADAPTER_FOLDER, IP_ADAPTER_WEIGHT_NAME
+from dermaray.diffusion.ip_adapter import base_ip_adapter
 from dermaray.diffusion.pipeline import LORA_WEIGHT_NAME, generate, load_pipeline
 from dermaray.layout import DIFFUSION_BASE, PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
 from dermaray.schema import DIAGNOSES_BY_CODE
@@ -51,8 +51,7 @@ class AdapterBank:
             base or root / DIFFUSION_BASE, device=device, dtype=torch.float16 if device == "cuda" else torch.float32
         )
         # The IP-Adapter trained with the tiny base, if it was: image prompts for guided references.
-        own = Path(base or root / DIFFUSION_BASE) / IP_ADAPTER_FOLDER
-        self.ip_adapter = own if (own / IP_ADAPTER_WEIGHT_NAME).is_file() else None
+        self.ip_adapter = base_ip_adapter(base or root / DIFFUSION_BASE)
         self.shared_folder = root / SHARED_ADAPTER
         self.per_diagnosis_root = root / PER_DIAGNOSIS_ADAPTERS
         self.resolution = resolution
