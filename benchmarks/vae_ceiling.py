@@ -1,11 +1,15 @@
-"""How closely the tiny VAE's round trip keeps a guide's lesion area, as its training goes on.
+"""How closely the tiny VAE's round trip keeps a guide's lesion area, and its diagnosis, as its training goes on.
 
-    make study    # once (or any workdir with an ingested clinic table)
+    make study    # once (or any workdir with an ingested clinic table and a classifier)
     .venv/bin/python benchmarks/vae_ceiling.py --lesions out/study/ingest/clinic/lesions --steps 1000   # ~5 min
+    .venv/bin/python benchmarks/vae_ceiling.py --lesions out/study/ingest/clinic/lesions --steps 1600 --every 400 \
+        --judge out/study/classifier/model                                                              # ~10 min
 
 Image-guided generation returns its guide through the VAE at best (strength -> 0), so the Spearman between
 each held-out guide's area and its round trip's (`lesion_area_mm2` on the pixels, at the generation size) caps
-every guided result. The VAE is the tiny preset's, trained from scratch as the base's pre-training does
+every guided result. Every generated image is a decode of the same VAE, so with `--judge` (a diagnosis
+classifier, as `jobs.diffusion_eval` judges with) the judge's accuracy on the guides' round trips, beside its
+accuracy on the guides themselves, caps what any adapter on that VAE can score. The VAE is the tiny preset's, trained from scratch as the base's pre-training does
 (`vae_step_loss`, AdamW, random batches of training-split tiles); the guides are the evaluation's (up to 16
 held-out lesions per diagnosis). Prints the figure every `--every` steps, and the area estimator's own
 Spearman against the recorded `area_mm2` at that size, which is what the VAE is compared with.
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--images", type=int, default=4000, help="training-split tiles the VAE sees")
+    parser.add_argument("--judge", help="a diagnosis classifier (jobs.classifier's model folder): class relevance too")
     args = parser.parse_args()
 
     import numpy as np
@@ -58,6 +63,18 @@ def main() -> None:
         for b in take_parquet(args.lesions, guides_rows, {}, ["image_bytes"])["image_bytes"].to_pylist()
     ]
     areas = [lesion_area_mm2(g) for g in guides]
+    judge, diagnoses = None, table["diagnosis"].to_numpy(zero_copy_only=False)[guides_rows].tolist()
+    if args.judge:
+        from dermaray.diffusion.evaluate import class_relevance
+        from jobs.diffusion_eval import ImageJudge
+
+        judge = ImageJudge(args.judge, ModelsConfig(), torch.device("cpu"))
+
+        def judged(images: list) -> str:
+            r = class_relevance(diagnoses, judge(images)[0])
+            return f"{r['relevance']:.3f} ({', '.join(f'{c} {v:.2f}' for c, v in r['per_class'].items())})"
+
+        print(f"the judge on the guides themselves: {judged(guides)}")
     recorded = table["area_mm2"].to_numpy()[guides_rows]
     print(
         f"{len(guides)} guides; the estimator at {args.resolution} px against recorded area: "
@@ -80,11 +97,13 @@ def main() -> None:
         optimizer.step()
         if step % args.every == 0 or step == args.steps:
             vae.eval()
-            trip = [lesion_area_mm2(image) for image in vae_round_trip(vae, guides, args.resolution)]
+            round_trips = vae_round_trip(vae, guides, args.resolution)
             vae.train()
+            trip = [lesion_area_mm2(image) for image in round_trips]
             print(
                 f"step {step}: round-trip area Spearman {stats.spearmanr(areas, trip).statistic:.3f}, "
-                f"loss {float(loss.detach()):.4f}, {time.perf_counter() - started:.0f} s",
+                + (f"the judge on the round trips {judged(round_trips)}, " if judge else "")
+                + f"loss {float(loss.detach()):.4f}, {time.perf_counter() - started:.0f} s",
                 flush=True,
             )
 

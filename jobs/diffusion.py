@@ -63,7 +63,9 @@ from jobs.training import Task, export_model, fit, prepared_splits
 
 LATENTS, IDS = "latent_posteriors", "input_ids"
 SETTINGS_FILE = "adapter.json"
-PRETRAIN_FILE = "pretrain.json"  # written last into <output>/base: the pre-trained base is complete
+# Written last into <output>/base: the pre-trained base is complete. It holds the losses and the settings the base
+# was made with (`pretrain_settings`), so a run with other settings trains it again instead of reusing it.
+PRETRAIN_FILE = "pretrain.json"
 
 
 def lesion_caption(diagnosis: str | None, lesion: dict[str, Any], size_words: bool) -> str:
@@ -147,8 +149,10 @@ def pretrain_task(
     seed: int,
     caption_dropout: float,
     snr_gamma: float | None,
+    settings: dict,
 ) -> Iterator[tuple[str, Any]]:
-    """Pre-train the tiny base on this node and write it to `target` (any URI), PRETRAIN_FILE last.
+    """Pre-train the tiny base on this node and write it to `target` (any URI), PRETRAIN_FILE (its losses and
+    `settings`) last.
 
     Yields ("log", line) as it goes (the step losses, every 50 steps), then ("result", the losses)."""
 
@@ -172,24 +176,48 @@ def pretrain_task(
                 resolution=resolution,
                 ip_adapter_steps=p["ip_adapter_steps"],
             )
-            Path(staging, PRETRAIN_FILE).write_text(json.dumps(losses))
+            Path(staging, PRETRAIN_FILE).write_text(json.dumps({"losses": losses, "settings": settings}, indent=2))
             upload_folder(staging, target, storage_options, last=PRETRAIN_FILE)
         return losses
 
     yield from reporting(work, pretrain_base.__module__)
 
 
+def pretrain_settings(cfg: DermarayConfig) -> dict:
+    """Everything the pre-trained tiny base is made from, as JSON values (compared with a saved base's record)."""
+    d = cfg.diffusion
+    settings = {
+        "base": cfg.models.diffusion_base,
+        "input": d.input,
+        "pretrain": d.pretrain.model_dump(),
+        "size_words": d.size_words,
+        "resolution": d.resolution,
+        "seed": d.train.seed,
+        "caption_dropout": d.caption_dropout,
+        "snr_gamma": d.snr_gamma,
+    }
+    return json.loads(json.dumps(settings))
+
+
 def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
     """(the base to adapt: a preset, or the URI of the pre-trained tiny base; pre-training losses or None).
 
+    A base already at the target is reused only when it was made with this run's `pretrain_settings`; otherwise
+    it is trained again, so changing e.g. `diffusion.pretrain.vae_steps` never silently keeps the old base.
     Every process that needs the base fetches it on its own node from there."""
     d, options = cfg.diffusion, cfg.storage_options
     target = prepared_base_uri(cfg)
     if target == cfg.models.diffusion_base:
         return target, None
+    settings = pretrain_settings(cfg)
     if exists(join(target, PRETRAIN_FILE), options):
-        log.info("diffusion: reusing the pre-trained base at %s", target)
-        return target, json.loads(read_bytes(join(target, PRETRAIN_FILE), options))
+        record = json.loads(read_bytes(join(target, PRETRAIN_FILE), options))
+        made_with = record.get("settings") or {}  # a record without settings: written before they were kept
+        if made_with == settings:
+            log.info("diffusion: reusing the pre-trained base at %s", target)
+            return target, record["losses"]
+        changed = sorted(k for k in settings if made_with.get(k) != settings[k])
+        log.warning("diffusion: the base at %s was pre-trained with other %s; pre-training it again", target, changed)
     table = read_parquet(d.input, options, columns=["split", "image_bytes", "diagnosis", "area_mm2", "long_diam_mm"])
     rows = table.filter(pc.equal(table["split"], "train")).to_pylist()
     rows = random.Random(d.train.seed).sample(rows, min(len(rows), d.pretrain.max_images))
@@ -201,7 +229,7 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
         d.pretrain.unet_steps,
         d.pretrain.ip_adapter_steps,
     )
-    remove_tree(target, options)  # an earlier run's partial upload (no PRETRAIN_FILE)
+    remove_tree(target, options)  # an earlier run's partial upload (no PRETRAIN_FILE), or a base made otherwise
     stream = pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
         cfg.models,
         target,
@@ -213,6 +241,7 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
         d.train.seed,
         d.caption_dropout,
         d.snr_gamma,
+        settings,
     )
     losses = None
     for ref in stream:  # the worker's progress as it goes: minutes of pre-training are not silent on the driver

@@ -329,6 +329,10 @@ def _evaluate(
     # The judge's accuracy on held-out real images at the generation size: what a perfect
     # generator would score, so class relevance is read against it as well as against chance.
     results: dict[str, Any] = {"grids": {}, "real": {"class_relevance": class_relevance(real_labels, real_predicted)}}
+    # The same images through the base's VAE: every generated image is a decode of that VAE, so what the judge reads
+    # in these bounds any generator on this base (a VAE that loses a diagnosis' colour loses it for every adapter).
+    through_vae, _ = judge(vae_round_trip(pipe.vae, real, size))
+    results["real_through_vae"] = {"class_relevance": class_relevance(real_labels, through_vae)}
     lora = adapters_by_class(adapter, codes)
     generated: dict[str, list] = {}
     for name, adapters in (("base", dict.fromkeys(codes)), ("lora", lora)):

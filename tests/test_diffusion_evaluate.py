@@ -225,6 +225,7 @@ def _evaluation(rng: np.random.Generator, sweep: list[float]) -> dict:
     headline = guided(0.6)
     return {
         "real": {"class_relevance": judged(0.6)},
+        "real_through_vae": {"class_relevance": judged(0.45)},
         "adapters": "shared",
         "base": {"class_relevance": judged(0.1), "kid": {"mean": 0.005, "std": 0.001}},
         "lora": {
@@ -266,6 +267,20 @@ def test_markdown_shows_the_strength_table_only_with_a_sweep():
     text = markdown(skipped)
     assert "not evaluated: 2 held-out lesions" in text and "guided by" not in text and "By guide strength" not in text
     assert "IP-Adapter" not in swept  # no IP-Adapter evaluated, no table of it
+
+
+def test_markdown_shows_the_real_images_through_the_vae_beside_them():
+    evaluation = _evaluation(np.random.default_rng(0), [])
+    text = markdown(evaluation)
+    through, real = (evaluation[k]["class_relevance"] for k in ("real_through_vae", "real"))
+    row = next(line for line in text.splitlines() if line.startswith("| held-out real images through the base's VAE |"))
+    assert f"| {through['relevance'] / real['relevance']:.2f} |" in row  # read against the real images' score
+    assert "| diagnosis | base | LoRA | real images through the VAE | real images |" in text
+    mel = next(line for line in text.splitlines() if line.startswith("| MEL |"))
+    assert mel.endswith(f"| {through['per_class']['MEL']:.2f} | {real['per_class']['MEL']:.2f} |")
+    del evaluation["real_through_vae"]  # an evaluation written before the row existed still renders
+    older = markdown(evaluation)
+    assert "through the base's VAE" not in older and "| diagnosis | base | LoRA | real images |" in older
 
 
 def test_markdown_shows_the_ip_adapter_rows_by_scale_and_strength():

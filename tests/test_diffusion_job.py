@@ -180,3 +180,24 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (40, 40), (180, 120, 100)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_base_pre_trained_with_other_settings_is_trained_again_not_reused(trained, s3_options, tmp_path):
+    import json
+    import shutil
+
+    base_out, _ = trained
+    out = tmp_path / "changed"
+    shutil.copytree(base_out / "base", out / "base")
+    cfg = _config(s3_options, f"diffusion.output={out}")
+    record = out / "base" / diffusion.PRETRAIN_FILE
+    assert json.loads(record.read_text())["settings"] == diffusion.pretrain_settings(cfg)  # the fixture's own
+    marker = out / "base" / "kept.txt"
+    marker.write_text("the base in place")
+    assert diffusion.prepared_base(cfg)[0].endswith("base") and marker.is_file()  # same settings: reused as it is
+
+    changed = _config(s3_options, f"diffusion.output={out}", "diffusion.pretrain.vae_steps=3")
+    target, losses = diffusion.prepared_base(changed)
+    assert not marker.exists(), "a base made with other settings must not be reused"
+    assert json.loads(record.read_text()) == {"losses": losses, "settings": diffusion.pretrain_settings(changed)}
+    assert diffusion.pretrain_settings(changed)["pretrain"]["vae_steps"] == 3

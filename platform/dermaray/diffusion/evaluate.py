@@ -364,21 +364,29 @@ def markdown(r: dict[str, Any]) -> str:
         of_real = f"{relevance / real['relevance']:.2f}" if real["relevance"] else "-"
         shown = format_ci(m["class_relevance"]["relevance_ci"])
         lines.append(f"| {label} | {shown} | {of_real} | {_kid(m)} |")
+    vae = r.get("real_through_vae", {}).get("class_relevance")  # absent from evaluations written before it
+    if vae is not None:
+        of_real = f"{vae['relevance'] / real['relevance']:.2f}" if real["relevance"] else "-"
+        lines.append(f"| held-out real images through the base's VAE | {format_ci(vae['relevance_ci'])} | {of_real} | - |")
     lines.append(f"| held-out real images | {format_ci(real['relevance_ci'])} | 1.00 | - |")
+    bound = (
+        " Every generated image is a decode of the base's VAE, so the real images through it (encoded and decoded) "
+        "bound what any adapter on this base can score."
+    )
+    columns = ["base", "LoRA", *(["real images through the VAE"] if vae else []), "real images"]
     lines += [
         "",
         f"Chance level for the classifier: {r['chance']:.3f}. The judge is the image head of the classifier "
         "trained on real lesions; its accuracy on held-out real images at the generation size bounds what a "
-        "generator can score.",
+        "generator can score." + (bound if vae else ""),
         "",
-        "| diagnosis | base | LoRA | real images |",
-        "|---|---|---|---|",
+        "| diagnosis | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
     ]
     for code, share in r["lora"]["class_relevance"]["per_class"].items():
-        lines.append(
-            f"| {code} | {r['base']['class_relevance']['per_class'].get(code, 0):.2f} | {share:.2f} | "
-            f"{real['per_class'].get(code, float('nan')):.2f} |"
-        )
+        shares = [r["base"]["class_relevance"]["per_class"].get(code, 0), share]
+        shares += [m["per_class"].get(code, float("nan")) for m in ([vae] if vae else []) + [real]]
+        lines.append(f"| {code} | " + " | ".join(f"{x:.2f}" for x in shares) + " |")
     s = r["lora"]["size_faithfulness"]
     lines += [
         "",
