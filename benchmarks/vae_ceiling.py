@@ -5,14 +5,14 @@
     .venv/bin/python benchmarks/vae_ceiling.py --lesions out/study/ingest/clinic/lesions --steps 1600 --every 400 \
         --judge out/study/classifier/model                                                              # ~10 min
 
-Image-guided generation returns its guide through the VAE at best (strength -> 0), so the Spearman between
-each held-out guide's area and its round trip's (`lesion_area_mm2` on the pixels, at the generation size) caps
-every guided result. Every generated image is a decode of the same VAE, so with `--judge` (a diagnosis
-classifier, as `jobs.diffusion_eval` judges with) the judge's accuracy on the guides' round trips, beside its
-accuracy on the guides themselves, caps what any adapter on that VAE can score. The VAE is the tiny
-preset's, trained from scratch as the base's pre-training does (`vae_step_loss`, AdamW, random batches of training-split tiles); the guides are the evaluation's (up to 16
-held-out lesions per diagnosis). Prints the figure every `--every` steps, and the area estimator's own
-Spearman against the recorded `area_mm2` at that size, which is what the VAE is compared with.
+Image-guided generation returns its guide through the VAE at best (strength -> 0), so the Spearman between each
+held-out guide's area and its round trip's (`lesion_area_mm2` on the pixels, at the generation size) caps every
+guided result. Every generated image is a decode of the same VAE, so with `--judge` (a diagnosis classifier, as
+`jobs.diffusion_eval` judges with) the judge's accuracy on the guides' round trips, beside its accuracy on the
+guides themselves, caps what any adapter on that VAE can score. The VAE is the tiny preset's, trained from scratch
+as the base's pre-training does (`vae_step_loss`, AdamW, random batches of training-split tiles); the guides are
+the evaluation's (up to 16 held-out lesions per diagnosis). Prints the figure every `--every` steps, and the area
+estimator's own Spearman against the recorded `area_mm2` at that size, which is what the VAE is compared with.
 """
 
 from __future__ import annotations
