@@ -56,9 +56,10 @@ STAGES = {True: "[synth,ingest,grounding,embeddings,grounding_eval]", False: "[g
 # LoRA: 12 epochs over 4,000 lesions at batch 32 (1,500 steps) at rank 16, what benchmarks/diffusion_trial.py showed
 # to pay (class relevance 0.87 of the judge's ceiling, against 0.60 for 500 steps at rank 8).
 # The VAE: 1,600 steps. Its round trip keeps a 32 px guide's lesion area at Spearman 0.91 from 800 steps (0.69 after
-# 200), but a diagnosis' colour only later: the judge reads the round trips of held-out tiles at 0.37 after 800 steps
-# (vascular lesions come back brown: 0.00) and 0.52 after 1,200 and 1,600 (0.86 and 0.92), against 0.57 on the
-# tiles themselves (benchmarks/vae_ceiling.py --judge).
+# 200), but a diagnosis' colour only later: in a one-process trial (this study's judge, the first 400 held-out tiles)
+# the judge read their round trips at 0.37 after 800 steps (vascular lesions come back brown: 0.00), 0.52 after 1,200
+# and 1,600 (vascular 0.86 and 0.92), and the tiles themselves at 0.57. benchmarks/vae_ceiling.py --judge measures
+# the same on the evaluation's guides.
 # The IP-Adapter: 600 steps on the same cached latents (0.45 following the guide's area after 750 in a trial).
 DIFFUSION = {"vae_steps": 1600, "unet_steps": 1500, "ip_adapter_steps": 600, "lora_epochs": 12, "lora_rank": 16}
 

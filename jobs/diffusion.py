@@ -57,9 +57,9 @@ from dermaray.images import decode_rgb
 from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER, summary_uri
 from dermaray.models.registry import model_folder, resolve_model
 from dermaray.schema import written_notes
-from dermaray.storage import exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
+from dermaray.storage import absolute, exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
 from jobs.common import clear_summary, init_ray, log, reporting, write_summary
-from jobs.training import Task, export_model, fit, prepared_splits
+from jobs.training import RUNS, Task, export_model, fit, prepared_splits
 
 LATENTS, IDS = "latent_posteriors", "input_ids"
 SETTINGS_FILE = "adapter.json"
@@ -187,8 +187,7 @@ def pretrain_settings(cfg: DermarayConfig) -> dict:
     """Everything the pre-trained tiny base is made from, as JSON values (compared with a saved base's record)."""
     d = cfg.diffusion
     settings = {
-        "base": cfg.models.diffusion_base,
-        "input": d.input,
+        "input": absolute(d.input),
         "pretrain": d.pretrain.model_dump(),
         "size_words": d.size_words,
         "resolution": d.resolution,
@@ -230,6 +229,8 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
         d.pretrain.ip_adapter_steps,
     )
     remove_tree(target, options)  # an earlier run's partial upload (no PRETRAIN_FILE), or a base made otherwise
+    # No earlier adapter run adapted the base made now: resuming one would carry its weights over to this base.
+    remove_tree(join(d.output, RUNS), options)
     stream = pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
         cfg.models,
         target,

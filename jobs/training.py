@@ -42,6 +42,7 @@ from dermaray.storage import arrow_filesystem, is_remote, join, parquet_files, u
 from jobs.common import log
 
 TRAIN_STATE = "train_state.pt"
+RUNS = "runs"  # <output>/runs/<run name>: a training run's checkpoints, what a re-run resumes from
 TRAIN_CONFIG = "train_config.json"  # the train settings a checkpoint was made with, precision resolved
 
 
@@ -220,7 +221,7 @@ def fit(
             "on a filesystem every node shares, or on object storage (s3://, gs://)",
             output,
         )
-    storage_fs, storage_path = arrow_filesystem(join(output, "runs"), storage_options)
+    storage_fs, storage_path = arrow_filesystem(join(output, RUNS), storage_options)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={**config, "task": task, "train": tc.model_dump(), "total_steps": steps_per_epoch * tc.epochs},

@@ -196,8 +196,16 @@ def test_a_base_pre_trained_with_other_settings_is_trained_again_not_reused(trai
     marker.write_text("the base in place")
     assert diffusion.prepared_base(cfg)[0].endswith("base") and marker.is_file()  # same settings: reused as it is
 
+    earlier_run = out / "runs" / "lora" / "checkpoint_000000"  # an adapter run on the old base: not to be resumed
+    earlier_run.mkdir(parents=True)
     changed = _config(s3_options, f"diffusion.output={out}", "diffusion.pretrain.vae_steps=3")
     target, losses = diffusion.prepared_base(changed)
     assert not marker.exists(), "a base made with other settings must not be reused"
+    assert not (out / "runs").exists(), "adapter runs on the old base must not resume on the new one"
     assert json.loads(record.read_text()) == {"losses": losses, "settings": diffusion.pretrain_settings(changed)}
     assert diffusion.pretrain_settings(changed)["pretrain"]["vae_steps"] == 3
+
+    record.write_text(json.dumps({"vae": 0.1, "unet": 0.1, "ip_adapter": None}))  # a record from before settings were kept
+    marker.write_text("the base in place")
+    diffusion.prepared_base(changed)
+    assert not marker.exists() and json.loads(record.read_text())["settings"] == diffusion.pretrain_settings(changed)

@@ -92,6 +92,10 @@ def test_pipeline_resumes_and_chains_every_stage(ray_cluster, tmp_path, monkeypa
     assert sweep[1] == evaluated["guided"]  # (how far each strays depends on a trained VAE: not this 2-step one)
     assert all(0 < row["pixel_change"] < 1 and row["area"]["n"] == evaluated["guided"]["area"]["n"] for row in sweep)
     assert "| 0.25 (1) |" in (tmp_path / "reports" / "diffusion" / "diffusion_eval.md").read_text()
+    # The same real images judged again after the base's VAE: the bound on any adapter, over the same images.
+    assert evaluated["real_through_vae"]["class_relevance"]["n"] == evaluated["real"]["class_relevance"]["n"] > 0
+    table = (tmp_path / "reports" / "diffusion" / "diffusion_eval.md").read_text()
+    assert "| held-out real images through the base's VAE |" in table
     # The base's IP-Adapter (trained with it, in base/ip_adapter) guides from noise, scored on the same guides.
     assert (tmp_path / "diffusion" / "base" / "ip_adapter" / "ip-adapter.safetensors").is_file()
     ip = evaluated["ip_adapter"]  # from noise, and with img2img at guide_strength
