@@ -139,27 +139,18 @@ class DiffusionInputs:
 
 @ray.remote(num_returns="streaming", max_calls=1)  # a worker of its own: see jobs.common.reporting
 def pretrain_task(
-    models: ModelsConfig,
-    target: str,
-    storage_options: dict,
-    rows: list[dict],
-    p: dict,
-    size_words: bool,
-    resolution: int | None,
-    seed: int,
-    caption_dropout: float,
-    snr_gamma: float | None,
-    settings: dict,
+    models: ModelsConfig, target: str, storage_options: dict, rows: list[dict], settings: dict
 ) -> Iterator[tuple[str, Any]]:
-    """Pre-train the tiny base on this node and write it to `target` (any URI), PRETRAIN_FILE (its losses and
-    `settings`) last.
+    """Pre-train the tiny base on this node as `settings` (`pretrain_settings`) say and write it to `target` (any
+    URI), PRETRAIN_FILE (its losses and those settings) last.
 
     Yields ("log", line) as it goes (the step losses, every 50 steps), then ("result", the losses)."""
 
     def work() -> dict:
+        p = settings["pretrain"]
         images = [decode_rgb(r["image_bytes"]) for r in rows]
         with_diagnosis = p["captions"] == "diagnosis"
-        captions = [lesion_caption(r["diagnosis"] if with_diagnosis else None, r, size_words) for r in rows]
+        captions = [lesion_caption(r["diagnosis"] if with_diagnosis else None, r, settings["size_words"]) for r in rows]
         with tempfile.TemporaryDirectory(prefix="diffusion-base-") as staging:
             losses = pretrain_base(
                 resolve_model("diffusion_base", models.diffusion_base, models),
@@ -170,10 +161,10 @@ def pretrain_task(
                 unet_steps=p["unet_steps"],
                 batch_size=p["batch_size"],
                 lr=p["lr"],
-                seed=seed,
-                caption_dropout=caption_dropout,
-                snr_gamma=snr_gamma,
-                resolution=resolution,
+                seed=settings["seed"],
+                caption_dropout=settings["caption_dropout"],
+                snr_gamma=settings["snr_gamma"],
+                resolution=settings["resolution"],
                 ip_adapter_steps=p["ip_adapter_steps"],
             )
             Path(staging, PRETRAIN_FILE).write_text(json.dumps({"losses": losses, "settings": settings}, indent=2))
@@ -231,19 +222,7 @@ def prepared_base(cfg: DermarayConfig) -> tuple[str, dict | None]:
     remove_tree(target, options)  # an earlier run's partial upload (no PRETRAIN_FILE), or a base made otherwise
     # No earlier adapter run adapted the base made now: resuming one would carry its weights over to this base.
     remove_tree(join(d.output, RUNS), options)
-    stream = pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(
-        cfg.models,
-        target,
-        options,
-        rows,
-        d.pretrain.model_dump(),
-        d.size_words,
-        d.resolution,
-        d.train.seed,
-        d.caption_dropout,
-        d.snr_gamma,
-        settings,
-    )
+    stream = pretrain_task.options(num_cpus=d.train.cpus_per_worker).remote(cfg.models, target, options, rows, settings)
     losses = None
     for ref in stream:  # the worker's progress as it goes: minutes of pre-training are not silent on the driver
         kind, value = ray.get(ref)
