@@ -33,7 +33,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/ingest_throughput.py
 
-# The study (README's "Results"): 5,000 + 1,000 lesions, five grounding arms (about 25 minutes) and the diffusion part (33): 58 in all.
+# The study (README's "Results"): 5,000 + 1,000 lesions, four grounding arms (about 16 minutes) and the diffusion part (40): 56 in all.
 study: setup
 	$(PY) benchmarks/study.py --workdir out/study
 

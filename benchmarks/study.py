@@ -1,7 +1,7 @@
 """The study: what a pretrained tower, photometric augmentation and grounding itself buy, in-domain and on a
 second clinic; and what diagnosis adapters and image guidance buy in generation; with 95% bootstrap intervals.
 
-    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; ~61 min on 2 cores (grounding 25, diffusion 36)
+    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; ~56 min on 2 cores (grounding 16, diffusion 40)
 
 Grounding arms (each a pipeline run; every arm but the first reads the first's ingested tables, linked into
 its own workdir, so all arms see the same lesions):
@@ -10,8 +10,8 @@ its own workdir, so all arms see the same lesions):
   embedding read from the tower's last layer);
 - pretrained, geometric only: grounding.photometric=false;
 - random tower, photometric: models.grounding_mllm=tiny, the randomly initialised tower (the control);
-- pretrained, photometric, 128 px: grounding.image_size=128, the tiles at their own size (the tower was
-  pre-trained at 64 px: its position embeddings are interpolated);
+- pretrained, photometric, 128 px (only with `--arms`; about 9 minutes): grounding.image_size=128, the tiles at
+  their own size (the tower was pre-trained at 64 px: its position embeddings are interpolated);
 - pretrained, photometric, mixed clinics: pipeline.mixed_clinics=true, the shifted clinic's train and val splits
   train alongside the clinic's; its shifted figures are on that clinic's test split, which it never saw;
 - pretrained, photometric, penultimate layer (only with `--arms`): grounding.feature_layer=-2, the embedding read
@@ -21,8 +21,8 @@ its own workdir, so all arms see the same lesions):
 Each arm's "frozen" is its own untuned base. Writes <workdir>/reports/grounding_study/grounding_study.{json,md}.
 
 Diffusion (`--diffusion-unet-steps 0` skips it), in the first arm's workdir: notes and the classifier (the
-judge), then the tiny base pre-trained longer than `make run` does and a shared adapter on every training
-lesion, an IP-Adapter on the base; <workdir>/reports/diffusion/ holds the evaluation (base vs LoRA vs image-guided
+judge), then the tiny base pre-trained longer than `make run` does, an IP-Adapter on the base, and one adapter per
+diagnosis on every layer of the UNet's blocks; <workdir>/reports/diffusion/ holds the evaluation (base vs LoRA vs image-guided
 at five strengths and through the IP-Adapter). Last, the HTML
 report of the first arm's workdir, with both.
 """
@@ -48,13 +48,17 @@ ARMS: dict[str, list[str]] = {
     "pretrained, photometric, mixed clinics": ["pipeline.mixed_clinics=true"],
     "pretrained, photometric, penultimate layer": ["grounding.feature_layer=-2"],
 }
-# The arms `make study` runs: the penultimate-layer control (about 3.5 minutes) is left out so the diffusion part's
-# IP-Adapter fits the hour; `--arms` with its name adds it.
-DEFAULT_ARMS = [arm for arm in ARMS if arm != "pretrained, photometric, penultimate layer"]
+# The arms `make study` runs: the penultimate-layer control (about 3.5 minutes) and the 128 px arm (about 9) are left
+# out so the diffusion part's IP-Adapter and per-diagnosis adapters fit the hour; `--arms` with their names adds them.
+OPTIONAL_ARMS = ("pretrained, photometric, 128 px", "pretrained, photometric, penultimate layer")
+DEFAULT_ARMS = [arm for arm in ARMS if arm not in OPTIONAL_ARMS]
 # Stages by whether an arm is the first: the others read the first arm's ingested lesions.
 STAGES = {True: "[synth,ingest,grounding,embeddings,grounding_eval]", False: "[grounding,embeddings,grounding_eval]"}
-# LoRA: 12 epochs over 4,000 lesions at batch 32 (1,500 steps) at rank 16, what benchmarks/diffusion_trial.py showed
-# to pay (class relevance 0.87 of the judge's ceiling, against 0.60 for 500 steps at rank 8).
+# LoRA: 12 epochs at batch 32 and rank 16 (1,500 steps over 4,000 lesions), what benchmarks/diffusion_trial.py showed
+# to pay (class relevance 0.87 of the judge's ceiling, against 0.60 for 500 steps at rank 8); one adapter per
+# diagnosis (12 epochs over its own lesions), on every layer of the UNet's blocks: in one-process trials on this
+# study's base and judge, the same 1,500 steps split by diagnosis drew 0.367 of 128 images as their diagnosis on
+# every layer and 0.281 on attention alone; one shared adapter 0.242 (every layer; 0.258 on attention, the study's).
 # The VAE: 1,600 steps. Its round trip keeps a 32 px guide's lesion area at Spearman 0.91 from 800 steps (0.69 after
 # 200), but a diagnosis' colour only later: in a one-process trial (this study's judge, the first 400 held-out tiles)
 # the judge read their round trips at 0.37 after 800 steps (vascular lesions come back brown: 0.00), 0.52 after 1,200
@@ -80,6 +84,7 @@ def main() -> None:
 
     from dermaray.cli import setup_logging
     from dermaray.config import load_config
+    from dermaray.diffusion.pipeline import LORA_TARGETS_ALL_LAYERS
     from dermaray.grounding.study import markdown, summarize
     from dermaray.layout import Layout
     from dermaray.storage import join, write_bytes
@@ -137,6 +142,8 @@ def main() -> None:
             f"diffusion.train.epochs={args.diffusion_lora_epochs}",
             f"diffusion.lora_rank={DIFFUSION['lora_rank']}",
             f"diffusion.lora_alpha={DIFFUSION['lora_rank']}",  # scale 1, as the trial's adapter
+            "diffusion.adapters=per_diagnosis",
+            f"diffusion.lora_targets=[{','.join(LORA_TARGETS_ALL_LAYERS)}]",
             "diffusion.train.lr=1e-3",
             "diffusion_eval.images_per_class=16",
             "diffusion_eval.steps=20",

@@ -23,6 +23,9 @@ import io
 import json
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,15 @@ class ImageJudge:
         features = self.model.encode_image(pixels)
         predicted = self.model.image_head(features).argmax(1).tolist()
         return [self.classes[i] for i in predicted], features.cpu().numpy()
+
+
+@contextmanager
+def timed(seconds: dict[str, float], part: str) -> Iterator[None]:
+    """Record how long `part` of the evaluation took in `seconds` (the summary's "seconds": where its time goes)."""
+    started = time.perf_counter()
+    yield
+    seconds[part] = round(time.perf_counter() - started, 1)
+    log.info("diffusion_eval: %s took %.1f s", part, seconds[part])
 
 
 def png(image) -> bytes:
@@ -198,6 +210,7 @@ def guided_results(
     diagnosis_only: list,
     settings: dict,
     codes: list[str],
+    seconds: dict[str, float],
 ) -> dict[str, Any]:
     """Image-guided references: each of up to n held-out lesions per diagnosis guides one image of its diagnosis.
 
@@ -208,7 +221,7 @@ def guided_results(
     closely the guides themselves do after the VAE alone, the ceiling; "grid": guide / result pairs at
     guide_strength; with settings["ip_adapter"], "ip_adapter": `guided_run` through the IP-Adapter at each of
     ip_adapter_scales, from noise and at guide_strength, and "ip_grid", the pairs of the first (from noise)}, or
-    {"guided_skipped": why} with fewer than 3 guides."""
+    {"guided_skipped": why} with fewer than 3 guides. Each part's time goes to `seconds` (`timed`)."""
     n, size, steps = settings["images_per_class"], settings["resolution"], settings["steps"]
     chosen = {c: [i for i, label in enumerate(real_labels) if label == c][:n] for c in codes}
     guides = {c: [real[i] for i in chosen[c]] for c in codes}
@@ -227,19 +240,22 @@ def guided_results(
     def at_strength(strength: float, ip_scale: float | None = None) -> tuple[dict[str, Any], list]:
         return guided_run(pipe, judge, adapters, guides, guide_measures, reference, settings, strength, ip_scale)
 
-    headline, images = at_strength(settings["guide_strength"])
+    with timed(seconds, "guided"):
+        headline, images = at_strength(settings["guide_strength"])
     # One strength per number of denoising steps: two that run the same steps give the same images.
     by_steps = {headline["denoising_steps"]: headline}
-    for strength in sorted(settings.get("guide_sweep") or ()):
-        if denoising_steps(steps, strength) not in by_steps:
-            by_steps[denoising_steps(steps, strength)] = at_strength(strength)[0]
+    with timed(seconds, "guide_sweep"):
+        for strength in sorted(settings.get("guide_sweep") or ()):
+            if denoising_steps(steps, strength) not in by_steps:
+                by_steps[denoising_steps(steps, strength)] = at_strength(strength)[0]
     # The IP-Adapter from noise (strength 1: the guide reaches the image as an image prompt only), and with img2img
     # at guide_strength (the image prompt on top of the noised guide), at each scale.
-    by_scale = {
-        (scale, strength): at_strength(strength, scale)
-        for scale in (settings["ip_adapter_scales"] if settings["ip_adapter"] else ())
-        for strength in dict.fromkeys((1.0, settings["guide_strength"]))
-    }
+    with timed(seconds, "ip_adapter"):
+        by_scale = {
+            (scale, strength): at_strength(strength, scale)
+            for scale in (settings["ip_adapter_scales"] if settings["ip_adapter"] else ())
+            for strength in dict.fromkeys((1.0, settings["guide_strength"]))
+        }
     # A row per diagnosis: guide, result, guide, result, ... (white cells where a diagnosis has fewer guides)
     shown, blank = min(n, 4), Image.new("RGB", (size, size), "white")
     starts = np.cumsum([0] + [len(guides[c]) for c in codes])
@@ -322,22 +338,26 @@ def _evaluate(
     codes = [c for c in codes if c not in without_adapter]
     if not codes:
         raise FileNotFoundError(f"{adapter} holds no adapter for any held-out diagnosis {settings['classes']}")
-    real = [decode_rgb(b).resize((size, size)) for b in real_images]
-    real_predicted, real_features = judge(real)
-    pipe = load_pipeline(base, device=device)
+    seconds: dict[str, float] = {}
+    with timed(seconds, "real"):
+        real = [decode_rgb(b).resize((size, size)) for b in real_images]
+        real_predicted, real_features = judge(real)
+        pipe = load_pipeline(base, device=device)
     prompted = [code for code in codes for _ in range(n)]
     # The judge's accuracy on held-out real images at the generation size: what a perfect
     # generator would score, so class relevance is read against it as well as against chance.
     results: dict[str, Any] = {"grids": {}, "real": {"class_relevance": class_relevance(real_labels, real_predicted)}}
     # The same images through the base's VAE: every generated image is a decode of that VAE, so what the judge reads
     # in these bounds any generator on this base (a VAE that loses a diagnosis' colour loses it for every adapter).
-    through_vae, _ = judge(vae_round_trip(pipe.vae, real, size))
+    with timed(seconds, "real_through_vae"):
+        through_vae, _ = judge(vae_round_trip(pipe.vae, real, size))
     results["real_through_vae"] = {"class_relevance": class_relevance(real_labels, through_vae)}
     lora = adapters_by_class(adapter, codes)
     generated: dict[str, list] = {}
     for name, adapters in (("base", dict.fromkeys(codes)), ("lora", lora)):
-        images = generated[name] = generate_by_class(pipe, adapters, n, settings)
-        predicted, features = judge(images)
+        with timed(seconds, name):
+            images = generated[name] = generate_by_class(pipe, adapters, n, settings)
+            predicted, features = judge(images)
         results[name] = {
             "class_relevance": class_relevance(prompted, predicted),
             "kid": dict(
@@ -347,19 +367,21 @@ def _evaluate(
         columns = min(n, 8)
         rows = [img for i in range(len(codes)) for img in images[i * n : i * n + columns]]
         results["grids"][name] = png(image_grid(rows, columns, labels=list(codes), cell=max(64, size)))
-    sizes = {
-        word: [lesion_area_mm2(img) for img in generate_by_class(pipe, lora, max(1, n // 2), settings, word)]
-        for word in ("large", "small")
-    }
+    with timed(seconds, "size_faithfulness"):
+        sizes = {
+            word: [lesion_area_mm2(img) for img in generate_by_class(pipe, lora, max(1, n // 2), settings, word)]
+            for word in ("large", "small")
+        }
     results["lora"]["size_faithfulness"] = size_faithfulness(sizes["large"], sizes["small"])
     if settings["guide_strength"] is not None:
-        guided = guided_results(pipe, judge, lora, real, real_labels, real_features, generated["lora"], settings, codes)
+        guided = guided_results(pipe, judge, lora, real, real_labels, real_features, generated["lora"], settings, codes, seconds)
         if "ip_grid" in guided:
             results["grids"]["ip_adapter"] = guided.pop("ip_grid")
         if "grid" in guided:
             results["grids"]["guided"] = guided.pop("grid")
             results["lora"].update(guided.pop("diagnosis_only"))
         results.update(guided)
+    results["seconds"] = seconds
     results["adapters"] = "shared" if shared else "per_diagnosis"
     results["diagnoses_without_adapter"] = without_adapter
     results["chance"] = 1 / len(judge.classes)

@@ -23,6 +23,7 @@ from dermaray.config import ModelsConfig
 from dermaray.data.synthetic import synthesize_lesion
 from dermaray.diffusion.captions import caption, size_word
 from dermaray.diffusion.pipeline import (
+    LORA_TARGETS_ALL_LAYERS,
     LORA_WEIGHT_NAME,
     CaptionStates,
     DiffusionObjective,
@@ -333,6 +334,28 @@ def test_saved_adapter_loads_in_plain_diffusers_with_the_same_output(pretrained,
     fresh.load_lora_weights(lora["folder"])
     # Equal only if alpha (8, not the rank 4) came back from the file's metadata.
     torch.testing.assert_close(unet_probe(fresh), adapted, rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_on_every_layer_loads_in_plain_diffusers_with_the_same_output(pretrained, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = load_pipeline(pretrained[0])
+    add_lora(pipe.unet, rank=4, alpha=8, targets=LORA_TARGETS_ALL_LAYERS, seed=0)
+    adapted_kinds = {n.split(".lora_")[0] for n, _ in pipe.unet.named_parameters() if ".lora_" in n}
+    # Convolutions, feed-forwards and the time embedding too, not only attention.
+    assert all(any(name.endswith(t) for name in adapted_kinds) for t in LORA_TARGETS_ALL_LAYERS)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # B starts at zero (the adapter is a no-op until trained): give it weights, as training would
+        for name, param in pipe.unet.named_parameters():
+            if ".lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    save_lora(pipe, tmp_path / "adapter")
+    fresh = StableDiffusionPipeline.from_pretrained(pretrained[0], safety_checker=None, requires_safety_checker=False)
+    adapted, plain = unet_probe(pipe), unet_probe(fresh)
+    assert (adapted - plain).abs().max() > 1e-3
+    fresh.load_lora_weights(tmp_path / "adapter")
+    torch.testing.assert_close(unet_probe(fresh), adapted, rtol=1e-5, atol=1e-6)
+    assert read_lora(tmp_path / "adapter").keys() == lora_state(pipe.unet).keys()
 
 
 def test_lora_state_restores_the_adapter_exactly(pretrained, lora: dict) -> None:
