@@ -38,6 +38,12 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=1e-3, help="both pre-training stages and the adapter")
     parser.add_argument("--rank", type=int, default=trained.lora_rank)
+    parser.add_argument(
+        "--targets", choices=["attention", "all-layers"], default="attention", help="the UNet layers the adapter trains"
+    )
+    parser.add_argument(
+        "--per-diagnosis", action="store_true", help="one adapter per diagnosis, the LoRA steps split by its share of lesions"
+    )
     parser.add_argument("--caption-dropout", type=float, default=trained.caption_dropout)
     parser.add_argument("--base", help="a base this script pre-trained before (its --out/base): skips pre-training")
     parser.add_argument("--adapter", help="an adapter this script trained before (its --out/adapter): skips LoRA training")
@@ -55,6 +61,7 @@ def main() -> None:
     from dermaray.cli import setup_logging
     from dermaray.diffusion import pipeline as p
     from dermaray.diffusion.evaluate import markdown
+    from dermaray.diffusion.ip_adapter import base_ip_adapter
     from dermaray.grounding.data import CLASS_CODES
     from dermaray.images import decode_rgb
     from dermaray.models import resolve_model
@@ -67,7 +74,6 @@ def main() -> None:
     table = read_parquet(args.lesions, {}, columns=["split", "image_bytes", "diagnosis", "area_mm2", "long_diam_mm"])
     train = table.filter(pc.equal(table["split"], "train")).to_pylist()
     rows = random.Random(0).sample(train, min(args.images, len(train)))
-    images = [decode_rgb(r["image_bytes"]) for r in rows]
     started = time.perf_counter()
     base_dir, losses = Path(args.base) if args.base else out / "base", None
     if not args.base:
@@ -76,7 +82,7 @@ def main() -> None:
         losses = p.pretrain_base(
             base,
             base_dir,
-            images,
+            [decode_rgb(r["image_bytes"]) for r in rows],
             generic,
             vae_steps=args.vae_steps,
             unet_steps=args.unet_steps,
@@ -91,25 +97,39 @@ def main() -> None:
     pretrained = time.perf_counter()
 
     adapter_dir, lora_loss = Path(args.adapter) if args.adapter else out / "adapter", float("nan")
-    if not args.adapter:
+    targets = p.LORA_TARGETS_ALL_LAYERS if args.targets == "all-layers" else p.LORA_TARGETS
+
+    def train_adapter(lesions: list[dict], steps: int, folder: Path) -> float:
         pipe = p.load_pipeline(base_dir)
-        p.add_lora(pipe.unet, rank=args.rank, seed=0)
-        posteriors = p.encode_latents(pipe.vae, p.image_tensor(images, args.resolution))
-        ids = p.tokenize(pipe.tokenizer, [lesion_caption(r["diagnosis"], r, True) for r in rows])
+        p.add_lora(pipe.unet, rank=args.rank, targets=targets, seed=0)
+        posteriors = p.encode_latents(pipe.vae, p.image_tensor([decode_rgb(r["image_bytes"]) for r in lesions], args.resolution))
+        ids = p.tokenize(pipe.tokenizer, [lesion_caption(r["diagnosis"], r, True) for r in lesions])
         model = p.DiffusionObjective(pipe, "lora", caption_dropout=args.caption_dropout, snr_gamma=trained.snr_gamma).train()
         generator = torch.Generator().manual_seed(1)
-        lora_loss = p.train_steps(
+        loss = p.train_steps(
             "LoRA",
             p.lora_parameters(pipe.unet),
             lambda b: model(posteriors[b], ids[b], generator)["loss"],
-            len(rows),
-            args.lora_steps,
+            len(lesions),
+            steps,
             args.batch,
             args.lr,
             generator,
             100,
         )
-        p.save_lora(pipe, adapter_dir)
+        p.save_lora(pipe, folder)
+        return loss
+
+    if not args.adapter and args.per_diagnosis:  # adapter_dir/<code>, as jobs.diffusion lays them out
+        by_code = {c: [r for r in rows if r["diagnosis"] == c] for c in CLASS_CODES}
+        losses_by_code = {
+            c: train_adapter(mine, max(1, round(args.lora_steps * len(mine) / len(rows))), adapter_dir / c)
+            for c, mine in by_code.items()
+            if mine
+        }
+        lora_loss = sum(losses_by_code.values()) / len(losses_by_code)
+    elif not args.adapter:
+        lora_loss = train_adapter(rows, args.lora_steps, adapter_dir)
     adapted = time.perf_counter()
 
     test = table.filter(pc.equal(table["split"], "test")).to_pylist()[:400]
@@ -121,6 +141,8 @@ def main() -> None:
         "guidance_scale": evaluated.guidance_scale,
         "guide_strength": args.guide_strength,
         "guide_sweep": args.guide_sweep,
+        "ip_adapter": (own := base_ip_adapter(base_dir)) and str(own),  # the base's own, if pre-training trained one
+        "ip_adapter_scales": evaluated.ip_adapter_scales,
         "classes": [c for c in CLASS_CODES if c in {r["diagnosis"] for r in test}],
     }
     results = _evaluate(

@@ -10,11 +10,11 @@ its own workdir, so all arms see the same lesions):
   embedding read from the tower's last layer);
 - pretrained, geometric only: grounding.photometric=false;
 - random tower, photometric: models.grounding_mllm=tiny, the randomly initialised tower (the control);
-- pretrained, photometric, 128 px (only with `--arms`; about 9 minutes): grounding.image_size=128, the tiles at
+- pretrained, photometric, 128 px (only when `--arms` names it; about 9 minutes): grounding.image_size=128, the tiles at
   their own size (the tower was pre-trained at 64 px: its position embeddings are interpolated);
 - pretrained, photometric, mixed clinics: pipeline.mixed_clinics=true, the shifted clinic's train and val splits
   train alongside the clinic's; its shifted figures are on that clinic's test split, which it never saw;
-- pretrained, photometric, penultimate layer (only with `--arms`): grounding.feature_layer=-2, the embedding read
+- pretrained, photometric, penultimate layer (only when `--arms` names it): grounding.feature_layer=-2, the embedding read
   from the tower's penultimate layer, the tiny LLaVA's own (which leaves one of its two layers unused), not its
   last as configured.
 
@@ -49,7 +49,8 @@ ARMS: dict[str, list[str]] = {
     "pretrained, photometric, penultimate layer": ["grounding.feature_layer=-2"],
 }
 # The arms `make study` runs: the penultimate-layer control (about 3.5 minutes) and the 128 px arm (about 9) are left
-# out so the diffusion part's IP-Adapter and per-diagnosis adapters fit the hour; `--arms` with their names adds them.
+# out so the diffusion part's IP-Adapter and per-diagnosis adapters fit the hour. `--arms` lists the arms to run
+# (the default ones too, if wanted): `--arms "pretrained, geometric only" "pretrained, photometric, 128 px"`.
 OPTIONAL_ARMS = ("pretrained, photometric, 128 px", "pretrained, photometric, penultimate layer")
 DEFAULT_ARMS = [arm for arm in ARMS if arm not in OPTIONAL_ARMS]
 # Stages by whether an arm is the first: the others read the first arm's ingested lesions.

@@ -8,7 +8,7 @@
    `diffusion.pretrain.ip_adapter_steps`, an IP-Adapter is trained on it too (`<output>/base/ip_adapter`).
    Its captions leave the diagnosis out by default ("a dermoscopic photo of large lesion"): the
    base knows what a lesion looks like, not which diagnosis it is, like a general-purpose base.
-2. LoRA adapters on the UNet's attention learn the diagnoses from class captions ("a dermoscopic
+2. LoRA adapters on the UNet (its attention, or `diffusion.lora_targets`) learn the diagnoses from class captions ("a dermoscopic
    photo of large melanoma, skin lesion"): one shared adapter for every diagnosis, or one per
    diagnosis (`diffusion.adapters`). Ray Data encodes every training image's latent posterior
    once (the base's VAE, in the preprocessing actors; kept across epochs with
@@ -16,7 +16,7 @@
    checkpoint per epoch (and every `train.checkpoint_every_steps` steps) holding the adapter file,
    optimizer and schedule; a re-run with the same run name resumes with the adapter weights
    restored exactly.
-3. Adapters are exported in the diffusers format to `<output>/adapter` or
+3. Adapters are exported through diffusers' `save_lora_weights` to `<output>/adapter` or
    `<output>/adapters/<code>` (`pytorch_lora_weights.safetensors`), loadable with
    `pipe.load_lora_weights(folder)`.
 """

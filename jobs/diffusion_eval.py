@@ -250,12 +250,14 @@ def guided_results(
                 by_steps[denoising_steps(steps, strength)] = at_strength(strength)[0]
     # The IP-Adapter from noise (strength 1: the guide reaches the image as an image prompt only), and with img2img
     # at guide_strength (the image prompt on top of the noised guide), at each scale.
-    with timed(seconds, "ip_adapter"):
-        by_scale = {
-            (scale, strength): at_strength(strength, scale)
-            for scale in (settings["ip_adapter_scales"] if settings["ip_adapter"] else ())
-            for strength in dict.fromkeys((1.0, settings["guide_strength"]))
-        }
+    by_scale: dict[tuple[float, float], tuple[dict[str, Any], list]] = {}
+    if settings["ip_adapter"]:
+        with timed(seconds, "ip_adapter"):
+            by_scale = {
+                (scale, strength): at_strength(strength, scale)
+                for scale in settings["ip_adapter_scales"]
+                for strength in dict.fromkeys((1.0, settings["guide_strength"]))
+            }
     # A row per diagnosis: guide, result, guide, result, ... (white cells where a diagnosis has fewer guides)
     shown, blank = min(n, 4), Image.new("RGB", (size, size), "white")
     starts = np.cumsum([0] + [len(guides[c]) for c in codes])
@@ -342,6 +344,7 @@ def _evaluate(
     with timed(seconds, "real"):
         real = [decode_rgb(b).resize((size, size)) for b in real_images]
         real_predicted, real_features = judge(real)
+    with timed(seconds, "load_pipeline"):
         pipe = load_pipeline(base, device=device)
     prompted = [code for code in codes for _ in range(n)]
     # The judge's accuracy on held-out real images at the generation size: what a perfect

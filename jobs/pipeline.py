@@ -203,7 +203,11 @@ def plan(cfg: DermarayConfig, at: Layout) -> list[Step]:
 
 
 def _without_history(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k != "history"}
+    """The summary without per-epoch histories (the stage's own summary file keeps them), each adapter's too."""
+    kept = {k: v for k, v in summary.items() if k != "history"}
+    if isinstance(kept.get("per_diagnosis"), dict):
+        kept["per_diagnosis"] = {code: _without_history(s) for code, s in kept["per_diagnosis"].items()}
+    return kept
 
 
 def run(cfg: DermarayConfig) -> dict:

@@ -161,9 +161,11 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     diffusion_eval = w.json(join(at.diffusion_eval, "diffusion_eval.json"))
     rows = _gallery(w, r.gallery_queries, r.gallery_k, r.thumbnail_px)
 
-    diffusion_body = report.training(
-        diffusion, "diffusion", [("LoRA denoising loss", {"train": "train_loss", "validation": "val_loss"}, "loss", False)]
-    )
+    per_diagnosis = (diffusion or {}).get("per_diagnosis")  # each adapter its own run: no top-level curves
+    lora_loss = ("LoRA denoising loss", {"train": "train_loss", "validation": "val_loss"}, "loss", False)
+    diffusion_body = report.training(diffusion, "diffusion", [] if per_diagnosis else [lora_loss])
+    if per_diagnosis:
+        diffusion_body += report.adapters_per_diagnosis(per_diagnosis)
     if diffusion and diffusion.get("pretrain"):
         pre = diffusion["pretrain"]
         if isinstance(pre, dict) and isinstance(pre.get("history"), list):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dermaray.config import load_config
-from dermaray.report import line_chart, markdown_tables, pick_queries
+from dermaray.report import adapters_per_diagnosis, line_chart, markdown_tables, pick_queries
 from jobs import pipeline, report
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -145,6 +145,23 @@ def test_chart_and_table_helpers():
     ids = [f"L{i}" for i in range(10)]
     picked = pick_queries(ids, [9, 0, 8, 1, 7, 2, 6, 3, 5, 4], 3)  # by area: L1 L3 L5 L7 L9 L8 L6 L4 L2 L0
     assert picked == ["L3", "L8", "L0"] and pick_queries(ids, list(range(10)), 0) == []
+
+
+def test_per_diagnosis_adapters_get_a_row_and_a_curve_each():
+    runs = {
+        code: {
+            "lesions_train": lesions,
+            "epochs": 2,
+            "steps": steps,
+            "final": {"train_loss": 0.2, "val_loss": last},
+            "history": [{"epoch": 1, "val_loss": 0.3}, {"epoch": 2, "val_loss": last}],
+        }
+        for code, lesions, steps, last in (("MEL", 40, 4, 0.21), ("VASC", 9, 2, 0.25))
+    }
+    html = adapters_per_diagnosis(runs)
+    body = html.split("<tbody>")[1].split("</tbody>")[0]
+    assert body.count("<tr>") == 2 and "VASC" in body and "0.25" in body
+    assert html.count("<polyline") == 2  # one validation curve per diagnosis
 
 
 def test_report_reads_a_workdir_on_s3(small_run, s3_options, tmp_path):

@@ -371,8 +371,8 @@ class DiffusionConfig(Section):
     limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id) of each split, for trials
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=8, ge=1)
-    # The UNet layers adapted: attention (diffusers' LoRA scripts' choice), or every layer of its blocks
-    # (dermaray.diffusion.pipeline.LORA_TARGETS_ALL_LAYERS, what benchmarks/study.py trains: colour needs the convolutions).
+    # The UNet layers adapted: attention (diffusers' LoRA scripts' choice), or its blocks' every linear and convolution
+    # layer (dermaray.diffusion.pipeline.LORA_TARGETS_ALL_LAYERS, what benchmarks/study.py trains: colour needs them).
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
     # "shared": one adapter for every diagnosis, conditioned by the class caption (<output>/adapter);
     # "per_diagnosis": one adapter per diagnosis trained on that diagnosis' lesions

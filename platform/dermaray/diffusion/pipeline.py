@@ -6,16 +6,17 @@ Training runs in two stages, as Stable Diffusion itself was trained:
 - then the denoiser on the VAE's latents, cached once per dataset (`encode_latents` keeps each
   image's posterior, `sample_latents` draws from it every step, as diffusers' `--cache_latents`
   does) with caption embeddings cached once per distinct caption (`CaptionStates`):
-  `pretrain_unet` trains the whole UNet of the random tiny preset; LoRA adapters on the UNet's
-  attention projections train on the same cached latents with everything else frozen.
+  `pretrain_unet` trains the whole UNet of the random tiny preset; LoRA adapters (on the UNet's
+  attention projections, `LORA_TARGETS`, or its blocks' every linear and convolution layer,
+  `LORA_TARGETS_ALL_LAYERS`) train on the same cached latents with everything else frozen.
 
 Captions are replaced by the empty caption with probability `caption_dropout`, so the UNet also
 learns the unconditional prediction that classifier-free guidance subtracts at sampling time
 (`generate`'s `guidance_scale`); Min-SNR-gamma loss weighting (Hang et al. 2023) keeps the
 near-noiseless timesteps from dominating training.
 
-Adapters are written in the diffusers format (`pytorch_lora_weights.safetensors`, with the
-LoRA config as metadata), so a plain `StableDiffusionPipeline.load_lora_weights(folder)` loads
+Adapters are written through diffusers' `save_lora_weights` (`pytorch_lora_weights.safetensors`,
+peft's key names, the LoRA config as metadata), so a plain `StableDiffusionPipeline.load_lora_weights(folder)` loads
 them; `read_lora` + `load_lora_state` restore the same file into an adapter in training exactly.
 
 Every function takes the pipeline (or anything with its `vae`, `unet`, `text_encoder`,
@@ -53,10 +54,12 @@ logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # attention, as diffusers' LoRA scripts adapt
-# Attention and every other layer of the UNet's blocks: the transformer blocks' projections and feed-forwards, the
-# ResNet blocks' convolutions and time embedding (what LoCon-style adapters add). On the tiny base an adapter on
-# attention alone could not draw a vascular lesion's colour (1 of 16 read as vascular after 600 steps on vascular
-# tiles alone; 8 of 16 with these, 9 with the whole UNet). diffusers' `load_lora_weights` loads either.
+# Attention and every other linear and convolution layer of the UNet's ResNet and transformer blocks: the transformer
+# blocks' projections and feed-forwards, the ResNet blocks' convolutions and time-embedding projection (what
+# LoCon-style adapters add; not the up/downsamplers, norms, conv_in/conv_out or the time-embedding MLP). On the tiny
+# base an adapter on attention alone could not draw a vascular lesion's colour (1 of 16 read as vascular after 600
+# steps on vascular tiles alone; 8 of 16 with these, 9 with the whole UNet). diffusers' `load_lora_weights` loads
+# either.
 LORA_TARGETS_ALL_LAYERS: tuple[str, ...] = (
     *LORA_TARGETS,
     *("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj"),

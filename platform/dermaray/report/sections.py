@@ -165,6 +165,27 @@ def training(summary: dict | None, stage: str, charts: Sequence[tuple[str, Mappi
     )
 
 
+def adapters_per_diagnosis(per_diagnosis: Mapping[str, dict]) -> str:
+    """One row per diagnosis' adapter (`jobs.diffusion` with diffusion.adapters=per_diagnosis: each its own Ray
+    Train run and summary) and their validation curves in one chart."""
+    rows = [
+        [code, s.get("lesions_train"), s.get("epochs"), s.get("steps"), s["final"].get("train_loss"), s["final"].get("val_loss")]
+        for code, s in per_diagnosis.items()
+    ]
+    series = {
+        code: [(h["epoch"], h["val_loss"]) for h in s.get("history") or [] if h.get("val_loss") is not None]
+        for code, s in per_diagnosis.items()
+    }
+    header = ["diagnosis", "training lesions", "epochs", "optimizer steps", "final train loss", "final validation loss"]
+    return (
+        "<h4>One adapter per diagnosis</h4>"
+        + table(header, rows)
+        + '<div class="figures">'
+        + line_chart(series, "LoRA validation loss, per diagnosis", "epoch", "loss")
+        + "</div>"
+    )
+
+
 @dataclass
 class GalleryItem:
     lesion_id: str
