@@ -1,4 +1,4 @@
-"""A diffusion trial in one process: the tiny base pre-trained in two stages, a shared adapter, the evaluation.
+"""A diffusion trial in one process: the tiny base pre-trained in two stages, adapters, the evaluation.
 
     make run    # once: its lesion table and its classifier (the judge)
     .venv/bin/python benchmarks/diffusion_trial.py --lesions out/ingest/clinic/lesions --judge out/classifier/model \
@@ -7,6 +7,8 @@
 The same core functions as `jobs.diffusion` and `jobs.diffusion_eval` (pretrain_base, DiffusionObjective on
 cached latents, the evaluation's base / LoRA / image-guided runs), without Ray: for trying settings in
 minutes before a study run. Prints the evaluation's Markdown; writes the grids beside the base and adapter.
+`--per-diagnosis --targets all-layers` trains adapters as benchmarks/study.py does (one per diagnosis, the steps
+split by its share of lesions), in `--out`/adapters/<code>.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,6 +67,7 @@ def main() -> None:
     from dermaray.diffusion.ip_adapter import base_ip_adapter
     from dermaray.grounding.data import CLASS_CODES
     from dermaray.images import decode_rgb
+    from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER
     from dermaray.models import resolve_model
     from dermaray.storage import read_parquet
     from jobs.diffusion import lesion_caption
@@ -96,7 +100,12 @@ def main() -> None:
         )
     pretrained = time.perf_counter()
 
-    adapter_dir, lora_loss = Path(args.adapter) if args.adapter else out / "adapter", float("nan")
+    # jobs.diffusion's layout: <out>/adapter (shared) or <out>/adapters/<code>; trained afresh (a leftover adapter
+    # from another run in the same folder would be evaluated in its place).
+    trained_dir = out / (PER_DIAGNOSIS_ADAPTERS if args.per_diagnosis else SHARED_ADAPTER)
+    adapter_dir, lora_loss = Path(args.adapter) if args.adapter else trained_dir, float("nan")
+    if not args.adapter:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
     targets = p.LORA_TARGETS_ALL_LAYERS if args.targets == "all-layers" else p.LORA_TARGETS
 
     def train_adapter(lesions: list[dict], steps: int, folder: Path) -> float:
@@ -120,12 +129,12 @@ def main() -> None:
         p.save_lora(pipe, folder)
         return loss
 
-    if not args.adapter and args.per_diagnosis:  # adapter_dir/<code>, as jobs.diffusion lays them out
+    if not args.adapter and args.per_diagnosis:  # a diagnosis with fewer than diffusion.min_lesions gets none
         by_code = {c: [r for r in rows if r["diagnosis"] == c] for c in CLASS_CODES}
         losses_by_code = {
             c: train_adapter(mine, max(1, round(args.lora_steps * len(mine) / len(rows))), adapter_dir / c)
             for c, mine in by_code.items()
-            if mine
+            if len(mine) >= trained.min_lesions
         }
         lora_loss = sum(losses_by_code.values()) / len(losses_by_code)
     elif not args.adapter:

@@ -1,7 +1,7 @@
 """The study: what a pretrained tower, photometric augmentation and grounding itself buy, in-domain and on a
 second clinic; and what diagnosis adapters and image guidance buy in generation; with 95% bootstrap intervals.
 
-    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; 63 min on 2 cores (grounding 17, diffusion 45)
+    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; 63 min on 2 cores (grounding 17, diffusion 46)
 
 Grounding arms (each a pipeline run; every arm but the first reads the first's ingested tables, linked into
 its own workdir, so all arms see the same lesions):
@@ -49,8 +49,9 @@ ARMS: dict[str, list[str]] = {
     "pretrained, photometric, penultimate layer": ["grounding.feature_layer=-2"],
 }
 # The arms `make study` runs: the penultimate-layer control (about 3.5 minutes) and the 128 px arm (about 9) are left
-# out so the diffusion part's IP-Adapter and per-diagnosis adapters fit the hour. `--arms` lists the arms to run
-# (the default ones too, if wanted): `--arms "pretrained, geometric only" "pretrained, photometric, 128 px"`.
+# out to bring the diffusion part's IP-Adapter and per-diagnosis adapters as close to the hour as they come (63
+# minutes as run). `--arms` lists the arms to run (the default ones too, if wanted):
+# `--arms "pretrained, geometric only" "pretrained, photometric, 128 px"`.
 OPTIONAL_ARMS = ("pretrained, photometric, 128 px", "pretrained, photometric, penultimate layer")
 DEFAULT_ARMS = [arm for arm in ARMS if arm not in OPTIONAL_ARMS]
 # Stages by whether an arm is the first: the others read the first arm's ingested lesions.

@@ -165,7 +165,7 @@ def build(cfg: DermarayConfig) -> tuple[str, dict[str, bool]]:
     lora_loss = ("LoRA denoising loss", {"train": "train_loss", "validation": "val_loss"}, "loss", False)
     diffusion_body = report.training(diffusion, "diffusion", [] if per_diagnosis else [lora_loss])
     if per_diagnosis:
-        diffusion_body += report.adapters_per_diagnosis(per_diagnosis)
+        diffusion_body += report.adapters_per_diagnosis(per_diagnosis, diffusion.get("skipped"))
     if diffusion and diffusion.get("pretrain"):
         pre = diffusion["pretrain"]
         if isinstance(pre, dict) and isinstance(pre.get("history"), list):

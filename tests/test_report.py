@@ -158,10 +158,13 @@ def test_per_diagnosis_adapters_get_a_row_and_a_curve_each():
         }
         for code, lesions, steps, last in (("MEL", 40, 4, 0.21), ("VASC", 9, 2, 0.25))
     }
-    html = adapters_per_diagnosis(runs)
+    html = adapters_per_diagnosis(runs, {"DF": {"lesions_train": 3, "reason": "fewer than 8 training lesions"}})
     body = html.split("<tbody>")[1].split("</tbody>")[0]
     assert body.count("<tr>") == 2 and "VASC" in body and "0.25" in body
     assert html.count("<polyline") == 2  # one validation curve per diagnosis
+    assert "No adapter for DF (3 training lesions): fewer than 8 training lesions" in html
+    # An adapter summary without its final epoch (never written so, but the report must not fail on it).
+    assert "MEL" in adapters_per_diagnosis({"MEL": {"lesions_train": 40}})
 
 
 def test_report_reads_a_workdir_on_s3(small_run, s3_options, tmp_path):

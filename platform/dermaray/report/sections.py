@@ -155,7 +155,7 @@ def training(summary: dict | None, stage: str, charts: Sequence[tuple[str, Mappi
     facts = {
         "epochs": summary.get("epochs"),
         "optimizer steps": summary.get("steps"),
-        "resumed from epoch": summary.get("resumed_from_epoch", history[-1].get("started_at_epoch") if history else ""),
+        "resumed from epoch": summary.get("resumed_from_epoch", history[-1].get("started_at_epoch") if history else None),
         "seconds (this run)": summary.get("seconds_this_run"),
     }
     facts.update({k: summary[k] for k in ("base", "tune", "resolution", "lesions_train", "label") if k in summary})
@@ -165,11 +165,19 @@ def training(summary: dict | None, stage: str, charts: Sequence[tuple[str, Mappi
     )
 
 
-def adapters_per_diagnosis(per_diagnosis: Mapping[str, dict]) -> str:
+def adapters_per_diagnosis(per_diagnosis: Mapping[str, dict], skipped: Mapping[str, dict] | None = None) -> str:
     """One row per diagnosis' adapter (`jobs.diffusion` with diffusion.adapters=per_diagnosis: each its own Ray
-    Train run and summary) and their validation curves in one chart."""
+    Train run and summary) and their validation curves in one chart; the diagnoses it `skipped`, with why."""
+    finals = {code: s.get("final") or {} for code, s in per_diagnosis.items()}
     rows = [
-        [code, s.get("lesions_train"), s.get("epochs"), s.get("steps"), s["final"].get("train_loss"), s["final"].get("val_loss")]
+        [
+            code,
+            s.get("lesions_train"),
+            s.get("epochs"),
+            s.get("steps"),
+            finals[code].get("train_loss"),
+            finals[code].get("val_loss"),
+        ]
         for code, s in per_diagnosis.items()
     ]
     series = {
@@ -177,9 +185,14 @@ def adapters_per_diagnosis(per_diagnosis: Mapping[str, dict]) -> str:
         for code, s in per_diagnosis.items()
     }
     header = ["diagnosis", "training lesions", "epochs", "optimizer steps", "final train loss", "final validation loss"]
+    missing = "".join(
+        f"<p>No adapter for {esc(code)} ({s.get('lesions_train')} training lesions): {esc(s.get('reason', ''))}</p>"
+        for code, s in (skipped or {}).items()
+    )
     return (
         "<h4>One adapter per diagnosis</h4>"
         + table(header, rows)
+        + missing
         + '<div class="figures">'
         + line_chart(series, "LoRA validation loss, per diagnosis", "epoch", "loss")
         + "</div>"
