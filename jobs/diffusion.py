@@ -12,10 +12,10 @@
    photo of large melanoma, skin lesion"): one shared adapter for every diagnosis, or one per
    diagnosis (`diffusion.adapters`). Ray Data encodes every training image's latent posterior
    once (the base's VAE, in the preprocessing actors; kept across epochs with
-   `train.materialize`). Each adapter is a `TorchTrainer` run over those shards with a
-   checkpoint per epoch (and every `train.checkpoint_every_steps` steps) holding the adapter file,
-   optimizer and schedule; a re-run with the same run name resumes with the adapter weights
-   restored exactly.
+   `train.materialize`, in one pass for all the per-diagnosis adapters). Each adapter is a
+   `TorchTrainer` run over those shards with a checkpoint per epoch (and every
+   `train.checkpoint_every_steps` steps) holding the adapter file, optimizer and schedule; a
+   re-run with the same run name resumes with the adapter weights restored exactly.
 3. Adapters are exported through diffusers' `save_lora_weights` to `<output>/adapter` or
    `<output>/adapters/<code>` (`pytorch_lora_weights.safetensors`), loadable with
    `pipe.load_lora_weights(folder)`.
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from jobs.common import clear_summary, init_ray, log, reporting, write_summary
 from jobs.training import RUNS, Task, export_model, fit, prepared_splits
 
 LATENTS, IDS = "latent_posteriors", "input_ids"
+DIAGNOSIS = "diagnosis"  # prepared rows tagged with it while every per-diagnosis adapter's lesions share one pass
 SETTINGS_FILE = "adapter.json"
 # Written last into <output>/base: the pre-trained base is complete. It holds the losses and the settings the base
 # was made with (`pretrain_settings`), so a run with other settings trains it again instead of reusing it.
@@ -92,10 +94,11 @@ class DiffusionInputs:
         size_words: bool,
         only: set[str] | None = None,
         notes: str | None = None,
+        tag_diagnosis: bool = False,
     ):
         # `base`: a preset or the pre-trained base's URI, fetched on this node; `only`: the lesion ids to
-        # keep (a split's first `limit`, or one diagnosis' lesions); `notes`: a notes URI: each lesion's
-        # note follows its caption
+        # keep (a split's first `limit`, or the adapters' lesions); `notes`: a notes URI: each lesion's
+        # note follows its caption; `tag_diagnosis`: each output row keeps its diagnosis (DIAGNOSIS)
         from diffusers import AutoencoderKL
         from transformers import CLIPTokenizer
 
@@ -103,7 +106,7 @@ class DiffusionInputs:
             folder = model_folder("diffusion_base", base, models, storage_options, scratch)
             self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
             self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-        self.resolution, self.size_words, self.only = resolution, size_words, only
+        self.resolution, self.size_words, self.only, self.tag_diagnosis = resolution, size_words, only, tag_diagnosis
         self.notes = lesion_notes(notes, storage_options) if notes else {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -120,7 +123,8 @@ class DiffusionInputs:
             if not keep.any():
                 side = self.resolution // (2 ** (len(self.vae.config.block_out_channels) - 1))
                 empty = (0, 2 * self.vae.config.latent_channels, side, side)
-                return {LATENTS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}
+                out = {LATENTS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}
+                return {**out, DIAGNOSIS: np.array([], dtype=str)} if self.tag_diagnosis else out
         images = [decode_rgb(b) for b in batch["image_bytes"]]
         lengths = batch.get("long_diam_mm", np.full(len(batch["diagnosis"]), np.nan))  # without it: sized by the area
         captions = [
@@ -131,7 +135,8 @@ class DiffusionInputs:
         # diagnosis words come first so they always survive.
         captions = [f"{c}, {self.notes[i]}" if i in self.notes else c for c, i in zip(captions, batch["lesion_id"], strict=True)]
         posteriors = encode_latents(self.vae, image_tensor(images, self.resolution))
-        return {LATENTS: posteriors.numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}
+        out = {LATENTS: posteriors.numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}
+        return {**out, DIAGNOSIS: np.asarray(batch["diagnosis"], dtype=str)} if self.tag_diagnosis else out
 
 
 # --- Base pre-training (tiny presets only) ------------------------------------------------------
@@ -293,24 +298,63 @@ def split_ids(d: DiffusionConfig, storage_options: dict) -> tuple[dict[str, dict
 
 
 def split_datasets(
-    d: DiffusionConfig, ids: dict[str, list[str]], base: str, models: ModelsConfig, resolution: int, storage_options: dict
+    d: DiffusionConfig,
+    ids: dict[str, list[str]],
+    base: str,
+    models: ModelsConfig,
+    resolution: int,
+    storage_options: dict,
+    tag_diagnosis: bool = False,
 ) -> dict[str, ray.data.Dataset]:
-    """{split: the latents and caption ids of its lesions `ids[split]`}."""
+    """{split: the latents and caption ids of its lesions `ids[split]`} (and each row's diagnosis: `tag_diagnosis`)."""
     columns = ["lesion_id", "split", "image_bytes", "diagnosis", "area_mm2", "long_diam_mm"]
     every_row = d.adapters == "shared" and d.limit is None  # no id set to ship to the actors
     only = None if every_row else {i for split_ids in ids.values() for i in split_ids}
-    args = (base, models, storage_options, resolution, d.size_words, only, d.notes)
+    args = (base, models, storage_options, resolution, d.size_words, only, d.notes, tag_diagnosis)
     return prepared_splits(
         d.input, columns, tuple(ids), DiffusionInputs, args, storage_options, d.train.materialize, max(2, 2 * d.train.num_workers)
     )
 
 
-def train_adapter(cfg: DermarayConfig, base: str, resolution: int, ids: dict[str, list[str]], run_name: str, name: str) -> dict:
-    """One adapter on these lesions (Ray Train run `run_name`), exported to `<output>/<name>`; its summary."""
+def rows_of(code: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keep = batch[DIAGNOSIS] == code
+    return {k: v[keep] for k, v in batch.items() if k != DIAGNOSIS}
+
+
+def per_diagnosis_datasets(
+    d: DiffusionConfig, by_code: dict[str, dict[str, list[str]]], base: str, models: ModelsConfig, resolution: int, options: dict
+) -> dict[str, dict[str, ray.data.Dataset]]:
+    """{diagnosis: {split: its adapter's dataset}} for the adapters `by_code` ({diagnosis: {split: lesion ids}}).
+
+    Materialized: the table is read and every adapter's lesions encoded in one pass, then each diagnosis' rows are
+    kept from it (the pass itself is freed once they are). Streamed: one pipeline per adapter reading its own
+    lesions, run as that adapter trains (one pass over every lesion would encode them all for each adapter)."""
+    if not d.train.materialize:
+        return {code: split_datasets(d, ids, base, models, resolution, options) for code, ids in by_code.items()}
+    every = {s: sorted(i for ids in by_code.values() for i in ids[s]) for s in ("train", "val")}
+    prepared = split_datasets(d, every, base, models, resolution, options, tag_diagnosis=True)
+    return {
+        code: {s: ds.map_batches(partial(rows_of, code), batch_format="numpy").materialize() for s, ds in prepared.items()}
+        for code in by_code
+    }
+
+
+def train_adapter(
+    cfg: DermarayConfig,
+    base: str,
+    resolution: int,
+    ids: dict[str, list[str]],
+    run_name: str,
+    name: str,
+    datasets: dict[str, ray.data.Dataset] | None = None,
+) -> dict:
+    """One adapter on these lesions (Ray Train run `run_name`; `datasets`: their prepared splits, made here when
+    None), exported to `<output>/<name>`; its summary."""
     d, options = cfg.diffusion, cfg.storage_options
     if not ids["train"]:
         raise ValueError(f"{d.input} has no training-split lesions for adapter {name}")
-    datasets = split_datasets(d, {s: ids[s] for s in ("train", "val")}, base, cfg.models, resolution, options)
+    if datasets is None:
+        datasets = split_datasets(d, {s: ids[s] for s in ("train", "val")}, base, cfg.models, resolution, options)
     config = {
         "base": base,
         "base_name": cfg.models.diffusion_base,
@@ -389,13 +433,13 @@ def run(cfg: DermarayConfig) -> dict:
                 f"no diagnosis in {d.input} has diffusion.min_lesions={d.min_lesions} training lesions ({counts}); "
                 "lower it or use diffusion.adapters=shared"
             )
+        trained = {code: ids for code, ids in wanted.items() if code not in summary["skipped"]}
+        datasets = per_diagnosis_datasets(d, trained, base, cfg.models, resolution, options)
         summary["per_diagnosis"] = {}
-        for code, ids in wanted.items():
-            if code in summary["skipped"]:
-                continue
+        for code, ids in trained.items():
             log.info("diffusion: adapter for %s on %d training lesions", code, len(ids["train"]))
             summary["per_diagnosis"][code] = train_adapter(
-                cfg, base, resolution, ids, f"{d.run_name}-{code}", f"{PER_DIAGNOSIS_ADAPTERS}/{code}"
+                cfg, base, resolution, ids, f"{d.run_name}-{code}", f"{PER_DIAGNOSIS_ADAPTERS}/{code}", datasets.pop(code)
             )
     summary["seconds_this_run"] = round(time.perf_counter() - started, 2)
     write_summary(summary_uri(d.output, "diffusion"), summary, options)

@@ -134,6 +134,25 @@ def test_per_diagnosis_adapters_each_load_and_serve_their_diagnosis(trained, s3_
         )
 
 
+def test_per_diagnosis_adapters_share_one_encoding_pass_with_the_same_rows(trained, s3_options):
+    from dermaray.diffusion.base import base_resolution
+
+    base = str(trained[0] / "base")
+    cfg = _config(s3_options, "diffusion.adapters=per_diagnosis")
+    by_code, _ = diffusion.split_ids(cfg.diffusion, s3_options)
+    by_code = {c: by_code[c] for c in ("MEL", "NEV")}
+    resolution = base_resolution(base, cfg.models, s3_options)
+    shared = diffusion.per_diagnosis_datasets(cfg.diffusion, by_code, base, cfg.models, resolution, s3_options)
+    for code, ids in by_code.items():
+        alone = diffusion.split_datasets(cfg.diffusion, ids, base, cfg.models, resolution, s3_options)
+        for split in ("train", "val"):
+            got, want = shared[code][split].take_all(), alone[split].take_all()
+            assert len(got) == len(want) == len(ids[split]) > 0 and set(got[0]) == {diffusion.LATENTS, diffusion.IDS}
+            for a, b in zip(got, want, strict=True):  # the same lesions in the same order: a resume skips by position
+                assert np.array_equal(a[diffusion.IDS], b[diffusion.IDS])
+                np.testing.assert_allclose(a[diffusion.LATENTS], b[diffusion.LATENTS], atol=1e-5)
+
+
 def test_note_captions_follow_the_diagnosis_caption(trained, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
