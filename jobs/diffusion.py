@@ -58,7 +58,17 @@ from dermaray.images import decode_rgb
 from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER, summary_uri
 from dermaray.models.registry import model_folder, resolve_model
 from dermaray.schema import written_notes
-from dermaray.storage import absolute, exists, join, read_bytes, read_parquet, remove_tree, require, upload_folder
+from dermaray.storage import (
+    absolute,
+    exists,
+    join,
+    read_bytes,
+    read_parquet,
+    remove_tree,
+    require,
+    table_version,
+    upload_folder,
+)
 from jobs.common import clear_summary, init_ray, log, reporting, write_summary
 from jobs.training import RUNS, Task, export_model, fit, prepared_splits
 
@@ -184,6 +194,7 @@ def pretrain_settings(cfg: DermarayConfig) -> dict:
     d = cfg.diffusion
     settings = {
         "input": absolute(d.input),
+        "input_version": table_version(d.input, cfg.storage_options),  # the same path re-ingested is other data
         "pretrain": d.pretrain.model_dump(),
         "size_words": d.size_words,
         "resolution": d.resolution,

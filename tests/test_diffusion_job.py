@@ -1,6 +1,7 @@
 """The LoRA diffusion job on a real local Ray cluster: pre-trained tiny base, adapter training, resume, diffusers loading."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -228,3 +229,29 @@ def test_a_base_pre_trained_with_other_settings_is_trained_again_not_reused(trai
     marker.write_text("the base in place")
     diffusion.prepared_base(changed)
     assert not marker.exists() and json.loads(record.read_text())["settings"] == diffusion.pretrain_settings(changed)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_input_rewritten_in_place_is_other_data_for_the_pre_trained_base(where, s3_options, tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermaray.storage import write_bytes
+
+    table = f"{tmp_path}/lesions" if where == "local" else f"s3://dermaray/rewritten-{tmp_path.name}/lesions"
+
+    def write(rows: list[int]) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"lesion_id": [str(r) for r in rows]}), buffer)
+        write_bytes(f"{table}/part-0.parquet", buffer.getvalue(), s3_options)
+
+    write([1, 2, 3])
+    cfg = _config(s3_options, f"diffusion.input={table}")
+    before = diffusion.pretrain_settings(cfg)
+    assert before["input_version"][0][0] == "part-0.parquet"
+    assert diffusion.pretrain_settings(cfg) == before  # left alone: the same table
+    time.sleep(0.01)  # a local file's version includes its modification time
+    write([4, 5, 6])  # re-ingested to the same path
+    assert diffusion.pretrain_settings(cfg)["input_version"] != before["input_version"]

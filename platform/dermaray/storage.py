@@ -155,6 +155,15 @@ def parquet_files(uri: str, storage_options: dict[str, Any] | None = None) -> tu
     return fs, files
 
 
+def table_version(uri: str, storage_options: dict[str, Any] | None = None) -> list[list[str]]:
+    """[file name within the table, its version] for each Parquet file of a table, without reading it: the version is
+    the filesystem's `checksum` (an object's ETag; a local file's size and modification time), so a table rewritten
+    in place reads as another table, one left alone as the same."""
+    fs, files = parquet_files(uri, storage_options)
+    root = filesystem(uri, storage_options)[1].rstrip("/")
+    return [[f[len(root) :].lstrip("/") or f.rsplit("/", 1)[-1], str(fs.checksum(f))] for f in files]
+
+
 def read_parquet(uri: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None) -> pa.Table:
     """A file or a folder of Parquet files as one table (for tables that fit in memory)."""
     fs, files = parquet_files(uri, storage_options)
