@@ -338,8 +338,9 @@ def per_diagnosis_datasets(
     """{diagnosis: {split: its adapter's dataset}} for the adapters `by_code` ({diagnosis: {split: lesion ids}}).
 
     Materialized: the table is read and every adapter's lesions encoded in one pass, then each diagnosis' rows are
-    kept from it (the pass itself is freed once they are). Streamed: one pipeline per adapter reading its own
-    lesions, run as that adapter trains (one pass over every lesion would encode them all for each adapter)."""
+    kept from it (the pass itself is freed once they are); every adapter's rows then wait in the object store
+    until that adapter trains. Streamed: one pipeline per adapter reading its own lesions, run as that adapter
+    trains (one pass over every lesion would encode them all for each adapter)."""
     if not d.train.materialize:
         return {code: split_datasets(d, ids, base, models, resolution, options) for code, ids in by_code.items()}
     every = {s: sorted(i for ids in by_code.values() for i in ids[s]) for s in ("train", "val")}
