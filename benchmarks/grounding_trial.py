@@ -3,11 +3,15 @@
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study                     # the study's first arm
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --feature-layer -2  # the tower's penultimate layer
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --heads mlp --seed 1
+    .venv/bin/python benchmarks/grounding_trial.py --workdir out --base tiny --tower hidden_size=64 num_hidden_layers=4 \
+        intermediate_size=128                                                              # a wider random tower
+    .venv/bin/python benchmarks/grounding_trial.py --workdir out --weight eccentricity=4    # one attribute weighted more
 
 The study's first arm without Ray (the grounding job's model and batch loss: flips and quarter turns, photometric
 views; AdamW with warm-up and cosine; configs/local.yaml's base, learning rate, batch size and attribute weights; fp32, no
 clipping) on a workdir's ingested lesions: the clinic's train split trains, its test split and every shifted lesion
-are scored. A first look before a variant earns a study arm; it
+are scored, and the train split itself (how well the model fits what it trained on: under-fitting vs
+not generalising). A first look before a variant earns a study arm; it
 does not replace one (no validation, checkpoints or resume). Appends one JSON line per run to --results.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +37,15 @@ def main() -> None:
     parser.add_argument("--feature-layer", type=int, default=None, help="the tower's layer read (default: the config's)")
     parser.add_argument("--heads", choices=["linear", "mlp"], default="linear", help="mlp: one hidden layer of 128")
     parser.add_argument("--image-size", type=int, default=None, help="the tower's input side (default: the config's)")
+    parser.add_argument("--base", default=None, help="the grounding MLLM: a preset or a local folder (default: the config's)")
+    parser.add_argument(
+        "--tower", nargs="+", metavar="KEY=VALUE", help="a random tiny LLaVA whose vision tower has these shapes (not --base)"
+    )
+    parser.add_argument("--weight", nargs="+", metavar="ATTRIBUTE=W", default=[], help="loss weights over the config's")
     parser.add_argument("--results", default=None, help="a JSON-lines file to append the run to")
     args = parser.parse_args()
+    if args.tower and args.base:
+        parser.error("--tower builds its own base: give --tower or --base, not both")
 
     import pyarrow.compute as pc
     import torch
@@ -48,10 +60,25 @@ def main() -> None:
     from jobs.training import warmup_cosine
 
     cfg = load_config("configs/local.yaml")
+    if args.tower:
+        from dermaray.models.tiny import build_grounding_mllm
+
+        tower = Path(tempfile.mkdtemp(prefix="grounding-tower-"))
+        build_grounding_mllm(tower, args.seed, {k: int(v) for k, v in (kv.split("=", 1) for kv in args.tower)})
+        cfg.models.grounding_mllm = str(tower)
+    elif args.base:
+        cfg.models.grounding_mllm = args.base
     g, attributes, at = cfg.grounding, cfg.grounding.attributes, Layout(str(Path(args.workdir).absolute()))
+    weights = {**g.attribute_weights, **{k: float(v) for k, v in (kv.split("=", 1) for kv in args.weight)}}
+    if unknown := set(weights) - set(attributes):
+        parser.error(f"--weight names attributes not grounded: {sorted(unknown)}")
     tables = {d: read_parquet(at.lesions(d), {}, ["split", "image_bytes", *attributes]) for d in ("clinic", "shifted")}
     train = tables["clinic"].filter(pc.equal(tables["clinic"]["split"], "train"))
-    scored = {"in_domain": tables["clinic"].filter(pc.equal(tables["clinic"]["split"], "test")), "shifted": tables["shifted"]}
+    scored = {
+        "train": train,
+        "in_domain": tables["clinic"].filter(pc.equal(tables["clinic"]["split"], "test")),
+        "shifted": tables["shifted"],
+    }
     scaler = AttributeScaler.fit(attributes, np.stack([train[a].to_numpy() for a in attributes], axis=1), g.log_sizes)
     prepare = Preprocessor(cfg.models.grounding_mllm, cfg.models, scaler, (), args.image_size)
 
@@ -75,7 +102,7 @@ def main() -> None:
         model.heads = torch.nn.Sequential(torch.nn.Linear(dim, 128), torch.nn.GELU(), torch.nn.Linear(128, len(attributes)))
     # What the grounding job's loss reads (jobs.grounding.run builds the same).
     loss_config = {
-        "weights": [float(g.attribute_weights.get(a, 1.0)) for a in attributes],
+        "weights": [weights.get(a, 1.0) for a in attributes],
         "photometric": g.photometric,
         "settings": {"attributes": attributes},
     }

@@ -167,6 +167,28 @@ def test_tiny_grounding_mllm_embeds_images(cache_dir: Path, models: ModelsConfig
         assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
 
 
+def test_a_tiny_llava_variant_tower_loads_with_its_shapes(tmp_path: Path) -> None:
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from dermaray.models.tiny import build_grounding_mllm
+
+    build_grounding_mllm(tmp_path, 0, {"patch_size": 4, "hidden_size": 48, "num_hidden_layers": 3})
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    vision = model.config.vision_config
+    assert (vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (4, 48, 3)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[Image.new("RGB", (64, 64))], text=[prompt], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == (64 // 4) ** 2  # one per patch
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+    with pytest.raises(ValueError, match="no setting 'patch'"):
+        build_grounding_mllm(tmp_path / "other", 0, {"patch": 4})
+
+
 def _mean_pool(hidden, mask):  # type: ignore[no-untyped-def]
     mask = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

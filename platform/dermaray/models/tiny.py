@@ -467,21 +467,27 @@ def _tiny_clip_vision_config() -> Any:
     )
 
 
-def build_grounding_mllm(out_dir: Path, seed: int) -> None:
-    """Tiny LLaVA: CLIP vision tower (64 px, 8 px patches) + projector + tiny Llama, with its processor."""
+def build_grounding_mllm(out_dir: Path, seed: int, vision: dict[str, int] | None = None) -> None:
+    """Tiny LLaVA: CLIP vision tower (64 px, 8 px patches) + projector + tiny Llama, with its processor.
+    `vision`: other shapes for the tower (e.g. {"hidden_size": 64, "num_hidden_layers": 4}; a trial's variant)."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = build_lm_tokenizer(extra_special=("<image>",))
-    vision = _tiny_clip_vision_config()
+    vision_config = _tiny_clip_vision_config()
+    for key, value in (vision or {}).items():
+        if not hasattr(vision_config, key):
+            raise ValueError(f"the vision tower has no setting {key!r}")
+        setattr(vision_config, key, value)
+    patch = vision_config.patch_size
     config = LlavaConfig(
-        vision_config=vision,
+        vision_config=vision_config,
         text_config=_tiny_llama_config(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",  # as llava-1.5
-        image_seq_length=(64 // 8) ** 2,
+        image_seq_length=(64 // patch) ** 2,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -491,7 +497,7 @@ def build_grounding_mllm(out_dir: Path, seed: int) -> None:
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=8,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token
         chat_template=_CHAT_TEMPLATE,
