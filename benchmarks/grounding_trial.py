@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study                     # the study's first arm
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --feature-layer -2  # the tower's penultimate layer
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --heads mlp --seed 1
-    .venv/bin/python benchmarks/grounding_trial.py --workdir out --base tiny --tower hidden_size=64 num_hidden_layers=4 \
+    .venv/bin/python benchmarks/grounding_trial.py --workdir out --tower hidden_size=64 num_hidden_layers=4 \
         intermediate_size=128                                                              # a wider random tower
     .venv/bin/python benchmarks/grounding_trial.py --workdir out --weight eccentricity=4    # one attribute weighted more
 
@@ -47,6 +47,14 @@ def main() -> None:
     if args.tower and args.base:
         parser.error("--tower builds its own base: give --tower or --base, not both")
 
+    def pairs(option: str, values: list[str], kind: type) -> dict:
+        try:
+            return {k: kind(v) for k, v in (value.split("=", 1) for value in values)}
+        except ValueError:
+            parser.error(f"{option} takes NAME=VALUE pairs (a {kind.__name__} value), got {values}")
+
+    tower_shapes, weights = pairs("--tower", args.tower or [], int), pairs("--weight", args.weight, float)
+
     import pyarrow.compute as pc
     import torch
 
@@ -60,18 +68,18 @@ def main() -> None:
     from jobs.training import warmup_cosine
 
     cfg = load_config("configs/local.yaml")
+    g, attributes, at = cfg.grounding, cfg.grounding.attributes, Layout(str(Path(args.workdir).absolute()))
+    if unknown := set(weights) - set(attributes):
+        parser.error(f"--weight names attributes not grounded: {sorted(unknown)}")
+    weights = {**g.attribute_weights, **weights}
     if args.tower:
         from dermaray.models.tiny import build_grounding_mllm
 
-        tower = Path(tempfile.mkdtemp(prefix="grounding-tower-"))
-        build_grounding_mllm(tower, args.seed, {k: int(v) for k, v in (kv.split("=", 1) for kv in args.tower)})
-        cfg.models.grounding_mllm = str(tower)
+        scratch = tempfile.TemporaryDirectory(prefix="grounding-tower-")  # removed when the trial ends
+        build_grounding_mllm(Path(scratch.name), args.seed, tower_shapes)
+        cfg.models.grounding_mllm = scratch.name
     elif args.base:
         cfg.models.grounding_mllm = args.base
-    g, attributes, at = cfg.grounding, cfg.grounding.attributes, Layout(str(Path(args.workdir).absolute()))
-    weights = {**g.attribute_weights, **{k: float(v) for k, v in (kv.split("=", 1) for kv in args.weight)}}
-    if unknown := set(weights) - set(attributes):
-        parser.error(f"--weight names attributes not grounded: {sorted(unknown)}")
     tables = {d: read_parquet(at.lesions(d), {}, ["split", "image_bytes", *attributes]) for d in ("clinic", "shifted")}
     train = tables["clinic"].filter(pc.equal(tables["clinic"]["split"], "train"))
     scored = {

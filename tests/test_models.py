@@ -185,8 +185,9 @@ def test_a_tiny_llava_variant_tower_loads_with_its_shapes(tmp_path: Path) -> Non
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == (64 // 4) ** 2  # one per patch
     with torch.no_grad():
         assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
-    with pytest.raises(ValueError, match="no setting 'patch'"):
-        build_grounding_mllm(tmp_path / "other", 0, {"patch": 4})
+    for wrong in ("patch", "image_size"):
+        with pytest.raises(ValueError, match=f"no setting '{wrong}'"):
+            build_grounding_mllm(tmp_path / "other", 0, {wrong: 4})
 
 
 def _mean_pool(hidden, mask):  # type: ignore[no-untyped-def]

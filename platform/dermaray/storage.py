@@ -157,18 +157,23 @@ def parquet_files(uri: str, storage_options: dict[str, Any] | None = None) -> tu
 
 def table_version(uri: str, storage_options: dict[str, Any] | None = None) -> list[list[str]]:
     """[file name within the table, its version] for each Parquet file of a table, without reading it: an object's
-    content hash where the store keeps one (S3's ETag, GCS's md5Hash), else the file's size and modification time.
-    A table rewritten in place reads as another table; one left alone, or given other permissions, as the same."""
+    content hash where the store keeps one (S3's ETag, GCS's md5Hash, Azure's etag), else the file's size and
+    modification time, else fsspec's own `checksum`. A table rewritten in place reads as another table; one left
+    alone, or given other permissions, as the same."""
     fs, files = parquet_files(uri, storage_options)
     root = filesystem(uri, storage_options)[1].rstrip("/")
-    return [[f[len(root) :].lstrip("/") or f.rsplit("/", 1)[-1], _file_version(fs.info(f))] for f in files]
+    return [[f[len(root) :].lstrip("/") or f.rsplit("/", 1)[-1], _file_version(fs, f)] for f in files]
 
 
-def _file_version(info: dict[str, Any]) -> str:
-    for key in ("ETag", "md5Hash"):
+def _file_version(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    info = fs.info(path)
+    for key in ("ETag", "etag", "md5Hash"):
         if info.get(key):
             return str(info[key]).strip('"')
-    return f"{info['size']}@{info.get('mtime') or info.get('LastModified') or info.get('updated')}"
+    for key in ("mtime", "LastModified", "last_modified", "updated"):
+        if info.get(key) is not None:
+            return f"{info['size']}@{info[key]}"
+    return str(fs.checksum(path))
 
 
 def read_parquet(uri: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None) -> pa.Table:

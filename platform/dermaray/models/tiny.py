@@ -477,8 +477,8 @@ def build_grounding_mllm(out_dir: Path, seed: int, vision: dict[str, int] | None
     tokenizer = build_lm_tokenizer(extra_special=("<image>",))
     vision_config = _tiny_clip_vision_config()
     for key, value in (vision or {}).items():
-        if not hasattr(vision_config, key):
-            raise ValueError(f"the vision tower has no setting {key!r}")
+        if not hasattr(vision_config, key) or key == "image_size":  # the processor below reads 64 px images
+            raise ValueError(f"the vision tower has no setting {key!r} to change")
         setattr(vision_config, key, value)
     patch = vision_config.patch_size
     config = LlavaConfig(
