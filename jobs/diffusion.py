@@ -133,8 +133,9 @@ class DiffusionInputs:
             if not keep.any():
                 side = self.resolution // (2 ** (len(self.vae.config.block_out_channels) - 1))
                 empty = (0, 2 * self.vae.config.latent_channels, side, side)
-                out = {LATENTS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}
-                return {**out, DIAGNOSIS: np.array([], dtype=str)} if self.tag_diagnosis else out
+                return self.tagged(
+                    {LATENTS: np.zeros(empty, np.float32), IDS: np.zeros((0, self.tokenizer.model_max_length), np.int64)}, batch
+                )
         images = [decode_rgb(b) for b in batch["image_bytes"]]
         lengths = batch.get("long_diam_mm", np.full(len(batch["diagnosis"]), np.nan))  # without it: sized by the area
         captions = [
@@ -145,7 +146,10 @@ class DiffusionInputs:
         # diagnosis words come first so they always survive.
         captions = [f"{c}, {self.notes[i]}" if i in self.notes else c for c, i in zip(captions, batch["lesion_id"], strict=True)]
         posteriors = encode_latents(self.vae, image_tensor(images, self.resolution))
-        out = {LATENTS: posteriors.numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}
+        return self.tagged({LATENTS: posteriors.numpy(), IDS: tokenize(self.tokenizer, captions).numpy()}, batch)
+
+    def tagged(self, out: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`out` for the kept rows `batch`, with each row's diagnosis when asked (`tag_diagnosis`)."""
         return {**out, DIAGNOSIS: np.asarray(batch["diagnosis"], dtype=str)} if self.tag_diagnosis else out
 
 
@@ -343,7 +347,7 @@ def per_diagnosis_datasets(
     trains (one pass over every lesion would encode them all for each adapter)."""
     if not d.train.materialize:
         return {code: split_datasets(d, ids, base, models, resolution, options) for code, ids in by_code.items()}
-    every = {s: sorted(i for ids in by_code.values() for i in ids[s]) for s in ("train", "val")}
+    every = {s: [i for ids in by_code.values() for i in ids[s]] for s in ("train", "val")}
     prepared = split_datasets(d, every, base, models, resolution, options, tag_diagnosis=True)
     return {
         code: {s: ds.map_batches(partial(rows_of, code), batch_format="numpy").materialize() for s, ds in prepared.items()}
