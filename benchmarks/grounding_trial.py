@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/grounding_trial.py --workdir out --tower hidden_size=64 num_hidden_layers=4 \
         intermediate_size=128                                                              # a wider random tower
     .venv/bin/python benchmarks/grounding_trial.py --workdir out --weight eccentricity=4    # one attribute weighted more
+    .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --cnn               # a small CNN in the tower's place
 
 The study's first arm without Ray (the grounding job's model and batch loss: flips and quarter turns, photometric
 views; AdamW with warm-up and cosine; configs/local.yaml's base, learning rate, batch size and attribute weights; fp32, no
@@ -25,8 +26,32 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class ConvEmbedder(torch.nn.Module):
+    """A small CNN in the tower and projector's place (`--cnn`): three stride-2 stages of two 3x3 convolutions, one
+    more convolution, average pooling; 110k weights at a 64-d embedding. What a convolution's inductive bias buys over the ViT."""
+
+    def __init__(self, dim: int, normalization: tuple | None):
+        super().__init__()
+        self.dim, self.normalization = dim, normalization  # the photometric views read the base's normalization
+
+        def stage(i: int, o: int) -> list[torch.nn.Module]:
+            return [
+                torch.nn.Conv2d(i, o, 3, padding=1),
+                torch.nn.GELU(),
+                torch.nn.Conv2d(o, o, 3, padding=1, stride=2),
+                torch.nn.GELU(),
+            ]
+
+        last = [torch.nn.Conv2d(dim, dim, 3, padding=1), torch.nn.GELU()]
+        self.net = torch.nn.Sequential(*stage(3, 16), *stage(16, 32), *stage(32, dim), *last)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels).mean(dim=(-2, -1))
 
 
 def main() -> None:
@@ -40,6 +65,9 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="the grounding MLLM: a preset or a local folder (default: the config's)")
     parser.add_argument(
         "--tower", nargs="+", metavar="KEY=VALUE", help="a random tiny LLaVA whose vision tower has these shapes (not --base)"
+    )
+    parser.add_argument(
+        "--cnn", action="store_true", help="a small CNN (110k weights) in the tower and projector's place, as wide an embedding"
     )
     parser.add_argument("--weight", nargs="+", metavar="ATTRIBUTE=W", default=[], help="loss weights over the config's")
     parser.add_argument("--results", default=None, help="a JSON-lines file to append the run to")
@@ -56,7 +84,6 @@ def main() -> None:
     tower_shapes, weights = pairs("--tower", args.tower or [], int), pairs("--weight", args.weight, float)
 
     import pyarrow.compute as pc
-    import torch
 
     from dermaray.config import GroundingSpec, load_config
     from dermaray.grounding.data import PIXELS, TARGETS, Preprocessor
@@ -105,6 +132,8 @@ def main() -> None:
     chosen = {k: v for k, v in {"image_size": args.image_size, "feature_layer": args.feature_layer}.items() if v is not None}
     settings = GroundingSettings(cfg.models.grounding_mllm, attributes, **{**spec, **chosen})
     model = GroundingModel.from_settings(settings, cfg.models)
+    if args.cnn:  # after from_settings: the heads and the photometric views' normalization stay the base's
+        model.embedder = ConvEmbedder(model.embedder.dim, model.embedder.normalization)
     if args.heads == "mlp":
         dim = model.embedder.dim
         model.heads = torch.nn.Sequential(torch.nn.Linear(dim, 128), torch.nn.GELU(), torch.nn.Linear(128, len(attributes)))
