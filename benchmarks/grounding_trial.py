@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 class ConvEmbedder(torch.nn.Module):
     """A small CNN in the tower and projector's place (`--cnn`): three stride-2 stages of two 3x3 convolutions, one
-    more convolution, average pooling; 110k weights at a 64-d embedding. What a convolution's inductive bias buys over the ViT."""
+    more convolution, average pooling; 109k weights at a 64-d embedding. What a convolution's inductive bias buys over the ViT."""
 
     def __init__(self, dim: int, normalization: tuple | None):
         super().__init__()
@@ -67,7 +67,7 @@ def main() -> None:
         "--tower", nargs="+", metavar="KEY=VALUE", help="a random tiny LLaVA whose vision tower has these shapes (not --base)"
     )
     parser.add_argument(
-        "--cnn", action="store_true", help="a small CNN (110k weights) in the tower and projector's place, as wide an embedding"
+        "--cnn", action="store_true", help="a small CNN (109k weights) in the tower and projector's place, as wide an embedding"
     )
     parser.add_argument("--weight", nargs="+", metavar="ATTRIBUTE=W", default=[], help="loss weights over the config's")
     parser.add_argument("--results", default=None, help="a JSON-lines file to append the run to")
