@@ -1,7 +1,7 @@
 """The study: what a pretrained tower, photometric augmentation and grounding itself buy, in-domain and on a
 second clinic; and what diagnosis adapters and image guidance buy in generation; with 95% bootstrap intervals.
 
-    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; 63-77 min on 2 cores (grounding 17, diffusion 46-60)
+    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; 63-77 min on 2 cores
 
 Grounding arms (each a pipeline run; every arm but the first reads the first's ingested tables, linked into
 its own workdir, so all arms see the same lesions):
