@@ -74,6 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.tower and args.base:
         parser.error("--tower builds its own base: give --tower or --base, not both")
+    if args.tower and args.cnn:
+        parser.error("--cnn replaces the tower that --tower would build: give one of them")
 
     def pairs(option: str, values: list[str], kind: type) -> dict:
         try:
