@@ -378,3 +378,46 @@ def test_study_table_reads_each_arms_figures() -> None:
     alone = markdown({**study, "arms": summarize({"informative": {"grounding_eval": without}})})
     assert "| Spearman shifted clinic, area_mm2 |" in alone and "like for like" not in alone
     assert "perimeter_mm" not in figures["noise"]["r1_gain"]  # only the attributes the arms grounded
+
+
+def test_a_convolutional_tower_embeds_as_its_mllm_sees_and_keeps_its_batch_statistics(
+    models: ModelsConfig, tmp_path: Path
+) -> None:
+    """tiny-conv, a FastVLM: loads as any hub checkout; the embedding is the mean of the tokens FastVLM's language
+    model reads; batch statistics move only where the tower trains, and a checkpoint keeps them."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dermaray.data.synthetic import synthesize_lesion
+    from dermaray.grounding.data import Preprocessor
+    from dermaray.grounding.vision import ImageEmbedder
+    from dermaray.models import resolve_model
+
+    path = resolve_model("grounding_mllm", "tiny-conv", models)
+    mllm = AutoModelForImageTextToText.from_pretrained(path)
+    assert type(mllm).__name__ == "FastVlmForConditionalGeneration"
+    assert AutoProcessor.from_pretrained(path).image_processor.crop_size == {"height": 128, "width": 128}
+    jpeg = [synthesize_lesion(4, i)[1] for i in range(4)]
+    pixels = torch.from_numpy(Preprocessor("tiny-conv", models, keep=())({"image_bytes": np.array(jpeg, dtype=object)})[PIXELS])
+    assert pixels.shape == (4, 3, 128, 128)  # the tiles at their own side
+    embedder = ImageEmbedder.from_pretrained(path)
+    with torch.no_grad():
+        seen = mllm.model.get_image_features(pixel_values=pixels).pooler_output  # [4, 64 tokens, width]
+        assert seen.shape[1] == 64 and torch.allclose(embedder(pixels), seen.mean(dim=1), atol=1e-5)
+    with pytest.raises(ValueError, match="32 channels, the projector reads 64"):
+        embedder.use_layer(-2)  # an earlier stage is narrower than the projector's input
+
+    def statistics(model: GroundingModel) -> list[torch.Tensor]:
+        return [b.clone() for n, b in model.named_buffers() if n.endswith("running_mean")]
+
+    projector_only = GroundingModel.from_settings(GroundingSettings("tiny-conv", ATTRS, tune="projector"), models)
+    before = statistics(projector_only)
+    projector_only.train()(pixels)
+    assert all(torch.equal(a, b) for a, b in zip(before, statistics(projector_only), strict=True))  # frozen tower
+
+    full = GroundingModel.from_settings(GroundingSettings("tiny-conv", ATTRS, tune="full"), models)
+    full.train()(pixels)
+    assert not any(torch.equal(a, b) for a, b in zip(before, statistics(full), strict=True))
+    save_model(tmp_path / "m", full.eval(), AttributeScaler(ATTRS, [0.0, 0.0], [1.0, 1.0], [False, False]))
+    loaded = load_model(tmp_path / "m", models)[0]
+    with torch.no_grad():
+        assert torch.allclose(full(pixels)["attributes"], loaded(pixels)["attributes"], atol=1e-6)

@@ -136,13 +136,22 @@ class GroundingModel(nn.Module):
         z = self.embedder(pixel_values)
         return {"embedding": z, "attributes": self.heads(z)}
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The weights training changes; the rest is re-read from the base model."""
+    def _trained(self) -> set[str]:
+        """The state training changes: trainable weights, and the buffers of the layers they sit in (a batch norm's
+        running statistics)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
+        for prefix, module in self.named_modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                names |= {f"{prefix}.{b}" for b, _ in module.named_buffers(recurse=False)}
+        return names & set(self.state_dict())  # persistent buffers only
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights (and statistics) training changes; the rest is re-read from the base model."""
+        names = self._trained()
         return {n: t.detach().cpu() for n, t in self.state_dict().items() if n in names}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        expected = self._trained()
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise ValueError(

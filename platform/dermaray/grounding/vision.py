@@ -18,7 +18,8 @@ from torch import nn
 
 
 class ImageEmbedder(nn.Module):
-    """Vision tower + projector of a LLaVA-family model; embedding = mean over image tokens."""
+    """Vision tower + projector of a LLaVA-family model; embedding = mean over image tokens. A ViT tower's tokens
+    are its patches; a convolutional one's (FastVLM) the places of its feature map, flattened as FastVLM does."""
 
     def __init__(
         self,
@@ -75,21 +76,51 @@ class ImageEmbedder(nn.Module):
         )
 
     def use_layer(self, layer: int) -> None:
-        """Read hidden layer `layer` of the tower (an index into its hidden states: 0 the patch embeddings, -1 the last)."""
-        states = self.vision_tower.config.num_hidden_layers + 1
+        """Read hidden layer `layer` of the tower (an index into its hidden states: 0 the patch embeddings (a
+        convolutional tower's stem), -1 the last)."""
+        config = self.vision_tower.config
+        if hasattr(config, "num_hidden_layers"):  # a ViT: its layers, after the patch embeddings
+            states = config.num_hidden_layers + 1
+        else:  # a convolutional tower: its stem and stages, whose widths differ, seen on a small image
+            training, _ = self.vision_tower.training, self.vision_tower.eval()  # no batch statistics moved
+            with torch.no_grad():
+                widths = [h.shape[1] for h in self._hidden_states(torch.zeros(1, 3, 64, 64))]
+            self.vision_tower.train(training)
+            states = len(widths)
         if not -states <= layer < states:
             raise ValueError(f"feature layer {layer}: the tower has {states} hidden states, {-states} to {states - 1}")
+        if not hasattr(config, "num_hidden_layers") and widths[layer] != self.projector.linear_1.in_features:
+            raise ValueError(
+                f"feature layer {layer}: that stage of the convolutional tower has {widths[layer]} channels, the "
+                f"projector reads {self.projector.linear_1.in_features} (its last stage's)"
+            )
         self.feature_layer = layer
+
+    def train(self, mode: bool = True) -> ImageEmbedder:
+        """Batch norms whose weights are frozen stay in eval mode: training the rest (a projector, LoRA) must not
+        move a frozen tower's running statistics, which no checkpoint of the trained weights would keep."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
 
     @property
     def dim(self) -> int:
         return int(self.projector.linear_2.out_features)
 
+    def _hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # A ViT at another size than it was trained at: its position embeddings, interpolated. A convolutional
+        # tower has none to interpolate.
+        resized = {}
+        if hasattr(self.vision_tower.config, "image_size") and pixel_values.shape[-1] != self.vision_tower.config.image_size:
+            resized = {"interpolate_pos_encoding": True}
+        return self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **resized).hidden_states
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # Another input size than the tower was trained at: its position embeddings, interpolated.
-        resized = {"interpolate_pos_encoding": True} if pixel_values.shape[-1] != self.vision_tower.config.image_size else {}
-        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **resized).hidden_states
-        tokens = hidden[self.feature_layer]
+        tokens = self._hidden_states(pixel_values)[self.feature_layer]
+        if tokens.dim() == 4:  # a convolutional tower's feature map [B, C, H, W]: H x W tokens of width C
+            tokens = tokens.flatten(2).transpose(1, 2)
         if self.drop_cls:
             tokens = tokens[:, 1:]
         return self.projector(tokens).mean(dim=1)

@@ -130,6 +130,21 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
             name="tiny-pretrained",
             version=tiny.PRETRAIN_RECIPE,
         ),
+        "tiny-conv": _tiny(
+            "grounding_mllm",
+            tiny.build_conv_grounding_mllm,
+            "Random tiny FastVLM: a convolutional tower (ResNet, 16/32/64 channels, 128 px in, 8 x 8 tokens out) + "
+            "projector + tiny Llama; AutoProcessor.",
+            name="tiny-conv",
+        ),
+        "tiny-conv-pretrained": _tiny(
+            "grounding_mllm",
+            tiny.build_pretrained_conv_grounding_mllm,
+            "The tiny FastVLM with tower + projector pre-trained as tiny-pretrained's are (SimCLR on unlabelled "
+            "rendered lesions).",
+            name="tiny-conv-pretrained",
+            version=tiny.PRETRAIN_RECIPE,
+        ),
         "llava-1.5-7b": _hub(
             "grounding_mllm",
             "llava-1.5-7b",

@@ -505,8 +505,45 @@ def build_grounding_mllm(out_dir: Path, seed: int, vision: dict[str, int] | None
     processor.save_pretrained(out_dir)
 
 
-# The pretrained tiny tower's recipe: unlabelled lesions rendered by the synthetic generator (its own
-# random stream, not the lesions of any synthetic dataset), SimCLR steps; about 1.5 minutes on 2 cores.
+def build_conv_grounding_mllm(out_dir: Path, seed: int) -> None:
+    """Tiny FastVLM: a convolutional tower (a ResNet of three basic stages, 16/32/64 channels, 128 px in, an 8 x 8
+    grid of 64-channel tokens out) + projector + tiny Llama, with its processor. FastVLM's own tower is a hybrid
+    convolutional one (FastViTHD) whose last feature map, flattened, is the image's tokens; the tiny one is a
+    ResNet for its shape. Convolutions see each pixel's neighbourhood at the tiles' own 128 px, where the tiny
+    ViT's 8 px patches see blocks of a 64 px image: the shape and border attributes are read at their scale."""
+    import torch
+    from transformers import FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor, ResNetConfig
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = build_lm_tokenizer(extra_special=("<image>",))
+    vision_config = ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic", downsample_in_first_stage=False
+    )
+    vision_config.hidden_size = vision_config.hidden_sizes[-1]  # what FastVLM's projector reads
+    side, stride = 128, 16  # the stem (a stride-2 convolution, a stride-2 pool), then two stride-2 stages
+    config = FastVlmConfig(
+        vision_config=vision_config,
+        text_config=_tiny_llama_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(side // stride) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = FastVlmForConditionalGeneration(config).to(torch.float32)
+    model.save_pretrained(out_dir)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=stride,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,  # no CLS token: every token is a place in the feature map
+        chat_template=_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out_dir)
+
+
+# The pretrained tiny towers' recipe: unlabelled lesions rendered by the synthetic generator (its own random
+# stream, not the lesions of any synthetic dataset), SimCLR steps; about 1.5 minutes on 2 cores for the ViT.
 PRETRAIN_IMAGES = 4096
 PRETRAIN_STEPS = 400
 PRETRAIN_RECORD = "pretraining.json"
@@ -516,15 +553,26 @@ PRETRAIN_RECIPE = f"simclr-{PRETRAIN_IMAGES}-images-{PRETRAIN_STEPS}-steps"  # a
 def build_pretrained_grounding_mllm(out_dir: Path, seed: int) -> None:
     """The tiny LLaVA with its vision tower and projector pre-trained self-supervised (SimCLR) on unlabelled
     rendered lesions: a stand-in for a general-purpose pretrained MLLM. No attribute or diagnosis is read."""
+    build_grounding_mllm(out_dir, seed)
+    _simclr_pretrain_tower(out_dir, seed)
+
+
+def build_pretrained_conv_grounding_mllm(out_dir: Path, seed: int) -> None:
+    """The tiny FastVLM with its tower and projector pre-trained as the tiny LLaVA's are (SimCLR, same images)."""
+    build_conv_grounding_mllm(out_dir, seed)
+    _simclr_pretrain_tower(out_dir, seed)
+
+
+def _simclr_pretrain_tower(out_dir: Path, seed: int) -> None:
+    """Pre-trains the vision tower and projector of the model saved at `out_dir` in place; records how."""
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from dermaray.data.synthetic import DOMAINS, choose_diagnosis, lesion_rng, render_tile, sample_spec
     from dermaray.grounding.pretrain import simclr_pretrain
     from dermaray.grounding.vision import ImageEmbedder
 
-    build_grounding_mllm(out_dir, seed)
-    model = LlavaForConditionalGeneration.from_pretrained(out_dir)
+    model = AutoModelForImageTextToText.from_pretrained(out_dir)
     processor = AutoProcessor.from_pretrained(out_dir).image_processor
     clinic = DOMAINS["clinic"]
     tiles = []
