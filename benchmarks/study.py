@@ -58,9 +58,9 @@ ARMS: dict[str, list[str]] = {
     "pretrained conv tower, photometric, mixed clinics": [*CONV_TOWER, "pipeline.mixed_clinics=true"],
 }
 # The arms `make study` runs: the penultimate-layer control (about 3.5 minutes), the 128 px arm (about 9) and the conv
-# tower on mixed clinics (about 10) are left out to bring the study as close to the hour as it comes (63 minutes as run
-# on one machine before the conv tower's arm, 77 on another). `--arms` lists the arms to run (the default ones too, if
-# wanted): `--arms "pretrained, geometric only" "pretrained, photometric, 128 px"`.
+# tower on mixed clinics (about 10) are left out for time (the study took 63 and 77 minutes on two machines before the
+# conv tower's arm, about 10 more). `--arms` lists the arms to run (the default ones too, if wanted):
+# `--arms "pretrained, geometric only" "pretrained, photometric, 128 px"`.
 OPTIONAL_ARMS = (
     "pretrained, photometric, 128 px",
     "pretrained, photometric, penultimate layer",

@@ -179,3 +179,24 @@ def test_bf16_mixed_diffusion_lora_step_keeps_the_frozen_pipeline_in_bfloat16(mo
     norm = step.backward(loss)
     assert torch.isfinite(loss) and norm is not None and norm > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+
+@pytest.mark.parametrize("tune, targets", [("projector", None), ("lora", ["convolution"])])
+def test_a_frozen_convolutional_tower_runs_in_bf16_mixed_with_its_batch_norms_in_float32(
+    models: ModelsConfig, tune: str, targets: list[str] | None
+) -> None:
+    """F.batch_norm takes its weights and running statistics in one dtype: a frozen batch norm cast to bfloat16
+    beside its float32 statistics fails ("expected scalar type BFloat16 but found Float")."""
+    lora = {"lora_targets": targets} if targets else {}
+    model = GroundingModel.from_settings(GroundingSettings(model="tiny-conv", attributes=["area_mm2"], tune=tune, **lora), models)
+    cast_frozen(model, "bf16-mixed")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {dtypes[n] for n in dtypes if ".normalization." in n} == {torch.float32}
+    frozen_convolutions = {dtypes[n] for n in dtypes if ".convolution." in n and "lora_" not in n}
+    assert frozen_convolutions == {torch.bfloat16}
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = OptimizerStep(params, torch.optim.AdamW(params, lr=1e-3), "bf16-mixed", "cpu")
+    with step.autocast():
+        loss = loss_fn(model.train()(torch.rand(4, 3, 128, 128))["attributes"].float(), torch.zeros(4, 1))
+    step.backward(loss)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad) and torch.isfinite(loss)

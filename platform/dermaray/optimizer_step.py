@@ -44,10 +44,12 @@ def cast_frozen(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """Frozen weights in the compute dtype, trainable ones in float32 (diffusers' `cast_training_params`
     pattern): half the memory of the frozen part, and the optimizer still updates float32 weights."""
     dtype = COMPUTE_DTYPES[precision]
+    # A batch norm's weights stay float32 beside its float32 running statistics (F.batch_norm takes one dtype for both).
+    batch_norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
     for p in model.parameters():
         if not p.is_floating_point():
             continue
-        if p.requires_grad:
+        if p.requires_grad or id(p) in batch_norms:
             p.data = p.data.float()
         elif dtype is not None:
             p.data = p.data.to(dtype)

@@ -78,18 +78,18 @@ class ImageEmbedder(nn.Module):
     def use_layer(self, layer: int) -> None:
         """Read hidden layer `layer` of the tower (an index into its hidden states: 0 the patch embeddings (a
         convolutional tower's stem), -1 the last)."""
-        config = self.vision_tower.config
-        if hasattr(config, "num_hidden_layers"):  # a ViT: its layers, after the patch embeddings
-            states = config.num_hidden_layers + 1
-        else:  # a convolutional tower: its stem and stages, whose widths differ, seen on a small image
-            training, _ = self.vision_tower.training, self.vision_tower.eval()  # no batch statistics moved
+        if self._convolutional and layer != -1:  # its stem and stages, whose widths differ, seen on a small image
+            training = self.training
+            self.eval()  # no batch statistics moved
             with torch.no_grad():
                 widths = [h.shape[1] for h in self._hidden_states(torch.zeros(1, 3, 64, 64))]
-            self.vision_tower.train(training)
+            self.train(training)
             states = len(widths)
+        else:
+            states = getattr(self.vision_tower.config, "num_hidden_layers", 0) + 1
         if not -states <= layer < states:
             raise ValueError(f"feature layer {layer}: the tower has {states} hidden states, {-states} to {states - 1}")
-        if not hasattr(config, "num_hidden_layers") and widths[layer] != self.projector.linear_1.in_features:
+        if self._convolutional and layer != -1 and widths[layer] != self.projector.linear_1.in_features:
             raise ValueError(
                 f"feature layer {layer}: that stage of the convolutional tower has {widths[layer]} channels, the "
                 f"projector reads {self.projector.linear_1.in_features} (its last stage's)"
@@ -109,6 +109,11 @@ class ImageEmbedder(nn.Module):
     def dim(self) -> int:
         return int(self.projector.linear_2.out_features)
 
+    @property
+    def _convolutional(self) -> bool:
+        """A tower without transformer layers (FastVLM's): its tokens are the places of a feature map."""
+        return not hasattr(self.vision_tower.config, "num_hidden_layers")
+
     def _hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # A ViT at another size than it was trained at: its position embeddings, interpolated. A convolutional
         # tower has none to interpolate.
@@ -118,7 +123,10 @@ class ImageEmbedder(nn.Module):
         return self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **resized).hidden_states
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        tokens = self._hidden_states(pixel_values)[self.feature_layer]
+        if self._convolutional and self.feature_layer == -1:  # FastVLM's own reading: the tower's last feature map
+            tokens = self.vision_tower(pixel_values, return_dict=True).last_hidden_state
+        else:
+            tokens = self._hidden_states(pixel_values)[self.feature_layer]
         if tokens.dim() == 4:  # a convolutional tower's feature map [B, C, H, W]: H x W tokens of width C
             tokens = tokens.flatten(2).transpose(1, 2)
         if self.drop_cls:

@@ -143,7 +143,7 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
             "The tiny FastVLM with tower + projector pre-trained as tiny-pretrained's are (SimCLR on unlabelled "
             "rendered lesions).",
             name="tiny-conv-pretrained",
-            version=tiny.PRETRAIN_RECIPE,
+            version=tiny.CONV_PRETRAIN_RECIPE,
         ),
         "llava-1.5-7b": _hub(
             "grounding_mllm",

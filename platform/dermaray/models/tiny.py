@@ -548,6 +548,7 @@ PRETRAIN_IMAGES = 4096
 PRETRAIN_STEPS = 400
 PRETRAIN_RECORD = "pretraining.json"
 PRETRAIN_RECIPE = f"simclr-{PRETRAIN_IMAGES}-images-{PRETRAIN_STEPS}-steps"  # a cache built otherwise is rebuilt
+CONV_PRETRAIN_RECIPE = f"resnet-16-32-64-at-128px-{PRETRAIN_RECIPE}"  # the tower's shape too (build_conv_grounding_mllm)
 
 
 def build_pretrained_grounding_mllm(out_dir: Path, seed: int) -> None:
