@@ -78,6 +78,7 @@ class ImageEmbedder(nn.Module):
     def use_layer(self, layer: int) -> None:
         """Read hidden layer `layer` of the tower (an index into its hidden states: 0 the patch embeddings (a
         convolutional tower's stem), -1 the last)."""
+        widths = None
         if self._convolutional and layer != -1:  # its stem and stages, whose widths differ, seen on a small image
             training = self.training
             self.eval()  # no batch statistics moved
@@ -85,11 +86,11 @@ class ImageEmbedder(nn.Module):
                 widths = [h.shape[1] for h in self._hidden_states(torch.zeros(1, 3, 64, 64))]
             self.train(training)
             states = len(widths)
-        else:
+        else:  # a ViT's layers after its patch embeddings; a convolutional tower's last map (FastVLM's own reading)
             states = getattr(self.vision_tower.config, "num_hidden_layers", 0) + 1
         if not -states <= layer < states:
             raise ValueError(f"feature layer {layer}: the tower has {states} hidden states, {-states} to {states - 1}")
-        if self._convolutional and layer != -1 and widths[layer] != self.projector.linear_1.in_features:
+        if widths is not None and widths[layer] != self.projector.linear_1.in_features:
             raise ValueError(
                 f"feature layer {layer}: that stage of the convolutional tower has {widths[layer]} channels, the "
                 f"projector reads {self.projector.linear_1.in_features} (its last stage's)"

@@ -471,8 +471,7 @@ def build_grounding_mllm(out_dir: Path, seed: int, vision: dict[str, int] | None
     """Tiny LLaVA: CLIP vision tower (64 px, 8 px patches) + projector + tiny Llama, with its processor.
     `vision`: other shapes for the tower (e.g. {"hidden_size": 64, "num_hidden_layers": 4}; a trial's variant)."""
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = build_lm_tokenizer(extra_special=("<image>",))
     vision_config = _tiny_clip_vision_config()
@@ -493,16 +492,7 @@ def build_grounding_mllm(out_dir: Path, seed: int, vision: dict[str, int] | None
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
     model.save_pretrained(out_dir)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token
-        chat_template=_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out_dir)
+    _save_processor(out_dir, tokenizer, 64, patch, config.vision_feature_select_strategy)
 
 
 def build_conv_grounding_mllm(out_dir: Path, seed: int) -> None:
@@ -512,8 +502,7 @@ def build_conv_grounding_mllm(out_dir: Path, seed: int) -> None:
     ResNet for its shape. Convolutions see each pixel's neighbourhood at the tiles' own 128 px, where the tiny
     ViT's 8 px patches see blocks of a 64 px image: the shape and border attributes are read at their scale."""
     import torch
-    from transformers import FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor, ResNetConfig
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import FastVlmConfig, FastVlmForConditionalGeneration, ResNetConfig
 
     tokenizer = build_lm_tokenizer(extra_special=("<image>",))
     vision_config = ResNetConfig(
@@ -530,13 +519,21 @@ def build_conv_grounding_mllm(out_dir: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = FastVlmForConditionalGeneration(config).to(torch.float32)
     model.save_pretrained(out_dir)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    _save_processor(out_dir, tokenizer, side, stride, config.vision_feature_select_strategy)
+
+
+def _save_processor(out_dir: Path, tokenizer: Any, side: int, patch: int, strategy: str) -> None:
+    """The tiny MLLMs' processor: square `side` px images, one `<image>` token per `patch` px of it. With strategy
+    "default" the tower's first token (a ViT's CLS) is counted and dropped; with "full" (FastVLM) every token is kept."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
         tokenizer=tokenizer,
-        patch_size=stride,
-        vision_feature_select_strategy="full",
-        num_additional_image_tokens=0,  # no CLS token: every token is a place in the feature map
+        patch_size=patch,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1 if strategy == "default" else 0,
         chat_template=_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
