@@ -56,7 +56,7 @@ from dermaray.diffusion.pipeline import (
 )
 from dermaray.images import decode_rgb
 from dermaray.layout import PER_DIAGNOSIS_ADAPTERS, SHARED_ADAPTER, summary_uri
-from dermaray.models.registry import model_folder, resolve_model
+from dermaray.models.registry import get_preset, model_folder, resolve_model
 from dermaray.schema import written_notes
 from dermaray.storage import (
     absolute,
@@ -197,6 +197,7 @@ def pretrain_settings(cfg: DermarayConfig) -> dict:
     """Everything the pre-trained tiny base is made from, as JSON values (compared with a saved base's record)."""
     d = cfg.diffusion
     settings = {
+        "base_recipe": get_preset("diffusion_base", "tiny").version,  # the random base it starts from
         "input": absolute(d.input),
         "input_version": table_version(d.input, cfg.storage_options),  # the same path re-ingested is other data
         "pretrain": d.pretrain.model_dump(),

@@ -354,7 +354,7 @@ def test_an_adapter_on_every_layer_loads_in_plain_diffusers_with_the_same_output
     adapted, plain = unet_probe(pipe), unet_probe(fresh)
     assert (adapted - plain).abs().max() > 1e-3
     fresh.load_lora_weights(tmp_path / "adapter")
-    torch.testing.assert_close(unet_probe(fresh), adapted, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unet_probe(fresh), adapted, rtol=1e-4, atol=1e-5)
     assert read_lora(tmp_path / "adapter").keys() == lora_state(pipe.unet).keys()
 
 

@@ -178,6 +178,7 @@ PRESETS: dict[str, dict[str, ModelPreset]] = {
             "diffusion_base",
             tiny.build_diffusion_base,
             "Random tiny StableDiffusionPipeline: 64 px images, 32 px latents, DDIM scheduler.",
+            version=tiny.DIFFUSION_BASE_RECIPE,
         ),
         "sd-1.5": _hub(
             "diffusion_base",
