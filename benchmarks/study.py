@@ -1,7 +1,7 @@
 """The study: what a pretrained tower, photometric augmentation and grounding itself buy, in-domain and on a
 second clinic; and what diagnosis adapters and image guidance buy in generation; with 95% bootstrap intervals.
 
-    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; about 87 min on 2 cores, see README
+    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; about 70 min on 2 cores, see README
 
 Grounding arms (each a pipeline run; every arm but the first reads the first's ingested tables, linked into
 its own workdir, so all arms see the same lesions):
@@ -58,8 +58,8 @@ ARMS: dict[str, list[str]] = {
     "pretrained conv tower, photometric, mixed clinics": [*CONV_TOWER, "pipeline.mixed_clinics=true"],
 }
 # The arms `make study` runs: the penultimate-layer control (about 3.5 minutes), the 128 px arm (about 9) and the conv
-# tower on mixed clinics (about 10) are left out for time (the study took 63 and 77 minutes on two machines before the
-# conv tower's arm, about 10 more). `--arms` lists the arms to run (the default ones too, if wanted):
+# tower on mixed clinics (about 10) are left out for time (the five default arms and the diffusion part took about 70
+# minutes on machine B, 2026-12-06). `--arms` lists the arms to run (the default ones too, if wanted):
 # `--arms "pretrained, geometric only" "pretrained, photometric, 128 px"`.
 OPTIONAL_ARMS = (
     "pretrained, photometric, 128 px",
