@@ -48,6 +48,7 @@ def main() -> None:
         "--per-diagnosis", action="store_true", help="one adapter per diagnosis, the LoRA steps split by its share of lesions"
     )
     parser.add_argument("--caption-dropout", type=float, default=trained.caption_dropout)
+    parser.add_argument("--noise-offset", type=float, default=trained.noise_offset, help="base and adapters (0: none)")
     parser.add_argument("--base", help="a base this script pre-trained before (its --out/base): skips pre-training")
     parser.add_argument("--adapter", help="an adapter this script trained before (its --out/adapter): skips LoRA training")
     parser.add_argument("--images-per-class", type=int, default=evaluated.images_per_class)
@@ -95,6 +96,7 @@ def main() -> None:
             seed=0,
             caption_dropout=args.caption_dropout,
             snr_gamma=trained.snr_gamma,
+            noise_offset=args.noise_offset,
             resolution=args.resolution,
             log_every=100,
         )
@@ -113,7 +115,7 @@ def main() -> None:
         p.add_lora(pipe.unet, rank=args.rank, targets=targets, seed=0)
         posteriors = p.encode_latents(pipe.vae, p.image_tensor([decode_rgb(r["image_bytes"]) for r in lesions], args.resolution))
         ids = p.tokenize(pipe.tokenizer, [lesion_caption(r["diagnosis"], r, True) for r in lesions])
-        model = p.DiffusionObjective(pipe, "lora", caption_dropout=args.caption_dropout, snr_gamma=trained.snr_gamma).train()
+        model = p.DiffusionObjective(pipe, "lora", args.caption_dropout, trained.snr_gamma, args.noise_offset).train()
         generator = torch.Generator().manual_seed(1)
         loss = p.train_steps(
             "LoRA",

@@ -183,6 +183,7 @@ def pretrain_task(
                 seed=settings["seed"],
                 caption_dropout=settings["caption_dropout"],
                 snr_gamma=settings["snr_gamma"],
+                noise_offset=settings["noise_offset"],
                 resolution=settings["resolution"],
                 ip_adapter_steps=p["ip_adapter_steps"],
             )
@@ -206,6 +207,7 @@ def pretrain_settings(cfg: DermarayConfig) -> dict:
         "seed": d.train.seed,
         "caption_dropout": d.caption_dropout,
         "snr_gamma": d.snr_gamma,
+        "noise_offset": d.noise_offset,
     }
     return json.loads(json.dumps(settings))
 
@@ -263,7 +265,7 @@ def build(config: dict) -> DiffusionObjective:
             model_folder("diffusion_base", config["base"], ModelsConfig(**config["models"]), config["storage_options"], scratch)
         )
     add_lora(pipe.unet, rank=config["rank"], alpha=config["alpha"], targets=tuple(config["targets"]), seed=config["seed"])
-    return DiffusionObjective(pipe, "lora", caption_dropout=config["caption_dropout"], snr_gamma=config["snr_gamma"])
+    return DiffusionObjective(pipe, "lora", config["caption_dropout"], config["snr_gamma"], config["noise_offset"])
 
 
 def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
@@ -385,6 +387,7 @@ def train_adapter(
         "size_words": d.size_words,
         "caption_dropout": d.caption_dropout,
         "snr_gamma": d.snr_gamma,
+        "noise_offset": d.noise_offset,
     }
     checkpoint, history = fit(LORA, config, d.train, datasets, len(ids["train"]), d.output, run_name, options)
     return {

@@ -42,6 +42,7 @@ from dermaray.diffusion.pipeline import (
     sample_latents,
     save_lora,
     tokenize,
+    training_noise,
     vae_round_trip,
     vae_step_loss,
 )
@@ -261,6 +262,13 @@ def test_unet_objective_trains_the_unet_alone_and_lowers_the_loss(base: str, les
     with torch.no_grad():
         assert float(model(posteriors, ids, torch.Generator().manual_seed(0))["loss"]) < first
 
+    # A noise offset changes the noise drawn, so the loss; the objective rejects a negative one.
+    with torch.no_grad():
+        offset = DiffusionObjective(pipe, "unet", snr_gamma=5.0, noise_offset=0.5)(*many, torch.Generator().manual_seed(0))
+    assert float(offset["loss"]) != float(weighted)
+    with pytest.raises(ValueError, match="noise_offset"):
+        DiffusionObjective(pipe, "unet", noise_offset=-0.1)
+
     with pytest.raises(ValueError, match="prompts"):
         model(posteriors, prompts[:1])
     with pytest.raises(ValueError, match="non-empty"):
@@ -273,6 +281,22 @@ def test_unet_objective_trains_the_unet_alone_and_lowers_the_loss(base: str, les
         DiffusionObjective(pipe, "unet", caption_dropout=1.0)
     with pytest.raises(ValueError, match="no LoRA adapter"):
         DiffusionObjective(pipe, "lora")
+
+
+def test_noise_offset_shifts_each_image_and_channel_by_one_value() -> None:
+    latents = torch.zeros(256, 4, 8, 8)
+    plain = training_noise(latents, torch.Generator().manual_seed(0))
+    # Offset 0 is the plain draw: runs without an offset are what they were.
+    assert torch.equal(training_noise(latents, torch.Generator().manual_seed(0), 0.0), plain)
+    shifted = training_noise(latents, torch.Generator().manual_seed(0), 0.5)
+    shift = shifted - plain  # the plain draw comes first from the same generator
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)  # one value per image and channel
+    assert float(shift[:, :, 0, 0].std()) == pytest.approx(0.5, rel=0.1)
+    # The offset moves an image's mean: per image and channel, the means spread by sqrt(1 / 64 + 0.25), not 1 / 8.
+    assert float(shifted.mean(dim=(2, 3)).std()) == pytest.approx(math.sqrt(1 / 64 + 0.25), rel=0.1)
+    assert float(plain.mean(dim=(2, 3)).std()) == pytest.approx(1 / 8, rel=0.1)
+    with pytest.raises(ValueError, match="offset"):
+        training_noise(latents, None, -0.1)
 
 
 def test_calibrated_scale_gives_unit_variance_latents(base: str, lesions) -> None:

@@ -13,7 +13,8 @@ Training runs in two stages, as Stable Diffusion itself was trained:
 Captions are replaced by the empty caption with probability `caption_dropout`, so the UNet also
 learns the unconditional prediction that classifier-free guidance subtracts at sampling time
 (`generate`'s `guidance_scale`); Min-SNR-gamma loss weighting (Hang et al. 2023) keeps the
-near-noiseless timesteps from dominating training.
+near-noiseless timesteps from dominating training; a noise offset (`training_noise`) lets the
+model set an image's overall colour from its caption.
 
 Adapters are written through diffusers' `save_lora_weights` (`pytorch_lora_weights.safetensors`,
 peft's key names, the LoRA config as metadata), so a plain `StableDiffusionPipeline.load_lora_weights(folder)` loads
@@ -252,9 +253,10 @@ def pretrain_unet(
     caption_dropout: float = 0.0,
     snr_gamma: float | None = None,
     log_every: int = 50,
+    noise_offset: float = 0.0,
 ) -> float:
     """Train the whole UNet on cached latent posteriors and caption ids; the mean loss of the last `log_every` steps."""
-    model = DiffusionObjective(pipe, "unet", caption_dropout=caption_dropout, snr_gamma=snr_gamma).train()
+    model = DiffusionObjective(pipe, "unet", caption_dropout, snr_gamma, noise_offset).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return train_steps(
         "UNet",
@@ -282,6 +284,7 @@ def train_ip_adapter(
     dropout: float = 0.0,
     snr_gamma: float | None = None,
     log_every: int = 50,
+    noise_offset: float = 0.0,
 ) -> float:
     """Train the UNet's IP-Adapter (`ip_adapter.add_ip_adapter`) on cached latent posteriors, caption ids and image
     tokens (`ip_adapter.image_embeddings` of the same images, and its unconditional tokens): each image is denoised
@@ -304,7 +307,7 @@ def train_ip_adapter(
         image = torch.where(no_image[:, None, None], unconditional, embeds[batch])
         text = captions(torch.where(no_caption[:, None], captions.empty, ids[batch]))
         latents = sample_latents(posteriors[batch].to(device=pipe.vae.device, dtype=pipe.vae.dtype), generator)
-        return _denoising_loss(pipe, latents, text, generator, snr_gamma, image_embeds=image)
+        return _denoising_loss(pipe, latents, text, generator, snr_gamma, image_embeds=image, noise_offset=noise_offset)
 
     pipe.unet.train()
     try:
@@ -362,13 +365,14 @@ def pretrain_base(
     device: str | torch.device | None = None,
     resolution: int | None = None,
     ip_adapter_steps: int = 0,
+    noise_offset: float = 0.0,
 ) -> dict[str, float | None]:
     """Pre-train a base pipeline in two stages on (image, caption) pairs and save it to `path_out`.
 
     1. the VAE alone for `vae_steps`; then its scaling factor is calibrated on up to
        CALIBRATION_IMAGES random images (`calibrate_latent_scale`) and saved with the model;
     2. every image's latent posterior and every distinct caption are encoded once, and the UNet
-       trains on them for `unet_steps` (caption dropout and Min-SNR weighting as given);
+       trains on them for `unet_steps` (caption dropout, Min-SNR weighting and noise offset as given);
     3. with `ip_adapter_steps`, an IP-Adapter on the saved base (`train_ip_adapter`, the UNet frozen),
        each image its own prompt as the tiny image encoder (`models.tiny.build_image_encoder`) sees it
        at `resolution`, saved to `<path_out>/ip_adapter` (`ip_adapter.save_ip_adapter`).
@@ -401,7 +405,7 @@ def pretrain_base(
         ids = tokenize(pipe.tokenizer, prompts)
     if unet_steps:
         losses["unet"] = pretrain_unet(
-            pipe, posteriors, ids, unet_steps, batch_size, lr, generator, caption_dropout, snr_gamma, log_every
+            pipe, posteriors, ids, unet_steps, batch_size, lr, generator, caption_dropout, snr_gamma, log_every, noise_offset
         )
     pipe.save_pretrained(str(path_out), safe_serialization=True)  # the base alone, before any IP-Adapter joins it
     _copy_missing_tokenizer_files(Path(path_in), Path(path_out))
@@ -428,6 +432,7 @@ def pretrain_base(
             caption_dropout,
             snr_gamma,
             log_every,
+            noise_offset,
         )
         save_ip_adapter(pipe.unet, encoder, Path(path_out) / IP_ADAPTER_FOLDER)
     return losses
@@ -693,7 +698,14 @@ class DiffusionObjective(torch.nn.Module):
     wrapper runs the loss with gradient sync.
     """
 
-    def __init__(self, pipe: Any, objective: str, caption_dropout: float = 0.0, snr_gamma: float | None = None):
+    def __init__(
+        self,
+        pipe: Any,
+        objective: str,
+        caption_dropout: float = 0.0,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+    ):
         super().__init__()
         if objective not in ("unet", "lora"):
             raise ValueError(f"objective must be 'unet' or 'lora', got {objective!r}")
@@ -706,7 +718,9 @@ class DiffusionObjective(torch.nn.Module):
         else:
             pipe.unet.requires_grad_(True)
         self.pipe, self.objective = pipe, objective
-        self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
+        if noise_offset < 0:
+            raise ValueError(f"noise_offset must be >= 0, got {noise_offset}")
+        self.caption_dropout, self.snr_gamma, self.noise_offset = caption_dropout, snr_gamma, noise_offset
         self.vae, self.unet, self.text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
@@ -722,7 +736,25 @@ class DiffusionObjective(torch.nn.Module):
         if self.training:
             ids = self.captions.drop(ids.cpu(), self.caption_dropout, generator)
         latents = sample_latents(posteriors.to(device=self.vae.device, dtype=self.vae.dtype), generator)
-        return {"loss": _denoising_loss(self.pipe, latents, self.captions(ids), generator, self.snr_gamma)}
+        text = self.captions(ids)
+        return {"loss": _denoising_loss(self.pipe, latents, text, generator, self.snr_gamma, noise_offset=self.noise_offset)}
+
+
+def training_noise(latents: torch.Tensor, generator: torch.Generator | None, offset: float = 0.0) -> torch.Tensor:
+    """The noise a training step adds to `latents` [B, C, h, w]: standard normal, plus with `offset` one normal
+    value x `offset` per image and channel, constant over the image (the noise offset of diffusers' training
+    scripts' `--noise_offset`). Plain noise never moves an image's mean far from the clean image's, so a model
+    trained on it barely learns to set a whole image's colour from its caption; here the diagnosis is largely a
+    colour. Offset 0 draws exactly the plain noise (the same generator draws, so runs without it are unchanged)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if offset < 0:
+        raise ValueError(f"noise offset must be >= 0, got {offset}")
+    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if offset:
+        shift = randn_tensor((*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + offset * shift
+    return noise
 
 
 def _denoising_loss(
@@ -732,14 +764,14 @@ def _denoising_loss(
     generator: torch.Generator | None,
     snr_gamma: float | None = None,
     image_embeds: torch.Tensor | None = None,  # [B, T, D]
+    noise_offset: float = 0.0,
 ) -> torch.Tensor:
     """DDPM epsilon MSE: noise the scaled latents at random timesteps, predict the noise.
 
     With `snr_gamma`, each sample's error is weighted min(SNR(t), gamma) / SNR(t) (Min-SNR-gamma,
     for epsilon prediction), as diffusers' training scripts' `--snr_gamma`. `image_embeds` [B, D]:
-    each sample's image tokens, for a UNet with an IP-Adapter."""
+    each sample's image tokens, for a UNet with an IP-Adapter. `noise_offset`: see `training_noise`."""
     from diffusers import DDPMScheduler
-    from diffusers.utils.torch_utils import randn_tensor
 
     # Training noise comes from a DDPM scheduler with the pipeline's schedule (betas, number of
     # steps); the pipeline's own scheduler (DDIM here) is for sampling only. Built once per pipeline.
@@ -749,7 +781,7 @@ def _denoising_loss(
     if noise_scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"only epsilon-prediction bases are supported, got {noise_scheduler.config.prediction_type!r}")
     latents = latents * pipe.vae.config.scaling_factor
-    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = training_noise(latents, generator, noise_offset)
     timesteps = torch.randint(
         0,
         noise_scheduler.config.num_train_timesteps,
