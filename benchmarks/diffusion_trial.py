@@ -8,7 +8,10 @@ The same core functions as `jobs.diffusion` and `jobs.diffusion_eval` (pretrain_
 cached latents, the evaluation's base / LoRA / image-guided runs), without Ray: for trying settings in
 minutes before a study run. Prints the evaluation's Markdown; writes the grids beside the base and adapter.
 `--per-diagnosis --targets all-layers` trains adapters as benchmarks/study.py does (one per diagnosis, the steps
-split by its share of lesions), in `--out`/adapters/<code>.
+split by its share of lesions), in `--out`/adapters/<code>. `--vae-from out/study/diffusion/base` keeps a study's
+VAE and pre-trains the UNet alone (a UNet or adapter setting compared without the VAE's 9 minutes), e.g. the noise
+offset: `--images 4000 --unet-steps 1500 --per-diagnosis --targets all-layers --rank 16 --lora-steps 1536
+--noise-offset 0` against `--noise-offset 0.1`.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main() -> None:
     parser.add_argument("--caption-dropout", type=float, default=trained.caption_dropout)
     parser.add_argument("--noise-offset", type=float, default=trained.noise_offset, help="base and adapters (0: none)")
     parser.add_argument("--base", help="a base this script pre-trained before (its --out/base): skips pre-training")
+    parser.add_argument("--vae-from", help="a pre-trained base whose VAE to keep (no VAE steps): pre-trains the UNet alone on it")
     parser.add_argument("--adapter", help="an adapter this script trained before (its --out/adapter): skips LoRA training")
     parser.add_argument("--images-per-class", type=int, default=evaluated.images_per_class)
     parser.add_argument("--steps", type=int, default=evaluated.steps, help="denoising steps per generated image")
@@ -83,6 +87,13 @@ def main() -> None:
     base_dir, losses = Path(args.base) if args.base else out / "base", None
     if not args.base:
         base = resolve_model("diffusion_base", "tiny", ModelsConfig())
+        if args.vae_from:  # the random tiny base with that VAE in its place; the UNet (and IP-Adapter) train anew
+            staged = out / "tiny-with-vae"
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(base, staged)
+            shutil.rmtree(staged / "vae")
+            shutil.copytree(Path(args.vae_from) / "vae", staged / "vae")
+            base, args.vae_steps = str(staged), 0
         generic = [lesion_caption(None, r, True) for r in rows]  # the base never reads a diagnosis
         losses = p.pretrain_base(
             base,
