@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--guide-strength", type=float, default=evaluated.guide_strength)
     parser.add_argument("--guide-sweep", type=float, nargs="*", default=evaluated.guide_sweep, help="further strengths")
     args = parser.parse_args()
+    if args.base and args.vae_from:
+        parser.error("--base skips pre-training, so --vae-from would be ignored: give one of them")
     # The evaluation's settings checked before minutes of pre-training (a strength that leaves no denoising step).
     DiffusionEvalConfig(steps=args.steps, guide_strength=args.guide_strength, guide_sweep=args.guide_sweep)
 
@@ -93,14 +95,14 @@ def main() -> None:
             shutil.copytree(base, staged)
             shutil.rmtree(staged / "vae")
             shutil.copytree(Path(args.vae_from) / "vae", staged / "vae")
-            base, args.vae_steps = str(staged), 0
+            base = str(staged)
         generic = [lesion_caption(None, r, True) for r in rows]  # the base never reads a diagnosis
         losses = p.pretrain_base(
             base,
             base_dir,
             [decode_rgb(r["image_bytes"]) for r in rows],
             generic,
-            vae_steps=args.vae_steps,
+            vae_steps=0 if args.vae_from else args.vae_steps,
             unet_steps=args.unet_steps,
             batch_size=args.batch,
             lr=args.lr,
