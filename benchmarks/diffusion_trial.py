@@ -52,6 +52,9 @@ def main() -> None:
     )
     parser.add_argument("--caption-dropout", type=float, default=trained.caption_dropout)
     parser.add_argument("--noise-offset", type=float, default=trained.noise_offset, help="base and adapters (0: none)")
+    parser.add_argument(
+        "--zero-terminal-snr", action="store_true", help="the UNet on a schedule ending in pure noise, v-prediction"
+    )
     parser.add_argument("--base", help="a base this script pre-trained before (its --out/base): skips pre-training")
     parser.add_argument("--vae-from", help="a pre-trained base whose VAE to keep (no VAE steps): pre-trains the UNet alone on it")
     parser.add_argument("--adapter", help="an adapter this script trained before (its --out/adapter): skips LoRA training")
@@ -62,6 +65,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.base and args.vae_from:
         parser.error("--base skips pre-training, so --vae-from would be ignored: give one of them")
+    if args.base and args.zero_terminal_snr:
+        parser.error("--base skips pre-training: its schedule is the one it was trained with (--zero-terminal-snr ignored)")
     # The evaluation's settings checked before minutes of pre-training (a strength that leaves no denoising step).
     DiffusionEvalConfig(steps=args.steps, guide_strength=args.guide_strength, guide_sweep=args.guide_sweep)
 
@@ -110,6 +115,7 @@ def main() -> None:
             caption_dropout=args.caption_dropout,
             snr_gamma=trained.snr_gamma,
             noise_offset=args.noise_offset,
+            zero_terminal_snr=args.zero_terminal_snr,
             resolution=args.resolution,
             log_every=100,
         )

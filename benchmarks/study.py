@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--diffusion-unet-steps", type=int, default=DIFFUSION["unet_steps"], help="0: no diffusion part")
     parser.add_argument("--diffusion-lora-epochs", type=int, default=DIFFUSION["lora_epochs"])
     parser.add_argument("--diffusion-noise-offset", type=float, default=0.0, help="base and adapters (diffusion.noise_offset)")
+    parser.add_argument(
+        "--diffusion-zero-terminal-snr", action="store_true", help="the base's UNet on diffusion.pretrain.zero_terminal_snr"
+    )
     args = parser.parse_args()
     if unknown := set(args.arms) - set(ARMS):
         parser.error(f"unknown arms {sorted(unknown)}; the arms are {list(ARMS)}")
@@ -161,6 +164,7 @@ def main() -> None:
             f"diffusion.pretrain.ip_adapter_steps={DIFFUSION['ip_adapter_steps']}",
             f"diffusion.train.epochs={args.diffusion_lora_epochs}",
             f"diffusion.noise_offset={args.diffusion_noise_offset}",
+            f"diffusion.pretrain.zero_terminal_snr={str(args.diffusion_zero_terminal_snr).lower()}",
             f"diffusion.lora_rank={DIFFUSION['lora_rank']}",
             f"diffusion.lora_alpha={DIFFUSION['lora_rank']}",  # scale 1, as the trial's adapter
             "diffusion.adapters=per_diagnosis",

@@ -184,6 +184,7 @@ def pretrain_task(
                 caption_dropout=settings["caption_dropout"],
                 snr_gamma=settings["snr_gamma"],
                 noise_offset=settings["noise_offset"],
+                zero_terminal_snr=p["zero_terminal_snr"],
                 resolution=settings["resolution"],
                 ip_adapter_steps=p["ip_adapter_steps"],
             )

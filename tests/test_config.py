@@ -30,6 +30,7 @@ def test_yaml_then_overrides(tmp_path):
         "ingest.split_fractions=[0.5, 0.5, 0.5]",
         ["pipeline.mixed_clinics=true", "pipeline.shifted_lesions=0"],
         ["grounding.input=out/a", "grounding.mixed_inputs=[out/b, out/a]"],
+        ["diffusion.pretrain.zero_terminal_snr=true", "diffusion.pretrain.unet_steps=0"],  # no UNet learns the schedule
     ],
 )
 def test_bad_overrides_are_errors(override):

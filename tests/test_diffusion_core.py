@@ -13,6 +13,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from dermaray.diffusion.pipeline import (
     LORA_WEIGHT_NAME,
     CaptionStates,
     DiffusionObjective,
+    _denoising_loss,
     add_lora,
     calibrate_latent_scale,
     encode_latents,
@@ -45,6 +47,7 @@ from dermaray.diffusion.pipeline import (
     training_noise,
     vae_round_trip,
     vae_step_loss,
+    zero_terminal_snr_scheduler,
 )
 from dermaray.images import decode_rgb
 from dermaray.models import resolve_model
@@ -297,6 +300,83 @@ def test_noise_offset_shifts_each_image_and_channel_by_one_value() -> None:
     assert float(plain.mean(dim=(2, 3)).std()) == pytest.approx(1 / 8, rel=0.1)
     with pytest.raises(ValueError, match="offset"):
         training_noise(latents, None, -0.1)
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in UNet that knows the clean latents, so it returns exactly the noise or the velocity of each
+    noisy input: the denoising loss is zero only against the target it was built for."""
+
+    dtype = torch.float32
+
+    def __init__(self, clean: torch.Tensor, alphas_cumprod: torch.Tensor, predicts: str):
+        super().__init__()
+        self.clean, self.alphas, self.predicts = clean, alphas_cumprod, predicts
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> SimpleNamespace:
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        noise = (noisy - a.sqrt() * self.clean) / (1 - a).sqrt()
+        return SimpleNamespace(sample=noise if self.predicts == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * self.clean)
+
+
+def test_zero_terminal_snr_schedule_ends_in_pure_noise_and_trains_velocity(base: str) -> None:
+    from diffusers import DDPMScheduler
+
+    original = load_pipeline(base).scheduler
+    zero = zero_terminal_snr_scheduler(original)
+    assert (zero.config.prediction_type, zero.config.timestep_spacing) == ("v_prediction", "trailing")
+    alphas = DDPMScheduler.from_config(zero.config).alphas_cumprod
+    assert float(alphas[-1]) == 0.0  # the last timestep keeps none of the image
+    assert float(DDPMScheduler.from_config(original.config).alphas_cumprod[-1].sqrt()) > 0.05  # SD 1.5's keeps ~7%
+
+    clean = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.zeros(64, 77, 32)
+
+    def loss(scheduler, predicts: str) -> float:
+        unet = Oracle(clean, DDPMScheduler.from_config(scheduler.config).alphas_cumprod, predicts)
+        pipe = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)), scheduler=scheduler, unet=unet)
+        return float(_denoising_loss(pipe, clean, text, torch.Generator().manual_seed(1), snr_gamma=5.0))
+
+    # Each schedule's loss is zero against its own target only, and finite with Min-SNR weights at zero SNR.
+    assert loss(zero, "v_prediction") == pytest.approx(0.0, abs=1e-6)
+    assert loss(zero, "epsilon") > 0.1
+    assert loss(original, "epsilon") == pytest.approx(0.0, abs=1e-6)
+    assert loss(original, "v_prediction") > 0.1
+
+
+def test_pretrain_base_with_zero_terminal_snr_saves_its_schedule_and_samples(base: str, lesions, tmp_path: Path) -> None:
+    images, prompts = lesions
+    with pytest.raises(ValueError, match="unet_steps"):
+        pretrain_base(
+            base,
+            tmp_path / "none",
+            images,
+            prompts,
+            vae_steps=1,
+            unet_steps=0,
+            batch_size=2,
+            lr=1e-3,
+            seed=0,
+            zero_terminal_snr=True,
+        )
+    out = tmp_path / "base"
+    pretrain_base(
+        base,
+        out,
+        images,
+        prompts,
+        vae_steps=0,
+        unet_steps=2,
+        batch_size=2,
+        lr=1e-3,
+        seed=0,
+        resolution=TRAIN_PX,
+        zero_terminal_snr=True,
+    )
+    pipe = load_pipeline(out)  # the schedule travels with the base, to every adapter and generation
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    # Sampling starts at the last timestep, where a v-prediction base still gives a finite image (epsilon would not).
+    image = np.asarray(generate(pipe, [prompts[0]], 1, seed=0, steps=2, guidance_scale=1.0)[0], dtype=float)
+    assert pipe.scheduler.timesteps[0] == 999 and image.std() > 0
 
 
 def test_calibrated_scale_gives_unit_variance_latents(base: str, lesions) -> None:

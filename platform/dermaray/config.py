@@ -354,6 +354,16 @@ class BasePretrainConfig(Section):
     # knows lesions but not diagnoses, like a general-purpose base; "diagnosis": the class captions
     # the adapters use (the base then already draws classes and the adapters have little to add).
     captions: Literal["generic", "diagnosis"] = "generic"
+    # The UNet trained on a noise schedule that ends in pure noise, predicting velocity, and sampled from its last
+    # step (dermaray.diffusion.pipeline.zero_terminal_snr_scheduler; Lin et al. 2024), as the base's scheduler
+    # config then says to every adapter and generation. False: SD 1.5's schedule, epsilon-prediction.
+    zero_terminal_snr: bool = False
+
+    @model_validator(mode="after")
+    def _schedule_needs_unet_steps(self) -> BasePretrainConfig:
+        if self.zero_terminal_snr and not self.unet_steps:
+            raise ValueError("zero_terminal_snr needs unet_steps > 0: a UNet trained on another schedule cannot sample with it")
+        return self
 
 
 class DiffusionConfig(Section):

@@ -366,13 +366,15 @@ def pretrain_base(
     resolution: int | None = None,
     ip_adapter_steps: int = 0,
     noise_offset: float = 0.0,
+    zero_terminal_snr: bool = False,
 ) -> dict[str, float | None]:
     """Pre-train a base pipeline in two stages on (image, caption) pairs and save it to `path_out`.
 
     1. the VAE alone for `vae_steps`; then its scaling factor is calibrated on up to
        CALIBRATION_IMAGES random images (`calibrate_latent_scale`) and saved with the model;
     2. every image's latent posterior and every distinct caption are encoded once, and the UNet
-       trains on them for `unet_steps` (caption dropout, Min-SNR weighting and noise offset as given);
+       trains on them for `unet_steps` (caption dropout, Min-SNR weighting and noise offset as given; with
+       `zero_terminal_snr`, on `zero_terminal_snr_scheduler`'s schedule, which the saved base keeps);
     3. with `ip_adapter_steps`, an IP-Adapter on the saved base (`train_ip_adapter`, the UNet frozen),
        each image its own prompt as the tiny image encoder (`models.tiny.build_image_encoder`) sees it
        at `resolution`, saved to `<path_out>/ip_adapter` (`ip_adapter.save_ip_adapter`).
@@ -390,7 +392,11 @@ def pretrain_base(
         )
     if batch_size > len(images):
         raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} images")
+    if zero_terminal_snr and not unet_steps:
+        raise ValueError("zero_terminal_snr needs unet_steps: a UNet trained on another schedule cannot sample with it")
     pipe = load_pipeline(path_in, device=device)
+    if zero_terminal_snr:
+        pipe.scheduler = zero_terminal_snr_scheduler(pipe.scheduler)
     pixels = image_tensor(images, resolution or native_resolution(pipe))
     generator = torch.Generator().manual_seed(seed)  # batch order, latents, noise, timesteps, dropout
     losses: dict[str, float | None] = {"vae": None, "unet": None, "ip_adapter": None}
@@ -757,6 +763,18 @@ def training_noise(latents: torch.Tensor, generator: torch.Generator | None, off
     return noise
 
 
+def zero_terminal_snr_scheduler(scheduler: Any) -> Any:
+    """`scheduler` with a noise schedule that ends in pure noise (Lin et al. 2024, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed"): the betas rescaled so the last timestep keeps none of the image, v-prediction (the
+    noise alone says nothing of the image there) and sampling from that last timestep ("trailing"). SD 1.5's schedule
+    keeps ~7% of the image at its last step, so training never shows the UNet an image whose overall colour is still
+    to be chosen, and sampling starts from noise with a neutral one: a diagnosis that is largely a colour is then
+    hard to draw. Only for a UNet (pre-)trained with it: a base's scheduler config carries it to every adapter."""
+    return type(scheduler).from_config(
+        scheduler.config, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    )
+
+
 def _denoising_loss(
     pipe: Any,
     latents: torch.Tensor,
@@ -766,10 +784,11 @@ def _denoising_loss(
     image_embeds: torch.Tensor | None = None,  # [B, T, D]
     noise_offset: float = 0.0,
 ) -> torch.Tensor:
-    """DDPM epsilon MSE: noise the scaled latents at random timesteps, predict the noise.
+    """DDPM MSE: noise the scaled latents at random timesteps, predict what the base's scheduler says (the noise,
+    or with v-prediction the velocity, `zero_terminal_snr_scheduler`).
 
-    With `snr_gamma`, each sample's error is weighted min(SNR(t), gamma) / SNR(t) (Min-SNR-gamma,
-    for epsilon prediction), as diffusers' training scripts' `--snr_gamma`. `image_embeds` [B, D]:
+    With `snr_gamma`, each sample's error is weighted min(SNR(t), gamma) / SNR(t) for epsilon, / (SNR(t) + 1)
+    for v (Min-SNR-gamma), as diffusers' training scripts' `--snr_gamma`. `image_embeds` [B, D]:
     each sample's image tokens, for a UNet with an IP-Adapter. `noise_offset`: see `training_noise`."""
     from diffusers import DDPMScheduler
 
@@ -778,8 +797,9 @@ def _denoising_loss(
     noise_scheduler = getattr(pipe, "_training_noise_scheduler", None)
     if noise_scheduler is None:
         noise_scheduler = pipe._training_noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if noise_scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"only epsilon-prediction bases are supported, got {noise_scheduler.config.prediction_type!r}")
+    kind = noise_scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"only epsilon- and v-prediction bases are supported, got {kind!r}")
     latents = latents * pipe.vae.config.scaling_factor
     noise = training_noise(latents, generator, noise_offset)
     timesteps = torch.randint(
@@ -791,13 +811,15 @@ def _denoising_loss(
     ).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     image = {} if image_embeds is None else {"added_cond_kwargs": {"image_embeds": [image_embeds.to(latents)[:, None]]}}
+    target = noise if kind == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
     prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=text.to(pipe.unet.dtype), **image).sample
-    errors = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is None:
         return errors.mean()
     alphas = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
     snr = alphas / (1 - alphas)
-    return (errors * torch.clamp(snr, max=snr_gamma) / snr).mean()
+    # The paper's weights: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v (finite at a zero terminal SNR).
+    return (errors * torch.clamp(snr, max=snr_gamma) / (snr if kind == "epsilon" else snr + 1)).mean()
 
 
 def _copy_missing_tokenizer_files(source: Path, target: Path) -> None:
