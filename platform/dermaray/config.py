@@ -379,7 +379,8 @@ class DiffusionConfig(Section):
     snr_gamma: float | None = Field(default=5.0, gt=0)  # Min-SNR-gamma loss weighting; None: plain MSE
     # Training noise gets one value x noise_offset per image and channel (diffusers' `--noise_offset`; base and
     # adapters): lets the model set an image's overall colour from its caption, which a diagnosis largely is. 0.1
-    # lifted the adapters' class relevance in a one-process pair (README, Results); not yet measured in the study.
+    # lifted the adapters' class relevance in a one-process pair, but not in the study (0.266 against 0.289; README,
+    # Results), and it lifted the diagnosis-free base's: off.
     noise_offset: float = Field(default=0.0, ge=0, le=1)
     run_name: str = "lora"
     limit: int | None = Field(default=None, ge=1)  # only the first N lesions (by id) of each split, for trials
