@@ -10,8 +10,8 @@ minutes before a study run. Prints the evaluation's Markdown; writes the grids b
 `--per-diagnosis --targets all-layers` trains adapters as benchmarks/study.py does (one per diagnosis, the steps
 split by its share of lesions), in `--out`/adapters/<code>. `--vae-from out/study/diffusion/base` keeps a study's
 VAE and pre-trains the UNet alone (a UNet or adapter setting compared without the VAE's 9 minutes), e.g. the noise
-offset: `--images 4000 --unet-steps 1500 --per-diagnosis --targets all-layers --rank 16 --lora-steps 1536
---noise-offset 0` against `--noise-offset 0.1`.
+schedule: `--images 4000 --unet-steps 1500 --per-diagnosis --targets all-layers --rank 16 --lora-steps 1536` against
+the same with `--zero-terminal-snr` (README, Results: 15 minutes each on 2 cores).
 """
 
 from __future__ import annotations
