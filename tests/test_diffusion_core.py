@@ -345,33 +345,11 @@ def test_zero_terminal_snr_schedule_ends_in_pure_noise_and_trains_velocity(base:
 
 def test_pretrain_base_with_zero_terminal_snr_saves_its_schedule_and_samples(base: str, lesions, tmp_path: Path) -> None:
     images, prompts = lesions
+    common = {"images": images, "prompts": prompts, "batch_size": 2, "lr": 1e-3, "seed": 0, "zero_terminal_snr": True}
     with pytest.raises(ValueError, match="unet_steps"):
-        pretrain_base(
-            base,
-            tmp_path / "none",
-            images,
-            prompts,
-            vae_steps=1,
-            unet_steps=0,
-            batch_size=2,
-            lr=1e-3,
-            seed=0,
-            zero_terminal_snr=True,
-        )
+        pretrain_base(base, tmp_path / "none", vae_steps=1, unet_steps=0, **common)
     out = tmp_path / "base"
-    pretrain_base(
-        base,
-        out,
-        images,
-        prompts,
-        vae_steps=0,
-        unet_steps=2,
-        batch_size=2,
-        lr=1e-3,
-        seed=0,
-        resolution=TRAIN_PX,
-        zero_terminal_snr=True,
-    )
+    pretrain_base(base, out, vae_steps=0, unet_steps=2, resolution=TRAIN_PX, **common)
     pipe = load_pipeline(out)  # the schedule travels with the base, to every adapter and generation
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
     # Sampling starts at the last timestep, where a v-prediction base still gives a finite image (epsilon would not).
