@@ -293,6 +293,8 @@ def test_evaluation_separates_an_informative_embedding_from_noise() -> None:
     assert value == pytest.approx(area["prediction"]["frozen_probe"]["spearman"]) and low < value < high
     table = markdown({"held-out": result})
     assert "| area_mm2 |" in table and "| eccentricity |" in table
+    # Nor the grounded table's: every figure and interval is the same whatever order its rows were written in.
+    assert evaluate_set(frozen, grounded.sample(frac=1, random_state=1), train_frozen, ATTRS) == result
 
 
 def test_a_query_sample_scores_as_those_queries_of_the_whole_set() -> None:

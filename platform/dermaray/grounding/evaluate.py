@@ -91,6 +91,9 @@ def evaluate_set(
 
     Prediction is scored on every lesion; retrieval from `max_queries` of them (a seeded sample, or all)
     against the whole set, each query leaving itself out."""
+    # In lesion-id order: the seeded query sample and bootstrap draw rows by position, and an embeddings table's rows
+    # come in the order its blocks were written, which differs between runs.
+    grounded = grounded.sort_values("lesion_id", kind="stable", ignore_index=True)
     frozen = frozen.set_index("lesion_id").loc[grounded.lesion_id].reset_index()
     if len(grounded) <= K:
         raise ValueError(f"an evaluation set needs more than {K} lesions, got {len(grounded)}")
