@@ -79,47 +79,33 @@ def rank_contrast(
     return -(log_prob * off).sum() / off.sum()
 
 
-def retrieval(model, scaler, scored: dict, attributes: list[str], cfg) -> dict:
-    """The test split's R@1 (frozen -> grounded, and the paired gain's interval) per attribute, as the study scores it."""
+def retrieval(scored: dict, embedding: np.ndarray, predicted: np.ndarray, attributes: list[str], cfg) -> dict:
+    """The test split's R@1 (frozen -> grounded, and the paired gain's interval) per attribute, as the study scores it:
+    `embedding` and `predicted` (native units) are the grounded model's on scored["in_domain"], in its row order."""
     import pandas as pd
 
-    from dermaray.grounding.data import PIXELS, Preprocessor
-    from dermaray.grounding.embed import PREDICTED_PREFIX
+    from dermaray.grounding.data import PIXELS
+    from dermaray.grounding.embed import FROZEN, PREDICTED_PREFIX, LesionEmbedder
     from dermaray.grounding.evaluate import evaluate_set
-    from dermaray.grounding.vision import ImageEmbedder
-    from dermaray.models.registry import resolve_model
 
-    base = cfg.models.grounding_mllm
-    frozen_net = ImageEmbedder.from_pretrained(resolve_model("grounding_mllm", base, cfg.models)).eval()
-    frozen_prepare = Preprocessor(base, cfg.models, keep=())
+    frozen = LesionEmbedder(FROZEN, cfg.models.grounding_mllm, cfg.models, device="cpu")  # what jobs.embeddings runs
 
-    def frame(table, net, prepare, grounded: bool) -> pd.DataFrame:
-        embeddings, predicted = [], []
-        for i in range(0, table.num_rows, 256):
-            part = table.slice(i, 256)
-            batch = {"image_bytes": np.array(part["image_bytes"].to_pylist(), dtype=object)}
-            px = torch.from_numpy(prepare(batch)[PIXELS])
-            with torch.no_grad():
-                if grounded:
-                    out = net(px)
-                    z = out["embedding"]
-                    predicted.append(scaler.inverse(out["attributes"].numpy()))
-                else:
-                    z = net(px)
-            embeddings.append(torch.nn.functional.normalize(z.float(), dim=-1).numpy())
+    def frame(table, vectors: np.ndarray) -> pd.DataFrame:
         rows = {"lesion_id": table["lesion_id"].to_pylist(), **{a: table[a].to_numpy() for a in attributes}}
-        rows["embedding"] = list(np.concatenate(embeddings))
-        if grounded:
-            values = np.concatenate(predicted)
-            rows.update({PREDICTED_PREFIX + a: values[:, j] for j, a in enumerate(attributes)})
-        return pd.DataFrame(rows)
+        return pd.DataFrame({**rows, "embedding": list(vectors)})
 
-    grounded_prepare = Preprocessor(base, cfg.models, keep=(), image_size=model.settings.image_size)
+    def frozen_frame(table) -> pd.DataFrame:
+        chunks = (table.slice(i, 256)["image_bytes"].to_pylist() for i in range(0, table.num_rows, 256))
+        pixels = (frozen.preprocess({"image_bytes": np.array(c, dtype=object)})[PIXELS] for c in chunks)
+        return frame(table, np.concatenate([frozen.embed_pixels(px)[0] for px in pixels]))
+
     test = scored["in_domain"]
+    grounded = frame(test, torch.nn.functional.normalize(torch.from_numpy(embedding), dim=-1).numpy())
+    grounded = grounded.assign(**{PREDICTED_PREFIX + a: predicted[:, j] for j, a in enumerate(attributes)})
     evaluated = evaluate_set(
-        frame(test, frozen_net, frozen_prepare, False),
-        frame(test, model, grounded_prepare, True),
-        frame(scored["train"], frozen_net, frozen_prepare, False),
+        frozen_frame(test),
+        grounded,
+        frozen_frame(scored["train"]),
         attributes,
         cfg.grounding_eval.tau_std,
         cfg.grounding_eval.max_queries,
@@ -278,9 +264,12 @@ def main() -> None:
     for name, table in scored.items():
         px, truth = tensors(table)
         with torch.no_grad():
-            predicted = torch.cat([model(px[i : i + 512])["attributes"] for i in range(0, len(px), 512)]).numpy()
+            outputs = [model(px[i : i + 512]) for i in range(0, len(px), 512)]
+        predicted = torch.cat([o["attributes"] for o in outputs]).numpy()
         result[name] = {a: round(float(spearman(truth[:, j].numpy(), predicted[:, j])), 3) for j, a in enumerate(attributes)}
-    result["R@1"] = retrieval(model, scaler, scored, attributes, cfg)
+        if name == "in_domain":  # the same forward pass gives the test split's retrieval its grounded side
+            test_embedding, test_predicted = torch.cat([o["embedding"] for o in outputs]).numpy(), scaler.inverse(predicted)
+    result["R@1"] = retrieval(scored, test_embedding, test_predicted, attributes, cfg)
     print(json.dumps(result))
     if args.results:
         with open(args.results, "a") as f:
