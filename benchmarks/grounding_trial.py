@@ -73,9 +73,9 @@ def rank_contrast(
     off = ~torch.eye(n, dtype=torch.bool, device=z.device)
     # [i, j, k]: k counts in j's denominator when d(i, k) >= d(i, j), k != i
     farther = (distance[:, None, :] >= distance[:, :, None]) & off[:, None, :]
-    exp = torch.exp(logits - logits.max(dim=1, keepdim=True).values.detach())  # the same shift per anchor row
-    denominator = (exp[:, None, :] * farther).sum(-1)  # [i, j]
-    log_prob = torch.log(exp) - torch.log(denominator.clamp(min=1e-12))
+    shifted = logits - logits.max(dim=1, keepdim=True).values.detach()  # the same shift per anchor row
+    denominator = (shifted.exp()[:, None, :] * farther).sum(-1)  # [i, j]
+    log_prob = shifted - torch.log(denominator.clamp(min=1e-12))
     return -(log_prob * off).sum() / off.sum()
 
 
