@@ -8,6 +8,7 @@ R@1 over the untuned base (the study's "frozen") on the clinic's test split.
         intermediate_size=128                                                              # a wider random tower
     .venv/bin/python benchmarks/grounding_trial.py --workdir out --weight eccentricity=4    # one attribute weighted more
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --cnn               # a small CNN in the tower's place
+    .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --heads-read direction  # heads on the unit embedding
 
 The study's first arm without Ray (the grounding job's model and batch loss: flips and quarter turns, photometric
 views; AdamW with warm-up and cosine; configs/local.yaml's base, learning rate, batch size and attribute weights; fp32, no
@@ -130,6 +131,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--feature-layer", type=int, default=None, help="the tower's layer read (default: the config's)")
     parser.add_argument("--heads", choices=["linear", "mlp"], default="linear", help="mlp: one hidden layer of 128")
+    parser.add_argument(
+        "--heads-read", choices=["embedding", "direction"], default=None, help="what the heads read (default: the config's)"
+    )
     parser.add_argument("--image-size", type=int, default=None, help="the tower's input side (default: the config's)")
     parser.add_argument("--base", default=None, help="the grounding MLLM: a preset or a local folder (default: the config's)")
     parser.add_argument(
@@ -215,7 +219,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     x, y = tensors(train)
     spec = g.model_dump(include=set(GroundingSpec.model_fields) - {"attributes"})
-    chosen = {k: v for k, v in {"image_size": args.image_size, "feature_layer": args.feature_layer}.items() if v is not None}
+    chosen = {"image_size": args.image_size, "feature_layer": args.feature_layer, "heads_read": args.heads_read}
+    chosen = {k: v for k, v in chosen.items() if v is not None}
     settings = GroundingSettings(cfg.models.grounding_mllm, attributes, **{**spec, **chosen})
     model = GroundingModel.from_settings(settings, cfg.models)
     if args.cnn:  # after from_settings: the heads and the photometric views' normalization stay the base's

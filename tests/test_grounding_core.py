@@ -137,6 +137,24 @@ def test_feature_layer_is_read_saved_and_kept_by_a_classifier_started_from_it(mo
         GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, feature_layer=3), models)
 
 
+def test_direction_heads_read_what_the_cosine_index_compares_and_survive_a_reload(models: ModelsConfig, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="full", heads_read="direction"), models).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        z = out["embedding"]
+        # The heads see the unit vector (x sqrt(dim)): scaling the embedding leaves the predictions as they were.
+        unit = torch.nn.functional.normalize(z, dim=-1) * z.shape[-1] ** 0.5
+        assert torch.allclose(out["attributes"], model.heads(unit), atol=1e-6)
+        assert torch.allclose(model.heads(unit), model.heads(torch.nn.functional.normalize(5 * z, dim=-1) * z.shape[-1] ** 0.5))
+        assert not torch.allclose(out["attributes"], model.heads(z), atol=1e-3)  # not what the plain heads read
+    save_model(tmp_path / "m", model, AttributeScaler(ATTRS, [0.0, 0.0], [1.0, 1.0], [False, False]))
+    loaded = load_model(tmp_path / "m", models)[0]
+    with torch.no_grad():
+        assert loaded.settings.heads_read == "direction" and torch.allclose(loaded(x)["attributes"], out["attributes"], atol=1e-6)
+
+
 def test_a_classifier_started_from_a_grounded_tower_sees_images_at_the_side_it_learned(
     models: ModelsConfig, tmp_path: Path
 ) -> None:

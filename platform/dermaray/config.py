@@ -251,6 +251,9 @@ class GroundingSpec(Section):
     # The tower's hidden layer the embedding reads (LLaVA's vision_feature_layer: -2, the penultimate, for LLaVA-1.5;
     # 0 is the patch embeddings); None: the base model's own. The frozen baseline always reads the base's own.
     feature_layer: int | None = None
+    # What the attribute heads read: the embedding, or its direction (the embedding L2-normalised, scaled by
+    # sqrt(dim)), the geometry the cosine index searches, so an attribute the heads read is one retrieval sees.
+    heads_read: Literal["embedding", "direction"] = "embedding"
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_targets: list[str] = ["q_proj", "v_proj"]

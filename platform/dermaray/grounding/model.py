@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from pydantic import field_validator
 from torch import nn
+from torch.nn import functional as F
 
 from dermaray.config import GroundingSpec, ModelsConfig
 from dermaray.grounding.vision import ImageEmbedder
@@ -134,7 +135,8 @@ class GroundingModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.embedder(pixel_values)
-        return {"embedding": z, "attributes": self.heads(z)}
+        read = z if self.settings.heads_read == "embedding" else F.normalize(z, dim=-1) * z.shape[-1] ** 0.5
+        return {"embedding": z, "attributes": self.heads(read)}
 
     def _trained(self) -> set[str]:
         """The state training changes: trainable weights, and the buffers of the layers they sit in (a batch norm's
