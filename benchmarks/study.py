@@ -19,6 +19,9 @@ its own workdir, so all arms see the same lesions):
   last as configured;
 - pretrained, photometric, delta_lb_norm 4x (only when `--arms` names it): delta_lb_norm's loss weighted as area's,
   so its head predicts it more precisely (in one-process trials its R@1 by the head 0.235 -> 0.33-0.38);
+- pretrained, photometric, direction heads, delta_lb_norm 4x (only when `--arms` names it): grounding.heads_read=direction,
+  the heads reading the embedding's direction (what the cosine index compares), and delta_lb_norm's loss weighted as
+  area's; the four R@1 gains' best arm, at the goal's edge (README: "delta_lb_norm's R@1: what limits it");
 - pretrained conv tower, photometric: models.grounding_mllm=tiny-conv-pretrained, a tiny FastVLM (a ResNet tower at
   the tiles' 128 px) pre-trained as the ViT is, symmetry's loss weighted 4x as area's (about 10 minutes; its first
   use builds it: about 17 minutes);
@@ -57,17 +60,23 @@ ARMS: dict[str, list[str]] = {
     "pretrained, photometric, mixed clinics": ["pipeline.mixed_clinics=true"],
     "pretrained, photometric, penultimate layer": ["grounding.feature_layer=-2"],
     "pretrained, photometric, delta_lb_norm 4x": ["grounding.attribute_weights.delta_lb_norm=4"],
+    "pretrained, photometric, direction heads, delta_lb_norm 4x": [
+        "grounding.heads_read=direction",
+        "grounding.attribute_weights.delta_lb_norm=4",
+    ],
     "pretrained conv tower, photometric": [*CONV_TOWER],
     "pretrained conv tower, photometric, mixed clinics": [*CONV_TOWER, "pipeline.mixed_clinics=true"],
 }
-# The arms `make study` runs: the penultimate-layer control (about 3.5 minutes), the 128 px arm (about 9) and the conv
-# tower on mixed clinics (about 10) are left out for time (the five default arms and the diffusion part took about 70
-# minutes on machine B, 2026-12-06). `--arms` lists the arms to run (the default ones too, if wanted):
+# The arms `make study` runs: the penultimate-layer control (about 3.5 minutes), the 128 px arm (about 9), the two
+# delta_lb_norm arms (about 3 each) and the conv tower on mixed clinics (about 10) are left out for time (the five
+# default arms and the diffusion part took about 70 minutes on machine B, 2026-12-06). `--arms` lists the arms to run
+# (the default ones too, if wanted):
 # `--arms "pretrained, geometric only" "pretrained, photometric, 128 px"`.
 OPTIONAL_ARMS = (
     "pretrained, photometric, 128 px",
     "pretrained, photometric, penultimate layer",
     "pretrained, photometric, delta_lb_norm 4x",
+    "pretrained, photometric, direction heads, delta_lb_norm 4x",
     "pretrained conv tower, photometric, mixed clinics",
 )
 DEFAULT_ARMS = [arm for arm in ARMS if arm not in OPTIONAL_ARMS]
