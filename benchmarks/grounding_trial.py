@@ -265,7 +265,7 @@ def main() -> None:
             optimizer.step()
             schedule.step()
     model.eval()
-    result: dict = {"args": vars(args), "seconds": round(time.perf_counter() - started, 1)}
+    result: dict = {"args": vars(args), "settings": settings.model_dump(), "seconds": round(time.perf_counter() - started, 1)}
     for name, table in scored.items():
         px, truth = tensors(table)
         with torch.no_grad():

@@ -21,7 +21,7 @@ its own workdir, so all arms see the same lesions):
   so its head predicts it more precisely (in one-process trials its R@1 by the head 0.235 -> 0.33-0.38);
 - pretrained, photometric, direction heads, delta_lb_norm 4x (only when `--arms` names it): grounding.heads_read=direction,
   the heads reading the embedding's direction (what the cosine index compares), and delta_lb_norm's loss weighted as
-  area's; the four R@1 gains' best arm, at the goal's edge (README: "delta_lb_norm's R@1: what limits it");
+  area's; the arm closest to all four R@1 goals (README: "delta_lb_norm's R@1: what limits it");
 - pretrained conv tower, photometric: models.grounding_mllm=tiny-conv-pretrained, a tiny FastVLM (a ResNet tower at
   the tiles' 128 px) pre-trained as the ViT is, symmetry's loss weighted 4x as area's (about 10 minutes; its first
   use builds it: about 17 minutes);
@@ -158,6 +158,7 @@ def main() -> None:
             "base": cfg.models.grounding_mllm,
             "photometric": cfg.grounding.photometric,
             "image_size": cfg.grounding.image_size,
+            "heads_read": cfg.grounding.heads_read,
             "seconds": round(time.perf_counter() - started, 1),
             "grounding_eval": evaluated,
             "stage_seconds": results["stage_seconds"],

@@ -165,6 +165,8 @@ def run(cfg: DermarayConfig) -> dict:
         "tune": g.tune,
         "photometric": g.photometric,
         "image_size": g.image_size,
+        "heads_read": g.heads_read,
+        "attribute_weights": g.attribute_weights,
         "inputs": inputs_of(g),
         "attributes": list(g.attributes),
         "lesions": counts,

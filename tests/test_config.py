@@ -31,6 +31,10 @@ def test_yaml_then_overrides(tmp_path):
         ["pipeline.mixed_clinics=true", "pipeline.shifted_lesions=0"],
         ["grounding.input=out/a", "grounding.mixed_inputs=[out/b, out/a]"],
         ["diffusion.pretrain.zero_terminal_snr=true", "diffusion.pretrain.unet_steps=0"],  # no UNet learns the schedule
+        "grounding.attribute_weights.delta_lb_nrom=4",  # a weight that would weigh nothing
+        ["grounding.attributes=[area_mm2]", "grounding.attribute_weights.eccentricity=2"],
+        "grounding.attribute_weights.area_mm2=-1",
+        "grounding.heads_read=norm",
     ],
 )
 def test_bad_overrides_are_errors(override):

@@ -1,6 +1,7 @@
 """Grounding cores without a cluster: scaler, model modes, checkpoint files, text encoder, evaluation."""
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -137,22 +138,44 @@ def test_feature_layer_is_read_saved_and_kept_by_a_classifier_started_from_it(mo
         GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, feature_layer=3), models)
 
 
-def test_direction_heads_read_what_the_cosine_index_compares_and_survive_a_reload(models: ModelsConfig, tmp_path: Path) -> None:
+class _Scaled(torch.nn.Module):
+    """An embedder whose embedding is `factor` times another's: the same directions, other lengths."""
+
+    def __init__(self, embedder: torch.nn.Module, factor: float):
+        super().__init__()
+        self.embedder, self.factor = embedder, factor
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.factor * self.embedder(pixel_values)
+
+
+@pytest.mark.parametrize("heads_read", ["embedding", "direction"])
+def test_direction_heads_read_only_what_the_cosine_index_compares(models: ModelsConfig, heads_read: str) -> None:
+    torch.manual_seed(0)
+    model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="full", heads_read=heads_read), models).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)["attributes"]
+        model.embedder = _Scaled(model.embedder, 5.0)  # every embedding 5x as long, pointing the same way
+        after = model(x)["attributes"]
+    # Heads on the direction predict the same; heads on the embedding read its length too.
+    assert torch.allclose(before, after, atol=1e-5) == (heads_read == "direction")
+
+
+def test_direction_heads_survive_a_reload_and_older_checkpoints_read_the_embedding(models: ModelsConfig, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = GroundingModel.from_settings(GroundingSettings("tiny", ATTRS, tune="full", heads_read="direction"), models).eval()
     x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        out = model(x)
-        z = out["embedding"]
-        # The heads see the unit vector (x sqrt(dim)): scaling the embedding leaves the predictions as they were.
-        unit = torch.nn.functional.normalize(z, dim=-1) * z.shape[-1] ** 0.5
-        assert torch.allclose(out["attributes"], model.heads(unit), atol=1e-6)
-        assert torch.allclose(model.heads(unit), model.heads(torch.nn.functional.normalize(5 * z, dim=-1) * z.shape[-1] ** 0.5))
-        assert not torch.allclose(out["attributes"], model.heads(z), atol=1e-3)  # not what the plain heads read
     save_model(tmp_path / "m", model, AttributeScaler(ATTRS, [0.0, 0.0], [1.0, 1.0], [False, False]))
     loaded = load_model(tmp_path / "m", models)[0]
+    assert loaded.settings.heads_read == "direction"
     with torch.no_grad():
-        assert loaded.settings.heads_read == "direction" and torch.allclose(loaded(x)["attributes"], out["attributes"], atol=1e-6)
+        assert torch.allclose(loaded(x)["attributes"], model(x)["attributes"], atol=1e-6)
+    # A checkpoint saved before the setting existed has no such field: its heads read the embedding, as they were trained.
+    saved = json.loads((tmp_path / "m" / "grounding.json").read_text())
+    del saved["settings"]["heads_read"]
+    (tmp_path / "m" / "grounding.json").write_text(json.dumps(saved))
+    assert load_model(tmp_path / "m", models)[0].settings.heads_read == "embedding"
 
 
 def test_a_classifier_started_from_a_grounded_tower_sees_images_at_the_side_it_learned(

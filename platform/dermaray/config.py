@@ -280,6 +280,16 @@ class GroundingConfig(GroundingSpec):
             raise ValueError(f"grounding.input and grounding.mixed_inputs name a table twice (its lesions count twice): {tables}")
         return self
 
+    @model_validator(mode="after")
+    def _weights_of_grounded_attributes(self) -> GroundingConfig:
+        # A weight for an attribute not grounded (a typo, or one left out of `attributes`) would weigh nothing.
+        stray = sorted(set(self.attribute_weights) - set(self.attributes))
+        if stray:
+            raise ValueError(f"grounding.attribute_weights names {stray}, not among grounding.attributes {self.attributes}")
+        if any(w < 0 for w in self.attribute_weights.values()):
+            raise ValueError(f"grounding.attribute_weights must be >= 0, got {self.attribute_weights}")
+        return self
+
 
 class IndexConfig(Section):
     kind: Literal["exact", "ivf", "hnsw"] = "exact"  # exact up to ~1e5 lesions; ivf beyond

@@ -3,7 +3,9 @@
 The embedding is what the language model sees of an image: the projector's output tokens,
 mean-pooled. Linear regression heads (one per attribute, on z-scored targets) sit on that
 embedding, so grounding has to make the attributes linearly readable from the embedding
-itself, which is what attribute-specific retrieval then searches.
+itself, which is what attribute-specific retrieval then searches; with `heads_read: direction`
+they read its direction (L2-normalised, rescaled to length sqrt(dim)), the part the cosine
+index compares.
 
     model = GroundingModel.from_pretrained(resolve_model("grounding_mllm", "tiny", cache), ["area_mm2"], tune="full")
     z = model.embed(pixel_values)                   # [B, D]
