@@ -1,5 +1,5 @@
 """A grounding variant tried in one process, in about 90 s on 2 cores: Spearman per attribute, in-domain and shifted;
-R@1 over the untuned base (the study's "frozen") on the clinic's test split.
+R@1 over the untuned base (the study's "frozen") on the clinic's test split (or its val split: `--scored-split val`).
 
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study                     # the study's first arm
     .venv/bin/python benchmarks/grounding_trial.py --workdir out/study --feature-layer -2  # the tower's penultimate layer
@@ -12,7 +12,7 @@ R@1 over the untuned base (the study's "frozen") on the clinic's test split.
 
 The study's first arm without Ray (the grounding job's model and batch loss: flips and quarter turns, photometric
 views; AdamW with warm-up and cosine; configs/local.yaml's base, learning rate, batch size and attribute weights; fp32, no
-clipping) on a workdir's ingested lesions: the clinic's train split trains, its test split and every shifted lesion
+clipping) on a workdir's ingested lesions: the clinic's train split trains, its test (or val) split and every shifted lesion
 are scored, and the train split itself (how well the model fits what it trained on: under-fitting vs
 not generalising). The test split's retrieval is scored as the study scores it (dermaray.grounding.evaluate.evaluate_set:
 cosine neighbours of the grounded embedding against the untuned base's, R@1 within 0.1 sd; the frozen probe fitted on
@@ -81,7 +81,7 @@ def rank_contrast(
 
 
 def retrieval(scored: dict, embedding: np.ndarray, predicted: np.ndarray, attributes: list[str], cfg) -> dict:
-    """The test split's R@1 (frozen -> grounded, and the paired gain's interval) per attribute, as the study scores it:
+    """The scored split's R@1 (frozen -> grounded, and the paired gain's interval) per attribute, as the study scores it:
     `embedding` and `predicted` (native units) are the grounded model's on scored["in_domain"], in its row order."""
     import pandas as pd
 
@@ -154,6 +154,12 @@ def main() -> None:
         default=[],
         help="the rank-contrast distance's weights over the loss weights (0 leaves an attribute out of it)",
     )
+    parser.add_argument(
+        "--scored-split",
+        choices=["test", "val"],
+        default="test",
+        help="the clinic's split scored in-domain (Spearman, R@1): val to choose a setting without reading the test split",
+    )
     parser.add_argument("--results", default=None, help="a JSON-lines file to append the run to")
     args = parser.parse_args()
     if args.tower and args.base:
@@ -201,7 +207,7 @@ def main() -> None:
     train = tables["clinic"].filter(pc.equal(tables["clinic"]["split"], "train"))
     scored = {
         "train": train,
-        "in_domain": tables["clinic"].filter(pc.equal(tables["clinic"]["split"], "test")),
+        "in_domain": tables["clinic"].filter(pc.equal(tables["clinic"]["split"], args.scored_split)),
         "shifted": tables["shifted"],
     }
     scaler = AttributeScaler.fit(attributes, np.stack([train[a].to_numpy() for a in attributes], axis=1), g.log_sizes)
@@ -272,9 +278,9 @@ def main() -> None:
             outputs = [model(px[i : i + 512]) for i in range(0, len(px), 512)]
         predicted = torch.cat([o["attributes"] for o in outputs]).numpy()
         result[name] = {a: round(float(spearman(truth[:, j].numpy(), predicted[:, j])), 3) for j, a in enumerate(attributes)}
-        if name == "in_domain":  # the same forward pass gives the test split's retrieval its grounded side
-            test_embedding, test_predicted = torch.cat([o["embedding"] for o in outputs]).numpy(), scaler.inverse(predicted)
-    result["R@1"] = retrieval(scored, test_embedding, test_predicted, attributes, cfg)
+        if name == "in_domain":  # the same forward pass gives the scored split's retrieval its grounded side
+            scored_embedding, scored_predicted = torch.cat([o["embedding"] for o in outputs]).numpy(), scaler.inverse(predicted)
+    result["R@1"] = retrieval(scored, scored_embedding, scored_predicted, attributes, cfg)
     print(json.dumps(result))
     if args.results:
         with open(args.results, "a") as f:
