@@ -181,11 +181,10 @@ def main() -> None:
     from dermaray.config import GroundingSpec, load_config
     from dermaray.grounding.data import PIXELS, TARGETS, Preprocessor
     from dermaray.grounding.metrics import spearman
-    from dermaray.grounding.model import AttributeScaler, GroundingModel, GroundingSettings, augment, loss_fn
-    from dermaray.grounding.photometric import photometric_views
+    from dermaray.grounding.model import AttributeScaler, GroundingModel, GroundingSettings, loss_fn
     from dermaray.layout import Layout
     from dermaray.storage import read_parquet
-    from jobs.grounding import batch_loss
+    from jobs.grounding import batch_loss, training_views
     from jobs.training import warmup_cosine
 
     cfg = load_config("configs/local.yaml")
@@ -245,9 +244,7 @@ def main() -> None:
 
     def contrasted_loss(model, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """jobs.grounding.batch_loss (flips, turns, photometric views; Huber on the heads) plus the rank-contrast term."""
-        pixels, keep = augment(pixels), None
-        if g.photometric:
-            pixels, keep = photometric_views(pixels, model.embedder.normalization, attributes)
+        pixels, keep = training_views(model, {PIXELS: pixels}, loss_config)
         out = model(pixels)
         contrast = rank_contrast(out["embedding"], targets, contrast_vector, args.temperature, keep)
         return loss_fn(out["attributes"], targets, weight_vector, keep) + args.rank_contrast * contrast

@@ -54,12 +54,19 @@ def build(config: dict) -> GroundingModel:
     return GroundingModel.from_settings(GroundingSettings(**config["settings"]), ModelsConfig(**config["models"]))
 
 
-def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
-    weights = torch.tensor(config["weights"], dtype=torch.float32, device=batch[TARGETS].device)
+def training_views(model: torch.nn.Module, batch: dict, config: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's images as training sees them: each flipped or turned, and photometric views where configured
+    (`keep`: per image and attribute, whether the view still shows its value; None without them)."""
     pixels, keep = augment(batch[PIXELS]), None
     if config.get("photometric"):
         embedder = unwrap(model).embedder
         pixels, keep = photometric_views(pixels, embedder.normalization, config["settings"]["attributes"])
+    return pixels, keep
+
+
+def batch_loss(model: torch.nn.Module, batch: dict, config: dict) -> torch.Tensor:
+    weights = torch.tensor(config["weights"], dtype=torch.float32, device=batch[TARGETS].device)
+    pixels, keep = training_views(model, batch, config)
     return loss_fn(model(pixels)["attributes"], batch[TARGETS], weights, keep)
 
 
