@@ -177,6 +177,8 @@ def main() -> None:
             f"diffusion.pretrain.unet_steps={args.diffusion_unet_steps}",
             f"diffusion.pretrain.ip_adapter_steps={DIFFUSION['ip_adapter_steps']}",
             f"diffusion.train.epochs={args.diffusion_lora_epochs}",
+            # Validation and a checkpoint every 4 epochs, not every one: an adapter's epoch is seconds of training.
+            "diffusion.train.checkpoint_every_epochs=4",
             f"diffusion.noise_offset={args.diffusion_noise_offset}",
             f"diffusion.pretrain.zero_terminal_snr={str(args.diffusion_zero_terminal_snr).lower()}",
             f"diffusion.lora_rank={DIFFUSION['lora_rank']}",

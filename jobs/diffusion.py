@@ -390,8 +390,10 @@ def train_adapter(
         "snr_gamma": d.snr_gamma,
         "noise_offset": d.noise_offset,
     }
+    started = time.perf_counter()
     checkpoint, history = fit(LORA, config, d.train, datasets, len(ids["train"]), d.output, run_name, options)
     return {
+        "seconds": round(time.perf_counter() - started, 2),  # the Ray Train run's, start to last checkpoint
         "adapter": export_model(checkpoint, d.output, options, name=name),
         "lesions_train": len(ids["train"]),
         "epochs": history[-1]["epoch"],

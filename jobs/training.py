@@ -6,9 +6,9 @@ metrics, how to save the model folder); `train_loop` runs it on every Ray Train 
 - restores model, optimizer, schedule, RNG and history from `ray.train.get_checkpoint()`,
   so a re-run with the same run name (or a restarted worker group) continues where the last
   checkpoint left off and ends at the same step count;
-- reports metrics and a checkpoint (`model/` + `train_state.pt` + `train_config.json`) every
-  epoch from rank 0, and every `checkpoint_every_steps` optimizer steps when set (long epochs:
-  diffusion on big sets);
+- reports metrics every epoch, and validation metrics and a checkpoint (`model/` + `train_state.pt` +
+  `train_config.json`, from rank 0) every `checkpoint_every_epochs` epochs and after the last, and
+  every `checkpoint_every_steps` optimizer steps when set (long epochs: diffusion on big sets);
 - steps as `dermaray.optimizer_step` does: mixed precision (`train.precision`), gradient
   accumulation, clipping, and gradient checkpointing when asked for;
 - reads the training set in one order per epoch (Ray Data's ordered execution, a seeded local
@@ -112,9 +112,9 @@ def train_loop(config: dict[str, Any]) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     started_at = {"started_at_epoch": state["epoch"], "started_at_step": state["step"]}
 
-    def report(metrics: dict[str, Any]) -> None:
+    def report(metrics: dict[str, Any], checkpoint: bool = True) -> None:
         """Metrics from every rank; the checkpoint (model folder + train state) from rank 0."""
-        if context.get_world_rank() != 0:
+        if not checkpoint or context.get_world_rank() != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
@@ -169,8 +169,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     }
                 )
         stepped(stepper.flush())
-        with stepper.autocast():
-            evaluation = task.evaluate(unwrap(model), val_shard, config, device)
+        checkpointed = (epoch + 1) % tc.checkpoint_every_epochs == 0 or epoch + 1 == tc.epochs
+        evaluation = {}
+        if checkpointed:
+            with stepper.autocast():
+                evaluation = task.evaluate(unwrap(model), val_shard, config, device)
         metrics = {
             "epoch": epoch + 1,
             "step": state["step"],
@@ -184,7 +187,7 @@ def train_loop(config: dict[str, Any]) -> None:
         }
         state.update(epoch=epoch + 1, batch=0)
         state["history"].append(metrics)
-        report(metrics)
+        report(metrics, checkpointed)
 
 
 def scaling(tc: TrainConfig) -> ScalingConfig:

@@ -107,3 +107,24 @@ def test_a_resumed_epoch_trains_every_example_once(ray_cluster, tmp_path):
     kept = [key for batches in first.values() for batch in batches[BATCHES : BATCHES + resumed_at] for key in batch]
     resumed = [key for batches in second.values() for batch in batches for key in batch]
     assert sorted(kept + resumed) == list(range(ROWS)), "a row trained twice or never in the resumed epoch"
+
+
+def scored(model, shard, config, device) -> dict:
+    return {"val_score": 1.0}
+
+
+def test_checkpoint_every_epochs_validates_and_checkpoints_only_there(ray_cluster, tmp_path):
+    """Every epoch reports its training metrics; validation and a checkpoint come every 2nd epoch and after the last."""
+    log = tmp_path / "log"
+    log.mkdir()
+    (log / "failed").touch()  # no planted failure here
+    rows = ray.data.from_items([{"id": i} for i in range(ROWS)])
+    task = Task(build=build, loss=loss, evaluate=scored, save=save, load=load)
+    tc = TrainConfig(cpus_per_worker=0.25, batch_size=BATCH, epochs=3, checkpoint_every_epochs=2, checkpoints_to_keep=5)
+    out = tmp_path / "out"
+    _, history = fit(task, {"log": str(log)}, tc, {"train": rows, "val": rows}, ROWS, str(out), "sparse", {})
+
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert ["val_score" in h for h in history] == [False, True, True]
+    saved = sorted(p.name for p in (out / "runs" / "sparse").glob("checkpoint_*") if p.is_dir())
+    assert len(saved) == 2, saved  # epochs 2 and 3, not 1

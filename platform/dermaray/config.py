@@ -214,6 +214,10 @@ class TrainConfig(Section):
     # Also checkpoint every N optimizer steps inside an epoch (None: at epoch ends only); a resume
     # from such a checkpoint skips the batches of the epoch already trained on.
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
+    # Validate and checkpoint every N epochs and after the last one (1: every epoch). The epochs between report
+    # their training metrics only, and a resume goes back to the last checkpoint. Short epochs (a diffusion
+    # adapter's few seconds) spend a large share of their time on the report otherwise.
+    checkpoint_every_epochs: int = Field(default=1, ge=1)
     # Keep the prepared inputs in the object store across epochs, every split (the classifier's test split
     # too) prepared in one pass: small datasets. false: each split streams, read as training pulls it.
     materialize: bool = True

@@ -177,6 +177,7 @@ def adapters_per_diagnosis(per_diagnosis: Mapping[str, dict], skipped: Mapping[s
             s.get("steps"),
             finals[code].get("train_loss"),
             finals[code].get("val_loss"),
+            s.get("seconds"),
         ]
         for code, s in per_diagnosis.items()
     ]
@@ -185,6 +186,7 @@ def adapters_per_diagnosis(per_diagnosis: Mapping[str, dict], skipped: Mapping[s
         for code, s in per_diagnosis.items()
     }
     header = ["diagnosis", "training lesions", "epochs", "optimizer steps", "final train loss", "final validation loss"]
+    header.append("seconds")
     missing = "".join(
         f"<p>No adapter for {esc(code)} ({s.get('lesions_train')} training lesions): {esc(s.get('reason', ''))}</p>"
         for code, s in (skipped or {}).items()
