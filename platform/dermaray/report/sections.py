@@ -185,8 +185,15 @@ def adapters_per_diagnosis(per_diagnosis: Mapping[str, dict], skipped: Mapping[s
         code: [(h["epoch"], h["val_loss"]) for h in s.get("history") or [] if h.get("val_loss") is not None]
         for code, s in per_diagnosis.items()
     }
-    header = ["diagnosis", "training lesions", "epochs", "optimizer steps", "final train loss", "final validation loss"]
-    header.append("seconds")
+    header = [
+        "diagnosis",
+        "training lesions",
+        "epochs",
+        "optimizer steps",
+        "final train loss",
+        "final validation loss",
+        "seconds",
+    ]
     missing = "".join(
         f"<p>No adapter for {esc(code)} ({s.get('lesions_train')} training lesions): {esc(s.get('reason', ''))}</p>"
         for code, s in (skipped or {}).items()
