@@ -33,7 +33,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/ingest_throughput.py
 
-# The study (README's "Results"): 5,000 + 1,000 lesions, five grounding arms and the diffusion part; about 70 minutes.
+# The study (README's "Results"): 5,000 + 1,000 lesions, five grounding arms and the diffusion part; 47-71 minutes.
 study: setup
 	$(PY) benchmarks/study.py --workdir out/study
 

@@ -1,7 +1,7 @@
 """The study: what a pretrained tower, photometric augmentation and grounding itself buy, in-domain and on a
 second clinic; and what diagnosis adapters and image guidance buy in generation; with 95% bootstrap intervals.
 
-    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; about 70 min on 2 cores, see README
+    .venv/bin/python benchmarks/study.py --workdir out/study    # `make study`; 47-71 min on 2 cores, see README
 
 Grounding arms (each a pipeline run; every arm but the first reads the first's ingested tables, linked into
 its own workdir, so all arms see the same lesions):
@@ -69,8 +69,8 @@ ARMS: dict[str, list[str]] = {
 }
 # The arms `make study` runs: the penultimate-layer control (about 3.5 minutes), the 128 px arm (about 9), the two
 # delta_lb_norm arms (about 3 each) and the conv tower on mixed clinics (about 10) are left out for time (the five
-# default arms and the diffusion part took about 70 minutes on machine B, 2026-12-06). `--arms` lists the arms to run
-# (the default ones too, if wanted):
+# default arms and the diffusion part took 47 minutes on machine C, 2026-12-07, and 71 on machine B). `--arms` lists
+# the arms to run (the default ones too, if wanted):
 # `--arms "pretrained, geometric only" "pretrained, photometric, 128 px"`.
 OPTIONAL_ARMS = (
     "pretrained, photometric, 128 px",
