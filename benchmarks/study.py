@@ -97,6 +97,39 @@ STAGES = {True: "[synth,ingest,grounding,embeddings,grounding_eval]", False: "[g
 DIFFUSION = {"vae_steps": 1600, "unet_steps": 1500, "ip_adapter_steps": 600, "lora_epochs": 12, "lora_rank": 16}
 
 
+def diffusion_overrides(
+    vae_steps: int = DIFFUSION["vae_steps"],
+    unet_steps: int = DIFFUSION["unet_steps"],
+    lora_epochs: int = DIFFUSION["lora_epochs"],
+    noise_offset: float = 0.0,
+    zero_terminal_snr: bool = False,
+) -> list[str]:
+    """The diffusion part's settings (`diffusion.*`, `diffusion_eval.*`) as config overrides."""
+    from dermaray.diffusion.pipeline import LORA_TARGETS_ALL_LAYERS
+
+    return [
+        "diffusion.limit=null",
+        "diffusion.pretrain.max_images=4000",
+        "diffusion.pretrain.batch_size=32",
+        f"diffusion.pretrain.vae_steps={vae_steps}",
+        f"diffusion.pretrain.unet_steps={unet_steps}",
+        f"diffusion.pretrain.ip_adapter_steps={DIFFUSION['ip_adapter_steps']}",
+        f"diffusion.train.epochs={lora_epochs}",
+        # Validation and a checkpoint every 4 epochs, not every one: an adapter's epoch is seconds of training.
+        "diffusion.train.checkpoint_every_epochs=4",
+        f"diffusion.noise_offset={noise_offset}",
+        f"diffusion.pretrain.zero_terminal_snr={str(zero_terminal_snr).lower()}",
+        f"diffusion.lora_rank={DIFFUSION['lora_rank']}",
+        f"diffusion.lora_alpha={DIFFUSION['lora_rank']}",  # scale 1, as the trial's adapter
+        "diffusion.adapters=per_diagnosis",
+        f"diffusion.lora_targets=[{','.join(LORA_TARGETS_ALL_LAYERS)}]",
+        "diffusion.train.lr=1e-3",
+        "diffusion_eval.images_per_class=16",
+        "diffusion_eval.steps=20",
+        "diffusion_eval.guide_sweep=[0.2,0.3,0.4,0.8]",  # beside guide_strength 0.6: following the guide vs changing it
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lesions", type=int, default=5000)
@@ -117,7 +150,6 @@ def main() -> None:
 
     from dermaray.cli import setup_logging
     from dermaray.config import load_config
-    from dermaray.diffusion.pipeline import LORA_TARGETS_ALL_LAYERS
     from dermaray.grounding.study import markdown, summarize
     from dermaray.layout import Layout
     from dermaray.models.registry import resolve_model
@@ -169,27 +201,13 @@ def main() -> None:
     write_bytes(join(out, "grounding_study.md"), markdown(study).encode(), {})
     print(markdown(study))
     if args.diffusion_unet_steps:
-        diffusion = [
-            "diffusion.limit=null",
-            "diffusion.pretrain.max_images=4000",
-            "diffusion.pretrain.batch_size=32",
-            f"diffusion.pretrain.vae_steps={args.diffusion_vae_steps}",
-            f"diffusion.pretrain.unet_steps={args.diffusion_unet_steps}",
-            f"diffusion.pretrain.ip_adapter_steps={DIFFUSION['ip_adapter_steps']}",
-            f"diffusion.train.epochs={args.diffusion_lora_epochs}",
-            # Validation and a checkpoint every 4 epochs, not every one: an adapter's epoch is seconds of training.
-            "diffusion.train.checkpoint_every_epochs=4",
-            f"diffusion.noise_offset={args.diffusion_noise_offset}",
-            f"diffusion.pretrain.zero_terminal_snr={str(args.diffusion_zero_terminal_snr).lower()}",
-            f"diffusion.lora_rank={DIFFUSION['lora_rank']}",
-            f"diffusion.lora_alpha={DIFFUSION['lora_rank']}",  # scale 1, as the trial's adapter
-            "diffusion.adapters=per_diagnosis",
-            f"diffusion.lora_targets=[{','.join(LORA_TARGETS_ALL_LAYERS)}]",
-            "diffusion.train.lr=1e-3",
-            "diffusion_eval.images_per_class=16",
-            "diffusion_eval.steps=20",
-            "diffusion_eval.guide_sweep=[0.2,0.3,0.4,0.8]",  # beside guide_strength 0.6: following the guide vs changing it
-        ]
+        diffusion = diffusion_overrides(
+            args.diffusion_vae_steps,
+            args.diffusion_unet_steps,
+            args.diffusion_lora_epochs,
+            args.diffusion_noise_offset,
+            args.diffusion_zero_terminal_snr,
+        )
         stages = "pipeline.stages=[notes,classifier,diffusion,diffusion_eval]"
         # The judge starts from the first arm's grounded tower, as in a full pipeline run (grounding is not among
         # these stages, so the pipeline would not point it there itself).

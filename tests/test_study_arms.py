@@ -11,24 +11,36 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from study import ARMS, DEFAULT_ARMS, OPTIONAL_ARMS
+from study import ARMS, DEFAULT_ARMS, OPTIONAL_ARMS, diffusion_overrides
 
 from dermaray.config import load_config
 
 LOCAL = Path(__file__).resolve().parents[1] / "configs/local.yaml"
 
 
-@pytest.mark.parametrize("arm", list(ARMS))
-def test_each_arm_loads_and_holds_each_value_it_sets(arm: str) -> None:
-    cfg = load_config(LOCAL, ARMS[arm])
-    assert (cfg == load_config(LOCAL)) == (not ARMS[arm])  # only the first arm is the local config as it is
-    resolved = cfg.model_dump()
-    for override in ARMS[arm]:
+def assert_holds(overrides: list[str]) -> None:
+    """The local config with `overrides` loads, and holds each value they set."""
+    resolved = load_config(LOCAL, overrides).model_dump()
+    for override in overrides:
         path, value = override.split("=", 1)
         held = resolved
         for key in path.split("."):
             held = held[key]
-        assert held == yaml.safe_load(value), override
+        expected = yaml.safe_load(value)
+        if isinstance(held, float):
+            expected = float(expected)  # YAML reads 1e-3 as a string; the config as the number it is
+        assert held == expected, override
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_each_arm_loads_and_holds_each_value_it_sets(arm: str) -> None:
+    cfg = load_config(LOCAL, ARMS[arm])
+    assert (cfg == load_config(LOCAL)) == (not ARMS[arm])  # only the first arm is the local config as it is
+    assert_holds(ARMS[arm])
+
+
+def test_the_diffusion_part_loads_and_holds_each_value_it_sets() -> None:
+    assert_holds(diffusion_overrides())
 
 
 def test_the_direction_heads_arm_sets_both_choices_and_runs_when_named() -> None:
